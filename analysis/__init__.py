@@ -1,0 +1,1 @@
+"""MLflow -> pandas -> tables and plots (filled in by the analysis issue)."""

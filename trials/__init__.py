@@ -1,0 +1,5 @@
+"""The science: one trial = one IMP run. Imports torch/torchvision only (no ray, optuna, mlflow)."""
+from trials.errors import ConfigError
+from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec, TrialSpec
+
+__all__ = ["ConfigError", "DatasetSpec", "ModelSpec", "PruneSpec", "TrainSpec", "TrialSpec"]

@@ -1,0 +1,210 @@
+"""Dataset registry. Data lives as normalised tensors on the trial's device (airbench style):
+batches are index slices and augmentation is a batched tensor op, never a DataLoader.
+
+Each entry knows its static shape (for validation, without loading) and loads
+(train, test) on the CPU; `load` then carves the validation split from the training
+set with a fixed permutation (the same split for every seed) and moves it to the device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from trials.errors import ConfigError
+from trials.registry import Registry
+
+DATASETS: Registry = Registry("dataset", "dataset.name")
+SPLIT_SEED = 0  # fixed: the validation/test split never depends on the trial's seed
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
+    num_classes: int
+
+
+@dataclass
+class Data:
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
+
+
+@dataclass(frozen=True)
+class Source:
+    info: DatasetInfo
+    read: Callable  # (DatasetSpec) -> (train_x, train_y, test_x, test_y), CPU, normalised
+    validation: int  # default validation size, in examples
+    augment: Optional[Callable] = None
+
+
+def info(spec) -> DatasetInfo:
+    return DATASETS.get(spec.name).info
+
+
+def load(spec, device, batch_size: int | None = None) -> Data:
+    source = DATASETS.get(spec.name)
+    train_x, train_y, test_x, test_y = source.read(spec)
+    n_val = spec.validation if spec.validation is not None else source.validation
+    n_train = len(train_x) - n_val
+    if n_train < 1:
+        raise ConfigError("dataset.validation", n_val,
+                          f"allowed: fewer than the {len(train_x)} training examples of {spec.name}")
+    if batch_size is not None and batch_size > n_train:
+        raise ConfigError("train.batch_size", batch_size,
+                          f"allowed: at most the {n_train} training examples left after validation")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train, val = order[:n_train], order[n_train:]
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return Data(
+        source.info, to(train_x[train]), to(train_y[train]), to(train_x[val]), to(train_y[val]),
+        to(test_x), to(test_y), source.augment if spec.augment else None,
+    )
+
+
+def _standardise(train: torch.Tensor, test: torch.Tensor):
+    mean, std = train.mean(), train.std()
+    return (train - mean) / std, (test - mean) / std
+
+
+# ---------------------------------------------------------------- bundled / generated
+
+
+def _read_digits(spec):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    test, train = order[:360], order[360:]  # 1437 train / 360 test, fixed
+    train_x, test_x = _standardise(x[train], x[test])
+    return train_x, y[train], test_x, y[test]
+
+
+DATASETS.register("digits")(Source(DatasetInfo((1, 8, 8), 10), _read_digits, validation=237))
+
+
+def _read_mnist1d(spec):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())  # generated locally from the package's fixed seed
+    x, x_test = (torch.tensor(d[k], dtype=torch.float32) for k in ("x", "x_test"))
+    y, y_test = (torch.tensor(d[k], dtype=torch.int64) for k in ("y", "y_test"))
+    x, x_test = _standardise(x, x_test)
+    return x, y, x_test, y_test
+
+
+DATASETS.register("mnist1d")(Source(DatasetInfo((40,), 10), _read_mnist1d, validation=500))
+
+
+def _read_synthetic(spec):
+    """Ten Gaussian classes of 1x28x28 'images' around fixed random means: quick, learnable."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    means = torch.randn(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (3000,), generator=g)
+    x = means[y] + 2.0 * torch.randn(3000, 1, 28, 28, generator=g)
+    return x[:2500], y[:2500], x[2500:], y[2500:]
+
+
+DATASETS.register("synthetic")(Source(DatasetInfo((1, 28, 28), 10), _read_synthetic, validation=500))
+
+
+# ---------------------------------------------------------------- torchvision
+
+
+def data_root(spec) -> tuple[Path, bool]:
+    """(root, download?): a given data_dir is used as is; else the node-local cache."""
+    if spec.data_dir:
+        return Path(spec.data_dir).expanduser(), False
+    cache = os.environ.get("LTH_DATA_DIR") or Path.home() / ".cache" / "lth" / "data"
+    return Path(cache).expanduser(), True
+
+
+def _open(cls, spec, train: bool):
+    root, download = data_root(spec)
+    try:
+        if not download:
+            return cls(str(root), train=train, download=False)
+        from filelock import FileLock
+
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f".{cls.__name__}.lock")):  # one download per node
+            return cls(str(root), train=train, download=True)
+    except RuntimeError as e:  # torchvision's "Dataset not found"
+        raise ConfigError("dataset.data_dir", str(root),
+                          f"it must hold a torchvision {cls.__name__} root ({e})") from None
+
+
+def _mnist_like(cls_name: str, mean: float, std: float):
+    def read(spec):
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        tr, te = _open(cls, spec, True), _open(cls, spec, False)
+        norm = lambda d: ((d.data.float() / 255.0 - mean) / std).unsqueeze(1)  # noqa: E731
+        return norm(tr), tr.targets.long(), norm(te), te.targets.long()
+
+    return read
+
+
+DATASETS.register("mnist")(
+    Source(DatasetInfo((1, 28, 28), 10), _mnist_like("MNIST", 0.1307, 0.3081), validation=5000)
+)
+DATASETS.register("fashion_mnist")(
+    Source(DatasetInfo((1, 28, 28), 10), _mnist_like("FashionMNIST", 0.2860, 0.3530), validation=5000)
+)
+
+_CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+_CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def _cifar_class():
+    import torchvision.datasets as tvd
+
+    class CIFAR10(tvd.CIFAR10):
+        """torchvision's reader; a given root's files are trusted if present (they may be a
+        subset or a re-pack), a download is still checked against torchvision's md5s."""
+
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    return CIFAR10
+
+
+def _read_cifar10(spec):
+    import torchvision.datasets as tvd
+
+    cls = _cifar_class() if spec.data_dir else tvd.CIFAR10
+    tr, te = _open(cls, spec, True), _open(cls, spec, False)
+    norm = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).float() / 255 - _CIFAR_MEAN) / _CIFAR_STD  # noqa: E731
+    return norm(tr), torch.tensor(tr.targets), norm(te), torch.tensor(te.targets)
+
+
+def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `pad` pixels) and horizontal flip, one draw per example."""
+    n, _, h, w = x.shape
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=g).to(x.device)
+    flips = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (shifts[0].view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+    cols = shifts[1].view(n, 1) + torch.arange(w, device=x.device)
+    cols = torch.where(flips.view(n, 1), cols.flip(1), cols).view(n, 1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return padded[batch, chans, rows, cols]
+
+
+DATASETS.register("cifar10")(
+    Source(DatasetInfo((3, 32, 32), 10), _read_cifar10, validation=5000, augment=crop_flip)
+)

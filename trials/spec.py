@@ -1,0 +1,229 @@
+"""TrialSpec: a frozen, typed, validated description of one IMP run.
+
+Groups follow open_lth's hyperparameter groups. Help text lives with each field
+(``metadata["help"]``). A field marked ``key=False`` says where the run happens, not
+what it computes, and is left out of the content key (``data_dir``, ``device``).
+The content key hashes only non-default fields, so adding a field whose default
+reproduces the old behaviour keeps every old key valid (house rule 3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from trials.errors import ConfigError
+
+
+def _f(default, help: str, key: bool = True):
+    return field(default=default, metadata={"help": help, "key": key})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = _f("lenet_300_100", "model registry name (lth trial models)")
+    init: Literal["kaiming_normal", "kaiming_uniform", "xavier_normal"] = _f(
+        "kaiming_normal", "init of conv/linear weights; biases start at 0 (open_lth's default)"
+    )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str = _f("mnist", "dataset registry name")
+    data_dir: Optional[str] = _f(
+        None, "existing torchvision root (nothing is downloaded); default: the node's cache", key=False
+    )
+    validation: Optional[int] = _f(
+        None, "examples carved from the training set for early stopping; default: the dataset's"
+    )
+    augment: bool = _f(True, "the dataset's standard augmentation (cifar10: crop+flip); others have none")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: Literal["sgd", "adam"] = _f("sgd", "sgd (with momentum) or adam")
+    lr: float = _f(0.1, "peak learning rate")
+    momentum: float = _f(0.0, "SGD momentum; must be 0 with adam")
+    weight_decay: float = _f(0.0, "L2 penalty (coupled, as torch.optim.SGD/Adam)")
+    batch_size: int = _f(128, "examples per iteration")
+    iterations: int = _f(1000, "optimizer steps per level (level 0 trains all of them)")
+    warmup_iterations: int = _f(0, "linear learning-rate warmup from 0, in iterations")
+    milestones: tuple[int, ...] = _f((), "iterations at which the learning rate is multiplied by gamma")
+    gamma: float = _f(0.1, "learning-rate factor at each milestone")
+    eval_interval: int = _f(100, "iterations between validation evaluations (early stopping)")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 = autocast matmuls/convs to bfloat16")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    kind: Literal["unstructured", "structured"] = _f(
+        "unstructured", "unstructured = single weights by magnitude; structured = whole units by L1 norm"
+    )
+    scope: Literal["layerwise", "global"] = _f(
+        "layerwise", "layerwise = each layer loses `rate`; global = one magnitude ranking over layers"
+    )
+    rate: float = _f(0.2, "fraction of the remaining weights (or units) removed per level")
+    layer_rates: tuple[tuple[str, float], ...] = _f(
+        (), "per-layer rates by module name, e.g. {fc1: 0.3}; these layers leave the global pool"
+    )
+    output_rate: Optional[float] = _f(None, "rate of the output layer (unstructured only); default: rate")
+    levels: int = _f(5, "pruning levels after the dense level 0")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    model: ModelSpec = _f(ModelSpec(), "the network")
+    dataset: DatasetSpec = _f(DatasetSpec(), "the data")
+    train: TrainSpec = _f(TrainSpec(), "how each level trains")
+    prune: PruneSpec = _f(PruneSpec(), "how each level prunes")
+    rewind_iteration: int = _f(0, "k: survivors restart from level 0's weights after k iterations")
+    control: Literal["none", "reinit", "random_prune"] = _f(
+        "none", "reinit = IMP's masks on a fresh init; random_prune = random masks at IMP's densities"
+    )
+    seed: int = _f(0, "init, data order and augmentation seed")
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N", key=False)
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def key(self) -> str:
+        """Stable content key: hash of the non-default, key-relevant fields."""
+        text = json.dumps(non_default(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **changes) -> "TrialSpec":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------- dict <-> spec
+
+
+def to_dict(spec) -> dict:
+    out = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif f.name == "layer_rates":
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def non_default(spec) -> dict:
+    out = {}
+    for f in dataclasses.fields(spec):
+        if not f.metadata.get("key", True):
+            continue
+        value, default = getattr(spec, f.name), f.default
+        if dataclasses.is_dataclass(value):
+            sub = non_default(value)
+            if sub:
+                out[f.name] = sub
+        elif value != default:
+            out[f.name] = to_dict(spec)[f.name]
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"prune": {"rate": 0.2}} -> {"prune.rate": 0.2}; layer_rates stay one value."""
+    out = {}
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "layer_rates":
+            out.update(flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+_SHORTHAND = {"model", "dataset"}  # `model: lenet_300_100` means `model: {name: lenet_300_100}`
+
+
+def from_dict(data: dict, cls=TrialSpec, path: str = ""):
+    """Build a spec from plain data, rejecting unknown keys and wrong types by path."""
+    if not isinstance(data, dict):
+        raise ConfigError(path.rstrip(".") or "config", data, "expected a mapping of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{path}{unknown[0]}", data[unknown[0]], f"unknown key; known keys here: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        f, key = fields[name], f"{path}{name}"
+        if dataclasses.is_dataclass(f.default):
+            if name in _SHORTHAND and isinstance(value, str):
+                value = {"name": value}
+            kwargs[name] = from_dict(value if value is not None else {}, type(f.default), key + ".")
+        else:
+            kwargs[name] = coerce(key, value, cls.__annotations__[name])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # nested validation reports the full path
+        if path and not e.key.startswith(path):
+            raise ConfigError(path + e.key, e.value, e.allowed) from None
+        raise
+
+
+def coerce(key: str, value, annotation: str):
+    """Check one leaf against its (string) annotation; lists become tuples."""
+    ann = annotation.replace(" ", "")
+    if ann.startswith("Optional["):
+        return None if value is None else coerce(key, value, ann[len("Optional[") : -1])
+    if ann.startswith("Literal["):
+        allowed = re.findall(r"['\"]([^'\"]*)['\"]", ann)
+        if value not in allowed:
+            raise ConfigError(key, value, f"allowed: {', '.join(allowed)}")
+        return value
+    if ann == "tuple[tuple[str,float],...]":
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "expected a mapping layer -> rate, e.g. {fc1: 0.3}")
+        return tuple(sorted((str(k), coerce(f"{key}.{k}", v, "float")) for k, v in value.items()))
+    if ann == "tuple[int,...]":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "expected a list of integers")
+        return tuple(coerce(key, v, "int") for v in value)
+    if ann == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "expected true or false")
+        return value
+    if ann == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "expected an integer")
+        return value
+    if ann == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "expected a number")
+        return float(value)
+    if ann == "str":
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "expected a string")
+        return value
+    raise TypeError(f"no coercion for {annotation}")  # a programming error, not user input
+
+
+def field_paths(cls=TrialSpec, prefix: str = "") -> dict[str, str]:
+    """Every settable path -> its annotation (for --set and sweep spaces)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default):
+            out.update(field_paths(type(f.default), f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = cls.__annotations__[f.name]
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+from trials.validate import validate  # noqa: E402  (validation needs the classes above)
