@@ -76,17 +76,22 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def set_path(data: dict, key: str, value, known: dict) -> None:
-    """Set `a.b.c` in nested `data`; the path must name a spec field (or a layer_rates entry)."""
-    parts = key.split(".")
-    is_layer_rate = len(parts) == 3 and parts[:2] == ["prune", "layer_rates"]
-    if key not in known and key not in ("model", "dataset") and not is_layer_rate:
+    """Set `a.b.c` in nested `data`; the path must name a spec field, or a layer in
+    `prune.layer_rates.LAYER` (layer names may hold dots: prune.layer_rates.hidden.0)."""
+    rates = "prune.layer_rates."
+    if key.startswith(rates) and len(key) > len(rates):
+        layer_rates = data.setdefault("prune", {}).setdefault("layer_rates", {})
+        layer_rates[key[len(rates):]] = value
+        return
+    if key not in known and key not in ("model", "dataset"):
         raise ConfigError(key, value, f"unknown key; known keys: {', '.join(known)}")
+    *parents, last = key.split(".")
     node = data
-    for p in parts[:-1]:
+    for p in parents:
         if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
-    node[parts[-1]] = value
+    node[last] = value
 
 
 def apply_overrides(data: dict, overrides) -> dict:

@@ -1,0 +1,97 @@
+"""The masked training loop: pruned weights stay zero, schedule and data order are
+positioned by iteration, divergence is reported."""
+import dataclasses
+
+import pytest
+import torch
+
+from trials import masks, models
+from trials.spec import ModelSpec, TrainSpec
+from trials.training import BatchOrder, TrainingDiverged, learning_rate, rng, train_level
+
+
+def models_spec():
+    return ModelSpec(name="lenet_300_100")
+
+
+def random_mask(layers, density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(shape, generator=g) < density for k, shape in layers.shapes.items()}
+
+
+@pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.9), ("adam", 0.0)])
+def test_pruned_weights_are_zero_in_every_forward_and_after_training(digits_cpu, optimizer, momentum):
+    net = models.build(models_spec(), digits_cpu.info, seed=0)
+    layers = masks.Layers.of(net)
+    mask = random_mask(layers)
+    assert all(net.get_parameter(k)[~m].abs().sum() > 0 for k, m in mask.items())  # starts dense
+    seen = []
+
+    def check(module, inputs):
+        seen.append(all(float(net.get_parameter(k).detach()[~m].abs().max()) == 0.0 for k, m in mask.items()))
+
+    net.register_forward_pre_hook(check)
+    t = TrainSpec(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3, momentum=momentum,
+                  weight_decay=1e-3, batch_size=32, iterations=60, eval_interval=20)
+    train_level(net, mask, digits_cpu, t, seed=0, start_iteration=0)
+    assert len(seen) > 60 and all(seen)
+    for k, m in mask.items():
+        p = net.get_parameter(k).detach()
+        assert float(p[~m].abs().max()) == 0.0
+        assert float(p[m].abs().min()) > 0.0 or int(m.sum()) == 0  # survivors trained, not zeroed
+
+
+def test_learning_rate_schedule():
+    t = TrainSpec(lr=0.1, iterations=100, warmup_iterations=10, milestones=(50, 80), gamma=0.1)
+    assert learning_rate(t, 0) == pytest.approx(0.01)
+    assert learning_rate(t, 9) == pytest.approx(0.1)
+    assert learning_rate(t, 49) == pytest.approx(0.1)
+    assert learning_rate(t, 50) == pytest.approx(0.01)
+    assert learning_rate(t, 80) == pytest.approx(0.001)
+
+
+def test_batch_order_positioned_at_any_iteration():
+    full = BatchOrder(100, 7, seed=3, device="cpu")
+    seq = [full(t) for t in range(40)]
+    jumped = BatchOrder(100, 7, seed=3, device="cpu")
+    assert all(torch.equal(jumped(t), seq[t]) for t in (23, 24, 39, 0))
+    epoch0 = torch.cat(seq[:14])  # 100 // 7 = 14 full batches per epoch
+    assert len(set(epoch0.tolist())) == 98  # no repeats within an epoch, last partial batch dropped
+    assert not torch.equal(seq[0], BatchOrder(100, 7, seed=4, device="cpu")(0))
+
+
+def test_rng_is_a_pure_function_of_its_parts():
+    assert torch.equal(torch.rand(3, generator=rng(1, "a", 2)), torch.rand(3, generator=rng(1, "a", 2)))
+    assert not torch.equal(torch.rand(3, generator=rng(1, "a", 2)), torch.rand(3, generator=rng(1, "a", 3)))
+
+
+def test_weights_after_k_iterations_match_a_k_iteration_run(digits_cpu):
+    """The rewind point is exactly where a run that stops at k ends (same data, same lr)."""
+    k = 30
+    t = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=32, iterations=80, eval_interval=10)
+    captured = {}
+    net = models.build(models_spec(), digits_cpu.info, seed=1)
+    ones = masks.ones(masks.Layers.of(net))
+    train_level(net, ones, digits_cpu, t, seed=1, start_iteration=0,
+                on_iteration={k: lambda n: captured.update({x: v.clone() for x, v in n.state_dict().items()})})
+    short = models.build(models_spec(), digits_cpu.info, seed=1)
+    train_level(short, ones, digits_cpu, dataclasses.replace(t, iterations=k), seed=1,
+                start_iteration=0)
+    assert all(torch.equal(captured[x], v) for x, v in short.state_dict().items())
+
+
+def test_divergence_is_reported(digits_cpu):
+    net = models.build(models_spec(), digits_cpu.info, seed=0)
+    t = TrainSpec(optimizer="sgd", lr=1e6, batch_size=32, iterations=40, eval_interval=10)
+    with pytest.raises(TrainingDiverged, match="iteration"):
+        train_level(net, masks.ones(masks.Layers.of(net)), digits_cpu, t, seed=0, start_iteration=0)
+
+
+def test_bf16_autocast_runs_and_keeps_masks(digits_cpu):
+    net = models.build(models_spec(), digits_cpu.info, seed=0)
+    layers = masks.Layers.of(net)
+    mask = random_mask(layers, 0.3)
+    t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=32, iterations=40, eval_interval=20, precision="bf16")
+    record = train_level(net, mask, digits_cpu, t, seed=0, start_iteration=0)
+    assert 0.0 <= record["test_acc"] <= 1.0 and record["val_loss"] == record["val_loss"]
+    assert all(float(net.get_parameter(k)[~m].abs().max()) == 0.0 for k, m in mask.items())
