@@ -95,9 +95,19 @@ DATASETS.register("digits")(Source(DatasetInfo((1, 8, 8), 10), _read_digits, val
 
 
 def _read_mnist1d(spec):
+    import random
+
+    import numpy as np
     from mnist1d.data import get_dataset_args, make_dataset
 
-    d = make_dataset(get_dataset_args())  # generated locally from the package's fixed seed
+    # generated locally from the package's fixed seed; make_dataset reseeds Python's and
+    # NumPy's global RNGs, so the caller's states are put back afterwards
+    states = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
     x, x_test = (torch.tensor(d[k], dtype=torch.float32) for k in ("x", "x_test"))
     y, y_test = (torch.tensor(d[k], dtype=torch.int64) for k in ("y", "y_test"))
     x, x_test = _standardise(x, x_test)
@@ -175,6 +185,8 @@ def _cifar_class():
         """torchvision's reader; a given root's files are trusted if present (they may be a
         subset or a re-pack), a download is still checked against torchvision's md5s."""
 
+        meta = {**tvd.CIFAR10.meta, "md5": None}  # batches.meta: present is enough, too
+
         def _check_integrity(self) -> bool:
             folder = Path(self.root) / self.base_folder
             return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
@@ -188,7 +200,8 @@ def _read_cifar10(spec):
     cls = _cifar_class() if spec.data_dir else tvd.CIFAR10
     tr, te = _open(cls, spec, True), _open(cls, spec, False)
     norm = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).float() / 255 - _CIFAR_MEAN) / _CIFAR_STD  # noqa: E731
-    return norm(tr), torch.tensor(tr.targets), norm(te), torch.tensor(te.targets)
+    labels = lambda d: torch.tensor(d.targets, dtype=torch.int64)  # noqa: E731  (re-packs may hold uint8)
+    return norm(tr), labels(tr), norm(te), labels(te)
 
 
 def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
