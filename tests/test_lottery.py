@@ -157,3 +157,16 @@ def test_folder_of_another_trial_is_refused(tmp_path, trial):
     other = quick_spec(seed=7)
     with pytest.raises(ConfigError, match="--out"):
         run_lottery(other, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_trial(tmp_path, precision):
+    """The same code path on the GPU: data on the device, masks hold, accuracy is real."""
+    t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=60, iterations=200, eval_interval=20,
+                  precision=precision)
+    records = run_lottery(quick_spec(train=t, device="cuda"), tmp_path)
+    assert records[0]["test_acc"] > 0.9
+    final = load_tensors(tmp_path / "level_02" / "final.safetensors")
+    mask = load_tensors(tmp_path / "level_02" / "mask.safetensors")
+    assert all(float((final[k] * ~m).abs().sum()) == 0.0 for k, m in mask.items())

@@ -172,3 +172,11 @@ def test_console_script_exit_code(tmp_path):
 def test_prune_spec_direct_construction_is_validated_by_trial_spec():
     with pytest.raises(Exception, match="prune.rate"):
         TrialSpec(prune=PruneSpec(rate=2.0))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_on_a_machine_without_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["trial", "run", str(write(tmp_path, QUICK)), "--out", str(out), "--set", "device=cuda"]) == 2
+    assert capsys.readouterr().err.startswith("lth: error: device: 'cuda' is not allowed; this machine has 0")
+    assert not out.exists()

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from trials import datasets, masks, models, pruning
+from trials.errors import ConfigError
 from trials.store import TrialDir, state_of
 from trials.training import rng, train_level
 
@@ -29,7 +30,11 @@ from trials.training import rng, train_level
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ConfigError("device", name, f"this machine has {torch.cuda.device_count()} CUDA devices; "
+                          "allowed here: auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available() else ""))
+    return device
 
 
 def prepare(spec, out, device=None):
