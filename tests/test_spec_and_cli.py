@@ -95,7 +95,6 @@ BAD = [
     ({**QUICK, "prune": {"kind": "structured", "layer_rates": {"conv9": 0.2}}}, "prune.layer_rates.conv9"),
     ({**QUICK, "prune": {"kind": "structured", "layer_rates": {"fc": 0.2}}}, "prune.layer_rates.fc"),
     ({**QUICK, "prune": {"kind": "structured", "scope": "global"}}, "prune.scope"),
-    ({**QUICK, "prune": {"kind": "structured", "output_rate": 0.1}}, "prune.output_rate"),
     (with_(QUICK, "train.momentum", 0.9), "train.momentum"),
     (with_(QUICK, "train.batch_size", "big"), "train.batch_size"),
     (with_(QUICK, "train.milestones", [40, 20]), "train.milestones"),

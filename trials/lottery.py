@@ -47,7 +47,9 @@ def prepare(spec, out, device=None):
 
 def run_lottery(spec, out, report: Callable = lambda record, out: None,
                 progress: Optional[Callable] = None, data=None) -> list[dict]:
-    """Run (or resume) one trial in `out`; `report(record, out)` after every level."""
+    """Run (or resume) one trial in `out`; `report(record, out)` after every level.
+    A report that returns True ends the trial after that level (e.g. a sweep's
+    stop_when_not_matching); the finished levels stay on disk."""
     if data is None:
         data, device = prepare(spec, out)
     else:
@@ -57,7 +59,8 @@ def run_lottery(spec, out, report: Callable = lambda record, out: None,
     records = []
     for level in range(spec.prune.levels + 1):
         records.append(run.level(level))
-        report(records[-1], out)
+        if report(records[-1], out):
+            break
     return records
 
 

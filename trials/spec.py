@@ -69,7 +69,7 @@ class PruneSpec:
     layer_rates: tuple[tuple[str, float], ...] = _f(
         (), "per-layer rates by module name, e.g. {fc1: 0.3}; these layers leave the global pool"
     )
-    output_rate: Optional[float] = _f(None, "rate of the output layer (unstructured only); default: rate")
+    output_rate: Optional[float] = _f(None, "rate of the output layer; default: rate. Structured pruning ignores it: classes stay")
     levels: int = _f(5, "pruning levels after the dense level 0")
 
 

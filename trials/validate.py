@@ -57,8 +57,6 @@ def _validate_prune(p) -> None:
     if p.kind == "structured":
         _check(p.scope == "layerwise", "prune.scope", p.scope,
                "allowed with prune.kind=structured: layerwise (units of different layers are not comparable)")
-        _check(p.output_rate is None, "prune.output_rate", p.output_rate,
-               "allowed with prune.kind=structured: null (the output layer's classes are never removed)")
 
 
 def _validate_against_model(spec) -> None:

@@ -1,0 +1,176 @@
+"""A sweep's results as rows: one per trial x level, read from Tune's experiment folder.
+
+Works on a local folder or s3:// / gs:// storage (through pyarrow's filesystems), and
+needs no running Ray instance, so `lth sweep status` is cheap.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Optional
+
+import pandas as pd
+
+LEVEL_FIELDS = ("level", "density", "layer_density", "remaining_params", "test_acc", "early_stop_iteration",
+                "test_acc_at_early_stop", "val_loss", "val_acc", "val_loss_at_early_stop", "train_loss",
+                "start_iteration", "iterations", "seconds")
+SUMMARY_FIELDS = ("dense_test_acc", "final_test_acc", "final_test_acc_at_early_stop", "final_density",
+                  "matching_density", "stopped_not_matching")
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+
+
+def read_text(path: str) -> Optional[str]:
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.readall().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write whole (temporary name, then move) so no reader sees half a file."""
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p + ".tmp") as f:
+        f.write(text.encode())
+    fs.move(p + ".tmp", p)
+
+
+def error_line(trial) -> str:
+    """The exception's own message: the last meaningful line of Tune's error trace."""
+    text = trial.get_error() if hasattr(trial, "get_error") else None
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+def collect(sweep) -> list[dict]:
+    from ray.tune import ExperimentAnalysis
+
+    from orchestrator.runner import sweep_path
+
+    try:
+        analysis = ExperimentAnalysis(sweep_path(sweep.storage, sweep.name))
+    except ValueError:  # no experiment state yet
+        return []
+    rows = []
+    for trial in analysis.trials:
+        head = {"trial_id": trial.trial_id, "status": trial.status,
+                "error": error_line(trial) if trial.status == "ERROR" else "",
+                **{p: trial.config.get(p) for p in sweep.varied}, "seed": trial.config.get("seed")}
+        df = analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
+        if df.empty or "level" not in df:
+            rows.append(head)
+            continue
+        for _, r in df.drop_duplicates("level", keep="last").sort_values("level").iterrows():
+            row = {**head, "trial_key": r.get("trial_key")}
+            row.update({k: _plain(r.get(k)) for k in LEVEL_FIELDS + SUMMARY_FIELDS})
+            rows.append(row)
+    return rows
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        return v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
+def write_csv(sweep, rows: list[dict]) -> str:
+    from orchestrator.runner import sweep_path
+
+    path = sweep_path(sweep.storage, sweep.name) + "/trials.csv"
+    buf = io.StringIO()
+    columns = ["trial_id", "status", "error", *sweep.varied, "seed", "trial_key", *LEVEL_FIELDS,
+               *SUMMARY_FIELDS]
+    pd.DataFrame(rows, columns=columns).to_csv(buf, index=False)
+    write_text(path, buf.getvalue())
+    return path
+
+
+def per_trial(rows: list[dict]) -> list[dict]:
+    """The last row of each trial: its status and final summaries."""
+    last = {}
+    for r in rows:
+        last[r["trial_id"]] = r
+    return list(last.values())
+
+
+def pareto_front(trials: list[dict], metrics, modes) -> list[dict]:
+    """Trials no other trial beats on every objective (and strictly on one)."""
+    def better_or_equal(a, b, m, mode):
+        return a[m] >= b[m] if mode == "max" else a[m] <= b[m]
+
+    def strictly(a, b, m, mode):
+        return a[m] > b[m] if mode == "max" else a[m] < b[m]
+
+    scored = [t for t in trials if all(t.get(m) is not None for m in metrics)]
+    front = []
+    for t in scored:
+        dominated = any(all(better_or_equal(o, t, m, md) for m, md in zip(metrics, modes))
+                        and any(strictly(o, t, m, md) for m, md in zip(metrics, modes))
+                        for o in scored if o is not t)
+        if not dominated:
+            front.append(t)
+    return front
+
+
+def configurations(sweep, trials: list[dict]) -> list[dict]:
+    """Finished trials grouped by their varied values: seed-means of the objectives, n seeds."""
+    groups: dict = {}
+    for t in trials:
+        if t["status"] == "TERMINATED" and t.get(sweep.search.metric[0]) is not None:
+            groups.setdefault(tuple(str(t.get(p)) for p in sweep.varied), []).append(t)
+    out = []
+    for key, members in groups.items():
+        row = {**dict(zip(sweep.varied, key)), "n": len(members), "seeds": [m["seed"] for m in members]}
+        for m in sweep.search.metric:
+            values = pd.Series([t[m] for t in members], dtype=float)
+            row[m], row[f"{m}_std"] = values.mean(), (values.std() if len(values) > 1 else 0.0)
+        out.append(row)
+    return out
+
+
+def status_report(sweep, rows: list[dict], top: int = 5) -> str:
+    trials = per_trial(rows)
+    counts: dict = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}, {len(trials)} trials): "
+             + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none started")]
+    lines += [f"  failed {t['trial_id']}: {t['error']}" for t in trials if t["status"] == "ERROR"]
+    metrics, modes = list(sweep.search.metric), list(sweep.search.mode)
+    configs = configurations(sweep, trials)
+    if not configs:
+        return "\n".join(lines)
+    if len(metrics) == 1:
+        ranked = sorted(configs, key=lambda c: c[metrics[0]], reverse=modes[0] == "max")[:top]
+        lines.append(f"best configurations so far by {metrics[0]} ({modes[0]}), mean±std over seeds:")
+    else:
+        ranked = sorted(pareto_front(configs, metrics, modes), key=lambda c: c[metrics[0]])
+        lines.append(f"Pareto front of {metrics[0]} ({modes[0]}) x {metrics[1]} ({modes[1]}), seed means:")
+    for c in ranked:
+        varied = " ".join(f"{p}={c[p]}" for p in sweep.varied) or "base"
+        scores = "  ".join(f"{m} {c[m]:.4f}±{c[m + '_std']:.4f}" for m in metrics)
+        lines.append(f"  {varied}  {scores}  (n={c['n']})")
+    return "\n".join(lines)
+
+
+def summary_table(sweep, rows: list[dict]) -> str:
+    """Mean over seeds of each configuration's per-level test accuracy (early stop), by level."""
+    df = pd.DataFrame([r for r in rows if r.get("level") is not None])
+    if df.empty:
+        return "no finished levels"
+    keys = [p for p in sweep.varied] or ["trial_key"]
+    df[keys] = df[keys].astype(str)
+    table = df.groupby(keys + ["level"]).agg(density=("density", "mean"), acc=("test_acc_at_early_stop", "mean"),
+                                             std=("test_acc_at_early_stop", "std"), n=("seed", "count"))
+    cells = table.apply(lambda r: f"{r['acc']:.4f}±{0 if r['n'] < 2 else r['std']:.4f} ({int(r['n'])}) @{r['density']:.3f}", axis=1)
+    wide = cells.unstack("level")
+    wide.columns = [f"level {lv}" for lv in wide.columns]
+    return "test accuracy at early stop: mean±std over seeds (n seeds) @ density\n" + wide.to_string()

@@ -1,0 +1,152 @@
+"""The sweep runner: Ray Tune drives one trainable per IMP run. Ray is imported here
+(and in trainable.py, the code that runs inside a Tune trial), nowhere else.
+
+STORAGE/NAME/ is Tune's experiment folder. lth adds:
+    lth_sweep.yaml   the validated sweep (absolute paths, study name): `resume` reads it
+    optuna.db        the Optuna study (random/optuna search; local storage)
+    trials.csv       one row per trial x level, written at the end and by `status`
+"""
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import yaml
+from ray import tune
+
+from orchestrator import results
+from orchestrator.search import grid_space, make_searcher, num_trials
+from orchestrator.sweep_spec import Sweep, parse_sweep
+from trials.errors import ConfigError
+
+SWEEP_FILE = "lth_sweep.yaml"
+
+
+def sweep_path(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _local(path: str) -> Path | None:
+    return None if "://" in path else Path(path)
+
+
+def _study_file(sweep: Sweep) -> Path:
+    """Optuna's SQLite file: next to the sweep when storage is a folder, else in the
+    folder `lth` runs from (an SQLite file cannot live on S3)."""
+    folder = _local(sweep_path(sweep.storage, sweep.name)) or Path.cwd() / "runs" / sweep.name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "optuna.db"
+
+
+def save_sweep(sweep: Sweep, study_name: str) -> None:
+    text = yaml.safe_dump({"study_name": study_name, "sweep": sweep.to_dict()}, sort_keys=False)
+    results.write_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE, text)
+
+
+def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
+    path = sweep_path(storage, name) + "/" + SWEEP_FILE
+    text = results.read_text(path)
+    if text is None:
+        raise ConfigError("NAME", name, f"no sweep of that name under {storage} (looked for {path})")
+    saved = yaml.safe_load(text)
+    return parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
+
+
+def init_ray(address: str | None) -> None:
+    """An explicit address, or the cluster of `ray job submit` (RAY_ADDRESS), or a fresh
+    local instance (never someone else's running cluster by accident)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False)
+
+
+def run(sweep: Sweep, address: str | None = None) -> list[dict]:
+    """Start a sweep, or continue it when the same sweep already exists under its name."""
+    existing = results.read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
+    if existing is not None:
+        saved, _ = load_saved(sweep.storage, sweep.name)
+        if saved.to_dict() != sweep.to_dict():
+            raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
+                              f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
+        return resume(sweep.name, sweep.storage, address)
+    study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
+    save_sweep(sweep, study_name)
+    init_ray(address)
+    return _finish(sweep, _tuner(sweep, study_name).fit())
+
+
+def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
+    """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
+    sweep, study_name = load_saved(storage, name)
+    init_ray(address)
+    path = sweep_path(sweep.storage, sweep.name)
+    if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
+        return _finish(sweep, _tuner(sweep, study_name).fit())
+    tuner = tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
+                               resume_errored=False, restart_errored=False,
+                               param_space=grid_space(sweep) if sweep.search.algorithm == "grid" else None)
+    return _finish(sweep, tuner.fit())
+
+
+def _trainable(sweep: Sweep):
+    from orchestrator.trainable import imp_trial
+
+    fn = tune.with_parameters(imp_trial, base=sweep.base, tolerance=sweep.tolerance,
+                              stop_when_not_matching=sweep.stop_when_not_matching)
+    return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
+
+
+def _tuner(sweep: Sweep, study_name: str):
+    searcher = make_searcher(sweep, study_name, _study_file(sweep))
+    return tune.Tuner(
+        _trainable(sweep),
+        param_space=grid_space(sweep) if searcher is None else {},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=num_trials(sweep),
+            max_concurrent_trials=sweep.max_concurrent,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+            reuse_actors=True,  # a worker keeps torch imported and its dataset loaded
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=sweep.storage, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # every level's tensors
+            callbacks=[LevelProgress(sweep)],
+        ),
+    )
+
+
+def _finish(sweep: Sweep, grid) -> list[dict]:
+    rows = results.collect(sweep)
+    results.write_csv(sweep, rows)
+    return rows
+
+
+class LevelProgress(tune.Callback):
+    """One line per finished level and per failed trial, on the driver's stderr."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        varied = " ".join(f"{p}={trial.config.get(p)}" for p in self.sweep.varied)
+        print(f"[{trial.trial_id}] {varied} seed={trial.config.get('seed')} level {result['level']}: "
+              f"density {result['density']:.4f} test_acc {result['test_acc']:.4f} "
+              f"(early stop {result['test_acc_at_early_stop']:.4f})", file=sys.stderr, flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[{trial.trial_id}] failed: {results.error_line(trial)}", file=sys.stderr, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = sum(t.status == "TERMINATED" for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        print(f"[{trial.trial_id}] finished ({done} done, {failed} failed, {len(trials)} started)",
+              file=sys.stderr, flush=True)

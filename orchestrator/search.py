@@ -1,0 +1,128 @@
+"""Search: the sweep's space as Ray Tune / Optuna objects. Optuna lives here only.
+
+grid    every combination of the grid values x every seed (Tune's grid_search).
+random  Optuna's RandomSampler; optuna: Optuna's TPE (multi-objective when two metrics).
+        Both persist their study in an SQLite file next to the sweep under a unique
+        study name, so `lth sweep resume` continues the same study. Grid values in the
+        space become categorical choices.
+
+Seeds replicate a configuration: `Replicate` asks the sampler once per configuration,
+runs it under every seed, and tells the sampler the seed-mean of each objective. A
+configuration stopped by `stop_when_not_matching` is told as PRUNED (no value), one
+whose every seed failed as FAIL.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from ray import tune
+from ray.tune.search import Searcher
+
+STOPPED = "stopped_not_matching"  # result key set on the level that ended a trial early
+
+
+def grid_space(sweep) -> dict:
+    space = {d.path: tune.grid_search(list(d.values)) for d in sweep.space}
+    return {**space, "seed": tune.grid_search(list(sweep.seeds))}
+
+
+def optuna_distributions(sweep) -> dict:
+    import optuna.distributions as od
+
+    out = {}
+    for d in sweep.space:
+        low, high = (d.values + (None, None))[:2]
+        out[d.path] = {
+            "grid": lambda: od.CategoricalDistribution(list(d.values)),
+            "choice": lambda: od.CategoricalDistribution(list(d.values)),
+            "uniform": lambda: od.FloatDistribution(low, high),
+            "loguniform": lambda: od.FloatDistribution(low, high, log=True),
+            "int": lambda: od.IntDistribution(low, high),
+        }[d.kind]()
+    return out
+
+
+def make_searcher(sweep, study_name: str, study_path: Path) -> Optional[Searcher]:
+    """None for grid (Tune expands the grid itself), else a seed-replicating Optuna search."""
+    if sweep.search.algorithm == "grid":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (optuna.samplers.RandomSampler(seed=sweep.search.seed) if sweep.search.algorithm == "random"
+               else optuna.samplers.TPESampler(seed=sweep.search.seed))
+    metric, mode = list(sweep.search.metric), list(sweep.search.mode)
+    inner = OptunaSearch(
+        space=optuna_distributions(sweep),
+        metric=metric if len(metric) > 1 else metric[0],
+        mode=mode if len(mode) > 1 else mode[0],
+        sampler=sampler,
+        study_name=study_name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{study_path}"),
+    )
+    return Replicate(inner, list(sweep.seeds), metric)
+
+
+def num_trials(sweep) -> int:
+    """Tune's num_samples: grid runs its expansion once; samplers run configurations x seeds."""
+    return 1 if sweep.search.algorithm == "grid" else sweep.search.num_samples * len(sweep.seeds)
+
+
+class Replicate(Searcher):
+    def __init__(self, inner: Searcher, seeds: list, metrics: list):
+        super().__init__(metric=None, mode=None)
+        self.inner, self.seeds, self.metrics = inner, seeds, metrics
+        self.groups: dict = {}  # primary trial id -> {"config", "members": {trial_id: result|None}}
+        self.member_of: dict = {}  # trial id -> primary trial id
+        self.open: Optional[str] = None  # the group still handing out seeds
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the inner searcher was configured at construction
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.open is None or len(self.groups[self.open]["members"]) == len(self.seeds):
+            config = self.inner.suggest(trial_id)
+            if config is None or config == Searcher.FINISHED:
+                return config
+            self.open = trial_id
+            self.groups[trial_id] = {"config": config, "members": {}}
+        group = self.groups[self.open]
+        seed = self.seeds[len(group["members"])]
+        group["members"][trial_id] = "running"
+        self.member_of[trial_id] = self.open
+        return {**group["config"], "seed": seed}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # the sampler sees one aggregated result per configuration
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        primary = self.member_of.get(trial_id)
+        if primary is None:
+            return
+        members = self.groups[primary]["members"]
+        members[trial_id] = {"error": True} if error or not result else result
+        if len(members) < len(self.seeds) or any(r == "running" for r in members.values()):
+            return
+        done = [r for r in members.values() if not r.get("error")]
+        if not done:
+            self.inner.on_trial_complete(primary, None, error=True)
+        elif any(r.get(STOPPED) for r in done):
+            self.inner.on_trial_complete(primary, {"done": True}, error=False)  # no value: PRUNED
+        else:
+            mean = {m: float(np.nanmean([r.get(m, np.nan) for r in done])) for m in self.metrics}
+            self.inner.on_trial_complete(primary, mean, error=False)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.inner.save(checkpoint_path + ".inner")
+        state = {k: v for k, v in self.__dict__.items() if k != "inner"}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(checkpoint_path + ".inner")
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))

@@ -1,0 +1,102 @@
+"""One Tune trial = one IMP run (trials.run_lottery), reporting once per level.
+
+Each report carries the level's record, the trial's running summaries and a checkpoint
+of the trial folder as it stands: spec, levels.jsonl, rewind weights and the newest
+level's tensors (earlier levels keep only their record and DONE marker, their tensors
+are in earlier checkpoints). A trial restarted from a checkpoint, on any node, copies it
+back into its working folder and continues at the next level; levels already reported
+are not reported again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from ray import tune
+
+from orchestrator.objectives import matches, summarise
+from orchestrator.search import STOPPED
+
+_DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
+
+
+def spec_of(base: dict, config: dict):
+    from orchestrator.config import apply_overrides
+    from orchestrator.sweep_spec import _yaml_scalar
+    from trials.spec import from_dict
+
+    values = {k: v for k, v in config.items() if not k.startswith("__")}
+    return from_dict(apply_overrides(base, [f"{k}={_yaml_scalar(v)}" for k, v in values.items()]))
+
+
+def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool) -> None:
+    from trials.lottery import run_lottery
+
+    spec = spec_of(base, config)
+    work = Path(os.getcwd()) / "lottery"
+    done_before = restore(tune.get_checkpoint(), work)
+    data = _data(spec, work)
+    records: list[dict] = []
+
+    def report(record: dict, out) -> bool:
+        records.append(record)
+        summary = summarise(records, tolerance)
+        stop = stop_when_not_matching and not matches(record, records[0], tolerance)
+        if record["level"] > done_before:
+            metrics = {**flat_record(record), **summary, "trial_key": spec.key, "seed": spec.seed,
+                       STOPPED: stop}
+            with tempfile.TemporaryDirectory() as tmp:
+                snapshot(work, Path(tmp), record["level"])
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        return stop
+
+    run_lottery(spec, work, report=report, data=data)
+
+
+def _data(spec, work):
+    from trials.datasets import load
+    from trials.lottery import resolve_device
+
+    device = resolve_device(spec.device)  # "auto": the GPU Ray assigned, else the CPU
+    key = (json.dumps(spec.dataset.__dict__, sort_keys=True, default=str), str(device), spec.train.batch_size)
+    if key not in _DATA:
+        _DATA.clear()  # one dataset per worker at a time: bounded memory
+        _DATA[key] = load(spec.dataset, device, spec.train.batch_size)
+    return _DATA[key]
+
+
+def flat_record(record: dict) -> dict:
+    """Tune results are flat scalars: per-layer densities travel as one JSON string."""
+    return {k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in record.items()}
+
+
+_LEVEL = re.compile(r"level_(\d+)$")
+
+
+def snapshot(work: Path, dest: Path, level: int) -> None:
+    """Copy the trial folder, leaving out tensors of levels before `level`."""
+    for src in work.rglob("*"):
+        if src.is_dir() or src.name.startswith("."):
+            continue
+        m = _LEVEL.match(src.parent.name)
+        if m and int(m.group(1)) < level and src.suffix == ".safetensors":
+            continue
+        target = dest / src.relative_to(work)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def restore(checkpoint, work: Path) -> int:
+    """Put a checkpoint back as the working trial folder; the last level it holds (-1: none)."""
+    if work.exists():
+        shutil.rmtree(work)
+    if checkpoint is None:
+        return -1
+    with checkpoint.as_directory() as ckpt:
+        shutil.copytree(ckpt, work)
+    levels = [json.loads(line)["level"] for line in (work / "levels.jsonl").read_text().splitlines()]
+    return max(levels, default=-1)
