@@ -116,13 +116,15 @@ class Replicate(Searcher):
             mean = {m: float(np.nanmean([r.get(m, np.nan) for r in done])) for m in self.metrics}
             self.inner.on_trial_complete(primary, mean, error=False)
 
+    # Tune keeps one searcher-state file per experiment: the wrapped OptunaSearch's state
+    # (its __dict__, which is what OptunaSearch.save pickles) travels inside ours.
     def save(self, checkpoint_path: str) -> None:
-        self.inner.save(checkpoint_path + ".inner")
         state = {k: v for k, v in self.__dict__.items() if k != "inner"}
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
+            pickle.dump({"replicate": state, "inner": self.inner.__dict__.copy()}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        self.inner.restore(checkpoint_path + ".inner")
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            state = pickle.load(f)
+        self.__dict__.update(state["replicate"])
+        self.inner.__dict__.update(state["inner"])

@@ -10,6 +10,7 @@ are not reported again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,9 @@ def spec_of(base: dict, config: dict):
 
 def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool) -> None:
     from trials.lottery import run_lottery
+
+    # one "checkpoint created" line per level per trial drowns the driver's progress lines
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
     spec = spec_of(base, config)
     work = Path(os.getcwd()) / "lottery"

@@ -32,3 +32,13 @@ def digits_cpu():
     from trials import datasets
 
     return datasets.load(DatasetSpec(name="digits"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session (never someone else's cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

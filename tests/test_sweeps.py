@@ -1,0 +1,216 @@
+"""Sweeps on a real local Ray instance: grid, Optuna, failures, a killed driver, bad files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator import runner
+from orchestrator.cli import main
+from orchestrator.results import pareto_front
+from orchestrator.sweep_spec import load_sweep
+
+LTH = str(Path(sys.executable).parent / "lth")
+BASE = {
+    "model": "lenet_300_100",
+    "dataset": {"name": "digits"},
+    "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 60, "eval_interval": 20},
+    "prune": {"rate": 0.3, "output_rate": 0.1, "levels": 1},
+    "device": "cpu",
+}
+
+
+def sweep_file(tmp_path, **fields):
+    data = {"name": "s", "experiment": "e", "base": BASE, "resources": {"cpu": 1}, "max_concurrent": 2,
+            "storage": str(tmp_path / "runs"), **fields}
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def csv(tmp_path, name="s"):
+    return pd.read_csv(tmp_path / "runs" / name / "trials.csv")
+
+
+def test_grid_sweep_writes_one_row_per_trial_and_level(tmp_path, ray_local):
+    path = sweep_file(tmp_path, space={"prune.kind": {"grid": ["unstructured", "structured"]}}, seeds=2)
+    rows = runner.run(load_sweep(path))
+    df = csv(tmp_path)
+    assert len(rows) == len(df) == 4 * 2
+    assert set(df.status) == {"TERMINATED"}
+    per_trial = df.groupby("trial_id")
+    assert sorted(per_trial["level"].apply(tuple)) == [(0, 1)] * 4
+    configs = sorted(per_trial.first()[["prune.kind", "seed"]].itertuples(index=False, name=None))
+    assert configs == [("structured", 0), ("structured", 1), ("unstructured", 0), ("unstructured", 1)]
+    assert (df.groupby("trial_id").trial_key.nunique() == 1).all() and df.trial_key.nunique() == 4
+    dense = df[df.level == 0]
+    assert (dense.density == 1.0).all() and (dense.test_acc > 0.8).all()
+    # the summaries of the last level are the objectives a search sees
+    last = df[df.level == 1]
+    assert (last.final_test_acc == last.test_acc).all() and (last.dense_test_acc == dense.test_acc.values).all()
+    assert ((last.matching_density == 1.0) | (last.matching_density == last.density)).all()
+
+
+def test_optuna_sweep_replicates_seeds_and_keeps_its_study(tmp_path, ray_local, capsys):
+    import optuna
+
+    space = {"prune.rate": {"uniform": [0.1, 0.5]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
+    search = {"algorithm": "optuna", "num_samples": 3, "metric": ["final_test_acc", "final_density"],
+              "mode": ["max", "min"]}
+    path = sweep_file(tmp_path, space=space, seeds=2, search=search)
+    runner.run(load_sweep(path))
+    df = csv(tmp_path)
+    trials = df.groupby("trial_id").last()  # the last level carries the trial's objectives
+    assert len(trials) == 6 and set(trials.status) == {"TERMINATED"}
+    assert trials["prune.rate"].between(0.1, 0.5).all() and trials["train.lr"].between(1e-4, 1e-2).all()
+    configs = trials.groupby(["prune.rate", "train.lr"]).seed.apply(sorted)
+    assert len(configs) == 3 and all(s == [0, 1] for s in configs)  # 3 configurations x 2 seeds
+    _, study_name = runner.load_saved(str(tmp_path / "runs"), "s")
+    storage = f"sqlite:///{tmp_path / 'runs' / 's' / 'optuna.db'}"
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    for t in study.trials:  # Optuna was told the seed-mean of each objective
+        group = trials[(trials["prune.rate"] == t.params["prune.rate"])]
+        assert t.values[0] == pytest.approx(group.final_test_acc.mean())
+    # running the same sweep again continues it: no new trial, the same study
+    runner.run(load_sweep(path))
+    assert len(csv(tmp_path).groupby("trial_id")) == 6
+    assert len(optuna.load_study(study_name=study_name, storage=storage).trials) == 3
+    # status refreshes trials.csv and shows the Pareto front of the two objectives
+    (tmp_path / "runs" / "s" / "trials.csv").unlink()
+    assert main(["sweep", "status", "s", "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "6 terminated" in out and "Pareto front of final_test_acc (max) x final_density (min)" in out
+    assert len(csv(tmp_path)) == len(df)
+
+
+def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray_local):
+    base = {**BASE, "train": {**BASE["train"], "optimizer": "sgd", "momentum": 0.9}}
+    path = sweep_file(tmp_path, base=base, space={"train.lr": {"grid": [0.05, 1.0e6]}}, max_failures=1)
+    runner.run(load_sweep(path))
+    df = csv(tmp_path)
+    failed = df[df.status == "ERROR"]
+    assert len(failed) == 1 and failed["train.lr"].iloc[0] == 1.0e6
+    assert "training loss became nan" in failed.error.iloc[0] or "became inf" in failed.error.iloc[0]
+    ok = df[df.status == "TERMINATED"]
+    assert list(ok.level) == [0, 1]
+    from ray.tune import ExperimentAnalysis
+
+    trial = [t for t in ExperimentAnalysis(str(tmp_path / "runs" / "s")).trials if t.status == "ERROR"][0]
+    assert trial.run_metadata.num_failures == 2  # first attempt + one retry (max_failures: 1)
+
+
+def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local):
+    import optuna
+
+    base = {**BASE, "prune": {**BASE["prune"], "levels": 3, "rate": 0.9}}
+    search = {"algorithm": "random", "num_samples": 2, "metric": "final_test_acc"}
+    path = sweep_file(tmp_path, base=base, space={"train.lr": {"loguniform": [1e-3, 2e-3]}}, search=search,
+                      tolerance=0.0, stop_when_not_matching=True)
+    runner.run(load_sweep(path))
+    df = csv(tmp_path)
+    stopped = df[df.stopped_not_matching == True]  # noqa: E712
+    assert len(stopped) >= 1  # 90% pruning per level at tolerance 0 stops early
+    for trial_id, rows in df.groupby("trial_id"):
+        levels = list(rows.level)
+        assert levels == list(range(len(levels)))
+        assert rows.stopped_not_matching.iloc[-1] or len(levels) == 4
+    _, study_name = runner.load_saved(str(tmp_path / "runs"), "s")
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.PRUNED) == len(stopped)
+
+
+def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
+    """SIGKILL the `lth sweep run` process mid-sweep; `lth sweep resume` finishes it."""
+    base = {**BASE, "train": {**BASE["train"], "iterations": 400, "eval_interval": 50},
+            "prune": {**BASE["prune"], "levels": 3}}
+    path = sweep_file(tmp_path, base=base, space={"prune.rate": {"grid": [0.2, 0.4]}}, seeds=2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, deadline = [], time.time() + 300
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if sum(" level " in s and "density" in s for s in seen) >= 5:  # some levels done, not all
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sum(" level " in s and "density" in s for s in seen) < 16, "the sweep finished before the kill"
+    time.sleep(3)  # Ray's reaper stops the killed driver's local cluster
+    resumed = subprocess.run([LTH, "sweep", "resume", "s", "--storage", str(tmp_path / "runs")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = csv(tmp_path)
+    assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
+    for trial_dir in (tmp_path / "runs" / "s").glob("*_0000*"):
+        reported = [json.loads(line)["level"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert reported == [0, 1, 2, 3], f"{trial_dir.name} reported levels {reported}"
+
+
+def test_pareto_front_on_known_points():
+    points = [{"id": i, "acc": a, "density": d} for i, (a, d) in
+              enumerate([(0.98, 0.5), (0.97, 0.2), (0.96, 0.3), (0.98, 0.6), (0.90, 0.1), (0.97, 0.2)])]
+    front = pareto_front(points, ["acc", "density"], ["max", "min"])
+    assert sorted(p["id"] for p in front) == [0, 1, 4, 5]  # 2 and 3 are dominated; ties both stay
+
+
+def test_every_example_sweep_file_is_valid():
+    sweeps = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
+    assert {p.stem for p in sweeps} >= {"demo_digits", "lenet_mnist_ablation", "conv2_cifar_optuna",
+                                        "resnet20_rewind_cluster"}
+    for path in sweeps:
+        sweep = load_sweep(path)
+        assert sweep.name and sweep.space, path
+
+
+BAD_SWEEPS = [
+    ({"colour": "red"}, "colour"),
+    ({"base": {**BASE, "prune": {"rate": 1.5}}}, "base.prune.rate"),
+    ({"space": {"prune.rate": {"grid": []}}}, "space.prune.rate.grid"),
+    ({"space": {"model": {"grid": ["lenet_300_100", "alexnet"]}}}, "space.model.name"),
+    ({"space": {"prune.speed": {"grid": [1]}}}, "space.prune.speed"),
+    ({"resources": {"cpu": 1, "gpu": -1}}, "resources.gpu"),
+    ({"space": {"prune.rate": {"uniform": [0.5, 0.1]}}, "search": {"algorithm": "random"}}, "space.prune.rate.uniform"),
+    ({"space": {"prune.rate": {"grid": [0.2, 1.5]}}}, "space.prune.rate"),
+    ({"space": {"prune.rate": {"uniform": [0.1, 0.5]}}}, "space.prune.rate"),  # grid search, continuous space
+    ({"search": {"algorithm": "bayes"}}, "search.algorithm"),
+    ({"search": {"algorithm": "optuna", "metric": "loss"}}, "search.metric"),
+    ({"seeds": 0}, "seeds"),
+    ({"name": "a b"}, "name"),
+]
+
+
+def test_bad_sweep_files_exit_2_with_one_line_before_ray(tmp_path):
+    """All cases in one fresh interpreter: after each, Ray must not even be imported."""
+    cases = []
+    for i, (fields, key) in enumerate(BAD_SWEEPS):
+        data = {"name": f"bad{i}", "experiment": "e", "base": BASE, "storage": str(tmp_path / "runs"), **fields}
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        cases.append((str(path), key))
+    script = f"""
+import contextlib, io, json, sys
+from orchestrator.cli import main
+out = []
+for path, key in {cases!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["sweep", "run", path])
+    out.append([code, err.getvalue(), "ray" in sys.modules])
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for (code, err, ray_imported), (_, key) in zip(json.loads(proc.stdout), cases):
+        assert code == 2, (key, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f"lth: error: {key}"), (key, err)
+        assert not ray_imported, key
+    assert not (tmp_path / "runs").exists()
