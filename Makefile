@@ -13,13 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lth trial run --preset lenet_digits_quick --out runs/demo-trial
+	$(BIN)/lth sweep run sweeps/demo_digits.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/trial_speed.py
+	$(BIN)/python bench/sweep_efficiency.py
 
 clean:
 	rm -rf $(VENV) runs reports
