@@ -3,6 +3,7 @@ allowed, exit status 2, nothing written."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     trial.add_parser("presets", help="list the shipped presets").set_defaults(func=trial_presets)
     add_sweep_commands(commands)
+    add_ticket_commands(commands)
     return parser
+
+
+def _tracking_flag(cmd) -> None:
+    cmd.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else "
+                     "sqlite:///mlflow.db in this folder)")
+
+
+def add_ticket_commands(commands) -> None:
+    tickets = commands.add_parser("tickets", help="query MLflow for tickets").add_subparsers(title="tickets")
+    best = tickets.add_parser("best", help="rank (trial, level) pairs across an experiment")
+    best.add_argument("--experiment", required=True)
+    best.add_argument("--max-density", type=float, help="only levels at or below this density")
+    best.add_argument("--min-acc", type=float, help="only levels at or above this accuracy (of --metric)")
+    best.add_argument("--metric", default="test_acc_at_early_stop")
+    best.add_argument("--top", type=int, default=10)
+    best.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _tracking_flag(best)
+    best.set_defaults(func=tickets_best)
+    export = tickets.add_parser("export", help="write one level's ticket (mask, weights, spec)")
+    export.add_argument("run_id")
+    export.add_argument("--level", type=int, required=True)
+    export.add_argument("--out", required=True)
+    _tracking_flag(export)
+    export.set_defaults(func=tickets_export)
+
+
+def tickets_best(args) -> int:
+    import pandas as pd
+
+    from orchestrator import tickets
+
+    rows = tickets.best(args.experiment, args.tracking_uri, args.metric, args.max_density, args.min_acc, args.top)
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+    elif args.format == "csv":
+        print(pd.DataFrame(rows).to_csv(index=False), end="")
+    else:
+        print(pd.DataFrame(rows).to_string(index=False) if rows else "no level matches")
+    return 0
+
+
+def tickets_export(args) -> int:
+    from orchestrator import tickets
+
+    out = tickets.export(args.run_id, args.level, args.out, args.tracking_uri)
+    print(f"ticket of run {args.run_id} level {args.level} -> {out}  (trials.load_ticket('{out}'))")
+    return 0
 
 
 def add_sweep_commands(commands) -> None:
@@ -56,6 +105,8 @@ def add_sweep_commands(commands) -> None:
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     run.add_argument("--name", help="override the sweep's name")
     run.add_argument("--storage", help="override where results go (folder, s3://, gs://)")
+    run.add_argument("--tracking-uri", help="MLflow store (default: the file's tracking_uri, "
+                     "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a sweep key, e.g. --set seeds=2 --set base.prune.levels=3")
     run.set_defaults(func=sweep_run)
@@ -72,7 +123,8 @@ def add_sweep_commands(commands) -> None:
 def sweep_run(args) -> int:
     from orchestrator.sweep_spec import load_sweep
 
-    sweep = load_sweep(args.file, args.overrides, name=args.name, storage=args.storage)  # before Ray
+    overrides = args.overrides + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage)  # before Ray
     from orchestrator import runner
 
     return _sweep_done(sweep, runner.run(sweep, args.address))

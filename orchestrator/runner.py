@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from orchestrator import results
+from orchestrator import results, tracking
+from orchestrator.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
 from orchestrator.search import grid_space, make_searcher, num_trials
 from orchestrator.sweep_spec import Sweep, parse_sweep
 from trials.errors import ConfigError
@@ -77,23 +78,29 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
             raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
                               f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
         return resume(sweep.name, sweep.storage, address)
+    tracking.check_reachable(sweep.tracking_uri)  # before anything is written or started
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     init_ray(address)
-    return _finish(sweep, _tuner(sweep, study_name).fit())
+    TRACKERS[sweep.name] = tracking.SweepTracker(sweep)
+    _tuner(sweep, study_name).fit()
+    return _finish(sweep)
 
 
 def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
+    tracking.check_reachable(sweep.tracking_uri)
     init_ray(address)
+    TRACKERS[sweep.name] = tracking.SweepTracker(sweep)
     path = sweep_path(sweep.storage, sweep.name)
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
-        return _finish(sweep, _tuner(sweep, study_name).fit())
-    tuner = tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
-                               resume_errored=False, restart_errored=False,
-                               param_space=grid_space(sweep) if sweep.search.algorithm == "grid" else None)
-    return _finish(sweep, tuner.fit())
+        _tuner(sweep, study_name).fit()
+    else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
+        tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
+                           resume_errored=False, restart_errored=False,
+                           param_space=grid_space(sweep) if sweep.search.algorithm == "grid" else None).fit()
+    return _finish(sweep)
 
 
 def _trainable(sweep: Sweep):
@@ -119,34 +126,18 @@ def _tuner(sweep: Sweep, study_name: str):
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # every level's tensors
-            callbacks=[LevelProgress(sweep)],
+            callbacks=[LevelProgress(sweep), MlflowLogger(sweep)],
         ),
     )
 
 
-def _finish(sweep: Sweep, grid) -> list[dict]:
+def _finish(sweep: Sweep) -> list[dict]:
+    """trials.csv, then MLflow reconciled with everything stored (cheap when nothing is
+    missing: the tracker knows what it logged; a dead driver's gaps are filled here)."""
     rows = results.collect(sweep)
     results.write_csv(sweep, rows)
+    if not replay(sweep, lambda: TRACKERS[sweep.name], sweep_path(sweep.storage, sweep.name)):
+        print(f"lth: MLflow at {sweep.tracking_uri} stayed unreachable; the results are safe in "
+              f"{sweep_path(sweep.storage, sweep.name)}: `lth sweep resume {sweep.name}` replays them",
+              file=sys.stderr)
     return rows
-
-
-class LevelProgress(tune.Callback):
-    """One line per finished level and per failed trial, on the driver's stderr."""
-
-    def __init__(self, sweep: Sweep):
-        self.sweep = sweep
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        varied = " ".join(f"{p}={trial.config.get(p)}" for p in self.sweep.varied)
-        print(f"[{trial.trial_id}] {varied} seed={trial.config.get('seed')} level {result['level']}: "
-              f"density {result['density']:.4f} test_acc {result['test_acc']:.4f} "
-              f"(early stop {result['test_acc_at_early_stop']:.4f})", file=sys.stderr, flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[{trial.trial_id}] failed: {results.error_line(trial)}", file=sys.stderr, flush=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        done = sum(t.status == "TERMINATED" for t in trials)
-        failed = sum(t.status == "ERROR" for t in trials)
-        print(f"[{trial.trial_id}] finished ({done} done, {failed} failed, {len(trials)} started)",
-              file=sys.stderr, flush=True)

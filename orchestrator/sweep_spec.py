@@ -8,6 +8,7 @@ fails now with the key that caused it, not hours later on a worker.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,7 +137,8 @@ def parse_sweep(data: dict, cwd: Path) -> Sweep:
         resources=_resources(data.get("resources") or {}),
         max_concurrent=_optional_int(data, "max_concurrent", 1),
         storage=_storage(data.get("storage", "./runs"), cwd),
-        tracking_uri=_tracking_uri(data.get("tracking_uri", "sqlite:///mlflow.db"), cwd),
+        tracking_uri=_tracking_uri(data.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+                                   or "sqlite:///mlflow.db", cwd),
         max_failures=_int(data, "max_failures", 1, 0),
         tolerance=_number(data, "tolerance", 0.005, 0.0),
         stop_when_not_matching=_bool(data, "stop_when_not_matching", False),

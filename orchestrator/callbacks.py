@@ -1,0 +1,119 @@
+"""Driver-side Tune callbacks (part of the sweep runner): progress lines and MLflow.
+
+Both run in the `lth sweep` process, on results the trials hand over; trials themselves
+never write to MLflow (see orchestrator/tracking.py for why).
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from ray import tune
+
+from orchestrator import results, tracking
+from orchestrator.trainable import spec_of
+from trials.version import code_version
+
+RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
+
+
+def trial_meta(sweep, config: dict) -> dict:
+    """What a trial's spec.json holds, computed on the driver from the trial's config."""
+    spec = spec_of(sweep.base, config)
+    return {"key": spec.key, "spec": spec.to_dict(), **code_version()}
+
+
+class LevelProgress(tune.Callback):
+    """One line per finished level and per failed trial, on the driver's stderr."""
+
+    def __init__(self, sweep):
+        self.sweep = sweep
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        varied = " ".join(f"{p}={trial.config.get(p)}" for p in self.sweep.varied)
+        print(f"[{trial.trial_id}] {varied} seed={trial.config.get('seed')} level {result['level']}: "
+              f"density {result['density']:.4f} test_acc {result['test_acc']:.4f} "
+              f"(early stop {result['test_acc_at_early_stop']:.4f})", file=sys.stderr, flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[{trial.trial_id}] failed: {results.error_line(trial)}", file=sys.stderr, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = sum(t.status == "TERMINATED" for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        print(f"[{trial.trial_id}] finished ({done} done, {failed} failed, {len(trials)} started)",
+              file=sys.stderr, flush=True)
+
+
+TRACKERS: dict = {}  # sweep name -> SweepTracker of this driver process (set by the runner)
+
+
+class MlflowLogger(tune.Callback):
+    """Copies each checkpoint into MLflow as it arrives. A failure (server away) is noted
+    and left to the end-of-sweep `replay`, which copies everything from storage.
+
+    Tune pickles its callbacks into the experiment (tuner.pkl) and a restored sweep gets
+    them back: this one therefore holds only the sweep and looks its tracker (an open
+    MLflow client) up in this process's TRACKERS."""
+
+    def __init__(self, sweep):
+        self.sweep, self.failed = sweep, False
+
+    @property
+    def tracker(self):
+        return TRACKERS[self.sweep.name]
+
+    def _try(self, what, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - logging must never fail the sweep
+            if not self.failed:
+                print(f"lth: MLflow unavailable ({what}: {str(e).splitlines()[0][:160] if str(e) else e!r}); "
+                      "the sweep goes on and replays the record at the end", file=sys.stderr, flush=True)
+            self.failed = True
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._try("trial start", lambda: self.tracker.child(trial_meta(self.sweep, trial.config), trial.trial_id))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        def log():
+            with checkpoint.as_directory() as folder:
+                self.tracker.log_checkpoint(Path(folder), trial.trial_id)
+
+        self._try("checkpoint", log)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._status(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._status(trial, "FAILED")
+
+    def _status(self, trial, status):
+        key = trial_meta(self.sweep, trial.config)["key"]
+        self._try("status", lambda: self.tracker.set_status(key, status))
+
+
+def replay(sweep, tracker_factory, experiment_path: str) -> bool:
+    """The end-of-sweep reconciliation: every trial, every stored checkpoint, its status.
+    Checkpoints on local/NFS storage are read in place; from s3:// or gs:// they are
+    downloaded to a temporary folder first."""
+    import pyarrow.fs
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(experiment_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = []
+        for trial in analysis.trials:
+            fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+            dirs = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                          and i.base_name.startswith("checkpoint_"))
+            if isinstance(fs, pyarrow.fs.LocalFileSystem):
+                folders = [Path(d) for d in dirs]
+            else:
+                folders = [Path(tune.Checkpoint(d, filesystem=fs).to_directory(f"{tmp}/{trial.trial_id}/{i}"))
+                           for i, d in enumerate(dirs)]
+            status = RUN_STATUS.get(trial.status, "KILLED")
+            plan.append((trial.trial_id, trial_meta(sweep, trial.config), status, folders))
+        return tracking.sync(tracker_factory, plan)

@@ -1,0 +1,216 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Who writes: only the sweep driver (the `lth sweep` process). Trials hand their records
+and tensors over through Tune results and checkpoints; the driver copies them into
+MLflow as they arrive (`SweepTracker.log_checkpoint`) and reconciles everything from the
+stored checkpoints at the end (`SweepTracker.sync`). Why: SQLite takes one writer at a
+time, and on a cluster workers then need no network path to the tracking server. A
+server that goes away mid-sweep costs nothing: what failed to log is replayed by `sync`.
+
+Layout: experiment = the sweep's `experiment`; one parent run per sweep (tag
+lth.kind=sweep); one child run per trial (mlflow.parentRunId, run name and tag
+lth.trial_key = the trial's content key); params = the flattened spec; metrics per
+level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
+ticket/level_XX/{mask,final}.safetensors. Every write first checks what is there, so a
+resumed or re-run sweep reuses its runs and never logs a step twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from trials.errors import ConfigError
+from trials.spec import flatten
+
+METRICS = ("density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop", "val_loss", "val_acc",
+           "train_loss", "seconds", "remaining_params")
+TAG_KIND, TAG_SWEEP, TAG_KEY, TAG_TRIAL, TAG_VARIED = (
+    "lth.kind", "lth.sweep", "lth.trial_key", "lth.tune_trial_id", "lth.varied")
+SPEC_TAGS = {"seed": "seed", "prune.kind": "prune_kind", "rewind_iteration": "rewind_iteration",
+             "control": "control"}
+
+
+def resolve_uri(uri: Optional[str] = None, cwd: Optional[Path] = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here; sqlite made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(((cwd or Path.cwd()) / uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def client(uri: str):
+    # fail fast instead of MLflow's minutes of retries: what fails is replayed by sync()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, key: str = "tracking_uri") -> None:
+    """One clear line (ConfigError) when the store cannot be reached; nothing is created."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(key, uri, f"a running MLflow server; none answers there ({reason})") from None
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not usable"
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConfigError(key, uri, f"an MLflow tracking store that answers ({reason})") from None
+
+
+def experiment_id(c, name: str, uri: str, create: bool = True) -> Optional[str]:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        return None
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever cwd
+        location = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name)
+    return c.create_experiment(name, artifact_location=location)
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def find_run(c, exp_id: str, tags: dict):
+    query = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
+    runs = c.search_runs([exp_id], filter_string=query, max_results=2)
+    return runs[0] if runs else None
+
+
+class SweepTracker:
+    def __init__(self, sweep):
+        self.sweep, self.uri = sweep, sweep.tracking_uri
+        self.c = client(self.uri)
+        self.exp = experiment_id(self.c, sweep.experiment, self.uri)
+        self.parent = self._parent()
+        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "files": set}
+
+    def _parent(self) -> str:
+        tags = {TAG_KIND: "sweep", TAG_SWEEP: self.sweep.name}
+        run = find_run(self.c, self.exp, tags)
+        if run is not None:
+            self.c.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        run = self.c.create_run(self.exp, run_name=self.sweep.name,
+                                tags={**tags, TAG_VARIED: ",".join(self.sweep.varied)})
+        from mlflow.entities import Param
+
+        d = self.sweep.to_dict()
+        params = {"search": d["search"]["algorithm"], "seeds": json.dumps(d["seeds"]),
+                  "space": json.dumps(d["space"])[:6000], "tolerance": d["tolerance"],
+                  "resources": json.dumps(d["resources"])}
+        self.c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def child(self, meta: dict, tune_trial_id: str) -> dict:
+        """The trial's run (found by sweep + trial key, else created with params and tags)."""
+        key = meta["key"]
+        if key in self.known:
+            return self.known[key]
+        tags = {TAG_KIND: "trial", TAG_SWEEP: self.sweep.name, TAG_KEY: key}
+        run = find_run(self.c, self.exp, tags)
+        flat = flatten(meta["spec"])
+        if run is None:
+            extra = {SPEC_TAGS[p]: str(flat.get(p)) for p in SPEC_TAGS}
+            run = self.c.create_run(self.exp, run_name=key, tags={
+                **tags, **extra, "mlflow.parentRunId": self.parent, TAG_TRIAL: tune_trial_id,
+                TAG_VARIED: ",".join(self.sweep.varied), "git_sha": str(meta.get("git_sha")),
+                "lth.version": str(meta.get("version"))})
+            steps, files = set(), set()
+        else:
+            steps = {m.step for m in self.c.get_metric_history(run.info.run_id, "test_acc")}
+            files = {f.path for f in self._list(run.info.run_id, "ticket")}
+            files |= {f.path for d in list(files) for f in self._list(run.info.run_id, d)}
+        if not run.data.params:  # new, or created by a driver that died before the params
+            from mlflow.entities import Param
+
+            params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in flat.items()]
+            self.c.log_batch(run.info.run_id, params=params)
+        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files}
+        return self.known[key]
+
+    def _list(self, run_id, path):
+        return [f for f in self.c.list_artifacts(run_id, path)]
+
+    def log_checkpoint(self, folder: Path, tune_trial_id: str, refresh: bool = True) -> str:
+        """Copy one checkpoint (the trial folder after a level) into the trial's run.
+        `refresh` re-uploads the small spec.json and levels.jsonl (the newest wins)."""
+        from mlflow.entities import Metric
+
+        meta = json.loads((folder / "spec.json").read_text())
+        run = self.child(meta, tune_trial_id)
+        records = [json.loads(line) for line in (folder / "levels.jsonl").read_text().splitlines()]
+        now = int(time.time() * 1000)
+        for r in records:
+            if r["level"] not in run["steps"]:
+                metrics = [Metric(k, float(r[k]), now, r["level"]) for k in METRICS if r.get(k) is not None]
+                self.c.log_batch(run["run_id"], metrics=metrics)
+                run["steps"].add(r["level"])
+        for local, remote in self._artifacts(folder):
+            if remote not in run["files"]:
+                self.c.log_artifact(run["run_id"], str(local), remote.rsplit("/", 1)[0] or None)
+                run["files"].add(remote)
+        for name in ("spec.json", "levels.jsonl") if refresh else ():
+            self.c.log_artifact(run["run_id"], str(folder / name))
+        return run["run_id"]
+
+    @staticmethod
+    def _artifacts(folder: Path):
+        """(local file, artifact path) of the ticket files in a checkpoint: the rewind
+        weights and every level folder that still holds tensors."""
+        if (folder / "rewind.safetensors").exists():
+            yield folder / "rewind.safetensors", "ticket/rewind.safetensors"
+        for level_dir in sorted(folder.glob("level_*")):
+            for f in sorted(level_dir.glob("*.safetensors")):
+                yield f, f"ticket/{level_dir.name}/{f.name}"
+
+    def set_status(self, key: str, status: str) -> None:
+        if key in self.known:
+            self.c.set_terminated(self.known[key]["run_id"], status=status)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.c.set_terminated(self.parent, status=status)
+
+    def child_runs(self) -> list:
+        query = f"tags.`{TAG_KIND}` = 'trial' and tags.`{TAG_SWEEP}` = {_quote(self.sweep.name)}"
+        return list(self.c.search_runs([self.exp], filter_string=query, max_results=5000))
+
+
+def sync(tracker_factory, trials: list, attempts: int = 6, wait_seconds: float = 5.0) -> bool:
+    """Replay a sweep into MLflow (idempotent), retrying while the store is unreachable.
+    `trials`: (tune trial id, meta, run status, [checkpoint folders, oldest first])."""
+    for attempt in range(attempts):
+        try:
+            tracker = tracker_factory()
+            for trial_id, meta, status, folders in trials:
+                tracker.child(meta, trial_id)
+                for i, folder in enumerate(folders):
+                    tracker.log_checkpoint(folder, trial_id, refresh=i == len(folders) - 1)
+                tracker.set_status(meta["key"], status)
+            tracker.finish()
+            return True
+        except Exception as e:  # noqa: BLE001 - the store may be down; try again
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            print(f"lth: MLflow sync failed ({reason}); retrying in {wait_seconds:.0f} s "
+                  f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
+            time.sleep(wait_seconds)
+    return False

@@ -1,0 +1,217 @@
+"""MLflow tracking against a real SQLite store and a real `mlflow server` on 127.0.0.1."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from orchestrator import runner, tickets
+from orchestrator.cli import main
+from orchestrator.sweep_spec import load_sweep
+from trials import datasets, load_ticket
+from trials.training import evaluate
+
+LTH = str(Path(sys.executable).parent / "lth")
+BASE = {
+    "model": "lenet_300_100",
+    "dataset": {"name": "digits"},
+    "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 60, "eval_interval": 20},
+    "prune": {"rate": 0.3, "output_rate": 0.1, "levels": 2},
+    "device": "cpu",
+}
+
+
+def sweep_file(tmp_path, name="tracked", **fields):
+    data = {"name": name, "experiment": "exp", "base": BASE, "space": {"prune.kind": {"grid": [
+        "unstructured", "structured"]}}, "seeds": 2, "resources": {"cpu": 1}, "max_concurrent": 2,
+        "storage": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def runs_of(uri, experiment="exp"):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c, list(c.search_runs([exp.experiment_id]))
+
+
+def assert_complete(uri, n_trials, levels):
+    c, runs = runs_of(uri)
+    parents = [r for r in runs if r.data.tags.get("lth.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("lth.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == n_trials
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert r.info.run_name == r.data.tags["lth.trial_key"] and r.info.status == "FINISHED"
+        for metric in ("density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop", "val_loss",
+                       "seconds"):
+            steps = [m.step for m in c.get_metric_history(r.info.run_id, metric)]
+            assert sorted(steps) == list(range(levels + 1)), (metric, steps)
+        files = {f.path for f in c.list_artifacts(r.info.run_id, "ticket")}
+        assert "ticket/rewind.safetensors" in files
+        assert {f"ticket/level_{lv:02d}" for lv in range(levels + 1)} <= files
+        assert {f.path for f in c.list_artifacts(r.info.run_id, "ticket/level_01")} == {
+            "ticket/level_01/mask.safetensors", "ticket/level_01/final.safetensors"}
+        assert r.data.params["prune.rate"] == "0.3" and r.data.tags["seed"] in ("0", "1")
+    return c, children
+
+
+@pytest.fixture(scope="module")
+def tracked_sweep(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("tracked")
+    path = sweep_file(tmp)
+    runner.run(load_sweep(path))
+    return tmp, path, f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+def test_sqlite_store_holds_one_parent_and_a_child_per_trial(tracked_sweep):
+    tmp, _, uri = tracked_sweep
+    assert_complete(uri, n_trials=4, levels=2)
+    assert (tmp / "mlartifacts" / "exp").is_dir()  # artifacts beside the database
+
+
+def test_rerun_and_resume_add_no_run_and_no_step(tracked_sweep):
+    tmp, path, uri = tracked_sweep
+    runner.run(load_sweep(path))  # the same sweep again: continues (nothing left to do)
+    runner.resume("tracked", str(tmp / "runs"))
+    c, children = assert_complete(uri, n_trials=4, levels=2)
+    for r in children:
+        assert len(c.get_metric_history(r.info.run_id, "test_acc")) == 3
+
+
+def test_exported_ticket_evaluates_to_its_recorded_accuracy(tracked_sweep, tmp_path, capsys):
+    _, _, uri = tracked_sweep
+    best = tickets.best("exp", uri, top=1)[0]
+    out = tmp_path / "ticket"
+    assert main(["tickets", "export", best["run_id"], "--level", str(best["level"]), "--out", str(out),
+                 "--tracking-uri", uri]) == 0
+    ticket = load_ticket(out)
+    data = datasets.load(ticket.spec.dataset, torch.device("cpu"))
+    _, acc = evaluate(ticket.model, data.test_x, data.test_y, lambda: torch.autocast("cpu", enabled=False))
+    assert acc == ticket.record["test_acc"] == pytest.approx(best["test_acc"])
+    for name, p in ticket.model.named_parameters():
+        if name in ticket.mask:
+            assert float((p.detach() * ~ticket.mask[name]).abs().sum()) == 0.0
+    rewind = load_ticket(out, weights="rewind")
+    assert not torch.equal(rewind.model.fc.weight, ticket.model.fc.weight)
+    assert main(["tickets", "export", best["run_id"], "--level", "7", "--out", str(tmp_path / "x"),
+                 "--tracking-uri", uri]) == 2
+    assert "--level: 7 is not allowed; levels logged for this run: 00, 01, 02" in capsys.readouterr().err
+
+
+def test_best_tickets_ranking_and_filters_on_known_data(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'known.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("known")
+    known = {  # run -> [(density, test_acc_at_early_stop)] by level
+        "a": [(1.0, 0.95), (0.5, 0.97), (0.25, 0.93)],
+        "b": [(1.0, 0.96), (0.5, 0.96), (0.25, 0.98)],
+    }
+    ids = {}
+    for name, levels in known.items():
+        run = c.create_run(exp, run_name=name, tags={"lth.kind": "trial", "lth.trial_key": name,
+                                                     "lth.sweep": "s", "lth.varied": "prune.rate"})
+        c.log_param(run.info.run_id, "prune.rate", "0.2" if name == "a" else "0.4")
+        for level, (density, acc) in enumerate(levels):
+            c.log_batch(run.info.run_id, metrics=[
+                Metric("density", density, 0, level), Metric("test_acc", acc - 0.01, 0, level),
+                Metric("test_acc_at_early_stop", acc, 0, level), Metric("early_stop_iteration", 100 + level, 0, level)])
+        ids[name] = run.info.run_id
+    ranked = [(r["trial_key"], r["level"]) for r in tickets.best("known", uri, top=10)]
+    assert ranked == [("b", 2), ("a", 1), ("b", 1), ("b", 0), ("a", 0), ("a", 2)]  # ties: sparser first
+    assert [(r["trial_key"], r["level"]) for r in tickets.best("known", uri, max_density=0.5, min_acc=0.965)] == \
+        [("b", 2), ("a", 1)]
+    assert tickets.best("known", uri, top=1)[0]["prune.rate"] == 0.4
+    assert [r["level"] for r in tickets.best("known", uri, metric="test_acc", top=2)] == [2, 1]
+    assert main(["tickets", "best", "--experiment", "known", "--tracking-uri", uri, "--format", "json",
+                 "--top", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in rows] == [ids["b"], ids["a"]] and rows[0]["early_stop_iteration"] == 102
+    assert main(["tickets", "best", "--experiment", "known", "--tracking-uri", uri, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("run_id,")
+    assert main(["tickets", "best", "--experiment", "nope", "--tracking-uri", uri]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout=120):
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path / "server", free_port())
+    server.folder.mkdir()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def test_server_stopped_mid_sweep_and_restarted_loses_nothing(tmp_path, mlflow_server):
+    base = {**BASE, "train": {**BASE["train"], "iterations": 300, "eval_interval": 50},
+            "prune": {**BASE["prune"], "levels": 3}}
+    path = sweep_file(tmp_path, base=base, tracking_uri=mlflow_server.uri)
+    sweep = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    c = MlflowClient(mlflow_server.uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for the first logged level, then pull the plug
+        exp = c.get_experiment_by_name("exp")
+        if exp and any(r.data.metrics for r in c.search_runs([exp.experiment_id])):
+            break
+        time.sleep(0.5)
+    mlflow_server.stop()
+    time.sleep(3)
+    mlflow_server.start()
+    out, _ = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, out[-3000:]
+    assert "MLflow unavailable" in out  # the outage really hit the live logging
+    assert_complete(mlflow_server.uri, n_trials=4, levels=3)
+
+
+def test_unreachable_server_one_line_exit_2_before_anything(tmp_path, capsys):
+    path = sweep_file(tmp_path, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    assert main(["sweep", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("lth: error: tracking_uri: 'http://127.0.0.1:")
+    assert "none answers there" in err and not (tmp_path / "runs").exists()
