@@ -12,8 +12,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+DEMO_ROWS := prune.kind,rewind_iteration
+
 demo: $(STAMP)
 	$(BIN)/lth sweep run sweeps/demo_digits.yaml
+	$(BIN)/lth report table --experiment demo-digits --rows $(DEMO_ROWS) --format latex --out reports/demo_table.tex
+	$(BIN)/lth report table --experiment demo-digits --rows $(DEMO_ROWS) --format markdown --out reports/demo_table.md
+	$(BIN)/lth report plot --experiment demo-digits --rows $(DEMO_ROWS) --out reports/demo_imp.png
+	cat reports/demo_table.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

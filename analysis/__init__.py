@@ -1,1 +1,12 @@
-"""MLflow -> pandas -> tables and plots (filled in by the analysis issue)."""
+"""MLflow -> pandas -> ablation tables and IMP plots for papers.
+
+    df = analysis.runs("lenet-mnist")                         # one row per trial x level
+    t = analysis.ablation(df, ["prune.kind", "rewind_iteration"], densities=[1, 0.2, 0.05])
+    print(analysis.to_markdown(t)); open("table.tex", "w").write(analysis.to_latex(t))
+    analysis.imp_curves(df, ["prune.kind", "control"], "imp.pdf")
+"""
+from analysis.data import runs
+from analysis.plots import imp_curves
+from analysis.tables import MATCH_RULE, Table, ablation, to_csv, to_latex, to_markdown
+
+__all__ = ["runs", "ablation", "to_markdown", "to_latex", "to_csv", "imp_curves", "Table", "MATCH_RULE"]

@@ -1,0 +1,71 @@
+"""MLflow -> one tidy pandas DataFrame: a row per trial x level, typed columns."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import pandas as pd
+
+from orchestrator import tracking
+from orchestrator.tickets import trial_runs
+from trials.spec import field_paths
+
+COUNTS = ("level", "early_stop_iteration", "remaining_params")  # integers logged as MLflow floats
+DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
+
+
+def runs(experiment: str, tracking_uri: Optional[str] = None) -> pd.DataFrame:
+    """Every logged level of every trial of `experiment`: spec fields (typed as the spec
+    types them), seed, level, density, accuracies, early-stop iteration, run status."""
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_reachable(uri, "--tracking-uri")
+    c = tracking.client(uri)
+    rows = []
+    for run in trial_runs(c, experiment, uri):
+        history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in tracking.METRICS}
+        head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(tracking.TAG_KEY),
+                "sweep": run.data.tags.get(tracking.TAG_SWEEP), "status": run.info.status,
+                **{k: v for k, v in run.data.params.items()}}
+        for level in sorted(history["test_acc"]):
+            rows.append({**head, "level": level, **{m: history[m].get(level) for m in tracking.METRICS}})
+    return typed(pd.DataFrame(rows))
+
+
+def typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Spec columns get the spec's types (nullable where the spec allows null)."""
+    if df.empty:
+        return df
+    for path, annotation in field_paths().items():
+        if path in df:
+            df[path] = _column(df[path], annotation.replace(" ", ""))
+    for name in COUNTS:
+        if name in df:
+            df[name] = pd.to_numeric(df[name], errors="coerce").round().astype("Int64")
+    for name in ("run_id", "trial_key", "sweep", "status"):
+        df[name] = df[name].astype("string")
+    return df.sort_values(["sweep", "trial_key", "level"], kind="stable").reset_index(drop=True)
+
+
+def _column(values: pd.Series, annotation: str) -> pd.Series:
+    core = annotation.removeprefix("Optional[").removesuffix("]") if annotation.startswith("Optional[") \
+        else annotation
+    parsed = values.map(lambda v: None if v is None or v == "None" or (isinstance(v, float) and v != v) else v)
+    if core == "int":
+        return pd.array([None if v is None else int(v) for v in parsed], dtype="Int64")
+    if core == "float":
+        return pd.array([None if v is None else float(v) for v in parsed], dtype="Float64")
+    if core == "bool":
+        return pd.array([None if v is None else v in (True, "True", "true") for v in parsed], dtype="boolean")
+    if core.startswith("tuple"):  # logged as JSON; rates by layer stay a dict
+        return parsed.map(lambda v: None if v is None else _tuple(json.loads(v) if isinstance(v, str) else v))
+    return parsed.astype("string")
+
+
+def _tuple(value):
+    return value if isinstance(value, dict) else tuple(value)
+
+
+def dense_key(df: pd.DataFrame) -> pd.Series:
+    """Trials sharing this key trained the same dense network (level 0 is shared)."""
+    cols = sorted(c for c in df.columns if c.startswith(DENSE_FIELDS)) + ["seed"]
+    return df[cols].astype(object).map(str).agg("|".join, axis=1)

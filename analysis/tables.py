@@ -1,0 +1,195 @@
+"""Ablation tables: groups of trials by chosen spec fields x density, mean ± std over seeds.
+
+Columns are either the pruning levels (every trial shares the prune rate, so a level is
+a density) or target densities, each matched per group to the level whose density is
+nearest (within a factor of `DENSITY_TOLERANCE`) and labelled with the density reached.
+A cell is the mean ± sample std over the group's trials (seeds) with n; a cell with no
+trial is missing, never zero. Marks: the best cell per column, and cells that match the
+dense network by the rule in `MATCH_RULE`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pandas as pd
+
+from analysis.data import dense_key
+from trials.errors import ConfigError
+
+DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
+MATCH_RULE = ("matches the dense network: its mean is at least the same row's dense (level 0) mean "
+              "minus the pooled standard deviation over seeds, √((s² + s_dense²) / 2)")
+MATCH_RULE_TEX = (r"matches the dense network: $\bar{x} \geq \bar{x}_{\mathrm{dense}} - "
+                  r"\sqrt{(s^2 + s_{\mathrm{dense}}^2)/2}$, with the same row's dense (level 0) mean "
+                  r"and standard deviations over seeds")
+
+
+@dataclass
+class Table:
+    rows: list  # the grouping fields
+    columns: list  # column labels, in order
+    cells: pd.DataFrame  # one row per (group, column): mean, std, n, level, density, best, matches
+    dense: dict  # the dense baseline: mean, std, n over distinct dense networks
+    metric: str
+    by_level: bool
+
+    def groups(self) -> list[tuple]:
+        return sorted({tuple(r) for r in self.cells[self.rows].itertuples(index=False, name=None)}, key=str)
+
+    def cell(self, group: tuple, column: str) -> Optional[pd.Series]:
+        hit = self.cells[(self.cells["column"] == column)
+                         & (self.cells[self.rows].astype(str).apply(tuple, axis=1) == tuple(map(str, group)))]
+        return None if hit.empty else hit.iloc[0]
+
+
+def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
+             metric: str = "test_acc_at_early_stop") -> Table:
+    for field in rows:
+        if field not in df:
+            known = ", ".join(c for c in df.columns if "." in c or c in ("control", "seed", "rewind_iteration"))
+            raise ConfigError("--rows", field, f"a column of the runs; known: {known}")
+    if metric not in df:
+        raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
+    df = df.copy()
+    df[rows] = df[rows].astype(str)
+    stats = (df.groupby(rows + ["level"], dropna=False)
+             .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"))
+             .reset_index())
+    stats["std"] = stats["std"].fillna(0.0)  # n = 1: no spread to report
+    if densities is None:
+        rates = df["prune.rate"].nunique() if "prune.rate" in df else 1
+        if rates > 1:
+            raise ConfigError("--density", None, "these rows use different prune rates, so a level is not a "
+                              "density; give target densities, e.g. --density 1,0.5,0.2,0.1")
+        cells = stats.assign(column=stats["level"].map(lambda lv: f"L{lv}"))
+        columns = [f"L{lv}" for lv in sorted(stats["level"].unique())]
+    else:
+        cells, columns = _match_densities(stats, rows, densities)
+    cells = _mark(cells, stats, rows)
+    return Table(rows, columns, cells, _dense(df, metric), metric, densities is None)
+
+
+def _match_densities(stats: pd.DataFrame, rows: list, densities: list):
+    out, columns = [], [f"{d:.3g}" for d in densities]
+    for _, group in stats.groupby(rows, dropna=False):
+        for target, label in zip(densities, columns):
+            distance = (group["density"] / target).map(lambda r: abs(math.log(r)) if r > 0 else math.inf)
+            best = distance.idxmin()
+            if distance[best] <= math.log(DENSITY_TOLERANCE):
+                out.append({**group.loc[best].to_dict(), "column": label})
+    return pd.DataFrame(out, columns=[*stats.columns, "column"]), columns
+
+
+def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list) -> pd.DataFrame:
+    dense = stats[stats["level"] == 0].set_index(rows)[["mean", "std"]]
+    def matches(c):
+        key = tuple(c[r] for r in rows) if len(rows) > 1 else c[rows[0]]
+        if key not in dense.index:
+            return False
+        d = dense.loc[key]
+        return bool(c["mean"] >= d["mean"] - math.sqrt((c["std"] ** 2 + d["std"] ** 2) / 2))
+
+    cells = cells.copy()
+    cells["matches"] = cells.apply(matches, axis=1) if not cells.empty else []
+    cells["best"] = cells.groupby("column")["mean"].transform("max").eq(cells["mean"]) if not cells.empty else []
+    return cells
+
+
+def _dense(df: pd.DataFrame, metric: str) -> dict:
+    level0 = df[df["level"] == 0]
+    level0 = level0[~dense_key(level0).duplicated()]  # each distinct dense network once
+    values = level0[metric].astype(float)
+    return {"mean": values.mean(), "std": values.std() if len(values) > 1 else 0.0, "n": len(values)}
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt(mean, std, n, percent=True) -> str:
+    scale = 100 if percent else 1
+    return f"{mean * scale:.2f} ± {std * scale:.2f} (n={n})"
+
+
+def _shared_density(table: Table, col: str) -> bool:
+    """All groups reach the same density in this column (so the header can say it)."""
+    d = table.cells.loc[table.cells["column"] == col, "density"]
+    return table.by_level and not d.empty and (d.max() - d.min()) <= 0.005 * d.max()
+
+
+def _cell_text(table: Table, c) -> str:
+    text = _fmt(c["mean"], c["std"], int(c["n"]))
+    return text if _shared_density(table, c["column"]) else f"{text} @{100 * c['density']:.1f}%"
+
+
+def _markdown_cell(table: Table, c) -> str:
+    if c is None:
+        return "—"
+    text = _cell_text(table, c)
+    return (f"**{text}**" if c["best"] else text) + (" ‡" if c["matches"] else "")
+
+
+def _latex_cell(table: Table, c) -> str:
+    if c is None:
+        return "---"
+    text = _tex(_cell_text(table, c))
+    return (rf"\textbf{{{text}}}" if c["best"] else text) + (r"$^\dagger$" if c["matches"] else "")
+
+
+def _header(table: Table, col: str) -> str:
+    if _shared_density(table, col):
+        return f"{col} ({100 * table.cells.loc[table.cells['column'] == col, 'density'].mean():.1f}%)"
+    return col if table.by_level else f"≈{100 * float(col):.3g}%"
+
+
+def _dense_row(table: Table, fmt) -> list:
+    """The dense baseline under the column that holds level 0 (else the first)."""
+    level0 = table.cells.loc[table.cells["level"] == 0, "column"]
+    at = table.columns.index(level0.iloc[0]) if not level0.empty else 0
+    d = table.dense
+    return [fmt(_fmt(d["mean"], d["std"], d["n"])) if i == at else "" for i in range(len(table.columns))]
+
+
+def _title(table: Table) -> str:
+    what = "level (weights remaining)" if table.by_level else "target density (density reached per cell)"
+    return f"{table.metric} in %, mean ± std over the trials of each row (seeds, and fields not shown), by {what}"
+
+
+def to_markdown(table: Table) -> str:
+    head = [*table.rows, *(_header(table, c) for c in table.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| " + " | ".join(["dense"] + [""] * (len(table.rows) - 1) + _dense_row(table, str)) + " |")
+    for group in table.groups():
+        texts = [_markdown_cell(table, table.cell(group, col)) for col in table.columns]
+        lines.append("| " + " | ".join([*group, *texts]) + " |")
+    return "\n".join([_title(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
+                                                     f"‡ {MATCH_RULE}."])
+
+
+def _tex(text: str) -> str:
+    return (text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")
+            .replace("&", r"\&").replace("#", r"\#").replace("±", r"$\pm$").replace("≈", r"$\approx$")
+            .replace("—", "---"))
+
+
+def to_latex(table: Table) -> str:
+    ncol = len(table.rows) + len(table.columns)
+    lines = [f"% {_title(table)}; generated by lth (analysis.tables)",
+             r"\begin{tabular}{" + "l" * len(table.rows) + "r" * len(table.columns) + "}", r"\toprule",
+             " & ".join(_tex(h) for h in [*table.rows, *(_header(table, c) for c in table.columns)]) + r" \\",
+             r"\midrule"]
+    lines.append(" & ".join(["dense"] + [""] * (len(table.rows) - 1) + _dense_row(table, _tex)) + r" \\")
+    lines.append(r"\midrule")
+    for group in table.groups():
+        texts = [_latex_cell(table, table.cell(group, col)) for col in table.columns]
+        lines.append(" & ".join([*(_tex(g) for g in group), *texts]) + r" \\")
+    lines += [r"\bottomrule",
+              rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize Bold: best in its column; @: density reached. $^\dagger$ {MATCH_RULE_TEX}.}} \\",
+              r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    cols = [*table.rows, "column", "level", "density", "mean", "std", "n", "best", "matches"]
+    return table.cells[cols].to_csv(index=False)
