@@ -15,7 +15,7 @@ LEVEL_FIELDS = ("level", "density", "layer_density", "remaining_params", "test_a
                 "test_acc_at_early_stop", "val_loss", "val_acc", "val_loss_at_early_stop", "train_loss",
                 "start_iteration", "iterations", "seconds")
 SUMMARY_FIELDS = ("dense_test_acc", "final_test_acc", "final_test_acc_at_early_stop", "final_density",
-                  "matching_density", "stopped_not_matching")
+                  "matching_density", "stopped_not_matching", "node_id")
 
 
 def _fs(path: str):

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray
 from ray import tune
 
 from orchestrator.objectives import matches, summarise
@@ -41,6 +42,7 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
     spec = spec_of(base, config)
+    node = ray.get_runtime_context().get_node_id()  # which node trained each level (clusters)
     work = Path(os.getcwd()) / "lottery"
     done_before = restore(tune.get_checkpoint(), work)
     data = _data(spec, work)
@@ -52,7 +54,7 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
         stop = stop_when_not_matching and not matches(record, records[0], tolerance)
         if record["level"] > done_before:
             metrics = {**flat_record(record), **summary, "trial_key": spec.key, "seed": spec.seed,
-                       STOPPED: stop}
+                       STOPPED: stop, "node_id": node}
             with tempfile.TemporaryDirectory() as tmp:
                 snapshot(work, Path(tmp), record["level"])
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

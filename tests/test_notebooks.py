@@ -96,7 +96,8 @@ def test_kernel_runs_this_interpreter(experiment, monkeypatch):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import sys, analysis; print(sys.executable); print(analysis.__file__)")])
     NotebookClient(nb, timeout=120, kernel_name=kernel_name(tmp, monkeypatch)).execute()
-    executable, module = nb.cells[0].outputs[0]["text"].split()
+    stdout = "".join(o["text"] for o in nb.cells[0].outputs if o.get("name") == "stdout")
+    executable, module = stdout.split()
     assert Path(executable).resolve() == Path(sys.executable).resolve()
     assert Path(module).resolve() == (NOTEBOOKS.parent / "__init__.py").resolve()
 
@@ -119,6 +120,18 @@ def test_ablation_notebook_writes_tables_and_plot(experiment, monkeypatch):
     assert f"{EXPERIMENT}: 4 trials, 12 trial x level rows" in text
     assert "matches the dense network" in text  # the rule is printed under the table
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_ablation_notebook_reads_rows_and_densities_from_the_environment(experiment, monkeypatch):
+    tmp, uri = experiment
+    reports = tmp / "reports-densities"
+    execute("ablation_tables.ipynb", tmp, uri, monkeypatch, LTH_REPORT_DIR=str(reports), LTH_ROWS="prune.kind",
+            LTH_DENSITIES="1, 0.7,0.5")
+    csv = (reports / "ablation.csv").read_text().splitlines()
+    assert csv[0].startswith("prune.kind,column,level") and len(csv) == 1 + 2 * 3
+    assert {line.split(",")[1] for line in csv[1:]} == {"1", "0.7", "0.5"}
+    assert r"$\approx$50\%" in (reports / "ablation.tex").read_text()
+    assert (reports / "imp_curves.png").stat().st_size > 0
 
 
 def test_best_tickets_notebook_exports_and_checks_the_best_sparse_ticket(experiment, monkeypatch):

@@ -1,0 +1,179 @@
+"""The cluster: cluster.yaml against Ray's own validation, and a real three-node Ray
+cluster on 127.0.0.1 (head + two workers with logical GPUs) that loses a worker mid-sweep."""
+import copy
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+
+from trials.lottery import run_lottery
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def prepared(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_cluster_yaml_passes_ray_validation_and_a_typo_does_not():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    prepared(config)
+    assert config["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in workers)
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text() and "--allowed-hosts" in head_start
+    for typo in ({"idle_timeout_minute": 5},):
+        with pytest.raises(Exception, match="idle_timeout_minute"):
+            prepared({**config, **typo})
+    bad = copy.deepcopy(config)
+    bad["available_node_types"]["gpu_spot"]["min_worker"] = 1
+    with pytest.raises(Exception, match="min_worker"):
+        prepared(bad)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """`ray start` head + workers on this machine; every process it started is found by
+    its unique temp dir and killed by pid at the end."""
+
+    def __init__(self):
+        self.temp = tempfile.mkdtemp(prefix="lthray_", dir="/tmp")  # short: socket paths
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # token authentication on, with a token of this test's own (nothing written to ~/.ray)
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+    def _ray(self, *args):
+        subprocess.run([str(BIN / "ray"), "start", *args, f"--temp-dir={self.temp}", "--disable-usage-stats"],
+                       check=True, env=self.env, capture_output=True, timeout=180)
+
+    def pids(self, name=None) -> set:
+        found = set()
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if self.temp in cmd and (name is None or name in cmd):
+                found.add(p.info["pid"])
+        return found
+
+    def start(self, workers: int, gpus_per_worker: int, cpus_per_worker: int):
+        self._ray("--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=0",
+                  "--num-gpus=0", "--include-dashboard=false")
+        self.worker_raylets = []
+        for _ in range(workers):
+            before = self.pids("raylet")
+            self._ray(f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_worker}",
+                      f"--num-gpus={gpus_per_worker}")
+            self.worker_raylets.append(next(iter(self.pids("raylet") - before)))
+        return self
+
+    def stop(self):
+        for _ in range(3):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not pids:
+                break
+            time.sleep(1)
+
+
+@pytest.fixture
+def cluster():
+    c = LocalCluster()
+    try:
+        yield c.start(workers=2, gpus_per_worker=1, cpus_per_worker=1)
+    finally:
+        c.stop()
+        assert not c.pids(), "Ray processes survived the test"
+
+
+BASE = {
+    "model": "lenet_300_100",
+    "dataset": {"name": "digits"},
+    "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 400, "eval_interval": 50},
+    "prune": {"rate": 0.3, "output_rate": 0.1, "levels": 3},
+}
+
+
+def reference_levels(spec, tmp: Path) -> list[dict]:
+    """The same trial, uninterrupted, in this process (one thread, as Ray gives a 1-CPU trial)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_lottery(spec, tmp / spec.key)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sweep_survives_losing_a_worker(tmp_path, cluster):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep_spec import load_sweep
+
+    sweep_file = tmp_path / "cluster.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "lose-a-node", "experiment": "cluster", "base": BASE,
+        "space": {"prune.kind": {"grid": ["unstructured", "structured"]}}, "seeds": 2,
+        "resources": {"cpu": 0.5, "gpu": 0.5}, "max_failures": 3,
+        "storage": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    driver = subprocess.Popen([str(BIN / "lth"), "sweep", "run", str(sweep_file), "--address", cluster.address],
+                              cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**cluster.env, "PYTHONUNBUFFERED": "1"})
+    lines, deadline = [], time.time() + 400
+    while time.time() < deadline:  # four trials run at once (2 per worker); kill one worker's raylet
+        line = driver.stdout.readline()
+        lines.append(line)
+        if sum(" level " in s and "density" in s for s in lines) >= 4:
+            break
+    os.kill(cluster.worker_raylets[0], signal.SIGKILL)
+    out, _ = driver.communicate(timeout=900)
+    out = "".join(lines) + out
+    assert driver.returncode == 0, out[-4000:]
+
+    df = pd.read_csv(tmp_path / "runs" / "lose-a-node" / "trials.csv")
+    assert set(df.status) == {"TERMINATED"} and df.trial_id.nunique() == 4
+    assert df.node_id.nunique() >= 2  # trials ran on both workers
+    for trial_dir in (tmp_path / "runs" / "lose-a-node").glob("*_0000*"):  # no level reported twice
+        reported = [json.loads(x)["level"] for x in (trial_dir / "result.json").read_text().splitlines()]
+        assert reported == [0, 1, 2, 3], (trial_dir.name, reported)
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(tmp_path / "runs" / "lose-a-node")).trials
+    assert any(t.run_metadata.num_failures > 0 for t in trials), "no trial was interrupted"
+
+    sweep = load_sweep(sweep_file)
+    for _, rows in df.groupby("trial_id"):  # each trial's numbers equal an uninterrupted run's
+        spec = sweep.trial_spec({"prune.kind": rows["prune.kind"].iloc[0]}, int(rows.seed.iloc[0]))
+        ref = reference_levels(spec, tmp_path / "reference")
+        for field in ("density", "test_acc", "test_acc_at_early_stop", "early_stop_iteration", "val_loss"):
+            assert list(rows.sort_values("level")[field]) == pytest.approx([r[field] for r in ref], abs=1e-6), field
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("cluster")
+    children = c.search_runs([exp.experiment_id], filter_string="tags.`lth.kind` = 'trial'")
+    assert len(children) == 4 and len({r.data.tags["lth.trial_key"] for r in children}) == 4
