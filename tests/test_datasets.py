@@ -2,9 +2,12 @@
 test writes itself (nothing is downloaded), the validation split and crop+flip."""
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -366,3 +369,29 @@ def test_crop_flip_draws_per_example():
     out = crop_flip(x.contiguous(), torch.Generator().manual_seed(0), pad=4)
     distinct = {bytes(o.numpy().tobytes()) for o in out}
     assert len(distinct) > 32  # 162 (shift, shift, flip) combinations; one per example
+
+
+def _load_in_subprocess(cache: Path) -> subprocess.Popen:
+    code = ("import torch; from trials import datasets; from trials.spec import DatasetSpec; "
+            "d = datasets.load(DatasetSpec(name='mnist', validation=8), torch.device('cpu')); "
+            "print(len(d.train_x), len(d.test_x))")
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LTH_DATA_DIR": str(cache)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_node_cache_is_used_under_a_lock_without_data_dir(tmp_path):
+    """No data_dir: the node-local cache ($LTH_DATA_DIR) is used, through torchvision's
+    download path under a file lock; files already there mean nothing is downloaded
+    (this machine has no network, so a download attempt would fail the loads)."""
+    raw = tmp_path / "cache" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 64), ("t10k", 16)):
+        images, labels = mnist_images(n, 0)
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
+    procs = [_load_in_subprocess(tmp_path / "cache") for _ in range(2)]  # two trials on one node
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["56", "16"]
+    assert (tmp_path / "cache" / ".MNIST.lock").exists()
