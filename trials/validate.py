@@ -5,6 +5,7 @@ which allocates nothing, from the dataset's static shape.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from trials.errors import ConfigError
@@ -60,19 +61,32 @@ def _validate_prune(p) -> None:
 
 
 def _validate_against_model(spec) -> None:
-    from trials import datasets, masks, models
+    from trials import datasets, models
 
     info = datasets.info(spec.dataset)
     models.MODELS.get(spec.model.name)
-    try:
-        net = models.build(spec.model, info, seed=None, device="meta")
-    except models.IncompatibleInput as e:
-        raise ConfigError("model.name", spec.model.name, f"{e}; dataset {spec.dataset.name} gives "
-                          f"inputs of shape {tuple(info.shape)}") from None
-    layers = masks.prunable_layers(net)
-    output = masks.output_layer(net)
+    error, layers, output = _structure(spec.model.name, tuple(info.shape), info.num_classes)
+    if error:
+        raise ConfigError("model.name", spec.model.name, f"{error}; dataset {spec.dataset.name} gives "
+                          f"inputs of shape {tuple(info.shape)}")
     for name, _ in spec.prune.layer_rates:
         _check(name in layers, f"prune.layer_rates.{name}", name,
                f"not a prunable layer of {spec.model.name}; layers: {', '.join(layers)}")
         _check(not (spec.prune.kind == "structured" and name == output), f"prune.layer_rates.{name}",
                name, "the output layer's classes are never removed by structured pruning")
+
+
+@functools.lru_cache(maxsize=256)
+def _structure(model_name: str, shape: tuple, num_classes: int):
+    """(incompatibility message or None, prunable layer names, output layer) of a model for
+    an input shape: built once on the meta device, then remembered (sweeps validate
+    thousands of specs of the same few models)."""
+    from trials import masks, models
+    from trials.datasets import DatasetInfo
+    from trials.spec import ModelSpec
+
+    try:
+        net = models.build(ModelSpec(name=model_name), DatasetInfo(shape, num_classes), seed=None, device="meta")
+    except models.IncompatibleInput as e:
+        return str(e), (), None
+    return None, tuple(masks.prunable_layers(net)), masks.output_layer(net)
