@@ -14,10 +14,8 @@ PANELS = (("test_acc_at_early_stop", "test accuracy at early stop (%)", 100),
 
 def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
     """Write the figure to `out` (.png or .pdf); returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own (no pyplot): the caller's backend, e.g. a notebook's inline one, stays
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     out = Path(out)
@@ -28,7 +26,8 @@ def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
             raise ConfigError("--rows", field, "a column of the runs (spec path such as prune.kind)")
     df = df.copy()
     df["_group"] = df[rows].astype(str).agg(", ".join, axis=1) if rows else "all"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (metric, label, scale) in zip(axes[0], panels):
         for name, group in df.groupby("_group", sort=True):
             s = group.groupby("level").agg(x=("density", "mean"), m=(metric, "mean"), sd=(metric, "std"))
@@ -49,5 +48,4 @@ def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

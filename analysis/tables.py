@@ -46,6 +46,9 @@ class Table:
 
 def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
              metric: str = "test_acc_at_early_stop") -> Table:
+    if df.empty:
+        raise ConfigError("runs", "empty", "a DataFrame with logged trial levels (analysis.runs of an "
+                          "experiment that has run)")
     for field in rows:
         if field not in df:
             known = ", ".join(c for c in df.columns if "." in c or c in ("control", "seed", "rewind_iteration"))

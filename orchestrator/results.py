@@ -6,7 +6,6 @@ needs no running Ray instance, so `lth sweep status` is cheap.
 from __future__ import annotations
 
 import io
-import json
 from typing import Optional
 
 import pandas as pd

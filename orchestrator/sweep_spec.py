@@ -167,8 +167,8 @@ def _dimension(path: str, entry, cwd: Path) -> Dimension:
            f"not a trial-spec path; known paths: {', '.join(known)}")
     _check(path != "seed", key, entry, "seeds are set by the top-level `seeds:` key")
     _check(isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in DISTRIBUTIONS, key, entry,
-           f"one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
-           f"{{int: [lo, hi]}}")
+           "one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
+           "{int: [lo, hi]}")
     kind, values = next(iter(entry.items()))
     _check(isinstance(values, list) and values, f"{key}.{kind}", values, "a non-empty list")
     if kind in ("grid", "choice"):

@@ -4,8 +4,8 @@ Each report carries the level's record, the trial's running summaries and a chec
 of the trial folder as it stands: spec, levels.jsonl, rewind weights and the newest
 level's tensors (earlier levels keep only their record and DONE marker, their tensors
 are in earlier checkpoints). A trial restarted from a checkpoint, on any node, copies it
-back into its working folder and continues at the next level; levels already reported
-are not reported again.
+back into its working folder and continues at the next level (see persisted_after for
+which checkpoints); levels Tune already has are not reported again.
 """
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
     spec = spec_of(base, config)
     node = ray.get_runtime_context().get_node_id()  # which node trained each level (clusters)
     work = Path(os.getcwd()) / "lottery"
-    done_before = restore(tune.get_checkpoint(), work)
+    registered = tune.get_checkpoint()
+    done_before = _level(registered)  # levels after Tune's checkpoint are reported (again: never lost)
+    restore([registered] + persisted_after(done_before) if registered else persisted_after(-1), work)
     data = _data(spec, work)
     records: list[dict] = []
 
@@ -96,13 +98,48 @@ def snapshot(work: Path, dest: Path, level: int) -> None:
         shutil.copy2(src, target)
 
 
-def restore(checkpoint, work: Path) -> int:
-    """Put a checkpoint back as the working trial folder; the last level it holds (-1: none)."""
-    if work.exists():
-        shutil.rmtree(work)
+def _level(checkpoint) -> int:
+    """The last level a checkpoint holds (-1: no checkpoint)."""
     if checkpoint is None:
         return -1
-    with checkpoint.as_directory() as ckpt:
-        shutil.copytree(ckpt, work)
-    levels = [json.loads(line)["level"] for line in (work / "levels.jsonl").read_text().splitlines()]
-    return max(levels, default=-1)
+    fs, path = checkpoint.filesystem, checkpoint.path
+    with fs.open_input_stream(f"{path}/levels.jsonl") as f:
+        return max((json.loads(line)["level"] for line in f.readall().decode().splitlines()), default=-1)
+
+
+def persisted_after(level: int) -> list:
+    """Complete checkpoints this trial wrote to storage beyond `level`, oldest first.
+
+    Tune registers a reported checkpoint a moment after the result; a node lost in that
+    moment makes Tune restore the previous one although newer ones are safely in
+    storage. Restoring those too keeps "a lost node costs at most the levels in flight"
+    exact. Uses Ray's storage context (a private API): without it, Tune's checkpoint alone."""
+    try:
+        import pyarrow.fs
+        from ray.train._internal.session import get_storage
+
+        storage = get_storage()
+        fs, base = storage.storage_filesystem, storage.trial_fs_path
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    except Exception:  # noqa: BLE001 - an optional improvement, never a reason to fail
+        return []
+    found = []
+    for d in sorted(i.path for i in infos if i.base_name.startswith("checkpoint_")):
+        try:
+            ckpt = tune.Checkpoint(d, filesystem=fs)
+            newest = _level(ckpt)
+            if newest > level and fs.get_file_info(f"{d}/level_{newest:02d}/DONE").type == pyarrow.fs.FileType.File:
+                found.append(ckpt)
+        except (OSError, ValueError):
+            continue  # a checkpoint cut short by the lost node
+    return found
+
+
+def restore(checkpoints: list, work: Path) -> None:
+    """The working trial folder = the union of the checkpoints, oldest first (each holds the
+    tensors of its own newest level; later ones carry every earlier record and marker)."""
+    if work.exists():
+        shutil.rmtree(work)
+    for checkpoint in checkpoints:
+        with checkpoint.as_directory() as ckpt:
+            shutil.copytree(ckpt, work, dirs_exist_ok=True)

@@ -42,3 +42,36 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+LTH = str(__import__("pathlib").Path(__import__("sys").executable).parent / "lth")  # the installed CLI
+
+
+def digits_base(levels: int = 2, **train) -> dict:
+    """A sweep's `base`: LeNet-300-100 on bundled digits, about a second per level."""
+    return {
+        "model": "lenet_300_100",
+        "dataset": {"name": "digits"},
+        "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 60, "eval_interval": 20,
+                  **train},
+        "prune": {"rate": 0.3, "output_rate": 0.1, "levels": levels},
+        "device": "cpu",
+    }
+
+
+def assert_each_level_trained_once(trial_dir, levels: int) -> None:
+    """Every level 0..levels was reported, and trained exactly once: all checkpoints and
+    all reports of a level carry the same record, wall-clock seconds included (a level
+    trained again would differ at least there). A level may be reported twice when Tune
+    lost the checkpoint registration of a finished level; then both reports agree."""
+    import json
+
+    reports = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines()]
+    assert sorted({r["level"] for r in reports}) == list(range(levels + 1)), [r["level"] for r in reports]
+    seen: dict = {}
+    for ckpt in sorted(trial_dir.glob("checkpoint_*")):
+        for line in (ckpt / "levels.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            assert seen.setdefault(record["level"], record) == record, f"level {record['level']} trained twice"
+    for r in reports:
+        assert r["seconds"] == seen[r["level"]]["seconds"], f"level {r['level']} reported from two trainings"

@@ -11,16 +11,11 @@ from nbclient import NotebookClient
 
 from orchestrator import runner, tickets
 from orchestrator.sweep_spec import load_sweep
+from tests.conftest import digits_base
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "analysis" / "notebooks"
 EXPERIMENT = "nb-exp"
-BASE = {
-    "model": "lenet_300_100",
-    "dataset": {"name": "digits"},
-    "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 60, "eval_interval": 20},
-    "prune": {"rate": 0.3, "output_rate": 0.1, "levels": 2},
-    "device": "cpu",
-}
+BASE = digits_base(levels=2)
 
 
 @pytest.fixture(scope="module")

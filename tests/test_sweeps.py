@@ -15,15 +15,9 @@ from orchestrator import runner
 from orchestrator.cli import main
 from orchestrator.results import pareto_front
 from orchestrator.sweep_spec import load_sweep
+from tests.conftest import LTH, assert_each_level_trained_once, digits_base
 
-LTH = str(Path(sys.executable).parent / "lth")
-BASE = {
-    "model": "lenet_300_100",
-    "dataset": {"name": "digits"},
-    "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 60, "eval_interval": 20},
-    "prune": {"rate": 0.3, "output_rate": 0.1, "levels": 1},
-    "device": "cpu",
-}
+BASE = digits_base(levels=1)
 
 
 def sweep_file(tmp_path, **fields):
@@ -151,8 +145,7 @@ def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
     df = csv(tmp_path)
     assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     for trial_dir in (tmp_path / "runs" / "s").glob("*_0000*"):
-        reported = [json.loads(line)["level"] for line in (trial_dir / "result.json").read_text().splitlines()]
-        assert reported == [0, 1, 2, 3], f"{trial_dir.name} reported levels {reported}"
+        assert_each_level_trained_once(trial_dir, levels=3)
 
 
 def test_pareto_front_on_known_points():

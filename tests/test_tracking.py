@@ -20,15 +20,9 @@ from orchestrator.cli import main
 from orchestrator.sweep_spec import load_sweep
 from trials import datasets, load_ticket
 from trials.training import evaluate
+from tests.conftest import LTH, digits_base
 
-LTH = str(Path(sys.executable).parent / "lth")
-BASE = {
-    "model": "lenet_300_100",
-    "dataset": {"name": "digits"},
-    "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 60, "iterations": 60, "eval_interval": 20},
-    "prune": {"rate": 0.3, "output_rate": 0.1, "levels": 2},
-    "device": "cpu",
-}
+BASE = digits_base(levels=2)
 
 
 def sweep_file(tmp_path, name="tracked", **fields):
