@@ -105,10 +105,8 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         plan = []
         for trial in analysis.trials:
-            fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-            infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
-            dirs = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                          and i.base_name.startswith("checkpoint_"))
+            fs = trial.storage.storage_filesystem
+            dirs = results.checkpoint_dirs(fs, trial.storage.trial_fs_path)
             if isinstance(fs, pyarrow.fs.LocalFileSystem):
                 folders = [Path(d) for d in dirs]
             else:

@@ -6,6 +6,7 @@ needs no running Ray instance, so `lth sweep status` is cheap.
 from __future__ import annotations
 
 import io
+import json
 from typing import Optional
 
 import pandas as pd
@@ -49,10 +50,34 @@ def error_line(trial) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
+def checkpoint_dirs(fs, base: str) -> list[str]:
+    """A trial's checkpoint folders in storage, oldest first."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                  and i.base_name.startswith("checkpoint_"))
+
+
+def stored_records(trial) -> list[dict]:
+    """The trial's level records from its newest checkpoint: the authoritative record
+    (Tune's own result log of a trial that failed over may miss rows)."""
+    fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    for d in reversed(checkpoint_dirs(fs, base)):
+        try:
+            with fs.open_input_stream(f"{d}/levels.jsonl") as f:
+                return [json.loads(line) for line in f.readall().decode().splitlines()]
+        except (OSError, ValueError):
+            continue  # cut short by a lost node: the one before holds the record
+    return []
+
+
 def collect(sweep) -> list[dict]:
     from ray.tune import ExperimentAnalysis
 
+    from orchestrator.objectives import summarise
     from orchestrator.runner import sweep_path
+    from orchestrator.search import STOPPED
 
     try:
         analysis = ExperimentAnalysis(sweep_path(sweep.storage, sweep.name))
@@ -63,13 +88,19 @@ def collect(sweep) -> list[dict]:
         head = {"trial_id": trial.trial_id, "status": trial.status,
                 "error": error_line(trial) if trial.status == "ERROR" else "",
                 **{p: trial.config.get(p) for p in sweep.varied}, "seed": trial.config.get("seed")}
-        df = analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
-        if df.empty or "level" not in df:
+        records = stored_records(trial)
+        if not records:
             rows.append(head)
             continue
-        for _, r in df.drop_duplicates("level", keep="last").sort_values("level").iterrows():
-            row = {**head, "trial_key": r.get("trial_key")}
-            row.update({k: _plain(r.get(k)) for k in LEVEL_FIELDS + SUMMARY_FIELDS})
+        reported = analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
+        extra = {} if reported.empty or "level" not in reported else \
+            reported.drop_duplicates("level", keep="last").set_index("level")[["node_id", STOPPED]].to_dict("index")
+        key = (trial.last_result or {}).get("trial_key")
+        for i, record in enumerate(records):
+            row = {**head, "trial_key": key, **{k: record.get(k) for k in LEVEL_FIELDS}}
+            row["layer_density"] = json.dumps(record.get("layer_density"), sort_keys=True)
+            row.update(summarise(records[: i + 1], sweep.tolerance))
+            row.update({k: _plain(v) for k, v in extra.get(record["level"], {}).items()})
             rows.append(row)
     return rows
 

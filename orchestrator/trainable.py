@@ -114,17 +114,19 @@ def persisted_after(level: int) -> list:
     moment makes Tune restore the previous one although newer ones are safely in
     storage. Restoring those too keeps "a lost node costs at most the levels in flight"
     exact. Uses Ray's storage context (a private API): without it, Tune's checkpoint alone."""
+    import pyarrow.fs
+
+    from orchestrator.results import checkpoint_dirs
+
     try:
-        import pyarrow.fs
         from ray.train._internal.session import get_storage
 
         storage = get_storage()
-        fs, base = storage.storage_filesystem, storage.trial_fs_path
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        fs, dirs = storage.storage_filesystem, checkpoint_dirs(storage.storage_filesystem, storage.trial_fs_path)
     except Exception:  # noqa: BLE001 - an optional improvement, never a reason to fail
         return []
     found = []
-    for d in sorted(i.path for i in infos if i.base_name.startswith("checkpoint_")):
+    for d in dirs:
         try:
             ckpt = tune.Checkpoint(d, filesystem=fs)
             newest = _level(ckpt)
