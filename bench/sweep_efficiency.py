@@ -43,6 +43,7 @@ def main() -> None:
             "space": {"prune.rate": {"grid": [0.2]}},
             "seeds": args.trials, "resources": {"cpu": 1}, "max_concurrent": args.concurrency,
             "storage": str(Path(tmp) / "runs"),
+            "tracking_uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}",  # the driver logs every level, as in use
         }))
         sweep = load_sweep(sweep_file)
         started = time.perf_counter()

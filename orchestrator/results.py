@@ -59,17 +59,19 @@ def checkpoint_dirs(fs, base: str) -> list[str]:
                   and i.base_name.startswith("checkpoint_"))
 
 
-def stored_records(trial) -> list[dict]:
-    """The trial's level records from its newest checkpoint: the authoritative record
-    (Tune's own result log of a trial that failed over may miss rows)."""
+def stored_records(trial) -> tuple[list[dict], dict]:
+    """(level records, level -> node id) from the trial's newest checkpoint: the
+    authoritative record (Tune's own result log of a trial that failed over may miss rows)."""
     fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
     for d in reversed(checkpoint_dirs(fs, base)):
         try:
             with fs.open_input_stream(f"{d}/levels.jsonl") as f:
-                return [json.loads(line) for line in f.readall().decode().splitlines()]
+                records = [json.loads(line) for line in f.readall().decode().splitlines()]
+            with fs.open_input_stream(f"{d}/nodes.json") as f:
+                return records, json.loads(f.readall().decode())
         except (OSError, ValueError):
             continue  # cut short by a lost node: the one before holds the record
-    return []
+    return [], {}
 
 
 def collect(sweep) -> list[dict]:
@@ -88,27 +90,19 @@ def collect(sweep) -> list[dict]:
         head = {"trial_id": trial.trial_id, "status": trial.status,
                 "error": error_line(trial) if trial.status == "ERROR" else "",
                 **{p: trial.config.get(p) for p in sweep.varied}, "seed": trial.config.get("seed")}
-        records = stored_records(trial)
+        records, nodes = stored_records(trial)
         if not records:
             rows.append(head)
             continue
-        reported = analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
-        extra = {} if reported.empty or "level" not in reported else \
-            reported.drop_duplicates("level", keep="last").set_index("level")[["node_id", STOPPED]].to_dict("index")
         key = (trial.last_result or {}).get("trial_key")
+        stopped = bool((trial.last_result or {}).get(STOPPED))  # only a trial's last level can stop it
         for i, record in enumerate(records):
             row = {**head, "trial_key": key, **{k: record.get(k) for k in LEVEL_FIELDS}}
             row["layer_density"] = json.dumps(record.get("layer_density"), sort_keys=True)
             row.update(summarise(records[: i + 1], sweep.tolerance))
-            row.update({k: _plain(v) for k, v in extra.get(record["level"], {}).items()})
+            row.update({STOPPED: stopped and i == len(records) - 1, "node_id": nodes.get(str(record["level"]))})
             rows.append(row)
     return rows
-
-
-def _plain(v):
-    if hasattr(v, "item"):
-        return v.item()
-    return None if isinstance(v, float) and v != v else v
 
 
 def write_csv(sweep, rows: list[dict]) -> str:

@@ -23,6 +23,7 @@ from ray import tune
 from orchestrator.objectives import matches, summarise
 from orchestrator.search import STOPPED
 
+NODES = "nodes.json"  # level -> Ray node id that trained it, kept in the checkpoints
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
 
 
@@ -54,9 +55,12 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
         records.append(record)
         summary = summarise(records, tolerance)
         stop = stop_when_not_matching and not matches(record, records[0], tolerance)
+        nodes = json.loads((work / NODES).read_text()) if (work / NODES).exists() else {}
+        nodes.setdefault(str(record["level"]), node)  # a restored level keeps the node that trained it
+        (work / NODES).write_text(json.dumps(nodes))
         if record["level"] > done_before:
             metrics = {**flat_record(record), **summary, "trial_key": spec.key, "seed": spec.seed,
-                       STOPPED: stop, "node_id": node}
+                       STOPPED: stop, "node_id": nodes[str(record["level"])]}
             with tempfile.TemporaryDirectory() as tmp:
                 snapshot(work, Path(tmp), record["level"])
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
