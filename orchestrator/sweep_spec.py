@@ -196,7 +196,8 @@ def _seeds(seeds) -> tuple:
 def _search(data: dict, space) -> Search:
     known = ("algorithm", "num_samples", "metric", "mode", "seed")
     unknown = [k for k in data if k not in known]
-    _check(not unknown, f"search.{unknown[0]}" if unknown else "", None, f"unknown key; known: {', '.join(known)}")
+    _check(not unknown, f"search.{unknown[0]}" if unknown else "", data.get(unknown[0]) if unknown else None,
+           f"unknown key; known: {', '.join(known)}")
     algorithm = data.get("algorithm", "grid")
     _check(algorithm in ALGORITHMS, "search.algorithm", algorithm, f"allowed: {', '.join(ALGORITHMS)}")
     metric = data.get("metric", "final_test_acc")
@@ -225,7 +226,8 @@ def _search(data: dict, space) -> Search:
 
 def _resources(data: dict) -> dict:
     unknown = [k for k in data if k not in ("cpu", "gpu")]
-    _check(not unknown, f"resources.{unknown[0]}" if unknown else "", None, "known resources: cpu, gpu")
+    _check(not unknown, f"resources.{unknown[0]}" if unknown else "", data.get(unknown[0]) if unknown else None,
+           "unknown resource; known resources: cpu, gpu")
     out = {"cpu": data.get("cpu", 1), "gpu": data.get("gpu", 0)}
     for k, v in out.items():
         _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"resources.{k}", v,

@@ -178,6 +178,8 @@ BAD_SWEEPS = [
     ({"search": {"algorithm": "optuna", "metric": "loss"}}, "search.metric"),
     ({"seeds": 0}, "seeds"),
     ({"name": "a b"}, "name"),
+    ({"resources": {"cpu": 1, "tpu": 1}}, "resources.tpu"),
+    ({"search": {"algo": "grid"}}, "search.algo"),
 ]
 
 
