@@ -73,6 +73,7 @@ class Lottery:
         self.trial.begin()
         self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
         self.net = models.build(spec.model, data.info, seed=spec.seed, device=device)
+        self.init = state_of(self.net)  # level 0 starts here (the net itself moves on)
         self.layers = masks.Layers.of(self.net)
 
     def level(self, level: int) -> dict:
@@ -86,9 +87,8 @@ class Lottery:
 
     def train_dense(self) -> dict:
         k = self.spec.rewind_iteration
-        init = models.build(self.spec.model, self.data.info, seed=self.spec.seed, device=self.device)
         keep = {k: lambda net: self.trial.save_rewind(state_of(net))}
-        return self.train(0, masks.ones(self.layers), state_of(init), start=0, on_iteration=keep)
+        return self.train(0, masks.ones(self.layers), self.init, start=0, on_iteration=keep)
 
     def train(self, level: int, mask, start_weights: dict, start: Optional[int] = None,
               on_iteration: Optional[dict] = None) -> dict:
