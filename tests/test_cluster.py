@@ -2,6 +2,7 @@
 cluster on 127.0.0.1 (head + two workers with logical GPUs) that loses a worker mid-sweep."""
 import copy
 import os
+import random
 import secrets
 import signal
 import socket
@@ -48,10 +49,50 @@ def test_cluster_yaml_passes_ray_validation_and_a_typo_does_not():
         prepared(bad)
 
 
-def free_port() -> int:
+# Ports are drawn below the kernel's ephemeral range (32768+ here), so no outgoing
+# connection can take one between the draw and `ray start`; each is checked free, and the
+# ports of one cluster never repeat.
+PORT_LOW, PORT_HIGH = 10000, 30000
+WORKER_PORTS = 64  # per node: one per worker process (2 CPUs' worth of trials plus Ray's own)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Ports:
+    """Free ports for one cluster, never handed out twice."""
+
+    def __init__(self):
+        self.taken: set = set()
+        self.rng = random.Random(secrets.randbits(64))
+
+    def block(self, n: int) -> list[int]:
+        """n consecutive free ports."""
+        for _ in range(1000):
+            start = self.rng.randrange(PORT_LOW, PORT_HIGH - n)
+            block = list(range(start, start + n))
+            if not self.taken.intersection(block) and all(map(_bindable, block)):
+                self.taken.update(block)
+                return block
+        raise RuntimeError(f"no {n} consecutive free ports in {PORT_LOW}..{PORT_HIGH}")
+
+    def one(self) -> int:
+        return self.block(1)[0]
+
+    def node_flags(self) -> list[str]:
+        """Every port a Ray node binds (Ray falls back to fixed defaults for any not given,
+        which collide between the nodes of one machine or with another test's cluster)."""
+        workers = self.block(WORKER_PORTS)
+        named = ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
+                 "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")
+        return [f"--{name}={self.one()}" for name in named] + [
+            f"--min-worker-port={workers[0]}", f"--max-worker-port={workers[-1]}"]
 
 
 class LocalCluster:
@@ -60,15 +101,21 @@ class LocalCluster:
 
     def __init__(self):
         self.temp = tempfile.mkdtemp(prefix="lthray_", dir="/tmp")  # short: socket paths
-        self.port = free_port()
+        self.ports = Ports()
+        self.port = self.ports.one()
         self.address = f"127.0.0.1:{self.port}"
         # token authentication on, with a token of this test's own (nothing written to ~/.ray)
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     def _ray(self, *args):
-        subprocess.run([str(BIN / "ray"), "start", *args, f"--temp-dir={self.temp}", "--disable-usage-stats"],
-                       check=True, env=self.env, capture_output=True, timeout=180)
+        """`ray start` for one node with all its ports; a failed start shows Ray's own output."""
+        cmd = [str(BIN / "ray"), "start", *args, *self.ports.node_flags(), f"--temp-dir={self.temp}",
+               "--disable-usage-stats"]
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}\nstdout:\n{done.stdout[-3000:]}"
+                               f"\nstderr:\n{done.stderr[-3000:]}")
 
     def pids(self, name=None) -> set:
         found = set()
@@ -80,7 +127,8 @@ class LocalCluster:
 
     def start(self, workers: int, gpus_per_worker: int, cpus_per_worker: int):
         self._ray("--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=0",
-                  "--num-gpus=0", "--include-dashboard=false")
+                  "--num-gpus=0", "--include-dashboard=false", f"--dashboard-port={self.ports.one()}",
+                  f"--ray-client-server-port={self.ports.one()}")
         self.worker_raylets = []
         for _ in range(workers):
             before = self.pids("raylet")
@@ -100,6 +148,20 @@ class LocalCluster:
             if not pids:
                 break
             time.sleep(1)
+
+
+def test_every_node_port_is_given_and_distinct():
+    ports = Ports()
+    flags = ports.node_flags() + ports.node_flags()  # two nodes of one cluster
+    named = [f for f in flags if "worker-port" not in f]
+    assert len({f.split("=")[0] for f in named}) == 6 and len({f.split("=")[1] for f in named}) == 12
+    assert all(PORT_LOW <= p < PORT_HIGH for p in ports.taken) and len(ports.taken) == 12 + 2 * WORKER_PORTS
+
+
+def test_a_failed_ray_start_shows_rays_own_message():
+    c = LocalCluster()
+    with pytest.raises(RuntimeError, match=r"(?s)exited 2.*stderr:.*num-cpus"):
+        c._ray("--head", "--num-cpus=not-a-number")
 
 
 @pytest.fixture
