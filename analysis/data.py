@@ -6,8 +6,8 @@ from typing import Optional
 
 import pandas as pd
 
-from orchestrator import tracking
-from orchestrator.tickets import trial_runs
+from orchestrator.tracking import store
+from orchestrator.tracking.tickets import trial_runs
 from trials.spec import field_paths
 
 COUNTS = ("level", "early_stop_iteration", "remaining_params")  # integers logged as MLflow floats
@@ -17,17 +17,17 @@ DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides t
 def runs(experiment: str, tracking_uri: Optional[str] = None) -> pd.DataFrame:
     """Every logged level of every trial of `experiment`: spec fields (typed as the spec
     types them), seed, level, density, accuracies, early-stop iteration, run status."""
-    uri = tracking.resolve_uri(tracking_uri)
-    tracking.check_reachable(uri, "--tracking-uri")
-    c = tracking.client(uri)
+    uri = store.resolve_uri(tracking_uri)
+    store.check_reachable(uri, "--tracking-uri")
+    c = store.client(uri)
     rows = []
     for run in trial_runs(c, experiment, uri):
-        history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in tracking.METRICS}
-        head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(tracking.TAG_KEY),
-                "sweep": run.data.tags.get(tracking.TAG_SWEEP), "status": run.info.status,
+        history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in store.METRICS}
+        head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(store.TAG_KEY),
+                "sweep": run.data.tags.get(store.TAG_SWEEP), "status": run.info.status,
                 **{k: v for k, v in run.data.params.items()}}
         for level in sorted(history["test_acc"]):
-            rows.append({**head, "level": level, **{m: history[m].get(level) for m in tracking.METRICS}})
+            rows.append({**head, "level": level, **{m: history[m].get(level) for m in store.METRICS}})
     return typed(pd.DataFrame(rows))
 
 

@@ -30,7 +30,7 @@ def main() -> None:
 
     import ray
 
-    from orchestrator import runner
+    from orchestrator.sweeps import runner
     from orchestrator.sweep_spec import load_sweep
 
     with tempfile.TemporaryDirectory() as tmp:

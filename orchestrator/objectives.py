@@ -5,6 +5,8 @@ trial (finished or stopped early) carries its final values.
 """
 from __future__ import annotations
 
+STOPPED = "stopped_not_matching"  # result key set on the level that ended a trial early
+
 
 def matches(record: dict, dense: dict, tolerance: float) -> bool:
     """A level matches when its early-stop test accuracy is within `tolerance` of the

@@ -78,8 +78,14 @@ class Sweep:
 
     def trial_spec(self, values: dict, seed: int):
         """The TrialSpec of one configuration: base + varied values + seed."""
-        overrides = [f"{path}={_yaml_scalar(v)}" for path, v in values.items()] + [f"seed={seed}"]
-        return from_dict(apply_overrides(self.base, overrides))
+        return config_spec(self.base, {**values, "seed": seed})
+
+
+def config_spec(base: dict, config: dict):
+    """The TrialSpec of a Tune trial's config (spec paths -> values) on top of `base`;
+    keys starting with "__" are Tune's own and ignored."""
+    overrides = [f"{path}={_yaml_scalar(v)}" for path, v in config.items() if not path.startswith("__")]
+    return from_dict(apply_overrides(base, overrides))
 
 
 def _yaml_scalar(value) -> str:
@@ -136,7 +142,7 @@ def parse_sweep(data: dict, cwd: Path) -> Sweep:
         seeds=_seeds(data.get("seeds", 1)), search=_search(data.get("search") or {}, space),
         resources=_resources(data.get("resources") or {}),
         max_concurrent=_optional_int(data, "max_concurrent", 1),
-        storage=_storage(data.get("storage", "./runs"), cwd),
+        storage=resolve_storage(data.get("storage", "./runs"), cwd),
         tracking_uri=_tracking_uri(data.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
                                    or "sqlite:///mlflow.db", cwd),
         max_failures=_int(data, "max_failures", 1, 0),
@@ -262,7 +268,7 @@ def _bool(data, key, default):
     return v
 
 
-def _storage(value, cwd: Path) -> str:
+def resolve_storage(value, cwd: Path) -> str:
     _check(isinstance(value, str) and value, "storage", value, "a folder path or an s3:// / gs:// URI")
     if re.match(r"^[a-z][a-z0-9+.-]*://", value):
         _check(value.split("://")[0] in ("s3", "gs", "file"), "storage", value,

@@ -6,7 +6,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 import analysis
-from orchestrator.cli import main
+from lth.cli import main
 
 # (kind, rewind) -> seed -> accuracy per level; densities per level are the same for all
 KNOWN = {

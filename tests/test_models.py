@@ -67,7 +67,7 @@ def test_output_layer_has_the_dataset_class_count(name, shape):
 
 @pytest.mark.parametrize("name, shape", CASES, ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in CASES])
 def test_validation_build_on_meta_allocates_nothing(name, shape):
-    net = models.build(ModelSpec(name=name), DatasetInfo(shape, 10), seed=None, device="meta")
+    net = models.shell(name, shape, 10)
     assert all(p.is_meta for p in net.parameters())
     assert dict(net.named_modules())[masks.output_layer(net)].out_features == 10
 
@@ -114,7 +114,7 @@ def test_incompatible_input_is_refused(name, shape):
     with pytest.raises(models.IncompatibleInput, match=name):
         build(name, shape)
     with pytest.raises(models.IncompatibleInput):  # validation (meta build) refuses it as well
-        models.build(ModelSpec(name=name), DatasetInfo(shape, 10), seed=None, device="meta")
+        models.shell(name, shape, 10)
 
 
 # ---------------------------------------------------------------- pruning structure

@@ -9,7 +9,8 @@ import yaml
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 
-from orchestrator import runner, tickets
+from orchestrator.sweeps import runner
+from orchestrator.tracking import tickets
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import digits_base
 

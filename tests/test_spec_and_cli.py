@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.cli import main
+from lth.cli import main
 from orchestrator.config import preset_names, trial_spec
 from trials.spec import PruneSpec, TrialSpec, from_dict
 

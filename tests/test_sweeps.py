@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator import runner
-from orchestrator.cli import main
-from orchestrator.results import pareto_front
+from orchestrator.sweeps import runner
+from lth.cli import main
+from orchestrator.sweeps.results import pareto_front
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import LTH, assert_each_level_trained_once, digits_base
 
@@ -193,7 +193,7 @@ def test_bad_sweep_files_exit_2_with_one_line_before_ray(tmp_path):
         cases.append((str(path), key))
     script = f"""
 import contextlib, io, json, sys
-from orchestrator.cli import main
+from lth.cli import main
 out = []
 for path, key in {cases!r}:
     err = io.StringIO()

@@ -15,8 +15,9 @@ import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from orchestrator import runner, tickets
-from orchestrator.cli import main
+from orchestrator.sweeps import runner
+from orchestrator.tracking import tickets
+from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from trials import datasets, load_ticket
 from trials.training import evaluate

@@ -22,17 +22,20 @@ class IncompatibleInput(ValueError):
     """The model cannot take the dataset's input shape."""
 
 
-def build(spec, info, seed: int | None, device="cpu") -> nn.Module:
+def build(spec, info, seed: int, device="cpu") -> nn.Module:
     """Build on CPU under `seed` (same init on every device), then move to `device`."""
     builder = MODELS.get(spec.name)
-    if seed is None:  # validation only: nothing is allocated on the meta device
-        with torch.device(device):
-            return builder(tuple(info.shape), info.num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = builder(tuple(info.shape), info.num_classes)
         _initialise(net, spec.init)
     return net.to(device)
+
+
+def shell(name: str, shape: tuple, num_classes: int) -> nn.Module:
+    """The architecture on the meta device, uninitialised: nothing is allocated (validation)."""
+    with torch.device("meta"):
+        return MODELS.get(name)(tuple(shape), num_classes)
 
 
 def _initialise(net: nn.Module, init: str) -> None:

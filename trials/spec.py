@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from trials.errors import ConfigError
+from trials.validate import validate
 
 
 def _f(default, help: str, key: bool = True):
@@ -218,7 +219,3 @@ def field_paths(cls=TrialSpec, prefix: str = "") -> dict[str, str]:
             out[f"{prefix}{f.name}"] = cls.__annotations__[f.name]
     return out
 
-
-# ---------------------------------------------------------------- validation
-
-from trials.validate import validate  # noqa: E402  (validation needs the classes above)

@@ -82,11 +82,9 @@ def _structure(model_name: str, shape: tuple, num_classes: int):
     an input shape: built once on the meta device, then remembered (sweeps validate
     thousands of specs of the same few models)."""
     from trials import masks, models
-    from trials.datasets import DatasetInfo
-    from trials.spec import ModelSpec
 
     try:
-        net = models.build(ModelSpec(name=model_name), DatasetInfo(shape, num_classes), seed=None, device="meta")
+        net = models.shell(model_name, shape, num_classes)
     except models.IncompatibleInput as e:
         return str(e), (), None
     return None, tuple(masks.prunable_layers(net)), masks.output_layer(net)

@@ -1,10 +1,6 @@
-"""The sweep runner: Ray Tune drives one trainable per IMP run. Ray is imported here
-(and in trainable.py, the code that runs inside a Tune trial), nowhere else.
-
-STORAGE/NAME/ is Tune's experiment folder. lth adds:
-    lth_sweep.yaml   the validated sweep (absolute paths, study name): `resume` reads it
-    optuna.db        the Optuna study (random/optuna search; local storage)
-    trials.csv       one row per trial x level, written at the end and by `status`
+"""The sweep runner: Ray Tune drives one trainable per IMP run (orchestrator/sweeps/
+trainable.py); the driver's callbacks log progress and MLflow. STORAGE/NAME/ is Tune's
+experiment folder, with lth's own files beside its state (see storage.py).
 """
 from __future__ import annotations
 
@@ -15,17 +11,13 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from orchestrator import results, tracking
-from orchestrator.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
-from orchestrator.search import grid_space, make_searcher, num_trials
 from orchestrator.sweep_spec import Sweep, parse_sweep
+from orchestrator.sweeps import results
+from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
+from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
+from orchestrator.sweeps.storage import STUDY_FILE, SWEEP_FILE, read_text, sweep_path, write_text
+from orchestrator.tracking import store
 from trials.errors import ConfigError
-
-SWEEP_FILE = "lth_sweep.yaml"
-
-
-def sweep_path(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
 
 
 def _local(path: str) -> Path | None:
@@ -37,17 +29,17 @@ def _study_file(sweep: Sweep) -> Path:
     folder `lth` runs from (an SQLite file cannot live on S3)."""
     folder = _local(sweep_path(sweep.storage, sweep.name)) or Path.cwd() / "runs" / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / "optuna.db"
+    return folder / STUDY_FILE
 
 
 def save_sweep(sweep: Sweep, study_name: str) -> None:
     text = yaml.safe_dump({"study_name": study_name, "sweep": sweep.to_dict()}, sort_keys=False)
-    results.write_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE, text)
+    write_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE, text)
 
 
 def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
     path = sweep_path(storage, name) + "/" + SWEEP_FILE
-    text = results.read_text(path)
+    text = read_text(path)
     if text is None:
         raise ConfigError("NAME", name, f"no sweep of that name under {storage} (looked for {path})")
     saved = yaml.safe_load(text)
@@ -71,18 +63,18 @@ def init_ray(address: str | None) -> None:
 
 def run(sweep: Sweep, address: str | None = None) -> list[dict]:
     """Start a sweep, or continue it when the same sweep already exists under its name."""
-    existing = results.read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
+    existing = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
     if existing is not None:
         saved, _ = load_saved(sweep.storage, sweep.name)
         if saved.to_dict() != sweep.to_dict():
             raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
                               f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
         return resume(sweep.name, sweep.storage, address)
-    tracking.check_reachable(sweep.tracking_uri)  # before anything is written or started
+    store.check_reachable(sweep.tracking_uri)  # before anything is written or started
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     init_ray(address)
-    TRACKERS[sweep.name] = tracking.SweepTracker(sweep)
+    TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _tuner(sweep, study_name).fit()
     return _finish(sweep)
 
@@ -90,9 +82,9 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
 def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
-    tracking.check_reachable(sweep.tracking_uri)
+    store.check_reachable(sweep.tracking_uri)
     init_ray(address)
-    TRACKERS[sweep.name] = tracking.SweepTracker(sweep)
+    TRACKERS[sweep.name] = store.SweepTracker(sweep)
     path = sweep_path(sweep.storage, sweep.name)
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
         _tuner(sweep, study_name).fit()
@@ -104,7 +96,7 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
 
 
 def _trainable(sweep: Sweep):
-    from orchestrator.trainable import imp_trial
+    from orchestrator.sweeps.trainable import imp_trial
 
     fn = tune.with_parameters(imp_trial, base=sweep.base, tolerance=sweep.tolerance,
                               stop_when_not_matching=sweep.stop_when_not_matching)

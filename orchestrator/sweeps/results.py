@@ -11,6 +11,9 @@ from typing import Optional
 
 import pandas as pd
 
+from orchestrator.objectives import STOPPED, summarise
+from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
+
 LEVEL_FIELDS = ("level", "density", "layer_density", "remaining_params", "test_acc", "early_stop_iteration",
                 "test_acc_at_early_stop", "val_loss", "val_acc", "val_loss_at_early_stop", "train_loss",
                 "start_iteration", "iterations", "seconds")
@@ -18,45 +21,11 @@ SUMMARY_FIELDS = ("dense_test_acc", "final_test_acc", "final_test_acc_at_early_s
                   "matching_density", "stopped_not_matching", "node_id")
 
 
-def _fs(path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
-
-
-def read_text(path: str) -> Optional[str]:
-    import pyarrow.fs
-
-    fs, p = _fs(path)
-    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.readall().decode()
-
-
-def write_text(path: str, text: str) -> None:
-    """Write whole (temporary name, then move) so no reader sees half a file."""
-    fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p + ".tmp") as f:
-        f.write(text.encode())
-    fs.move(p + ".tmp", p)
-
-
 def error_line(trial) -> str:
     """The exception's own message: the last meaningful line of Tune's error trace."""
     text = trial.get_error() if hasattr(trial, "get_error") else None
     lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
     return lines[-1][:500] if lines else "unknown error"
-
-
-def checkpoint_dirs(fs, base: str) -> list[str]:
-    """A trial's checkpoint folders in storage, oldest first."""
-    import pyarrow.fs
-
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                  and i.base_name.startswith("checkpoint_"))
 
 
 def stored_records(trial) -> tuple[list[dict], dict]:
@@ -76,10 +45,6 @@ def stored_records(trial) -> tuple[list[dict], dict]:
 
 def collect(sweep) -> list[dict]:
     from ray.tune import ExperimentAnalysis
-
-    from orchestrator.objectives import summarise
-    from orchestrator.runner import sweep_path
-    from orchestrator.search import STOPPED
 
     try:
         analysis = ExperimentAnalysis(sweep_path(sweep.storage, sweep.name))
@@ -106,9 +71,7 @@ def collect(sweep) -> list[dict]:
 
 
 def write_csv(sweep, rows: list[dict]) -> str:
-    from orchestrator.runner import sweep_path
-
-    path = sweep_path(sweep.storage, sweep.name) + "/trials.csv"
+    path = sweep_path(sweep.storage, sweep.name) + "/" + TRIALS_CSV
     buf = io.StringIO()
     columns = ["trial_id", "status", "error", *sweep.varied, "seed", "trial_key", *LEVEL_FIELDS,
                *SUMMARY_FIELDS]

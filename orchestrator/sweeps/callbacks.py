@@ -1,7 +1,7 @@
 """Driver-side Tune callbacks (part of the sweep runner): progress lines and MLflow.
 
 Both run in the `lth sweep` process, on results the trials hand over; trials themselves
-never write to MLflow (see orchestrator/tracking.py for why).
+never write to MLflow (ARCHITECTURE.md, "Tracking", says why).
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 
 from ray import tune
 
-from orchestrator import results, tracking
-from orchestrator.trainable import spec_of
+from orchestrator.sweeps import results
+from orchestrator.tracking import store
+from orchestrator.sweep_spec import config_spec
+from orchestrator.sweeps.storage import checkpoint_dirs
 from trials.version import code_version
 
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
@@ -20,7 +22,7 @@ RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status 
 
 def trial_meta(sweep, config: dict) -> dict:
     """What a trial's spec.json holds, computed on the driver from the trial's config."""
-    spec = spec_of(sweep.base, config)
+    spec = config_spec(sweep.base, config)
     return {"key": spec.key, "spec": spec.to_dict(), **code_version()}
 
 
@@ -106,7 +108,7 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
         plan = []
         for trial in analysis.trials:
             fs = trial.storage.storage_filesystem
-            dirs = results.checkpoint_dirs(fs, trial.storage.trial_fs_path)
+            dirs = checkpoint_dirs(fs, trial.storage.trial_fs_path)
             if isinstance(fs, pyarrow.fs.LocalFileSystem):
                 folders = [Path(d) for d in dirs]
             else:
@@ -114,4 +116,4 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
                            for i, d in enumerate(dirs)]
             status = RUN_STATUS.get(trial.status, "KILLED")
             plan.append((trial.trial_id, trial_meta(sweep, trial.config), status, folders))
-        return tracking.sync(tracker_factory, plan)
+        return store.sync(tracker_factory, plan)

@@ -20,20 +20,12 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from orchestrator.objectives import matches, summarise
-from orchestrator.search import STOPPED
+from orchestrator.objectives import STOPPED, matches, summarise
+from orchestrator.sweep_spec import config_spec
+from orchestrator.sweeps.storage import checkpoint_dirs
 
 NODES = "nodes.json"  # level -> Ray node id that trained it, kept in the checkpoints
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
-
-
-def spec_of(base: dict, config: dict):
-    from orchestrator.config import apply_overrides
-    from orchestrator.sweep_spec import _yaml_scalar
-    from trials.spec import from_dict
-
-    values = {k: v for k, v in config.items() if not k.startswith("__")}
-    return from_dict(apply_overrides(base, [f"{k}={_yaml_scalar(v)}" for k, v in values.items()]))
 
 
 def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool) -> None:
@@ -42,7 +34,7 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
     # one "checkpoint created" line per level per trial drowns the driver's progress lines
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
-    spec = spec_of(base, config)
+    spec = config_spec(base, config)
     node = ray.get_runtime_context().get_node_id()  # which node trained each level (clusters)
     work = Path(os.getcwd()) / "lottery"
     registered = tune.get_checkpoint()
@@ -119,8 +111,6 @@ def persisted_after(level: int) -> list:
     storage. Restoring those too keeps "a lost node costs at most the levels in flight"
     exact. Uses Ray's storage context (a private API): without it, Tune's checkpoint alone."""
     import pyarrow.fs
-
-    from orchestrator.results import checkpoint_dirs
 
     try:
         from ray.train._internal.session import get_storage

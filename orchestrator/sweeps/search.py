@@ -21,7 +21,8 @@ import numpy as np
 from ray import tune
 from ray.tune.search import Searcher
 
-STOPPED = "stopped_not_matching"  # result key set on the level that ended a trial early
+from orchestrator.objectives import STOPPED
+
 
 
 def grid_space(sweep) -> dict:

@@ -1,6 +1,6 @@
 """The ticket registry: rank (trial, level) pairs across an experiment, export one.
 
-Reads MLflow through orchestrator.tracking's client (mlflow itself is imported there).
+Reads MLflow through orchestrator.tracking.store's client (mlflow itself is imported there).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from orchestrator import tracking
+from orchestrator.tracking import store
 from trials.errors import ConfigError
 
 LEVEL_METRICS = ("density", "test_acc", "test_acc_at_early_stop", "early_stop_iteration", "remaining_params")
@@ -18,19 +18,19 @@ RANK_METRICS = ("test_acc_at_early_stop", "test_acc", "val_acc")
 
 
 def trial_runs(c, experiment: str, uri: str) -> list:
-    exp = tracking.experiment_id(c, experiment, uri, create=False)
+    exp = store.experiment_id(c, experiment, uri, create=False)
     if exp is None:
         names = [e.name for e in c.search_experiments()]
         raise ConfigError("--experiment", experiment, f"known experiments: {', '.join(names) or 'none'}")
-    return list(c.search_runs([exp], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'", max_results=50000))
+    return list(c.search_runs([exp], filter_string=f"tags.`{store.TAG_KIND}` = 'trial'", max_results=50000))
 
 
 def level_rows(c, run, metrics=LEVEL_METRICS) -> list[dict]:
     """One dict per logged level of a trial run: its metrics, varied params and tags."""
     history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in metrics}
-    varied = [p for p in run.data.tags.get(tracking.TAG_VARIED, "").split(",") if p]
-    head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(tracking.TAG_KEY),
-            "sweep": run.data.tags.get(tracking.TAG_SWEEP), "status": run.info.status,
+    varied = [p for p in run.data.tags.get(store.TAG_VARIED, "").split(",") if p]
+    head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(store.TAG_KEY),
+            "sweep": run.data.tags.get(store.TAG_SWEEP), "status": run.info.status,
             "seed": _number(run.data.params.get("seed")),
             **{p: _number(run.data.params.get(p)) for p in varied}}
     counts = ("early_stop_iteration", "remaining_params")  # MLflow stores every metric as a float
@@ -59,9 +59,9 @@ def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_
     """(trial, level) pairs ranked by `metric` (descending), filtered by density and accuracy."""
     if metric not in RANK_METRICS:
         raise ConfigError("--metric", metric, f"allowed: {', '.join(RANK_METRICS)}")
-    uri = tracking.resolve_uri(uri)
-    tracking.check_reachable(uri, "--tracking-uri")
-    c = tracking.client(uri)
+    uri = store.resolve_uri(uri)
+    store.check_reachable(uri, "--tracking-uri")
+    c = store.client(uri)
     metrics = tuple(dict.fromkeys(LEVEL_METRICS + (metric,)))
     rows = [r for run in trial_runs(c, experiment, uri) for r in level_rows(c, run, metrics)]
     rows = [r for r in rows if r.get(metric) is not None
@@ -73,9 +73,9 @@ def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_
 
 def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
     """Write one level's ticket: spec.json, record.json, rewind/mask/final safetensors."""
-    uri = tracking.resolve_uri(uri)
-    tracking.check_reachable(uri, "--tracking-uri")
-    c = tracking.client(uri)
+    uri = store.resolve_uri(uri)
+    store.check_reachable(uri, "--tracking-uri")
+    c = store.client(uri)
     try:
         c.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing run

@@ -1,0 +1,1 @@
+"""The `lth` command line: the top layer, above trials, orchestrator and analysis."""

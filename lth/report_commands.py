@@ -1,0 +1,130 @@
+"""`lth report ...` and `lth tickets ...`: read MLflow, write tables, plots and tickets."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from trials.errors import ConfigError
+
+
+def add_reports(commands) -> None:
+    report = commands.add_parser("report", help="tables and plots for the paper").add_subparsers(title="report")
+    table = report.add_parser("table", help="ablation table: groups x density, mean ± std over seeds")
+    table.add_argument("--experiment", required=True)
+    table.add_argument("--rows", default="prune.kind,rewind_iteration,control",
+                       help="spec fields that form the rows, comma-separated")
+    table.add_argument("--density", help="target densities, e.g. 1,0.5,0.2,0.1 (default: the levels)")
+    table.add_argument("--metric", default="test_acc_at_early_stop")
+    table.add_argument("--format", choices=("latex", "markdown", "csv"), default="markdown")
+    table.add_argument("--out", help="write here instead of stdout")
+    _tracking_flag(table)
+    table.set_defaults(func=report_table)
+    plot = report.add_parser("plot", help="accuracy and early-stop iteration vs weights remaining")
+    plot.add_argument("--experiment", required=True)
+    plot.add_argument("--out", required=True, help="FILE.png or FILE.pdf")
+    plot.add_argument("--rows", default="prune.kind,rewind_iteration,control")
+    _tracking_flag(plot)
+    plot.set_defaults(func=report_plot)
+
+
+def _fields(text: str) -> list:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def _densities(text):
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in _fields(text)]
+    except ValueError:
+        raise ConfigError("--density", text, "comma-separated numbers in (0, 1], e.g. 1,0.5,0.2") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise ConfigError("--density", text, "comma-separated numbers in (0, 1], e.g. 1,0.5,0.2")
+    return values
+
+
+def _experiment_runs(args):
+    import analysis
+
+    df = analysis.runs(args.experiment, args.tracking_uri)
+    if df.empty:
+        raise ConfigError("--experiment", args.experiment, "an experiment with logged trial levels")
+    return df
+
+
+def report_table(args) -> int:
+    import analysis
+
+    densities = _densities(args.density)
+    table = analysis.ablation(_experiment_runs(args), _fields(args.rows), densities, args.metric)
+    render = {"latex": analysis.to_latex, "markdown": analysis.to_markdown, "csv": analysis.to_csv}[args.format]
+    text = render(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text if text.endswith("\n") else text + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def report_plot(args) -> int:
+    import analysis
+
+    df = _experiment_runs(args)
+    out = analysis.imp_curves(df, _fields(args.rows), args.out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _tracking_flag(cmd) -> None:
+    cmd.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else "
+                     "sqlite:///mlflow.db in this folder)")
+
+
+def add_tickets(commands) -> None:
+    tickets = commands.add_parser("tickets", help="query MLflow for tickets").add_subparsers(title="tickets")
+    best = tickets.add_parser("best", help="rank (trial, level) pairs across an experiment")
+    best.add_argument("--experiment", required=True)
+    best.add_argument("--max-density", type=float, help="only levels at or below this density")
+    best.add_argument("--min-acc", type=float, help="only levels at or above this accuracy (of --metric)")
+    best.add_argument("--metric", default="test_acc_at_early_stop")
+    best.add_argument("--top", type=int, default=10)
+    best.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _tracking_flag(best)
+    best.set_defaults(func=tickets_best)
+    export = tickets.add_parser("export", help="write one level's ticket (mask, weights, spec)")
+    export.add_argument("run_id")
+    export.add_argument("--level", type=int, required=True)
+    export.add_argument("--out", required=True)
+    _tracking_flag(export)
+    export.set_defaults(func=tickets_export)
+
+
+def tickets_best(args) -> int:
+    import pandas as pd
+
+    from orchestrator.tracking import tickets
+
+    rows = tickets.best(args.experiment, args.tracking_uri, args.metric, args.max_density, args.min_acc, args.top)
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+    elif args.format == "csv":
+        print(pd.DataFrame(rows).to_csv(index=False), end="")
+    else:
+        print(pd.DataFrame(rows).to_string(index=False) if rows else "no level matches")
+    return 0
+
+
+def tickets_export(args) -> int:
+    from orchestrator.tracking import tickets
+
+    out = tickets.export(args.run_id, args.level, args.out, args.tracking_uri)
+    print(f"ticket of run {args.run_id} level {args.level} -> {out}  (trials.load_ticket('{out}'))")
+    return 0
+
+

@@ -1,0 +1,68 @@
+"""`lth sweep ...`: run, resume and inspect sweeps on Ray Tune."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trials.errors import ConfigError
+
+
+def add(commands) -> None:
+    sweep = commands.add_parser("sweep", help="many trials on Ray Tune").add_subparsers(title="sweep")
+    run = sweep.add_parser("run", help="validate a sweep file, then run it (or continue it)")
+    run.add_argument("file", help="sweep YAML (see sweeps/)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    run.add_argument("--name", help="override the sweep's name")
+    run.add_argument("--storage", help="override where results go (folder, s3://, gs://)")
+    run.add_argument("--tracking-uri", help="MLflow store (default: the file's tracking_uri, "
+                     "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a sweep key, e.g. --set seeds=2 --set base.prune.levels=3")
+    run.set_defaults(func=sweep_run)
+    for name, func, text in (("resume", sweep_resume, "finish a sweep whose driver stopped"),
+                             ("status", sweep_status, "trials done/running/failed, best so far")):
+        cmd = sweep.add_parser(name, help=text)
+        cmd.add_argument("name")
+        cmd.add_argument("--storage", default="./runs", help="where the sweep lives (default ./runs)")
+        if name == "resume":
+            cmd.add_argument("--address", help="Ray cluster address")
+        cmd.set_defaults(func=func)
+
+
+def sweep_run(args) -> int:
+    from orchestrator.sweep_spec import load_sweep
+
+    overrides = args.overrides + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage)  # before Ray
+    from orchestrator.sweeps import runner
+
+    return _sweep_done(sweep, runner.run(sweep, args.address))
+
+
+def sweep_resume(args) -> int:
+    from orchestrator.sweeps import runner
+    from orchestrator.sweep_spec import resolve_storage
+
+    sweep, _ = runner.load_saved(resolve_storage(args.storage, Path.cwd()), args.name)
+    return _sweep_done(sweep, runner.resume(sweep.name, sweep.storage, args.address))
+
+
+def sweep_status(args) -> int:
+    from orchestrator.sweeps import results, runner
+    from orchestrator.sweep_spec import resolve_storage
+
+    sweep, _ = runner.load_saved(resolve_storage(args.storage, Path.cwd()), args.name)
+    rows = results.collect(sweep)
+    path = results.write_csv(sweep, rows)
+    print(results.status_report(sweep, rows))
+    print(f"trials.csv: {path}")
+    return 0
+
+
+def _sweep_done(sweep, rows) -> int:
+    from orchestrator.sweeps import results
+
+    print(results.summary_table(sweep, rows))
+    print(results.status_report(sweep, rows))
+    return 0
+
+

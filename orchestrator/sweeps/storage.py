@@ -1,0 +1,53 @@
+"""Where a sweep lives: STORAGE/NAME/ on a local/NFS folder or s3:// / gs:// (through
+pyarrow's filesystems). Imports neither ray nor the rest of the runner, so every module of
+the sweep layer can use it. lth's files beside Tune's experiment state:
+
+    lth_sweep.yaml   the validated sweep (absolute paths, study name): `resume` reads it
+    optuna.db        the Optuna study (random/optuna search; local storage)
+    trials.csv       one row per trial x level, written at the end and by `status`
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+SWEEP_FILE = "lth_sweep.yaml"
+STUDY_FILE = "optuna.db"
+TRIALS_CSV = "trials.csv"
+
+
+def sweep_path(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+
+
+def read_text(path: str) -> Optional[str]:
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.readall().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write whole (temporary name, then move) so no reader sees half a file."""
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p + ".tmp") as f:
+        f.write(text.encode())
+    fs.move(p + ".tmp", p)
+
+
+def checkpoint_dirs(fs, base: str) -> list[str]:
+    """A trial's checkpoint folders in storage, oldest first."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                  and i.base_name.startswith("checkpoint_"))

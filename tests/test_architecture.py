@@ -1,0 +1,105 @@
+"""The layers of ARCHITECTURE.md, checked on the source: no import cycle between modules,
+packages import only downward (trials <- orchestrator <- analysis <- lth), and each
+third-party library has one home."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("trials", "orchestrator", "analysis", "lth")  # bottom to top
+HOMES = {  # library -> the only modules (prefixes) that may import it
+    "ray": ("orchestrator.sweeps.",),
+    "optuna": ("orchestrator.sweeps.search",),
+    "mlflow": ("orchestrator.tracking.store",),
+}
+
+
+def modules() -> dict:
+    """module name -> source path, for every module of the project's packages."""
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: dict) -> set:
+    """Everything `name` imports anywhere in its file (function-level imports included);
+    `from pkg import sub` counts as importing the module pkg.sub when there is one."""
+    found = set()
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return found
+
+
+def graph() -> dict:
+    known = modules()
+    return {name: {m for m in imports(name, path, known) if m in known and m != name}
+            for name, path in known.items()}
+
+
+def cycle(edges: dict):
+    """One import cycle as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycle(graph()) is None, " -> ".join(cycle(graph()))
+
+
+def test_packages_import_only_downward():
+    for name, targets in graph().items():
+        level = PACKAGES.index(name.split(".")[0])
+        for target in targets:
+            assert PACKAGES.index(target.split(".")[0]) <= level, f"{name} imports {target} (upward)"
+
+
+@pytest.mark.parametrize("library", sorted(HOMES))
+def test_each_library_has_one_home(library):
+    known = modules()
+    users = {name for name, path in known.items()
+             if any(m == library or m.startswith(library + ".") for m in imports(name, path, known))}
+    assert users, f"nothing imports {library}"
+    strays = {u for u in users if not u.startswith(HOMES[library])}
+    assert not strays, f"{library} imported outside {HOMES[library]}: {sorted(strays)}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
