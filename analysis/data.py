@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Optional, get_origin
 
 import pandas as pd
 
 from orchestrator.tracking import store
 from orchestrator.tracking.tickets import trial_runs
+from trials.record import COUNTS, TRACKED
 from trials.spec import field_paths
+from trials.typed import non_null
 
-COUNTS = ("level", "early_stop_iteration", "remaining_params")  # integers logged as MLflow floats
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
 
 
@@ -22,12 +23,12 @@ def runs(experiment: str, tracking_uri: Optional[str] = None) -> pd.DataFrame:
     c = store.client(uri)
     rows = []
     for run in trial_runs(c, experiment, uri):
-        history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in store.METRICS}
+        history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in TRACKED}
         head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(store.TAG_KEY),
                 "sweep": run.data.tags.get(store.TAG_SWEEP), "status": run.info.status,
                 **{k: v for k, v in run.data.params.items()}}
-        for level in sorted(history["test_acc"]):
-            rows.append({**head, "level": level, **{m: history[m].get(level) for m in store.METRICS}})
+        for level in sorted(history[TRACKED[0]]):
+            rows.append({**head, "level": level, **{m: history[m].get(level) for m in TRACKED}})
     return typed(pd.DataFrame(rows))
 
 
@@ -35,9 +36,9 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
     """Spec columns get the spec's types (nullable where the spec allows null)."""
     if df.empty:
         return df
-    for path, annotation in field_paths().items():
+    for path, tp in field_paths().items():
         if path in df:
-            df[path] = _column(df[path], annotation.replace(" ", ""))
+            df[path] = _column(df[path], tp)
     for name in COUNTS:
         if name in df:
             df[name] = pd.to_numeric(df[name], errors="coerce").round().astype("Int64")
@@ -46,17 +47,17 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["sweep", "trial_key", "level"], kind="stable").reset_index(drop=True)
 
 
-def _column(values: pd.Series, annotation: str) -> pd.Series:
-    core = annotation.removeprefix("Optional[").removesuffix("]") if annotation.startswith("Optional[") \
-        else annotation
+def _column(values: pd.Series, tp) -> pd.Series:
+    """A column of logged params (strings) as the spec's type `tp`; null stays null."""
+    core = non_null(tp)
     parsed = values.map(lambda v: None if v is None or v == "None" or (isinstance(v, float) and v != v) else v)
-    if core == "int":
+    if core is int:
         return pd.array([None if v is None else int(v) for v in parsed], dtype="Int64")
-    if core == "float":
+    if core is float:
         return pd.array([None if v is None else float(v) for v in parsed], dtype="Float64")
-    if core == "bool":
+    if core is bool:
         return pd.array([None if v is None else v in (True, "True", "true") for v in parsed], dtype="boolean")
-    if core.startswith("tuple"):  # logged as JSON; rates by layer stay a dict
+    if get_origin(core) is tuple:  # logged as JSON; rates by layer stay a dict
         return parsed.map(lambda v: None if v is None else _tuple(json.loads(v) if isinstance(v, str) else v))
     return parsed.astype("string")
 

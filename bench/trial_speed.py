@@ -165,7 +165,7 @@ def run_hand(spec: TrialSpec, data) -> list[dict]:
 
 def run_engine(spec: TrialSpec, data) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="lth-bench-") as out:
-        return run_lottery(spec, Path(out) / "trial", data=data)
+        return [r.to_dict() for r in run_lottery(spec, Path(out) / "trial", data=data)]  # as the hand loop's
 
 
 # ---------------------------------------------------------------- bench

@@ -227,7 +227,7 @@ def test_sweep_survives_losing_a_worker(tmp_path, cluster):
         spec = sweep.trial_spec({"prune.kind": rows["prune.kind"].iloc[0]}, int(rows.seed.iloc[0]))
         ref = reference_levels(spec, tmp_path / "reference")
         for field in ("density", "test_acc", "test_acc_at_early_stop", "early_stop_iteration", "val_loss"):
-            assert list(rows.sort_values("level")[field]) == pytest.approx([r[field] for r in ref], abs=1e-6), field
+            assert list(rows.sort_values("level")[field]) == pytest.approx([getattr(r, field) for r in ref], abs=1e-6), field
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = c.get_experiment_by_name("cluster")

@@ -10,6 +10,7 @@ from trials import datasets, masks, models
 from trials.errors import ConfigError
 from trials.lottery import Lottery, run_lottery
 from trials.spec import PruneSpec, TrainSpec
+from trials.record import FIELDS, read_lines
 from trials.store import load_tensors
 
 
@@ -25,13 +26,13 @@ def trial(tmp_path_factory):
     spec = quick_spec(prune=PruneSpec(rate=0.2, output_rate=0.1, levels=3))
     out = tmp_path_factory.mktemp("trial")
     reported = []
-    records = run_lottery(spec, out, report=lambda r, o: reported.append((r["level"], o)))
+    records = run_lottery(spec, out, report=lambda r, o: reported.append((r.level, o)))
     return spec, out, records, reported
 
 
 def test_dense_lenet_on_digits_is_accurate(trial):
     spec, out, records, reported = trial
-    assert records[0]["density"] == 1.0 and records[0]["test_acc"] > 0.9
+    assert records[0].density == 1.0 and records[0].test_acc > 0.9
     assert [lv for lv, _ in reported] == [0, 1, 2, 3] and all(o == out for _, o in reported)
 
 
@@ -39,15 +40,14 @@ def test_files_follow_the_contract(trial):
     spec, out, records, _ = trial
     meta = json.loads((out / "spec.json").read_text())
     assert meta["key"] == spec.key and meta["spec"] == spec.to_dict() and "git_sha" in meta
-    assert numbers(out) == [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-    fields = {"level", "density", "layer_density", "test_acc", "early_stop_iteration",
-              "test_acc_at_early_stop", "val_loss", "train_loss", "seconds", "iterations", "remaining_params"}
-    assert all(fields <= set(r) for r in records)
+    assert numbers(out) == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in records]
+    lines = [json.loads(line) for line in (out / "levels.jsonl").read_text().splitlines()]
+    assert all(set(line) == set(FIELDS) for line in lines)  # exactly the schema of trials/record.py
     net = models.build(spec.model, datasets.info(spec.dataset), seed=0)
     names = set(net.state_dict())
     assert set(load_tensors(out / "rewind.safetensors")) == names
     for r in records:
-        d = out / f"level_{r['level']:02d}"
+        d = out / f"level_{r.level:02d}"
         assert (d / "DONE").exists()
         mask, final = load_tensors(d / "mask.safetensors"), load_tensors(d / "final.safetensors")
         assert set(final) == names and set(mask) <= names and all(m.dtype == torch.bool for m in mask.values())
@@ -61,12 +61,12 @@ def test_density_follows_the_rates_exactly(trial):
     rates = {"hidden.0": 0.2, "hidden.1": 0.2, "fc": 0.1}
     expected = dict(sizes)
     for r in records:
-        mask = load_tensors(out / f"level_{r['level']:02d}" / "mask.safetensors")
+        mask = load_tensors(out / f"level_{r.level:02d}" / "mask.safetensors")
         counts = {n: int(mask[f"{n}.weight"].sum()) for n in sizes}
         assert counts == expected
-        assert r["layer_density"] == {n: counts[n] / sizes[n] for n in sizes}
-        assert r["remaining_params"] == sum(counts.values())
-        assert r["density"] == sum(counts.values()) / sum(sizes.values())
+        assert r.layer_density == {n: counts[n] / sizes[n] for n in sizes}
+        assert r.remaining_params == sum(counts.values())
+        assert r.density == sum(counts.values()) / sum(sizes.values())
         expected = {n: c - round(rates[n] * c) for n, c in counts.items()}
 
 
@@ -117,17 +117,17 @@ def test_rewinding_to_k_trains_k_to_the_end(tmp_path):
     t = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=60, iterations=120, eval_interval=20,
                   milestones=(60,))
     records = run_lottery(quick_spec(train=t, rewind_iteration=40), tmp_path)
-    assert records[0]["start_iteration"] == 0 and records[0]["iterations"] == 120
-    assert all(r["start_iteration"] == 40 and r["iterations"] == 80 for r in records[1:])
-    assert all(r["early_stop_iteration"] > 40 for r in records[1:])
+    assert records[0].start_iteration == 0 and records[0].iterations == 120
+    assert all(r.start_iteration == 40 and r.iterations == 80 for r in records[1:])
+    assert all(r.early_stop_iteration > 40 for r in records[1:])
 
 
 @pytest.mark.parametrize("control", ["reinit", "random_prune"])
 def test_controls_keep_imp_density(tmp_path, control):
     spec = quick_spec(control=control)
     records = run_lottery(spec, tmp_path)
-    imp = [json.loads(line) for line in (tmp_path / "imp" / "levels.jsonl").read_text().splitlines()]
-    assert [r["layer_density"] for r in records] == [r["layer_density"] for r in imp]
+    imp = read_lines((tmp_path / "imp" / "levels.jsonl").read_text())
+    assert [r.layer_density for r in records] == [r.layer_density for r in imp]
     assert records[0] == imp[0]  # the dense level is shared
     own = [load_tensors(tmp_path / f"level_{lv:02d}" / "mask.safetensors") for lv in range(3)]
     ticket = [load_tensors(tmp_path / "imp" / f"level_{lv:02d}" / "mask.safetensors") for lv in range(3)]
@@ -139,7 +139,7 @@ def test_controls_keep_imp_density(tmp_path, control):
     else:
         assert not same_masks and same_start
         assert masks.is_nested(own[2], own[1])
-    assert records[2]["test_acc"] != imp[2]["test_acc"] or records[2]["val_loss"] != imp[2]["val_loss"]
+    assert records[2].test_acc != imp[2].test_acc or records[2].val_loss != imp[2].val_loss
 
 
 def test_structured_trial_removes_units(tmp_path):
@@ -149,7 +149,7 @@ def test_structured_trial_removes_units(tmp_path):
     assert int(rows.any(1).sum()) == 300 - 75 - round(0.25 * 225)  # 169 neurons remain
     assert torch.equal(mask["hidden.0.bias"], rows.any(1))
     assert mask["fc.weight"].all()
-    assert records[2]["layer_density"]["hidden.0"] == pytest.approx(169 / 300)
+    assert records[2].layer_density["hidden.0"] == pytest.approx(169 / 300)
 
 
 def test_folder_of_another_trial_is_refused(tmp_path, trial):
@@ -166,7 +166,7 @@ def test_cuda_trial(tmp_path, precision):
     t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=60, iterations=200, eval_interval=20,
                   precision=precision)
     records = run_lottery(quick_spec(train=t, device="cuda"), tmp_path)
-    assert records[0]["test_acc"] > 0.9
+    assert records[0].test_acc > 0.9
     final = load_tensors(tmp_path / "level_02" / "final.safetensors")
     mask = load_tensors(tmp_path / "level_02" / "mask.safetensors")
     assert all(float((final[k] * ~m).abs().sum()) == 0.0 for k, m in mask.items())

@@ -22,7 +22,9 @@ from typing import Callable, Optional
 import torch
 
 from trials import datasets, masks, models, pruning
+from trials import layout
 from trials.errors import ConfigError
+from trials.record import LevelRecord
 from trials.store import TrialDir, state_of
 from trials.training import rng, train_level
 
@@ -46,7 +48,7 @@ def prepare(spec, out, device=None):
 
 
 def run_lottery(spec, out, report: Callable = lambda record, out: None,
-                progress: Optional[Callable] = None, data=None) -> list[dict]:
+                progress: Optional[Callable] = None, data=None) -> list[LevelRecord]:
     """Run (or resume) one trial in `out`; `report(record, out)` after every level.
     A report that returns True ends the trial after that level (e.g. a sweep's
     stop_when_not_matching); the finished levels stay on disk."""
@@ -76,7 +78,7 @@ class Lottery:
         self.init = state_of(self.net)  # level 0 starts here (the net itself moves on)
         self.layers = masks.Layers.of(self.net)
 
-    def level(self, level: int) -> dict:
+    def level(self, level: int) -> LevelRecord:
         if self.trial.done(level):
             return self.trial.record(level)
         if level == 0:
@@ -85,19 +87,19 @@ class Lottery:
                              self.layers)
         return self.train(level, mask, self.trial.rewind(self.device))
 
-    def train_dense(self) -> dict:
+    def train_dense(self) -> LevelRecord:
         k = self.spec.rewind_iteration
         keep = {k: lambda net: self.trial.save_rewind(state_of(net))}
         return self.train(0, masks.ones(self.layers), self.init, start=0, on_iteration=keep)
 
     def train(self, level: int, mask, start_weights: dict, start: Optional[int] = None,
-              on_iteration: Optional[dict] = None) -> dict:
+              on_iteration: Optional[dict] = None) -> LevelRecord:
         self.net.load_state_dict(start_weights)
         start = self.spec.rewind_iteration if start is None else start
         progress = (lambda it, total, val: self.progress(level, it, total, val)) if self.progress else None
         result = train_level(self.net, mask, self.data, self.spec.train, self.spec.seed, start,
                              on_iteration, progress)
-        record = {"level": level, **describe(mask, self.layers), **result}
+        record = LevelRecord(level=level, **describe(mask, self.layers), **result)
         self.trial.finish(level, mask, state_of(self.net), record)
         return record
 
@@ -115,9 +117,9 @@ class Control(Lottery):
 
     def __init__(self, spec, out: Path, data, device, progress=None):
         super().__init__(spec, out, data, device, progress)
-        self.imp = Lottery(spec.replace(control="none"), out / "imp", data, device, progress)
+        self.imp = Lottery(spec.replace(control="none"), out / layout.IMP, data, device, progress)
 
-    def level(self, level: int) -> dict:
+    def level(self, level: int) -> LevelRecord:
         imp_record = self.imp.level(level)
         if self.trial.done(level):
             return self.trial.record(level)

@@ -1,15 +1,6 @@
-"""The trial folder: the file contract other parts of lth read (see DESIGN.md).
-
-    OUT/spec.json                  resolved spec + key + package version + git sha
-    OUT/levels.jsonl               one record per finished level, rebuilt from level_XX/record.json
-    OUT/rewind.safetensors         the ticket's starting weights (level 0 after k iterations)
-    OUT/level_XX/mask.safetensors  the mask that trained level XX
-    OUT/level_XX/final.safetensors trained weights at the end of level XX
-    OUT/level_XX/record.json       that level's record
-    OUT/level_XX/DONE              written last
-
-Every file is written to a temporary name and renamed, so a killed trial leaves no
-half-written file. Tensors are safetensors: loading never unpickles.
+"""The trial folder (names in trials/layout.py; contract in ARCHITECTURE.md, "The trial
+folder"). Every file is written to a temporary name and renamed, so a killed trial leaves
+no half-written file. Tensors are safetensors: loading never unpickles.
 """
 from __future__ import annotations
 
@@ -21,7 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trials import layout
 from trials.errors import ConfigError
+from trials.record import LevelRecord
 from trials.version import code_version
 
 
@@ -52,7 +45,7 @@ class TrialDir:
     # ------------------------------------------------------------ lifecycle
     def check(self) -> None:
         """Refuse a folder that holds another spec's trial (before anything is written)."""
-        f = self.path / "spec.json"
+        f = self.path / layout.SPEC
         if f.exists():
             key = json.loads(f.read_text()).get("key")
             if key != self.spec.key:
@@ -62,8 +55,8 @@ class TrialDir:
     def begin(self) -> None:
         self.check()
         self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / "spec.json").exists():
-            write_json(self.path / "spec.json",
+        if not (self.path / layout.SPEC).exists():
+            write_json(self.path / layout.SPEC,
                        {"key": self.spec.key, "spec": self.spec.to_dict(), **code_version()})
 
     def first_missing(self, levels: int) -> int:
@@ -71,58 +64,59 @@ class TrialDir:
 
     def reopen_from(self, level: int) -> None:
         """Levels after a missing one derive from it: mark them not done so they are redone."""
-        for d in sorted(self.path.glob("level_*")):
-            if int(d.name.split("_")[1]) >= level and (d / "DONE").exists():
-                (d / "DONE").unlink()
+        for d in sorted(self.path.iterdir()) if self.path.exists() else ():
+            found = layout.level_of(d.name)
+            if found is not None and found >= level and (d / layout.DONE).exists():
+                (d / layout.DONE).unlink()
 
     # ------------------------------------------------------------ levels
     def level_dir(self, level: int) -> Path:
-        return self.path / f"level_{level:02d}"
+        return self.path / layout.level_dir(level)
 
     def done(self, level: int) -> bool:
-        return (self.level_dir(level) / "DONE").exists()
+        return (self.level_dir(level) / layout.DONE).exists()
 
-    def finish(self, level: int, mask: dict, final: dict, record: dict) -> None:
+    def finish(self, level: int, mask: dict, final: dict, record: LevelRecord) -> None:
         d = self.level_dir(level)
         d.mkdir(parents=True, exist_ok=True)
-        save_tensors(d / "mask.safetensors", mask)
-        save_tensors(d / "final.safetensors", final)
-        write_json(d / "record.json", record)
+        save_tensors(d / layout.MASK, mask)
+        save_tensors(d / layout.FINAL, final)
+        self._close(level, record)
+
+    def _close(self, level: int, record: LevelRecord) -> None:
+        """The record, levels.jsonl, then DONE last (the level counts only once DONE exists)."""
+        d = self.level_dir(level)
+        write_json(d / layout.RECORD, record.to_dict())
         self._write_levels(extra=level)
-        (d / "DONE").write_text("")
+        (d / layout.DONE).write_text("")
 
-    def copy_level(self, source: "TrialDir", level: int, record: dict) -> None:
+    def copy_level(self, source: "TrialDir", level: int, record: LevelRecord) -> None:
         d = self.level_dir(level)
         d.mkdir(parents=True, exist_ok=True)
-        for name in ("mask.safetensors", "final.safetensors"):
+        for name in (layout.MASK, layout.FINAL):
             shutil.copyfile(source.level_dir(level) / name, d / name)
-        write_json(d / "record.json", record)
-        self._write_levels(extra=level)
-        (d / "DONE").write_text("")
+        self._close(level, record)
 
-    def record(self, level: int) -> dict:
-        return json.loads((self.level_dir(level) / "record.json").read_text())
-
-    def records(self) -> list[dict]:
-        return [self.record(lv) for lv in range(self.spec.prune.levels + 1) if self.done(lv)]
+    def record(self, level: int) -> LevelRecord:
+        return LevelRecord.from_dict(json.loads((self.level_dir(level) / layout.RECORD).read_text()))
 
     def _write_levels(self, extra: int) -> None:
         levels = [lv for lv in range(self.spec.prune.levels + 1) if self.done(lv) or lv == extra]
-        text = "".join(json.dumps(self.record(lv), sort_keys=True) + "\n" for lv in levels)
-        _atomic(self.path / "levels.jsonl", lambda tmp: tmp.write_text(text))
+        text = "".join(self.record(lv).json_line() + "\n" for lv in levels)
+        _atomic(self.path / layout.LEVELS, lambda tmp: tmp.write_text(text))
 
     def mask(self, level: int) -> dict:
-        return load_tensors(self.level_dir(level) / "mask.safetensors")
+        return load_tensors(self.level_dir(level) / layout.MASK)
 
     def final(self, level: int) -> dict:
-        return load_tensors(self.level_dir(level) / "final.safetensors")
+        return load_tensors(self.level_dir(level) / layout.FINAL)
 
     # ------------------------------------------------------------ rewind point
     def save_rewind(self, state: dict) -> None:
-        save_tensors(self.path / "rewind.safetensors", state)
+        save_tensors(self.path / layout.REWIND, state)
 
     def rewind(self, device="cpu") -> dict:
-        return load_tensors(self.path / "rewind.safetensors", device)
+        return load_tensors(self.path / layout.REWIND, device)
 
 
 def state_of(net: torch.nn.Module) -> dict:

@@ -15,6 +15,7 @@ from orchestrator.sweeps import results
 from orchestrator.tracking import store
 from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps.storage import checkpoint_dirs
+from trials.record import LevelRecord
 from trials.version import code_version
 
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
@@ -34,9 +35,10 @@ class LevelProgress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         varied = " ".join(f"{p}={trial.config.get(p)}" for p in self.sweep.varied)
-        print(f"[{trial.trial_id}] {varied} seed={trial.config.get('seed')} level {result['level']}: "
-              f"density {result['density']:.4f} test_acc {result['test_acc']:.4f} "
-              f"(early stop {result['test_acc_at_early_stop']:.4f})", file=sys.stderr, flush=True)
+        r = LevelRecord.from_flat(result)
+        print(f"[{trial.trial_id}] {varied} seed={trial.config.get('seed')} level {r.level}: "
+              f"density {r.density:.4f} test_acc {r.test_acc:.4f} "
+              f"(early stop {r.test_acc_at_early_stop:.4f})", file=sys.stderr, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{trial.trial_id}] failed: {results.error_line(trial)}", file=sys.stderr, flush=True)

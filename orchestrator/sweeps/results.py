@@ -11,14 +11,13 @@ from typing import Optional
 
 import pandas as pd
 
-from orchestrator.objectives import STOPPED, summarise
+from orchestrator.objectives import OBJECTIVES, STOPPED, summarise
 from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
+from trials import layout
+from trials.record import FIELDS, LevelRecord, read_lines
 
-LEVEL_FIELDS = ("level", "density", "layer_density", "remaining_params", "test_acc", "early_stop_iteration",
-                "test_acc_at_early_stop", "val_loss", "val_acc", "val_loss_at_early_stop", "train_loss",
-                "start_iteration", "iterations", "seconds")
-SUMMARY_FIELDS = ("dense_test_acc", "final_test_acc", "final_test_acc_at_early_stop", "final_density",
-                  "matching_density", "stopped_not_matching", "node_id")
+NODE_ID = "node_id"  # the Ray node that trained the level (result key and CSV column)
+SUMMARY_FIELDS = (*OBJECTIVES, STOPPED, NODE_ID)
 
 
 def error_line(trial) -> str:
@@ -28,15 +27,15 @@ def error_line(trial) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
-def stored_records(trial) -> tuple[list[dict], dict]:
+def stored_records(trial) -> tuple[list[LevelRecord], dict]:
     """(level records, level -> node id) from the trial's newest checkpoint: the
     authoritative record (Tune's own result log of a trial that failed over may miss rows)."""
     fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
     for d in reversed(checkpoint_dirs(fs, base)):
         try:
-            with fs.open_input_stream(f"{d}/levels.jsonl") as f:
-                records = [json.loads(line) for line in f.readall().decode().splitlines()]
-            with fs.open_input_stream(f"{d}/nodes.json") as f:
+            with fs.open_input_stream(f"{d}/{layout.LEVELS}") as f:
+                records = read_lines(f.readall().decode())
+            with fs.open_input_stream(f"{d}/{layout.NODES}") as f:
                 return records, json.loads(f.readall().decode())
         except (OSError, ValueError):
             continue  # cut short by a lost node: the one before holds the record
@@ -62,10 +61,9 @@ def collect(sweep) -> list[dict]:
         key = (trial.last_result or {}).get("trial_key")
         stopped = bool((trial.last_result or {}).get(STOPPED))  # only a trial's last level can stop it
         for i, record in enumerate(records):
-            row = {**head, "trial_key": key, **{k: record.get(k) for k in LEVEL_FIELDS}}
-            row["layer_density"] = json.dumps(record.get("layer_density"), sort_keys=True)
+            row = {**head, "trial_key": key, **record.flat()}
             row.update(summarise(records[: i + 1], sweep.tolerance))
-            row.update({STOPPED: stopped and i == len(records) - 1, "node_id": nodes.get(str(record["level"]))})
+            row.update({STOPPED: stopped and i == len(records) - 1, NODE_ID: nodes.get(str(record.level))})
             rows.append(row)
     return rows
 
@@ -73,7 +71,7 @@ def collect(sweep) -> list[dict]:
 def write_csv(sweep, rows: list[dict]) -> str:
     path = sweep_path(sweep.storage, sweep.name) + "/" + TRIALS_CSV
     buf = io.StringIO()
-    columns = ["trial_id", "status", "error", *sweep.varied, "seed", "trial_key", *LEVEL_FIELDS,
+    columns = ["trial_id", "status", "error", *sweep.varied, "seed", "trial_key", *FIELDS,
                *SUMMARY_FIELDS]
     pd.DataFrame(rows, columns=columns).to_csv(buf, index=False)
     write_text(path, buf.getvalue())

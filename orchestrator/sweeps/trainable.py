@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,8 +22,9 @@ from ray import tune
 from orchestrator.objectives import STOPPED, matches, summarise
 from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps.storage import checkpoint_dirs
+from trials import layout
+from trials.record import LevelRecord, read_lines
 
-NODES = "nodes.json"  # level -> Ray node id that trained it, kept in the checkpoints
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
 
 
@@ -41,20 +41,21 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
     done_before = _level(registered)  # levels after Tune's checkpoint are reported (again: never lost)
     restore([registered] + persisted_after(done_before) if registered else persisted_after(-1), work)
     data = _data(spec, work)
-    records: list[dict] = []
+    records: list[LevelRecord] = []
+    nodes_file = work / layout.NODES  # level -> Ray node id that trained it, kept in the checkpoints
 
-    def report(record: dict, out) -> bool:
+    def report(record: LevelRecord, out) -> bool:
         records.append(record)
         summary = summarise(records, tolerance)
         stop = stop_when_not_matching and not matches(record, records[0], tolerance)
-        nodes = json.loads((work / NODES).read_text()) if (work / NODES).exists() else {}
-        nodes.setdefault(str(record["level"]), node)  # a restored level keeps the node that trained it
-        (work / NODES).write_text(json.dumps(nodes))
-        if record["level"] > done_before:
-            metrics = {**flat_record(record), **summary, "trial_key": spec.key, "seed": spec.seed,
-                       STOPPED: stop, "node_id": nodes[str(record["level"])]}
+        nodes = json.loads(nodes_file.read_text()) if nodes_file.exists() else {}
+        nodes.setdefault(str(record.level), node)  # a restored level keeps the node that trained it
+        nodes_file.write_text(json.dumps(nodes))
+        if record.level > done_before:
+            metrics = {**record.flat(), **summary, "trial_key": spec.key, "seed": spec.seed,
+                       STOPPED: stop, "node_id": nodes[str(record.level)]}
             with tempfile.TemporaryDirectory() as tmp:
-                snapshot(work, Path(tmp), record["level"])
+                snapshot(work, Path(tmp), record.level)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         return stop
 
@@ -73,21 +74,13 @@ def _data(spec, work):
     return _DATA[key]
 
 
-def flat_record(record: dict) -> dict:
-    """Tune results are flat scalars: per-layer densities travel as one JSON string."""
-    return {k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in record.items()}
-
-
-_LEVEL = re.compile(r"level_(\d+)$")
-
-
 def snapshot(work: Path, dest: Path, level: int) -> None:
     """Copy the trial folder, leaving out tensors of levels before `level`."""
     for src in work.rglob("*"):
         if src.is_dir() or src.name.startswith("."):
             continue
-        m = _LEVEL.match(src.parent.name)
-        if m and int(m.group(1)) < level and src.suffix == ".safetensors":
+        src_level = layout.level_of(src.parent.name)
+        if src_level is not None and src_level < level and src.name.endswith(layout.TENSOR_SUFFIX):
             continue
         target = dest / src.relative_to(work)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +92,8 @@ def _level(checkpoint) -> int:
     if checkpoint is None:
         return -1
     fs, path = checkpoint.filesystem, checkpoint.path
-    with fs.open_input_stream(f"{path}/levels.jsonl") as f:
-        return max((json.loads(line)["level"] for line in f.readall().decode().splitlines()), default=-1)
+    with fs.open_input_stream(f"{path}/{layout.LEVELS}") as f:
+        return max((r.level for r in read_lines(f.readall().decode())), default=-1)
 
 
 def persisted_after(level: int) -> list:
@@ -124,7 +117,7 @@ def persisted_after(level: int) -> list:
         try:
             ckpt = tune.Checkpoint(d, filesystem=fs)
             newest = _level(ckpt)
-            if newest > level and fs.get_file_info(f"{d}/level_{newest:02d}/DONE").type == pyarrow.fs.FileType.File:
+            if newest > level and fs.get_file_info(f"{d}/{layout.level_dir(newest)}/{layout.DONE}").type == pyarrow.fs.FileType.File:
                 found.append(ckpt)
         except (OSError, ValueError):
             continue  # a checkpoint cut short by the lost node

@@ -11,7 +11,8 @@ Layout: experiment = the sweep's `experiment`; one parent run per sweep (tag
 lth.kind=sweep); one child run per trial (mlflow.parentRunId, run name and tag
 lth.trial_key = the trial's content key); params = the flattened spec; metrics per
 level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
-ticket/level_XX/{mask,final}.safetensors. Every write first checks what is there, so a
+ticket/level_XX/{mask,final}.safetensors (names from trials/layout.py; metrics are the
+tracked fields of trials/record.py). Every write first checks what is there, so a
 resumed or re-run sweep reuses its runs and never logs a step twice.
 """
 from __future__ import annotations
@@ -23,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from trials import layout
 from trials.errors import ConfigError
+from trials.record import TRACKED, read_lines
 from trials.spec import flatten
 
-METRICS = ("density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop", "val_loss", "val_acc",
-           "train_loss", "seconds", "remaining_params")
+TICKET = "ticket"  # artifact folder of a trial run that mirrors the trial folder's tensors
 TAG_KIND, TAG_SWEEP, TAG_KEY, TAG_TRIAL, TAG_VARIED = (
     "lth.kind", "lth.sweep", "lth.trial_key", "lth.tune_trial_id", "lth.varied")
 SPEC_TAGS = {"seed": "seed", "prune.kind": "prune_kind", "rewind_iteration": "rewind_iteration",
@@ -137,8 +139,8 @@ class SweepTracker:
                 "lth.version": str(meta.get("version"))})
             steps, files = set(), set()
         else:
-            steps = {m.step for m in self.c.get_metric_history(run.info.run_id, "test_acc")}
-            files = {f.path for f in self._list(run.info.run_id, "ticket")}
+            steps = {m.step for m in self.c.get_metric_history(run.info.run_id, TRACKED[0])}
+            files = {f.path for f in self._list(run.info.run_id, TICKET)}
             files |= {f.path for d in list(files) for f in self._list(run.info.run_id, d)}
         if not run.data.params:  # new, or created by a driver that died before the params
             from mlflow.entities import Param
@@ -156,20 +158,19 @@ class SweepTracker:
         `refresh` re-uploads the small spec.json and levels.jsonl (the newest wins)."""
         from mlflow.entities import Metric
 
-        meta = json.loads((folder / "spec.json").read_text())
+        meta = json.loads((folder / layout.SPEC).read_text())
         run = self.child(meta, tune_trial_id)
-        records = [json.loads(line) for line in (folder / "levels.jsonl").read_text().splitlines()]
         now = int(time.time() * 1000)
-        for r in records:
-            if r["level"] not in run["steps"]:
-                metrics = [Metric(k, float(r[k]), now, r["level"]) for k in METRICS if r.get(k) is not None]
+        for r in read_lines((folder / layout.LEVELS).read_text()):
+            if r.level not in run["steps"]:
+                metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED]
                 self.c.log_batch(run["run_id"], metrics=metrics)
-                run["steps"].add(r["level"])
+                run["steps"].add(r.level)
         for local, remote in self._artifacts(folder):
             if remote not in run["files"]:
                 self.c.log_artifact(run["run_id"], str(local), remote.rsplit("/", 1)[0] or None)
                 run["files"].add(remote)
-        for name in ("spec.json", "levels.jsonl") if refresh else ():
+        for name in (layout.SPEC, layout.LEVELS) if refresh else ():
             self.c.log_artifact(run["run_id"], str(folder / name))
         return run["run_id"]
 
@@ -177,11 +178,11 @@ class SweepTracker:
     def _artifacts(folder: Path):
         """(local file, artifact path) of the ticket files in a checkpoint: the rewind
         weights and every level folder that still holds tensors."""
-        if (folder / "rewind.safetensors").exists():
-            yield folder / "rewind.safetensors", "ticket/rewind.safetensors"
-        for level_dir in sorted(folder.glob("level_*")):
-            for f in sorted(level_dir.glob("*.safetensors")):
-                yield f, f"ticket/{level_dir.name}/{f.name}"
+        if (folder / layout.REWIND).exists():
+            yield folder / layout.REWIND, f"{TICKET}/{layout.REWIND}"
+        for level_dir in sorted(d for d in folder.iterdir() if layout.level_of(d.name) is not None):
+            for f in sorted(level_dir.glob(f"*{layout.TENSOR_SUFFIX}")):
+                yield f, f"{TICKET}/{level_dir.name}/{f.name}"
 
     def set_status(self, key: str, status: str) -> None:
         if key in self.known:
@@ -189,10 +190,6 @@ class SweepTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.c.set_terminated(self.parent, status=status)
-
-    def child_runs(self) -> list:
-        query = f"tags.`{TAG_KIND}` = 'trial' and tags.`{TAG_SWEEP}` = {_quote(self.sweep.name)}"
-        return list(self.c.search_runs([self.exp], filter_string=query, max_results=5000))
 
 
 def sync(tracker_factory, trials: list, attempts: int = 6, wait_seconds: float = 5.0) -> bool:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.tracking import store
+from trials import layout
 from trials.errors import ConfigError
+from trials.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
 
-LEVEL_METRICS = ("density", "test_acc", "test_acc_at_early_stop", "early_stop_iteration", "remaining_params")
-RANK_METRICS = ("test_acc_at_early_stop", "test_acc", "val_acc")
 
 
 def trial_runs(c, experiment: str, uri: str) -> list:
@@ -25,7 +25,7 @@ def trial_runs(c, experiment: str, uri: str) -> list:
     return list(c.search_runs([exp], filter_string=f"tags.`{store.TAG_KIND}` = 'trial'", max_results=50000))
 
 
-def level_rows(c, run, metrics=LEVEL_METRICS) -> list[dict]:
+def level_rows(c, run, metrics=HEADLINE) -> list[dict]:
     """One dict per logged level of a trial run: its metrics, varied params and tags."""
     history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in metrics}
     varied = [p for p in run.data.tags.get(store.TAG_VARIED, "").split(",") if p]
@@ -33,8 +33,8 @@ def level_rows(c, run, metrics=LEVEL_METRICS) -> list[dict]:
             "sweep": run.data.tags.get(store.TAG_SWEEP), "status": run.info.status,
             "seed": _number(run.data.params.get("seed")),
             **{p: _number(run.data.params.get(p)) for p in varied}}
-    counts = ("early_stop_iteration", "remaining_params")  # MLflow stores every metric as a float
-    return [{**head, "level": step, **{m: _count(history[m].get(step)) if m in counts else history[m].get(step)
+    # MLflow stores every metric as a float: whole-number fields are made ints again
+    return [{**head, "level": step, **{m: _count(history[m].get(step)) if m in COUNTS else history[m].get(step)
                                        for m in metrics}}
             for step in sorted(history[metrics[0]])]
 
@@ -57,12 +57,12 @@ def _number(text):
 def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_early_stop",
          max_density: Optional[float] = None, min_acc: Optional[float] = None, top: int = 10) -> list[dict]:
     """(trial, level) pairs ranked by `metric` (descending), filtered by density and accuracy."""
-    if metric not in RANK_METRICS:
-        raise ConfigError("--metric", metric, f"allowed: {', '.join(RANK_METRICS)}")
+    if metric not in ACCURACIES:
+        raise ConfigError("--metric", metric, f"allowed: {', '.join(ACCURACIES)}")
     uri = store.resolve_uri(uri)
     store.check_reachable(uri, "--tracking-uri")
     c = store.client(uri)
-    metrics = tuple(dict.fromkeys(LEVEL_METRICS + (metric,)))
+    metrics = tuple(dict.fromkeys(HEADLINE + (metric,)))
     rows = [r for run in trial_runs(c, experiment, uri) for r in level_rows(c, run, metrics)]
     rows = [r for r in rows if r.get(metric) is not None
             and (max_density is None or r["density"] <= max_density)
@@ -72,7 +72,7 @@ def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_
 
 
 def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
-    """Write one level's ticket: spec.json, record.json, rewind/mask/final safetensors."""
+    """Write one level's ticket folder (trials/layout.py names; trials.load_ticket reads it)."""
     uri = store.resolve_uri(uri)
     store.check_reachable(uri, "--tracking-uri")
     c = store.client(uri)
@@ -83,22 +83,24 @@ def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", str(out), "a new or empty folder")
-    wanted = {"spec.json": "spec.json", "levels.jsonl": "levels.jsonl",
-              "ticket/rewind.safetensors": "rewind.safetensors",
-              f"ticket/level_{level:02d}/mask.safetensors": "mask.safetensors",
-              f"ticket/level_{level:02d}/final.safetensors": "final.safetensors"}
+    level_dir = f"{store.TICKET}/{layout.level_dir(level)}"
+    wanted = {layout.SPEC: layout.SPEC, layout.LEVELS: layout.LEVELS,
+              f"{store.TICKET}/{layout.REWIND}": layout.REWIND,
+              f"{level_dir}/{layout.MASK}": layout.MASK, f"{level_dir}/{layout.FINAL}": layout.FINAL}
     with tempfile.TemporaryDirectory() as tmp:
-        levels = [f.path for f in c.list_artifacts(run_id, "ticket") if f.is_dir]
-        if f"ticket/level_{level:02d}" not in levels:
-            logged = ", ".join(p.rsplit("_", 1)[1] for p in sorted(levels)) or "none"
+        levels = [f.path for f in c.list_artifacts(run_id, store.TICKET) if f.is_dir]
+        if level_dir not in levels:
+            found = (layout.level_of(p.rsplit("/", 1)[-1]) for p in levels)
+            logged = ", ".join(str(lv) for lv in sorted(lv for lv in found if lv is not None)) or "none"
             raise ConfigError("--level", level, f"levels logged for this run: {logged}")
         for remote, local in wanted.items():
             shutil.move(c.download_artifacts(run_id, remote, tmp), Path(tmp) / f"x_{local}")
-        records = [json.loads(x) for x in (Path(tmp) / "x_levels.jsonl").read_text().splitlines()]
+        records = read_lines((Path(tmp) / f"x_{layout.LEVELS}").read_text())
         out.mkdir(parents=True, exist_ok=True)
         for local in wanted.values():
-            if local != "levels.jsonl":
+            if local != layout.LEVELS:
                 shutil.move(Path(tmp) / f"x_{local}", out / local)
-    record = next(r for r in records if r["level"] == level)
-    (out / "record.json").write_text(json.dumps({**record, "run_id": run_id, "tracking_uri": uri}, indent=1))
+    record: LevelRecord = next(r for r in records if r.level == level)
+    (out / layout.RECORD).write_text(json.dumps(record.to_dict(), indent=1, sort_keys=True) + "\n")
+    (out / layout.SOURCE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=1) + "\n")
     return out

@@ -47,6 +47,7 @@ def records(name: str) -> list:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_lottery(from_dict(spec_data(name)), Path(tmp) / "trial")
+    rows = [r.to_dict() if hasattr(r, "to_dict") else r for r in rows]  # LevelRecord, or the old dicts
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
