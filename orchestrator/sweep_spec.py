@@ -1,30 +1,37 @@
-"""Sweep files: parsed and validated in full before Ray starts (house rule 10).
+"""Sweep files: parsed and validated in full before Ray starts, so a bad file costs no
+cluster time.
 
 A sweep = a base trial spec, a `space` of spec paths to vary, `seeds` replicas of every
 configuration, a search algorithm, per-trial resources and where things are stored.
-Every trial spec the grid can produce is constructed once here, so a bad combination
-fails now with the key that caused it, not hours later on a worker.
+The file is read by trials/typed.py, the machinery that reads trial specs: the
+dataclasses below declare each key's type and rules. What plain typing cannot say
+(seeds, the space, paths resolved against the working directory, the base spec, the
+grid/continuous rule) is done by the explicit functions after them. Every trial spec
+the grid can produce is constructed once here, so a bad combination fails now with the
+key that caused it, not hours later on a worker.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, Union
 
 from orchestrator.config import apply_overrides, expand, parse_override, read_yaml
-from trials.errors import ConfigError
+from orchestrator.objectives import MINIMISED, OBJECTIVES
+from trials.errors import ConfigError, check
 from trials.spec import field_paths, from_dict
+from trials.typed import Rule, above, at_least, build, coerce, option
 
-OBJECTIVES = ("final_test_acc", "final_test_acc_at_early_stop", "dense_test_acc", "matching_density",
-              "final_density")
-ALGORITHMS = ("grid", "random", "optuna")
+Objective = Literal[OBJECTIVES]  # the keys of orchestrator.objectives.summarise
+Mode = Literal["max", "min"]
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
-TOP_KEYS = ("name", "experiment", "base", "space", "seeds", "search", "resources", "max_concurrent",
-            "storage", "tracking_uri", "max_failures", "tolerance", "stop_when_not_matching")
 GRID_CHECK_LIMIT = 20000  # combinations constructed at validation; beyond it, a sample is checked
+NAME = Rule(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None,
+            "a name of letters, digits, '.', '_' or '-'")
+SLOT = Rule(lambda v: v <= 1 or float(v).is_integer(), "a fraction <= 1 or a whole number")  # Ray's rule
 
 
 @dataclass(frozen=True)
@@ -40,27 +47,78 @@ class Dimension:
 
 @dataclass(frozen=True)
 class Search:
-    algorithm: str = "grid"
-    num_samples: int = 1  # configurations to try (random/optuna); each runs `seeds` times
-    metric: tuple = ("final_test_acc",)
-    mode: tuple = ("max",)
-    seed: int = 0  # the sampler's seed: the same sweep proposes the same configurations
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    # configurations to try (random/optuna; default 1), each run `seeds` times; grid runs them all
+    num_samples: Optional[int] = option(None, at_least(1, "an integer"))
+    metric: Union[Objective, tuple[Objective, ...]] = ("final_test_acc",)  # kept as a tuple
+    mode: Union[Mode, tuple[Mode, ...], None] = None  # kept as a tuple; default: by metric
+    seed: int = option(0, at_least(0, "an integer"))  # the sampler's: the same sweep proposes the same
+
+    def __post_init__(self):
+        metric = _many(self.metric)
+        mode = _many(self.mode) if self.mode is not None else tuple(
+            "min" if m in MINIMISED else "max" for m in metric)
+        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "mode", mode)
+        check(len(mode) == len(metric), "mode", list(mode),
+              f"max or min for each of the {len(metric)} metric(s)")
+        check(len(metric) in (1, 2), "metric", list(metric), "one objective, or two (a Pareto front)")
+        if self.algorithm == "grid":
+            check(self.num_samples is None, "num_samples", self.num_samples,
+                  "not used by grid search (every combination runs once per seed)")
+        elif self.num_samples is None:
+            object.__setattr__(self, "num_samples", 1)
+
+
+def _many(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per trial; Ray allows fractions of one CPU/GPU (several trials share it)."""
+
+    cpu: float = option(1.0, above(0, "a number"), SLOT)
+    gpu: float = option(0.0, at_least(0, "a number (fractions allowed, e.g. 0.25)"), SLOT)
+
+
+def _seeds(key: str, value) -> tuple:
+    """A count (seeds 0..n-1) or a list of distinct seeds."""
+    seeds = coerce(key, value, Union[int, tuple[int, ...]])
+    if isinstance(seeds, int):
+        check(seeds >= 1, key, seeds, "a count >= 1 or a list of seeds")
+        return tuple(range(seeds))
+    check(seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key, list(seeds),
+          "a count >= 1 or a list of distinct seeds >= 0")
+    return seeds
+
+
+def _space(key: str, value) -> tuple:
+    entries = coerce(key, {} if value is None else value, dict)
+    return tuple(_dimension(f"{key}.{path}", path, entry) for path, entry in entries.items())
+
+
+def _resources(key: str, value) -> dict:
+    return asdict(coerce(key, value, Resources))  # a dict, as Ray takes it
 
 
 @dataclass(frozen=True)
 class Sweep:
-    name: str
-    experiment: str
-    base: dict  # expanded trial-spec dict (preset resolved, paths absolute)
-    space: tuple = ()
-    seeds: tuple = (0,)
-    search: Search = field(default_factory=Search)
-    resources: dict = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
-    max_concurrent: Optional[int] = None
+    name: str = option(MISSING, NAME)
+    experiment: str = option(MISSING, NAME)
+    base: dict = option(expected="a trial spec mapping (or {preset: NAME, ...})")  # expanded, paths absolute
+    space: tuple[Dimension, ...] = option((), parse=_space, expected="a mapping of trial-spec paths to "
+                                          "distributions, e.g. {prune.rate: {grid: [0.1, 0.2]}}")
+    seeds: tuple[int, ...] = option((0,), parse=_seeds,
+                                    expected="a count >= 1 or a list of distinct seeds >= 0")
+    search: Search = option(factory=Search)
+    resources: dict[str, float] = option(factory=lambda: asdict(Resources()), parse=_resources)
+    max_concurrent: Optional[int] = option(None, Rule(lambda v: v >= 1,
+                                                      "an integer >= 1, or null for no limit"))
     storage: str = "./runs"
-    tracking_uri: str = "sqlite:///mlflow.db"
-    max_failures: int = 1
-    tolerance: float = 0.005  # accuracy within which a level "matches" its dense level
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    max_failures: int = option(1, at_least(0, "an integer"))
+    tolerance: float = option(0.005, at_least(0))  # accuracy within which a level "matches" its dense level
     stop_when_not_matching: bool = False
 
     @property
@@ -94,11 +152,6 @@ def _yaml_scalar(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
-def _check(ok, key, value, allowed):
-    if not ok:
-        raise ConfigError(key, value, allowed)
-
-
 def load_sweep(path, overrides=(), name: str | None = None, storage: str | None = None,
                cwd: Path | None = None) -> Sweep:
     data = read_yaml(path, "sweep")
@@ -128,157 +181,77 @@ def _set(data: dict, key: str, value) -> None:
 
 
 def parse_sweep(data: dict, cwd: Path) -> Sweep:
-    _check(isinstance(data, dict), "sweep", data, "a YAML mapping")
-    unknown = [k for k in data if k not in TOP_KEYS]
-    _check(not unknown, unknown[0] if unknown else "", data.get(unknown[0]) if unknown else None,
-           f"unknown key; known keys: {', '.join(TOP_KEYS)}")
-    for key in ("name", "experiment"):
-        _check(isinstance(data.get(key), str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", data[key]),
-               key, data.get(key), "a name of letters, digits, '.', '_' or '-'")
-    base = _base(data.get("base"), cwd)
-    space = tuple(_dimension(path, entry, cwd) for path, entry in (data.get("space") or {}).items())
-    sweep = Sweep(
-        name=data["name"], experiment=data["experiment"], base=base, space=space,
-        seeds=_seeds(data.get("seeds", 1)), search=_search(data.get("search") or {}, space),
-        resources=_resources(data.get("resources") or {}),
-        max_concurrent=_optional_int(data, "max_concurrent", 1),
-        storage=resolve_storage(data.get("storage", "./runs"), cwd),
-        tracking_uri=_tracking_uri(data.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-                                   or "sqlite:///mlflow.db", cwd),
-        max_failures=_int(data, "max_failures", 1, 0),
-        tolerance=_number(data, "tolerance", 0.005, 0.0),
-        stop_when_not_matching=_bool(data, "stop_when_not_matching", False),
-    )
+    """A validated Sweep from the file's mapping; relative paths are resolved against `cwd`."""
+    check(isinstance(data, dict), "sweep", data, "a YAML mapping")
+    sweep = build(Sweep, data)
+    tracking_uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    sweep = replace(
+        sweep, base=_base(sweep.base, cwd), space=tuple(_absolute_dirs(d, cwd) for d in sweep.space),
+        storage=resolve_storage(sweep.storage, cwd), tracking_uri=_tracking_uri(tracking_uri, cwd))
+    if sweep.search.algorithm == "grid":
+        continuous = [d.path for d in sweep.space if not d.discrete]
+        check(not continuous, f"space.{continuous[0]}" if continuous else "", None,
+              "grid search needs grid/choice values here; use search.algorithm random or optuna")
     _check_combinations(sweep)
     return sweep
 
 
-def _base(base, cwd: Path) -> dict:
-    _check(isinstance(base, dict), "base", base, "a trial spec mapping (or {preset: NAME, ...})")
+def _base(base: dict, cwd: Path) -> dict:
     try:
         expanded = expand(base)
         data_dir = (expanded.get("dataset") or {}).get("data_dir")
         if isinstance(data_dir, str):  # trials run in their own folders: make it absolute now
-            expanded["dataset"]["data_dir"] = str((cwd / Path(data_dir).expanduser()).resolve())
+            expanded["dataset"]["data_dir"] = _absolute(data_dir, cwd)
         from_dict(expanded)
     except ConfigError as e:
         raise ConfigError(f"base.{e.key}", e.value, e.allowed) from None
     return expanded
 
 
-def _dimension(path: str, entry, cwd: Path) -> Dimension:
-    key = f"space.{path}"
+def _dimension(key: str, path: str, entry) -> Dimension:
     known = field_paths()
-    _check(path in known or path in ("model", "dataset"), key, entry,
-           f"not a trial-spec path; known paths: {', '.join(known)}")
-    _check(path != "seed", key, entry, "seeds are set by the top-level `seeds:` key")
-    _check(isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in DISTRIBUTIONS, key, entry,
-           "one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
-           "{int: [lo, hi]}")
+    check(path in known or path in ("model", "dataset"), key, entry,
+          f"not a trial-spec path; known paths: {', '.join(known)}")
+    check(path != "seed", key, entry, "seeds are set by the top-level `seeds:` key")
+    check(isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in DISTRIBUTIONS, key, entry,
+          "one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
+          "{int: [lo, hi]}")
     kind, values = next(iter(entry.items()))
-    _check(isinstance(values, list) and values, f"{key}.{kind}", values, "a non-empty list")
+    key = f"{key}.{kind}"
+    check(isinstance(values, list) and values, key, values, "a non-empty list")
     if kind in ("grid", "choice"):
-        if path == "dataset.data_dir":
-            values = [str((cwd / Path(v).expanduser()).resolve()) if isinstance(v, str) else v for v in values]
         return Dimension(path, kind, tuple(values))
-    _check(len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values),
-           f"{key}.{kind}", values, "[low, high] numbers")
+    check(len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values),
+          key, values, "[low, high] numbers")
     low, high = values
-    _check(low <= high, f"{key}.{kind}", values, "low <= high")
-    _check(kind != "loguniform" or low > 0, f"{key}.{kind}", values, "low > 0 for loguniform")
-    _check(kind != "int" or all(isinstance(v, int) for v in values), f"{key}.{kind}", values, "integers")
+    check(low <= high, key, values, "low <= high")
+    check(kind != "loguniform" or low > 0, key, values, "low > 0 for loguniform")
+    check(kind != "int" or all(isinstance(v, int) for v in values), key, values, "integers")
     return Dimension(path, kind, (low, high))
 
 
-def _seeds(seeds) -> tuple:
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        _check(seeds >= 1, "seeds", seeds, "a count >= 1 or a list of seeds")
-        return tuple(range(seeds))
-    _check(isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)
-           and len(set(seeds)) == len(seeds), "seeds", seeds, "a count >= 1 or a list of distinct seeds >= 0")
-    return tuple(seeds)
+def _absolute_dirs(dim: Dimension, cwd: Path) -> Dimension:
+    """Trials run in their own folders: a varied data_dir is made absolute now."""
+    if dim.path != "dataset.data_dir":
+        return dim
+    return replace(dim, values=tuple(_absolute(v, cwd) if isinstance(v, str) else v for v in dim.values))
 
 
-def _search(data: dict, space) -> Search:
-    known = ("algorithm", "num_samples", "metric", "mode", "seed")
-    unknown = [k for k in data if k not in known]
-    _check(not unknown, f"search.{unknown[0]}" if unknown else "", data.get(unknown[0]) if unknown else None,
-           f"unknown key; known: {', '.join(known)}")
-    algorithm = data.get("algorithm", "grid")
-    _check(algorithm in ALGORITHMS, "search.algorithm", algorithm, f"allowed: {', '.join(ALGORITHMS)}")
-    metric = data.get("metric", "final_test_acc")
-    metric = tuple(metric) if isinstance(metric, list) else (metric,)
-    for m in metric:
-        _check(m in OBJECTIVES, "search.metric", m, f"allowed: {', '.join(OBJECTIVES)}")
-    mode = data.get("mode", ["max" if m != "matching_density" and m != "final_density" else "min"
-                             for m in metric])
-    mode = tuple(mode) if isinstance(mode, list) else (mode,)
-    _check(len(mode) == len(metric) and all(m in ("max", "min") for m in mode), "search.mode", list(mode),
-           f"max or min for each of the {len(metric)} metric(s)")
-    _check(len(metric) in (1, 2), "search.metric", list(metric), "one objective, or two (a Pareto front)")
-    num_samples = data.get("num_samples", 1)
-    _check(isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1,
-           "search.num_samples", num_samples, "an integer >= 1")
-    if algorithm == "grid":
-        continuous = [d.path for d in space if not d.discrete]
-        _check(not continuous, f"space.{continuous[0]}" if continuous else "", None,
-               "grid search needs grid/choice values here; use search.algorithm random or optuna")
-        _check("num_samples" not in data, "search.num_samples", num_samples,
-               "not used by grid search (every combination runs once per seed)")
-    seed = data.get("seed", 0)
-    _check(isinstance(seed, int) and seed >= 0, "search.seed", seed, "an integer >= 0")
-    return Search(algorithm, num_samples, metric, mode, seed)
-
-
-def _resources(data: dict) -> dict:
-    unknown = [k for k in data if k not in ("cpu", "gpu")]
-    _check(not unknown, f"resources.{unknown[0]}" if unknown else "", data.get(unknown[0]) if unknown else None,
-           "unknown resource; known resources: cpu, gpu")
-    out = {"cpu": data.get("cpu", 1), "gpu": data.get("gpu", 0)}
-    for k, v in out.items():
-        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"resources.{k}", v,
-               "a number >= 0 (fractions allowed, e.g. 0.25)")
-        _check(v <= 1 or float(v).is_integer(), f"resources.{k}", v, "a fraction <= 1 or a whole number")
-    _check(out["cpu"] > 0, "resources.cpu", out["cpu"], "a number > 0")
-    return {k: float(v) for k, v in out.items()}
-
-
-def _optional_int(data, key, low):
-    v = data.get(key)
-    _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= low), key, v,
-           f"an integer >= {low}, or null for no limit")
-    return v
-
-
-def _int(data, key, default, low):
-    v = data.get(key, default)
-    _check(isinstance(v, int) and not isinstance(v, bool) and v >= low, key, v, f"an integer >= {low}")
-    return v
-
-
-def _number(data, key, default, low):
-    v = data.get(key, default)
-    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, key, v, f"a number >= {low}")
-    return float(v)
-
-
-def _bool(data, key, default):
-    v = data.get(key, default)
-    _check(isinstance(v, bool), key, v, "true or false")
-    return v
+def _absolute(path: str, cwd: Path) -> str:
+    return str((cwd / Path(path).expanduser()).resolve())
 
 
 def resolve_storage(value, cwd: Path) -> str:
-    _check(isinstance(value, str) and value, "storage", value, "a folder path or an s3:// / gs:// URI")
+    check(isinstance(value, str) and value, "storage", value, "a folder path or an s3:// / gs:// URI")
     if re.match(r"^[a-z][a-z0-9+.-]*://", value):
-        _check(value.split("://")[0] in ("s3", "gs", "file"), "storage", value,
+        check(value.split("://")[0] in ("s3", "gs", "file"), "storage", value,
                "a local/NFS path, s3://bucket/prefix or gs://bucket/prefix")
         return value.removeprefix("file://") if value.startswith("file://") else value
-    return str((cwd / Path(value).expanduser()).resolve())
+    return _absolute(value, cwd)
 
 
 def _tracking_uri(value, cwd: Path) -> str:
-    _check(isinstance(value, str) and re.match(r"^(sqlite:///|https?://|postgresql|mysql)", value or ""),
+    check(isinstance(value, str) and re.match(r"^(sqlite:///|https?://|postgresql|mysql)", value or ""),
            "tracking_uri", value, "sqlite:///PATH.db, http(s)://HOST:PORT or a database URI")
     if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
         return "sqlite:///" + str((cwd / value[len("sqlite:///"):]).resolve())

@@ -7,3 +7,9 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def check(ok: bool, key: str, value, allowed: str) -> None:
+    """Raise ConfigError(key, value, allowed) unless `ok`: every rule's one-liner."""
+    if not ok:
+        raise ConfigError(key, value, allowed)

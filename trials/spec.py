@@ -3,24 +3,25 @@
 Groups follow open_lth's hyperparameter groups. Help text lives with each field
 (``metadata["help"]``). A field marked ``key=False`` says where the run happens, not
 what it computes, and is left out of the content key (``data_dir``, ``device``).
-The content key hashes only non-default fields, so adding a field whose default
-reproduces the old behaviour keeps every old key valid (house rule 3).
+The content key hashes only non-default fields: a new field's default must reproduce the
+old behaviour, so that every old key stays valid (see ARCHITECTURE.md, "The trial spec").
+Plain data becomes a spec through trials/typed.py, by the fields' real types.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from trials.errors import ConfigError
+from trials import typed
 from trials.validate import validate
 
 
-def _f(default, help: str, key: bool = True):
-    return field(default=default, metadata={"help": help, "key": key})
+def _f(default, help: str, key: bool = True, **coercion):
+    """`coercion`: metadata for trials/typed.py, e.g. shorthand="name" (`model: conv2`)."""
+    return field(default=default, metadata={"help": help, "key": key, **coercion})
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class PruneSpec:
     )
     rate: float = _f(0.2, "fraction of the remaining weights (or units) removed per level")
     layer_rates: tuple[tuple[str, float], ...] = _f(
-        (), "per-layer rates by module name, e.g. {fc1: 0.3}; these layers leave the global pool"
+        (), "per-layer rates by module name, e.g. {fc1: 0.3}; these layers leave the global pool",
+        expected="a mapping layer -> rate, e.g. {fc1: 0.3}",
     )
     output_rate: Optional[float] = _f(None, "rate of the output layer; default: rate. Structured pruning ignores it: classes stay")
     levels: int = _f(5, "pruning levels after the dense level 0")
@@ -76,8 +78,8 @@ class PruneSpec:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    model: ModelSpec = _f(ModelSpec(), "the network")
-    dataset: DatasetSpec = _f(DatasetSpec(), "the data")
+    model: ModelSpec = _f(ModelSpec(), "the network", shorthand="name")
+    dataset: DatasetSpec = _f(DatasetSpec(), "the data", shorthand="name")
     train: TrainSpec = _f(TrainSpec(), "how each level trains")
     prune: PruneSpec = _f(PruneSpec(), "how each level prunes")
     rewind_iteration: int = _f(0, "k: survivors restart from level 0's weights after k iterations")
@@ -147,75 +149,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-_SHORTHAND = {"model", "dataset"}  # `model: lenet_300_100` means `model: {name: lenet_300_100}`
-
-
 def from_dict(data: dict, cls=TrialSpec, path: str = ""):
-    """Build a spec from plain data, rejecting unknown keys and wrong types by path."""
-    if not isinstance(data, dict):
-        raise ConfigError(path.rstrip(".") or "config", data, "expected a mapping of keys")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{path}{unknown[0]}", data[unknown[0]], f"unknown key; known keys here: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        f, key = fields[name], f"{path}{name}"
-        if dataclasses.is_dataclass(f.default):
-            if name in _SHORTHAND and isinstance(value, str):
-                value = {"name": value}
-            kwargs[name] = from_dict(value if value is not None else {}, type(f.default), key + ".")
-        else:
-            kwargs[name] = coerce(key, value, cls.__annotations__[name])
-    return cls(**kwargs)  # only TrialSpec validates, with full key paths
+    """Build a spec from plain data, rejecting unknown keys and wrong types by path
+    (`path`: where `data` sits, e.g. "prune."). Only TrialSpec validates across fields."""
+    return typed.build(cls, data, path.rstrip("."))
 
 
-def coerce(key: str, value, annotation: str):
-    """Check one leaf against its (string) annotation; lists become tuples."""
-    ann = annotation.replace(" ", "")
-    if ann.startswith("Optional["):
-        return None if value is None else coerce(key, value, ann[len("Optional[") : -1])
-    if ann.startswith("Literal["):
-        allowed = re.findall(r"['\"]([^'\"]*)['\"]", ann)
-        if value not in allowed:
-            raise ConfigError(key, value, f"allowed: {', '.join(allowed)}")
-        return value
-    if ann == "tuple[tuple[str,float],...]":
-        if not isinstance(value, dict):
-            raise ConfigError(key, value, "expected a mapping layer -> rate, e.g. {fc1: 0.3}")
-        return tuple(sorted((str(k), coerce(f"{key}.{k}", v, "float")) for k, v in value.items()))
-    if ann == "tuple[int,...]":
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, value, "expected a list of integers")
-        return tuple(coerce(key, v, "int") for v in value)
-    if ann == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(key, value, "expected true or false")
-        return value
-    if ann == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, value, "expected an integer")
-        return value
-    if ann == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, value, "expected a number")
-        return float(value)
-    if ann == "str":
-        if not isinstance(value, str):
-            raise ConfigError(key, value, "expected a string")
-        return value
-    raise TypeError(f"no coercion for {annotation}")  # a programming error, not user input
-
-
-def field_paths(cls=TrialSpec, prefix: str = "") -> dict[str, str]:
-    """Every settable path -> its annotation (for --set and sweep spaces)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default):
-            out.update(field_paths(type(f.default), f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = cls.__annotations__[f.name]
-    return out
-
+def field_paths(cls=TrialSpec, prefix: str = "") -> dict[str, Any]:
+    """Every settable path -> its real type (for --set, sweep spaces and analysis columns)."""
+    return typed.field_paths(cls, prefix)
