@@ -143,3 +143,8 @@ def test_same_weights_same_mask():
     a = run_levels("lenet_300_100", spec, "magnitude")[1][-1][2]
     b = run_levels("lenet_300_100", spec, "magnitude")[1][-1][2]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unknown_scorer_is_a_programming_error_naming_the_known_ones():
+    with pytest.raises(KeyError, match="known pruning scorers: magnitude, random"):
+        pruning.STRATEGIES.get("snip")

@@ -20,7 +20,8 @@ from trials.masks import Layers, Mask
 from trials.registry import Registry
 
 Scorer = Callable[[torch.Tensor, bool, Optional[torch.Generator]], torch.Tensor]
-STRATEGIES: Registry = Registry("pruning strategy", "prune.strategy")
+# no spec key names a scorer: IMP uses magnitude, the random_prune control uses random
+STRATEGIES: Registry = Registry("pruning scorer", None)
 
 
 @STRATEGIES.register("magnitude")
@@ -51,9 +52,21 @@ def layer_rate(spec, layers: Layers, layer: str) -> Optional[float]:
     return None
 
 
-def _rate(spec, layers: Layers, layer: str) -> float:
+def resolved_rate(spec, layers: Layers, layer: str) -> float:
+    """The rate a level applies to the layer: its explicit rate, else prune.rate."""
     explicit = layer_rate(spec, layers, layer)
     return spec.rate if explicit is None else explicit
+
+
+def candidates(spec, layers: Layers) -> list[str]:
+    """Layers a level prunes: all but the output layer under structured pruning (classes stay)."""
+    units = spec.kind == "structured"
+    return [n for n in layers.names if not (units and n == layers.output)]
+
+
+def global_pool(spec, layers: Layers, names: list) -> list[str]:
+    """Layers ranked together at prune.rate (scope=global): those without an explicit rate."""
+    return [n for n in names if spec.scope == "global" and layer_rate(spec, layers, n) is None]
 
 
 def keep_count(n_alive: int, rate: float) -> int:
@@ -66,19 +79,19 @@ def prune(spec, weights: dict, mask: Mask, layers: Layers, strategy: str = "magn
     the random control uses it to match IMP's per-layer counts exactly."""
     score = STRATEGIES.get(strategy)
     units = spec.kind == "structured"
-    candidates = [n for n in layers.names if not (units and n == layers.output)]  # classes stay
-    survivors = {n: alive(mask, layers, n, units) for n in candidates}
+    names = candidates(spec, layers)
+    survivors = {n: alive(mask, layers, n, units) for n in names}
     scores = {}
-    for n in candidates:
+    for n in names:
         s = score(weights[layers.weight(n)].cpu(), units, generator).to(torch.float64)
         scores[n] = torch.where(survivors[n], s, torch.tensor(float("-inf"), dtype=torch.float64))
 
     if targets is not None:
-        keep = {n: _top(scores[n], targets[n]) for n in candidates}
+        keep = {n: _top(scores[n], targets[n]) for n in names}
     else:
-        pool = [n for n in candidates if spec.scope == "global" and layer_rate(spec, layers, n) is None]
-        keep = {n: _top(scores[n], keep_count(int(survivors[n].sum()), _rate(spec, layers, n)))
-                for n in candidates if n not in pool}
+        pool = global_pool(spec, layers, names)
+        keep = {n: _top(scores[n], keep_count(int(survivors[n].sum()), resolved_rate(spec, layers, n)))
+                for n in names if n not in pool}
         keep.update(_global_top(scores, survivors, pool, spec.rate))
     return _to_mask(mask, layers, keep, units)
 

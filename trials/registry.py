@@ -1,7 +1,7 @@
 """Registries: plain dicts filled by a decorator; a miss names every known entry."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Optional, TypeVar
 
 from trials.errors import ConfigError
 
@@ -9,10 +9,10 @@ T = TypeVar("T")
 
 
 class Registry(dict, Generic[T]):
-    def __init__(self, kind: str, key: str):
+    def __init__(self, kind: str, key: Optional[str]):
         super().__init__()
         self.kind = kind  # "model", "dataset", ... used in messages
-        self.key = key  # the config key that names an entry, e.g. "model.name"
+        self.key = key  # the config key that names an entry, e.g. "model.name"; None: code picks it
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(entry: T) -> T:
@@ -25,5 +25,8 @@ class Registry(dict, Generic[T]):
 
     def get(self, name: str) -> T:  # type: ignore[override]
         if name not in self:
-            raise ConfigError(self.key, name, f"known {self.kind}s: {', '.join(sorted(self))}")
+            known = f"known {self.kind}s: {', '.join(sorted(self))}"
+            if self.key is None:  # no config names it: a miss is a programming error, not bad input
+                raise KeyError(f"{self.kind} {name!r}; {known}")
+            raise ConfigError(self.key, name, known)
         return self[name]
