@@ -1,8 +1,9 @@
 """Trial configs: YAML files, shipped presets and `--set key=value` overrides -> TrialSpec.
 
-Reading files happens here, never in trials/ (house rule 1). A config may start from a
-preset (`preset: NAME`) and override any of its keys; `model:` and `dataset:` accept a
-bare name as shorthand for `{name: ...}`.
+Reading files happens here, never in trials/: a trial depends only on its spec
+(ARCHITECTURE.md, "Layers"). A config may start from a preset (`preset: NAME`) and
+override any of its keys; `model:` and `dataset:` accept a bare name as shorthand for
+`{name: ...}`.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 packages import only downward (trials <- orchestrator <- analysis <- lth), and each
 third-party library has one home."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,21 @@ def test_each_library_has_one_home(library):
 def test_the_cycle_finder_finds_a_cycle():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+OUTSIDE = re.compile("DESIGN" + r"\.md|house " + "rule", re.IGNORECASE)  # split: this file must not match
+
+
+def test_comments_cite_the_repository_not_documents_outside_it():
+    """Code points readers at ARCHITECTURE.md sections that exist, never at the founding brief."""
+    headings = {line.lstrip("#").strip() for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines()
+                if line.startswith("#")}
+    sources = [*modules().values(), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]
+    cited = set()
+    for path in sources:
+        text = path.read_text()
+        assert not OUTSIDE.search(text), f"{path} cites a document outside the repository"
+        cited.update(" ".join(c.split()) for c in re.findall(r'ARCHITECTURE\.md,\s+"([^"]+)"', text))
+    assert cited, "no code cites ARCHITECTURE.md"
+    missing = {c for c in cited if not any(h.startswith(c) for h in headings)}
+    assert not missing, f"cited sections not in ARCHITECTURE.md: {sorted(missing)}"

@@ -1,4 +1,4 @@
-"""The code version a result came from (house rule 9): package version and git sha."""
+"""The code version a result came from (every result carries it): package version and git sha."""
 from __future__ import annotations
 
 import functools
