@@ -99,18 +99,22 @@ class LocalCluster:
     """`ray start` head + workers on this machine; every process it started is found by
     its unique temp dir and killed by pid at the end."""
 
-    def __init__(self):
+    def __init__(self, separate_temp: bool = False, env: dict | None = None):
         self.temp = tempfile.mkdtemp(prefix="lthray_", dir="/tmp")  # short: socket paths
+        self.separate_temp = separate_temp  # each node its own temp dir: no local disk shared by nodes
+        self.nodes = 0
         self.ports = Ports()
         self.port = self.ports.one()
         self.address = f"127.0.0.1:{self.port}"
         # token authentication on, with a token of this test's own (nothing written to ~/.ray)
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32), **(env or {})}
 
     def _ray(self, *args):
         """`ray start` for one node with all its ports; a failed start shows Ray's own output."""
-        cmd = [str(BIN / "ray"), "start", *args, *self.ports.node_flags(), f"--temp-dir={self.temp}",
+        temp = f"{self.temp}/n{self.nodes}" if self.separate_temp else self.temp
+        self.nodes += 1
+        cmd = [str(BIN / "ray"), "start", *args, *self.ports.node_flags(), f"--temp-dir={temp}",
                "--disable-usage-stats"]
         done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
         if done.returncode != 0:

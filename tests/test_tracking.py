@@ -145,18 +145,20 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder."""
+    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder (or S3)."""
 
-    def __init__(self, folder: Path, port: int):
+    def __init__(self, folder: Path, port: int, artifacts: str | None = None, env: dict | None = None):
         self.folder, self.port, self.proc = folder, port, None
+        self.artifacts = artifacts or str(folder / "artifacts")  # a folder, or s3://bucket/prefix
+        self.env = {**os.environ, **(env or {})}
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self, timeout=120):
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             "--artifacts-destination", self.artifacts],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:

@@ -25,8 +25,9 @@ def _local(path: str) -> Path | None:
 
 
 def _study_file(sweep: Sweep) -> Path:
-    """Optuna's SQLite file: next to the sweep when storage is a folder, else in the
-    folder `lth` runs from (an SQLite file cannot live on S3)."""
+    """Optuna's SQLite file (random/optuna search only): next to the sweep when storage is
+    a folder, else in the folder `lth` runs from (an SQLite file cannot live on S3, so
+    resume such a sweep from the same folder)."""
     folder = _local(sweep_path(sweep.storage, sweep.name)) or Path.cwd() / "runs" / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
     return folder / STUDY_FILE
@@ -104,7 +105,8 @@ def _trainable(sweep: Sweep):
 
 
 def _tuner(sweep: Sweep, study_name: str):
-    searcher = make_searcher(sweep, study_name, _study_file(sweep))
+    study = None if sweep.search.algorithm == "grid" else _study_file(sweep)  # grid writes nothing locally
+    searcher = make_searcher(sweep, study_name, study)
     return tune.Tuner(
         _trainable(sweep),
         param_space=grid_space(sweep) if searcher is None else {},

@@ -46,7 +46,7 @@ def optuna_distributions(sweep) -> dict:
     return out
 
 
-def make_searcher(sweep, study_name: str, study_path: Path) -> Optional[Searcher]:
+def make_searcher(sweep, study_name: str, study_path: Optional[Path]) -> Optional[Searcher]:
     """None for grid (Tune expands the grid itself), else a seed-replicating Optuna search."""
     if sweep.search.algorithm == "grid":
         return None
