@@ -6,6 +6,11 @@ nearest (within a factor of `DENSITY_TOLERANCE`) and labelled with the density r
 A cell is the mean ± sample std over the group's trials (seeds) with n; a cell with no
 trial is missing, never zero. Marks: the best cell per column, and cells that match the
 dense network by the rule in `MATCH_RULE`.
+
+Supermasks (method=edge_popup) have no dense level: their level 0 is their densest
+supermask. They are grouped apart from IMP (`method` joins the rows), their columns must
+be target densities when methods are mixed, and the dense baseline, which they are
+matched against, is the IMP trials' level 0 in the same runs.
 """
 from __future__ import annotations
 
@@ -16,14 +21,16 @@ from typing import Optional
 import pandas as pd
 
 from analysis.data import dense_key
+from analysis.plots import methods
 from trials.errors import ConfigError
 
 DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
 MATCH_RULE = ("matches the dense network: its mean is at least the same row's dense (level 0) mean "
-              "minus the pooled standard deviation over seeds, √((s² + s_dense²) / 2)")
+              "(a supermask row's: the dense row's) minus the pooled standard deviation over seeds, "
+              "√((s² + s_dense²) / 2)")
 MATCH_RULE_TEX = (r"matches the dense network: $\bar{x} \geq \bar{x}_{\mathrm{dense}} - "
                   r"\sqrt{(s^2 + s_{\mathrm{dense}}^2)/2}$, with the same row's dense (level 0) mean "
-                  r"and standard deviations over seeds")
+                  r"(a supermask row's: the dense row's) and standard deviations over seeds")
 
 
 @dataclass
@@ -56,6 +63,9 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     if metric not in df:
         raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
     df = df.copy()
+    df["method"] = methods(df)
+    if "method" not in rows and (df["method"] == "edge_popup").any():
+        rows = ["method", *rows]  # supermasks and tickets are never averaged together
     df[rows] = df[rows].astype(str)
     stats = (df.groupby(rows + ["level"], dropna=False)
              .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"))
@@ -63,15 +73,16 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     stats["std"] = stats["std"].fillna(0.0)  # n = 1: no spread to report
     if densities is None:
         rates = df["prune.rate"].nunique() if "prune.rate" in df else 1
-        if rates > 1:
-            raise ConfigError("--density", None, "these rows use different prune rates, so a level is not a "
-                              "density; give target densities, e.g. --density 1,0.5,0.2,0.1")
+        if rates > 1 or df["method"].nunique() > 1:
+            raise ConfigError("--density", None, "these rows use different prune rates or methods, so a level "
+                              "is not a density; give target densities, e.g. --density 1,0.5,0.2,0.1")
         cells = stats.assign(column=stats["level"].map(lambda lv: f"L{lv}"))
         columns = [f"L{lv}" for lv in sorted(stats["level"].unique())]
     else:
         cells, columns = _match_densities(stats, rows, densities)
-    cells = _mark(cells, stats, rows)
-    return Table(rows, columns, cells, _dense(df, metric), metric, densities is None)
+    dense = _dense(df, metric)
+    cells = _mark(cells, stats, rows, dense)
+    return Table(rows, columns, cells, dense, metric, densities is None)
 
 
 def _match_densities(stats: pd.DataFrame, rows: list, densities: list):
@@ -85,13 +96,22 @@ def _match_densities(stats: pd.DataFrame, rows: list, densities: list):
     return pd.DataFrame(out, columns=[*stats.columns, "column"]), columns
 
 
-def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list) -> pd.DataFrame:
-    dense = stats[stats["level"] == 0].set_index(rows)[["mean", "std"]]
+def _supermasks(frame: pd.DataFrame) -> pd.Series:
+    """Rows of supermask groups (False where `method` is not a row field: IMP only)."""
+    return frame["method"] == "edge_popup" if "method" in frame else pd.Series(False, index=frame.index)
+
+
+def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list, baseline: dict) -> pd.DataFrame:
+    """A cell matches its row's dense level; a supermask's, the table's IMP dense baseline."""
+    dense = stats[(stats["level"] == 0) & ~_supermasks(stats)].set_index(rows)[["mean", "std"]]
     def matches(c):
         key = tuple(c[r] for r in rows) if len(rows) > 1 else c[rows[0]]
-        if key not in dense.index:
+        if c.get("method") == "edge_popup" and baseline["n"]:
+            d = baseline
+        elif key in dense.index:
+            d = dense.loc[key]
+        else:
             return False
-        d = dense.loc[key]
         return bool(c["mean"] >= d["mean"] - math.sqrt((c["std"] ** 2 + d["std"] ** 2) / 2))
 
     cells = cells.copy()
@@ -101,7 +121,7 @@ def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list) -> pd.DataFrame:
 
 
 def _dense(df: pd.DataFrame, metric: str) -> dict:
-    level0 = df[df["level"] == 0]
+    level0 = df[(df["level"] == 0) & (df["method"] != "edge_popup")]  # a supermask is never dense
     level0 = level0[~dense_key(level0).duplicated()]  # each distinct dense network once
     values = level0[metric].astype(float)
     return {"mean": values.mean(), "std": values.std() if len(values) > 1 else 0.0, "n": len(values)}
@@ -148,10 +168,12 @@ def _header(table: Table, col: str) -> str:
 
 def _dense_row(table: Table, fmt) -> list:
     """The dense baseline under the column that holds level 0 (else the first)."""
-    level0 = table.cells.loc[table.cells["level"] == 0, "column"]
+    cells = table.cells
+    level0 = cells.loc[(cells["level"] == 0) & ~_supermasks(cells), "column"]
     at = table.columns.index(level0.iloc[0]) if not level0.empty else 0
     d = table.dense
-    return [fmt(_fmt(d["mean"], d["std"], d["n"])) if i == at else "" for i in range(len(table.columns))]
+    text = fmt(_fmt(d["mean"], d["std"], d["n"]) if d["n"] else "—")  # no IMP trial: no dense network
+    return [text if i == at else "" for i in range(len(table.columns))]
 
 
 def _title(table: Table) -> str:

@@ -60,9 +60,9 @@ def trial_run(args) -> int:
     spec = _spec(args)
     out = Path(args.out or Path("runs") / "trials" / spec.key)
     data, _ = prepare(spec, out)  # every input error surfaces here, before any write
-    print(f"trial {spec.key}: {spec.model.name} on {spec.dataset.name}, {spec.prune.levels} levels "
+    print(f"trial {spec.key}: {spec.model.name} on {spec.dataset.name}, {spec.last_level} levels "
           f"x {spec.train.iterations} iterations -> {out}", file=sys.stderr)
-    progress = Progress(spec.prune.levels)
+    progress = Progress(spec.last_level)
     records = run_lottery(spec, out, report=progress.level_done, progress=progress.step, data=data)
     print(records_table(records))
     return 0

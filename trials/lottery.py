@@ -13,6 +13,9 @@ densities come from it:
     random_prune  random masks, nested across levels, with exactly IMP's per-layer counts
                   of weights (units when structured), on the ticket's rewind weights
 A control's level 0 is IMP's dense network: density 1 has no mask to control for.
+
+method=edge_popup runs trials/supermask.py's levels instead (a supermask per density on
+fixed random weights), in the same trial folder, records and files.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from trials import layout
 from trials.errors import ConfigError
 from trials.record import LevelRecord
 from trials.store import TrialDir, state_of
+from trials.supermask import EdgePopup
 from trials.training import rng, train_level
 
 
@@ -56,10 +60,10 @@ def run_lottery(spec, out, report: Callable = lambda record, out: None,
         data, device = prepare(spec, out)
     else:
         device = data.train_x.device
-    runner = Lottery if spec.control == "none" else Control
+    runner = EdgePopup if spec.method == "edge_popup" else Lottery if spec.control == "none" else Control
     run = runner(spec, Path(out), data, device, progress)
     records = []
-    for level in range(spec.prune.levels + 1):
+    for level in range(spec.last_level + 1):
         records.append(run.level(level))
         if report(records[-1], out):
             break
@@ -99,17 +103,9 @@ class Lottery:
         progress = (lambda it, total, val: self.progress(level, it, total, val)) if self.progress else None
         result = train_level(self.net, mask, self.data, self.spec.train, self.spec.seed, start,
                              on_iteration, progress)
-        record = LevelRecord(level=level, **describe(mask, self.layers), **result)
+        record = LevelRecord(level=level, **masks.describe(mask, self.layers), **result)
         self.trial.finish(level, mask, state_of(self.net), record)
         return record
-
-
-def describe(mask, layers) -> dict:
-    return {
-        "density": masks.density(mask, layers),
-        "layer_density": masks.layer_density(mask, layers),
-        "remaining_params": masks.remaining(mask, layers),
-    }
 
 
 class Control(Lottery):

@@ -84,6 +84,12 @@ def remaining(mask: Mask, layers: Layers) -> int:
     return sum(int(mask[layers.weight(n)].sum()) for n in layers.names)
 
 
+def describe(mask: Mask, layers: Layers) -> dict:
+    """The level record's density fields of a mask."""
+    return {"density": density(mask, layers), "layer_density": layer_density(mask, layers),
+            "remaining_params": remaining(mask, layers)}
+
+
 def is_nested(inner: Mask, outer: Mask) -> bool:
     return all(not (inner[k] & ~outer.get(k, torch.ones_like(inner[k]))).any() for k in inner)
 

@@ -3,10 +3,12 @@
 Architectures follow the papers our users reproduce: LeNet-300-100 and Conv-2/4/6
 (Frankle & Carbin 2019), ResNet-20 and VGG-11/16/19 for CIFAR (open_lth's versions),
 and torchvision's ResNet-18. The classifier is always the last ``nn.Linear`` in module
-order: pruning treats it as the output layer.
+order: pruning treats it as the output layer. A builder that takes `width` scales its
+hidden units and channels (model.width; 1.0 builds exactly the paper's network).
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -24,18 +26,30 @@ class IncompatibleInput(ValueError):
 
 def build(spec, info, seed: int, device="cpu") -> nn.Module:
     """Build on CPU under `seed` (same init on every device), then move to `device`."""
-    builder = MODELS.get(spec.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = builder(tuple(info.shape), info.num_classes)
+        net = _construct(spec.name, tuple(info.shape), info.num_classes, spec.width)
         _initialise(net, spec.init)
     return net.to(device)
 
 
-def shell(name: str, shape: tuple, num_classes: int) -> nn.Module:
+def shell(name: str, shape: tuple, num_classes: int, width: float = 1.0) -> nn.Module:
     """The architecture on the meta device, uninitialised: nothing is allocated (validation)."""
     with torch.device("meta"):
-        return MODELS.get(name)(tuple(shape), num_classes)
+        return _construct(name, tuple(shape), num_classes, width)
+
+
+def has_width(name: str) -> bool:
+    return "width" in inspect.signature(MODELS.get(name)).parameters
+
+
+def _construct(name: str, shape: tuple, num_classes: int, width: float) -> nn.Module:
+    builder = MODELS.get(name)
+    return builder(shape, num_classes) if width == 1.0 else builder(shape, num_classes, width=width)
+
+
+def _scale(n: int, width: float) -> int:
+    return max(1, round(n * width))
 
 
 def _initialise(net: nn.Module, init: str) -> None:
@@ -80,8 +94,8 @@ class LeNet(nn.Module):
 
 
 @MODELS.register("lenet_300_100")
-def lenet_300_100(shape, num_classes):
-    return LeNet(math.prod(shape), (300, 100), num_classes)
+def lenet_300_100(shape, num_classes, width: float = 1.0):
+    return LeNet(math.prod(shape), (_scale(300, width), _scale(100, width)), num_classes)
 
 
 # ---------------------------------------------------------------- Conv-2/4/6
@@ -90,7 +104,7 @@ def lenet_300_100(shape, num_classes):
 class ConvNet(nn.Module):
     """Frankle & Carbin's Conv-N: 3x3 conv pairs with max-pooling, then FC 256-256-classes."""
 
-    def __init__(self, shape, plan, num_classes: int):
+    def __init__(self, shape, plan, num_classes: int, hidden: int = 256):
         super().__init__()
         layers, channels, side = [], shape[0], shape[1:]
         for width in plan:
@@ -101,8 +115,8 @@ class ConvNet(nn.Module):
                 layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
                 channels = width
         self.features = nn.Sequential(*layers)
-        self.hidden = nn.ModuleList([nn.Linear(channels * math.prod(side), 256), nn.Linear(256, 256)])
-        self.fc = nn.Linear(256, num_classes)
+        self.hidden = nn.ModuleList([nn.Linear(channels * math.prod(side), hidden), nn.Linear(hidden, hidden)])
+        self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
         x = self.features(x).flatten(1)
@@ -115,8 +129,9 @@ def _register_conv(name: str, plan: tuple):
     pools = plan.count("M")
 
     @MODELS.register(name)
-    def conv(shape, num_classes):
-        return ConvNet(_image(shape, name, 2**pools), plan, num_classes)
+    def conv(shape, num_classes, width: float = 1.0):
+        widths = tuple(w if w == "M" else _scale(w, width) for w in plan)
+        return ConvNet(_image(shape, name, 2**pools), widths, num_classes, _scale(256, width))
 
 
 _register_conv("conv2", (64, 64, "M"))
@@ -169,8 +184,8 @@ class CifarResNet(nn.Module):
 
 
 @MODELS.register("resnet20")
-def resnet20(shape, num_classes):
-    return CifarResNet(_image(shape, "resnet20", 4), 20, num_classes)
+def resnet20(shape, num_classes, width: float = 1.0):
+    return CifarResNet(_image(shape, "resnet20", 4), 20, num_classes, _scale(16, width))
 
 
 # ---------------------------------------------------------------- CIFAR VGG
@@ -204,8 +219,9 @@ class CifarVGG(nn.Module):
 
 def _register_vgg(name: str):
     @MODELS.register(name)
-    def vgg(shape, num_classes):
-        return CifarVGG(_image(shape, name, 16), _VGG_PLANS[name], num_classes)
+    def vgg(shape, num_classes, width: float = 1.0):
+        plan = tuple(w if w == "M" else _scale(w, width) for w in _VGG_PLANS[name])
+        return CifarVGG(_image(shape, name, 16), plan, num_classes)
 
 
 for _name in _VGG_PLANS:

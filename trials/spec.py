@@ -1,4 +1,5 @@
-"""TrialSpec: a frozen, typed, validated description of one IMP run.
+"""TrialSpec: a frozen, typed, validated description of one trial: an IMP run, or an
+edge-popup supermask search (`method`, trials/supermask.py).
 
 Groups follow open_lth's hyperparameter groups. Help text lives with each field
 (``metadata["help"]``). A field marked ``key=False`` says where the run happens, not
@@ -28,8 +29,10 @@ def _f(default, help: str, key: bool = True, **coercion):
 class ModelSpec:
     name: str = _f("lenet_300_100", "model registry name (lth trial models)")
     init: Literal["kaiming_normal", "kaiming_uniform", "xavier_normal"] = _f(
-        "kaiming_normal", "init of conv/linear weights; biases start at 0 (open_lth's default)"
+        "kaiming_normal", "init of conv/linear weights; biases start at 0 (open_lth's default). "
+        "method=edge_popup ignores it: supermask.weight_init sets its fixed weights"
     )
+    width: float = _f(1.0, "width multiplier: hidden units and channels x width, rounded (1.0 = the paper's)")
 
 
 @dataclass(frozen=True)
@@ -77,20 +80,61 @@ class PruneSpec:
 
 
 @dataclass(frozen=True)
+class SupermaskSpec:
+    """Edge-popup (Ramanujan et al. 2020): which of the fixed random weights to keep is learned."""
+
+    densities: tuple[float, ...] = _f(
+        (0.5,), "k per level: fraction of each layer's weights kept (level i = densities[i], descending); "
+        "each level is its own search from the same fixed weights"
+    )
+    scope: Literal["layerwise", "global"] = _f(
+        "layerwise", "layerwise = each layer keeps its top k by |score|; global = one ranking over layers"
+    )
+    weight_init: Literal["signed_constant", "kaiming_normal"] = _f(
+        "signed_constant", "fixed weights: +-sqrt(2/fan_in) with the signs of a Kaiming-normal draw, "
+        "or the draw"
+    )
+    scaled: bool = _f(False, "the paper's scaled inits: weights x 1/sqrt(k), i.e. std sqrt(2/(k fan_in))")
+    score_init: Literal["kaiming_uniform", "kaiming_normal"] = _f(
+        "kaiming_uniform", "initial scores: U(+-1/sqrt(fan_in)) as torch's default (the reference code), "
+        "or N(0, 2/fan_in)"
+    )
+    lr: float = _f(0.1, "peak learning rate of the scores (SGD)")
+    momentum: float = _f(0.9, "SGD momentum of the scores")
+    weight_decay: float = _f(1e-4, "L2 penalty on the scores (coupled, as torch.optim.SGD)")
+    schedule: Literal["cosine", "constant"] = _f(
+        "cosine", "learning rate of the scores: cosine from lr to 0 over train.iterations, or constant"
+    )
+
+
+@dataclass(frozen=True)
 class TrialSpec:
+    method: Literal["imp", "edge_popup"] = _f(
+        "imp", "imp = train weights and prune them (prune.*); edge_popup = learn a supermask on fixed "
+        "random weights (supermask.*). edge_popup ignores prune.*, rewind_iteration, model.init and "
+        "train's optimizer fields (it uses train's batch_size, iterations, eval_interval, precision); "
+        "imp ignores supermask.*"
+    )
     model: ModelSpec = _f(ModelSpec(), "the network", shorthand="name")
     dataset: DatasetSpec = _f(DatasetSpec(), "the data", shorthand="name")
     train: TrainSpec = _f(TrainSpec(), "how each level trains")
-    prune: PruneSpec = _f(PruneSpec(), "how each level prunes")
+    prune: PruneSpec = _f(PruneSpec(), "how each level prunes (method=imp)")
+    supermask: SupermaskSpec = _f(SupermaskSpec(), "what each level searches (method=edge_popup)")
     rewind_iteration: int = _f(0, "k: survivors restart from level 0's weights after k iterations")
     control: Literal["none", "reinit", "random_prune"] = _f(
-        "none", "reinit = IMP's masks on a fresh init; random_prune = random masks at IMP's densities"
+        "none", "reinit = IMP's masks on a fresh init; random_prune = random masks at IMP's densities "
+        "(edge_popup: at each level's per-layer density on the fixed weights, evaluated, not trained)"
     )
     seed: int = _f(0, "init, data order and augmentation seed")
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N", key=False)
 
     def __post_init__(self):
         validate(self)
+
+    @property
+    def last_level(self) -> int:
+        """Levels run 0..last_level: IMP's prunings, or one per supermask density."""
+        return self.prune.levels if self.method == "imp" else len(self.supermask.densities) - 1
 
     @property
     def key(self) -> str:

@@ -101,7 +101,7 @@ class TrialDir:
         return LevelRecord.from_dict(json.loads((self.level_dir(level) / layout.RECORD).read_text()))
 
     def _write_levels(self, extra: int) -> None:
-        levels = [lv for lv in range(self.spec.prune.levels + 1) if self.done(lv) or lv == extra]
+        levels = [lv for lv in range(self.spec.last_level + 1) if self.done(lv) or lv == extra]
         text = "".join(self.record(lv).json_line() + "\n" for lv in levels)
         _atomic(self.path / layout.LEVELS, lambda tmp: tmp.write_text(text))
 

@@ -74,11 +74,14 @@ def evaluate(net, x, y, autocast) -> tuple[float, float]:
 
 def train_level(net, mask, data, t, seed: int, start_iteration: int,
                 on_iteration: Optional[dict] = None,
-                progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
+                progress: Optional[Callable[[int, int, float], None]] = None,
+                schedule: Optional[Callable[[int], float]] = None) -> dict:
     """Train `net` (already holding its starting weights) under `mask` from
     `start_iteration` to t.iterations. `on_iteration` maps an iteration count to a
     callback that receives the net after that many steps (level 0 keeps its rewind
-    weights this way). Returns the level's record; `net` ends with the final weights."""
+    weights this way); `schedule` maps an iteration to its learning rate (default:
+    learning_rate(t, .); edge-popup's scores use a cosine). Returns the level's record;
+    `net` ends with the final weights."""
     started = time.perf_counter()
     device = data.train_x.device
     masker = Masker(net, mask)
@@ -94,7 +97,7 @@ def train_level(net, mask, data, t, seed: int, start_iteration: int,
     for it in range(start_iteration, t.iterations):
         if it in hooks:
             hooks[it](net)
-        lr = learning_rate(t, it)
+        lr = schedule(it) if schedule else learning_rate(t, it)
         if lr != lr_now:
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -15,6 +15,8 @@ from trials.errors import ConfigError, check
 def validate(spec) -> None:
     _validate_train(spec.train)
     _validate_prune(spec.prune)
+    _validate_supermask(spec.supermask)
+    _validate_method(spec)
     t = spec.train
     check(0 <= spec.rewind_iteration < t.iterations, "rewind_iteration", spec.rewind_iteration,
           f"allowed: 0 <= k < train.iterations ({t.iterations})")
@@ -56,12 +58,36 @@ def _validate_prune(p) -> None:
               "allowed with prune.kind=structured: layerwise (units of different layers are not comparable)")
 
 
+def _validate_supermask(s) -> None:
+    ks = list(s.densities)
+    check(ks and all(0 < k < 1 for k in ks) and ks == sorted(set(ks), reverse=True), "supermask.densities",
+          ks, "allowed: one or more fractions 0 < k < 1, strictly descending (level i keeps densities[i])")
+    check(s.lr > 0, "supermask.lr", s.lr, "allowed: a number > 0")
+    check(0 <= s.momentum < 1, "supermask.momentum", s.momentum, "allowed: 0 <= momentum < 1")
+    check(s.weight_decay >= 0, "supermask.weight_decay", s.weight_decay, "allowed: a number >= 0")
+
+
+def _validate_method(spec) -> None:
+    """What edge-popup cannot do; the fields it ignores are listed on TrialSpec.method."""
+    if spec.method != "edge_popup":
+        return
+    check(spec.control != "reinit", "control", spec.control,
+          "allowed with method=edge_popup: none, random_prune (a supermask belongs to its fixed weights; "
+          "for other weights run another seed)")
+    check(spec.control != "random_prune" or spec.supermask.scope == "layerwise", "control", spec.control,
+          "allowed with method=edge_popup and supermask.scope=global: none (a random mask needs per-layer "
+          "densities fixed in advance: use supermask.scope=layerwise)")
+
+
 def _validate_against_model(spec) -> None:
     from trials import datasets, models
 
     info = datasets.info(spec.dataset)
     models.MODELS.get(spec.model.name)
-    error, layers = _structure(spec.model.name, tuple(info.shape), info.num_classes)
+    check(spec.model.width > 0, "model.width", spec.model.width, "allowed: a number > 0 (1.0 = the paper's)")
+    check(spec.model.width == 1.0 or models.has_width(spec.model.name), "model.width", spec.model.width,
+          f"allowed for {spec.model.name}: 1.0 (its builder takes no width multiplier)")
+    error, layers = _structure(spec.model.name, tuple(info.shape), info.num_classes, spec.model.width)
     if error:
         raise ConfigError("model.name", spec.model.name, f"{error}; dataset {spec.dataset.name} gives "
                           f"inputs of shape {tuple(info.shape)}")
@@ -70,7 +96,8 @@ def _validate_against_model(spec) -> None:
               f"not a prunable layer of {spec.model.name}; layers: {', '.join(layers.names)}")
         check(not (spec.prune.kind == "structured" and name == layers.output), f"prune.layer_rates.{name}",
               name, "the output layer's classes are never removed by structured pruning")
-    _validate_levels(spec.prune, layers)
+    if spec.method == "imp":  # edge-popup's levels are its densities, not prunings
+        _validate_levels(spec.prune, layers)
 
 
 def _validate_levels(prune, layers) -> None:
@@ -82,14 +109,14 @@ def _validate_levels(prune, layers) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _structure(model_name: str, shape: tuple, num_classes: int):
+def _structure(model_name: str, shape: tuple, num_classes: int, width: float = 1.0):
     """(incompatibility message or None, masks.Layers or None) of a model for an input
     shape: built once on the meta device, then remembered (sweeps validate thousands of
     specs of the same few models). Callers must not modify the Layers' dicts."""
     from trials import masks, models
 
     try:
-        net = models.shell(model_name, shape, num_classes)
+        net = models.shell(model_name, shape, num_classes, width)
     except models.IncompatibleInput as e:
         return str(e), None
     return None, masks.Layers.of(net)
