@@ -13,7 +13,9 @@ lth.trial_key = the trial's content key); params = the flattened spec; metrics p
 level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
 ticket/level_XX/{mask,final}.safetensors (names from trials/layout.py; metrics are the
 tracked fields of trials/record.py). Every write first checks what is there, so a
-resumed or re-run sweep reuses its runs and never logs a step twice.
+resumed or re-run sweep reuses its runs and never logs a step twice. The parent run also
+holds the sweep's levels table (levels_table.py): readers take runs and levels from it
+instead of asking MLflow run by run.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.tracking import levels_table
 from trials import layout
 from trials.errors import ConfigError
 from trials.record import TRACKED, read_lines
@@ -34,6 +37,7 @@ TAG_KIND, TAG_SWEEP, TAG_KEY, TAG_TRIAL, TAG_VARIED = (
     "lth.kind", "lth.sweep", "lth.trial_key", "lth.tune_trial_id", "lth.varied")
 SPEC_TAGS = {"seed": "seed", "prune.kind": "prune_kind", "rewind_iteration": "rewind_iteration",
              "control": "control"}
+TABLE_UPLOAD_SECONDS = 30.0  # at most one levels-table upload per this while levels arrive
 
 
 def resolve_uri(uri: Optional[str] = None, cwd: Optional[Path] = None) -> str:
@@ -93,9 +97,35 @@ def _quote(value: str) -> str:
 
 
 def find_run(c, exp_id: str, tags: dict):
-    query = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
-    runs = c.search_runs([exp_id], filter_string=query, max_results=2)
+    runs = c.search_runs([exp_id], filter_string=tag_query(tags), max_results=2)
     return runs[0] if runs else None
+
+
+def tag_query(tags: dict) -> str:
+    """A search filter: every tag equal to its value (None: the tag is absent)."""
+    return " and ".join(f"tags.`{k}` IS NULL" if v is None else f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
+
+
+def search(c, exp_id: str, tags: dict, view: str = "ACTIVE_ONLY", page: int = 10000) -> list:
+    """Every run of the experiment with these tags (tag_query), page by page; `view`:
+    ACTIVE_ONLY, DELETED_ONLY or ALL (MLflow's ViewType)."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        batch = c.search_runs([exp_id], filter_string=tag_query(tags), run_view_type=getattr(ViewType, view),
+                              max_results=page, page_token=token)
+        runs.extend(batch)
+        token = batch.token
+        if not token:
+            return runs
+
+
+def head(run, params: Optional[dict] = None) -> dict:
+    """What readers show of a trial run (levels_table.head); `params` when just logged."""
+    tags = run.data.tags
+    return levels_table.head(run.info.run_id, tags.get(TAG_KEY), tags.get(TAG_SWEEP), run.info.status,
+                             tags.get(TAG_VARIED), run.data.params if params is None else params)
 
 
 class SweepTracker:
@@ -104,7 +134,19 @@ class SweepTracker:
         self.c = client(self.uri)
         self.exp = experiment_id(self.c, sweep.experiment, self.uri)
         self.parent = self._parent()
-        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "files": set}
+        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "files": set, "head"}
+        self.table = self._table()
+        self.uploaded = float("-inf")  # time.monotonic() of the last table upload
+
+    def _table(self) -> levels_table.LevelsTable:
+        """A resumed sweep starts from the table it uploaded before (replay completes it).
+        Without a usable one, no run of the sweep may stay marked as held by a table."""
+        frame = levels_table.download(self.c, self.parent)
+        if frame is None:
+            held = {TAG_KIND: "trial", "mlflow.parentRunId": self.parent, levels_table.STATE_TAG: levels_table.CURRENT}
+            for run in search(self.c, self.exp, held):
+                self.c.set_tag(run.info.run_id, levels_table.STATE_TAG, levels_table.STALE)
+        return levels_table.LevelsTable(frame)
 
     def _parent(self) -> str:
         tags = {TAG_KIND: "sweep", TAG_SWEEP: self.sweep.name}
@@ -136,18 +178,22 @@ class SweepTracker:
             run = self.c.create_run(self.exp, run_name=key, tags={
                 **tags, **extra, "mlflow.parentRunId": self.parent, TAG_TRIAL: tune_trial_id,
                 TAG_VARIED: ",".join(self.sweep.varied), "git_sha": str(meta.get("git_sha")),
-                "lth.version": str(meta.get("version"))})
+                "lth.version": str(meta.get("version")), levels_table.STATE_TAG: levels_table.STALE})
             steps, files = set(), set()
         else:
             steps = {m.step for m in self.c.get_metric_history(run.info.run_id, TRACKED[0])}
             files = {f.path for f in self._list(run.info.run_id, TICKET)}
             files |= {f.path for d in list(files) for f in self._list(run.info.run_id, d)}
-        if not run.data.params:  # new, or created by a driver that died before the params
+        params = run.data.params
+        if not params:  # new, or created by a driver that died before the params
             from mlflow.entities import Param
 
-            params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in flat.items()]
-            self.c.log_batch(run.info.run_id, params=params)
-        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files}
+            params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
+            self.c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files, "head": head(run, params)}
+        self.table.set_head(self.known[key]["head"])
+        if run.data.tags.get(levels_table.STATE_TAG) != levels_table.CURRENT:
+            self.table.mark(run.info.run_id, steps)  # current again once the table holds it
         return self.known[key]
 
     def _list(self, run_id, path):
@@ -156,23 +202,41 @@ class SweepTracker:
     def log_checkpoint(self, folder: Path, tune_trial_id: str, refresh: bool = True) -> str:
         """Copy one checkpoint (the trial folder after a level) into the trial's run.
         `refresh` re-uploads the small spec.json and levels.jsonl (the newest wins)."""
-        from mlflow.entities import Metric
-
         meta = json.loads((folder / layout.SPEC).read_text())
         run = self.child(meta, tune_trial_id)
-        now = int(time.time() * 1000)
-        for r in read_lines((folder / layout.LEVELS).read_text()):
-            if r.level not in run["steps"]:
-                metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED]
-                self.c.log_batch(run["run_id"], metrics=metrics)
-                run["steps"].add(r.level)
+        self._log_levels(run, read_lines((folder / layout.LEVELS).read_text()))
         for local, remote in self._artifacts(folder):
             if remote not in run["files"]:
                 self.c.log_artifact(run["run_id"], str(local), remote.rsplit("/", 1)[0] or None)
                 run["files"].add(remote)
         for name in (layout.SPEC, layout.LEVELS) if refresh else ():
             self.c.log_artifact(run["run_id"], str(folder / name))
+        self.upload_table()
         return run["run_id"]
+
+    def _log_levels(self, run: dict, records: list) -> None:
+        """New levels as metrics, the run marked stale in the same batch (readers then read
+        it from MLflow until the table holds the level), then every logged level into the table."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        for r in records:
+            if r.level not in run["steps"]:
+                metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED]
+                stale = RunTag(levels_table.STATE_TAG, levels_table.STALE)
+                self.c.log_batch(run["run_id"], metrics=metrics, tags=[stale])
+                run["steps"].add(r.level)
+                self.table.mark(run["run_id"], run["steps"])
+        for r in records:
+            if r.level in run["steps"]:
+                self.table.add(run["run_id"], r)
+
+    def upload_table(self, now: bool = False) -> None:
+        """Publish the sweep's table (levels_table.LevelsTable.publish): throttled while
+        levels arrive (a big sweep would otherwise re-upload it per level), at once when `now`."""
+        if now or time.monotonic() - self.uploaded >= TABLE_UPLOAD_SECONDS:
+            self.table.publish(self.c, self.parent)
+            self.uploaded = time.monotonic()
 
     @staticmethod
     def _artifacts(folder: Path):
@@ -185,10 +249,20 @@ class SweepTracker:
                 yield f, f"{TICKET}/{level_dir.name}/{f.name}"
 
     def set_status(self, key: str, status: str) -> None:
-        if key in self.known:
-            self.c.set_terminated(self.known[key]["run_id"], status=status)
+        if key not in self.known:
+            return
+        run = self.known[key]
+        changed = run["head"]["status"] != status
+        if changed:  # stale first: readers never pair the new status with the table's old one
+            self.c.set_tag(run["run_id"], levels_table.STATE_TAG, levels_table.STALE)
+        self.c.set_terminated(run["run_id"], status=status)
+        if changed:
+            run["head"] = {**run["head"], "status": status}
+            self.table.set_head(run["head"])
+            self.table.mark(run["run_id"], run["steps"])
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.upload_table(now=True)
         self.c.set_terminated(self.parent, status=status)
 
 

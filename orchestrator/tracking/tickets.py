@@ -1,6 +1,7 @@
 """The ticket registry: rank (trial, level) pairs across an experiment, export one.
 
-Reads MLflow through orchestrator.tracking.store's client (mlflow itself is imported there).
+Reads MLflow through orchestrator.tracking.store's client (mlflow itself is imported there);
+trial runs and their levels come from read.py (the sweeps' levels tables where current).
 """
 from __future__ import annotations
 
@@ -10,33 +11,22 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.tracking import store
+from orchestrator.tracking import read, store
 from trials import layout
 from trials.errors import ConfigError
 from trials.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
 
 
-
-def trial_runs(c, experiment: str, uri: str) -> list:
-    exp = store.experiment_id(c, experiment, uri, create=False)
-    if exp is None:
-        names = [e.name for e in c.search_experiments()]
-        raise ConfigError("--experiment", experiment, f"known experiments: {', '.join(names) or 'none'}")
-    return list(c.search_runs([exp], filter_string=f"tags.`{store.TAG_KIND}` = 'trial'", max_results=50000))
-
-
-def level_rows(c, run, metrics=HEADLINE) -> list[dict]:
-    """One dict per logged level of a trial run: its metrics, varied params and tags."""
-    history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in metrics}
-    varied = [p for p in run.data.tags.get(store.TAG_VARIED, "").split(",") if p]
-    head = {"run_id": run.info.run_id, "trial_key": run.data.tags.get(store.TAG_KEY),
-            "sweep": run.data.tags.get(store.TAG_SWEEP), "status": run.info.status,
-            "seed": _number(run.data.params.get("seed")),
-            **{p: _number(run.data.params.get(p)) for p in varied}}
+def level_rows(trial: dict, metrics=HEADLINE) -> list[dict]:
+    """One dict per logged level of a trial run (read.trials): its metrics, varied params and tags."""
+    varied = [p for p in trial["varied"].split(",") if p]
+    head = {**{k: trial[k] for k in ("run_id", "trial_key", "sweep", "status")},
+            "seed": _number(trial["params"].get("seed")), **{p: _number(trial["params"].get(p)) for p in varied}}
+    levels = trial["levels"]
     # MLflow stores every metric as a float: whole-number fields are made ints again
-    return [{**head, "level": step, **{m: _count(history[m].get(step)) if m in COUNTS else history[m].get(step)
+    return [{**head, "level": step, **{m: _count(levels[step].get(m)) if m in COUNTS else levels[step].get(m)
                                        for m in metrics}}
-            for step in sorted(history[metrics[0]])]
+            for step in sorted(levels)]
 
 
 def _count(value):
@@ -55,15 +45,17 @@ def _number(text):
 
 
 def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_early_stop",
-         max_density: Optional[float] = None, min_acc: Optional[float] = None, top: int = 10) -> list[dict]:
-    """(trial, level) pairs ranked by `metric` (descending), filtered by density and accuracy."""
+         max_density: Optional[float] = None, min_acc: Optional[float] = None, top: int = 10,
+         tables: bool = True) -> list[dict]:
+    """(trial, level) pairs ranked by `metric` (descending), filtered by density and accuracy.
+    `tables=False` reads every run's metric histories instead of the sweeps' tables."""
     if metric not in ACCURACIES:
         raise ConfigError("--metric", metric, f"allowed: {', '.join(ACCURACIES)}")
     uri = store.resolve_uri(uri)
     store.check_reachable(uri, "--tracking-uri")
     c = store.client(uri)
     metrics = tuple(dict.fromkeys(HEADLINE + (metric,)))
-    rows = [r for run in trial_runs(c, experiment, uri) for r in level_rows(c, run, metrics)]
+    rows = [r for trial in read.trials(c, experiment, uri, metrics, tables) for r in level_rows(trial, metrics)]
     rows = [r for r in rows if r.get(metric) is not None
             and (max_density is None or r["density"] <= max_density)
             and (min_acc is None or r[metric] >= min_acc)]
