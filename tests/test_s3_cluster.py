@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,7 @@ import yaml
 
 from tests.conftest import LTH, digits_base
 from tests.test_cluster import LocalCluster
-from tests.test_tracking import MlflowServer, free_port
+from tests.test_tracking import MlflowServer, free_port, kill_group, wait_until_up
 
 BUCKET = "lth"
 
@@ -36,15 +35,7 @@ class S3Server:
     def start(self, timeout=60):
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.url, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError("moto server did not start")
+        wait_until_up(self.url, timeout, "moto S3 server")
         self.client().create_bucket(Bucket=BUCKET)
         return self
 
@@ -59,9 +50,7 @@ class S3Server:
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_group(self.proc)
 
 
 @pytest.fixture

@@ -159,19 +159,30 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", self.artifacts],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=self.env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
+        wait_until_up(f"{self.uri}/health", timeout, "mlflow server")
+        return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_group(self.proc)
+
+
+def wait_until_up(url: str, timeout: float, what: str) -> None:
+    """Poll `url` until it answers (a server subprocess is ready), else fail naming `what`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not start within {timeout} s")
+
+
+def kill_group(proc) -> None:
+    """SIGKILL a server started with start_new_session=True, children included."""
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture
