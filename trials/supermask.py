@@ -35,7 +35,7 @@ from trials import layout, masks, models, pruning
 from trials.record import LevelRecord
 from trials.spec import PruneSpec
 from trials.store import TrialDir, state_of
-from trials.training import BatchOrder, evaluate, rng, train_level
+from trials.training import BatchOrder, autocast_for, evaluate, rng, train_level
 
 GAIN = math.sqrt(2.0)  # Kaiming's gain for ReLU: std = GAIN / sqrt(fan_in)
 CALIBRATION_BATCHES = 50  # training batches that set an untrained network's norm statistics
@@ -194,9 +194,7 @@ def schedule(s, iterations: int):
 
 def evaluated(net: nn.Module, data, spec) -> dict:
     """The record fields of a network evaluated as it is (no iteration trained)."""
-    device = data.train_x.device
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,  # noqa: E731
-                                      enabled=spec.train.precision == "bf16")
+    autocast = autocast_for(data.train_x.device, spec.train.precision)
     calibrate_norms(net, data, spec.train.batch_size, spec.seed)
     val_loss, val_acc = evaluate(net, data.val_x, data.val_y, autocast)
     _, test_acc = evaluate(net, data.test_x, data.test_y, autocast)

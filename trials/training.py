@@ -58,6 +58,11 @@ def make_optimizer(t, params):
     return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
+def autocast_for(device: torch.device, precision: str) -> Callable:
+    """A context factory: bf16 autocast of matmuls/convs when precision is "bf16", else none."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def evaluate(net, x, y, autocast) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode; one sync."""
@@ -88,7 +93,7 @@ def train_level(net, mask, data, t, seed: int, start_iteration: int,
     masker.apply()
     opt = make_optimizer(t, net.parameters())
     order = BatchOrder(len(data.train_x), t.batch_size, seed, device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")  # noqa: E731
+    autocast = autocast_for(device, t.precision)
     hooks = on_iteration or {}
     best = {"val_loss": float("inf"), "iteration": start_iteration, "state": None}
     window_loss, window_steps, lr_now = torch.zeros((), device=device), 0, None
