@@ -9,22 +9,20 @@ from typing import Optional, get_origin
 
 import pandas as pd
 
-from orchestrator.tracking import read, store
+from orchestrator.tracking import levels_table, read, store
 from trials.record import COUNTS, TRACKED
 from trials.spec import field_paths
 from trials.typed import non_null
 
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
-HEAD = ("run_id", "trial_key", "sweep", "status")
+HEAD = levels_table.NAMES
 
 
 def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = True) -> pd.DataFrame:
     """Every logged level of every trial of `experiment`: spec fields (typed as the spec
     types them), seed, level, density, accuracies, early-stop iteration, run status.
     `tables=False` reads every run's metric histories instead of the sweeps' tables."""
-    uri = store.resolve_uri(tracking_uri)
-    store.check_reachable(uri, "--tracking-uri")
-    c = store.client(uri)
+    uri, c = store.connect(tracking_uri)
     heads, levels = [], []
     for trial in read.trials(c, experiment, uri, TRACKED, tables):
         heads.append({**{k: trial[k] for k in HEAD}, **trial["params"]})

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from trials.record import FIELDS, TRACKED, LevelRecord
 
 TABLE = "levels.parquet"  # artifact of the sweep's parent run
-HEAD = ("run_id", "trial_key", "sweep", "status", "varied", "params")
+NAMES = ("run_id", "trial_key", "sweep", "status")  # what names a trial run in every reader's rows
+HEAD = (*NAMES, "varied", "params")
 COLUMNS = HEAD + FIELDS
 STATE_TAG, CURRENT, STALE = "lth.table", "current", "stale"  # on each trial run
 MLFLOW_MAX = 1.7976931348623157e308  # what MLflow's SQL store keeps for an infinite metric

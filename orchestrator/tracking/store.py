@@ -62,6 +62,13 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def connect(uri: Optional[str] = None, key: str = "--tracking-uri"):
+    """(absolute uri, client) of a store that answers, for the readers (analysis, tickets)."""
+    uri = resolve_uri(uri)
+    check_reachable(uri, key)
+    return uri, client(uri)
+
+
 def check_reachable(uri: str, key: str = "tracking_uri") -> None:
     """One clear line (ConfigError) when the store cannot be reached; nothing is created."""
     if uri.startswith(("http://", "https://")):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.tracking import read, store
+from orchestrator.tracking import levels_table, read, store
 from trials import layout
 from trials.errors import ConfigError
 from trials.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
@@ -20,7 +20,7 @@ from trials.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
 def level_rows(trial: dict, metrics=HEADLINE) -> list[dict]:
     """One dict per logged level of a trial run (read.trials): its metrics, varied params and tags."""
     varied = [p for p in trial["varied"].split(",") if p]
-    head = {**{k: trial[k] for k in ("run_id", "trial_key", "sweep", "status")},
+    head = {**{k: trial[k] for k in levels_table.NAMES},
             "seed": _number(trial["params"].get("seed")), **{p: _number(trial["params"].get(p)) for p in varied}}
     levels = trial["levels"]
     # MLflow stores every metric as a float: whole-number fields are made ints again
@@ -51,9 +51,7 @@ def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_
     `tables=False` reads every run's metric histories instead of the sweeps' tables."""
     if metric not in ACCURACIES:
         raise ConfigError("--metric", metric, f"allowed: {', '.join(ACCURACIES)}")
-    uri = store.resolve_uri(uri)
-    store.check_reachable(uri, "--tracking-uri")
-    c = store.client(uri)
+    uri, c = store.connect(uri)
     metrics = tuple(dict.fromkeys(HEADLINE + (metric,)))
     rows = [r for trial in read.trials(c, experiment, uri, metrics, tables) for r in level_rows(trial, metrics)]
     rows = [r for r in rows if r.get(metric) is not None
@@ -65,9 +63,7 @@ def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_
 
 def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
     """Write one level's ticket folder (trials/layout.py names; trials.load_ticket reads it)."""
-    uri = store.resolve_uri(uri)
-    store.check_reachable(uri, "--tracking-uri")
-    c = store.client(uri)
+    uri, c = store.connect(uri)
     try:
         c.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing run
