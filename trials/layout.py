@@ -11,6 +11,7 @@ the sweep runner's checkpoints, MLflow artifacts, tickets and analysis. ARCHITEC
     OUT/level_XX/DONE              written last
     OUT/imp/                       a control's IMP trajectory (a trial folder of its own)
     OUT/nodes.json                 sweeps only: level -> Ray node that trained it
+    OUT/units.json                 shared sweeps only: the work units it used (trials/shared.py)
 
 An exported ticket (lth tickets export, trials.load_ticket) holds one level's files flat:
 spec.json, record.json, mask/rewind/final.safetensors and source.json (its MLflow run).
@@ -29,6 +30,7 @@ RECORD = "record.json"
 DONE = "DONE"
 IMP = "imp"
 NODES = "nodes.json"
+UNITS = "units.json"
 SOURCE = "source.json"
 TENSOR_SUFFIX = ".safetensors"
 

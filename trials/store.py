@@ -91,10 +91,15 @@ class TrialDir:
         (d / layout.DONE).write_text("")
 
     def copy_level(self, source: "TrialDir", level: int, record: LevelRecord) -> None:
+        self.copy_level_from(source.level_dir(level), level, record)
+
+    def copy_level_from(self, folder: Path, level: int, record: LevelRecord) -> None:
+        """Level `level` from a folder holding its mask and final weights (another trial's
+        level, or a shared work unit), with `record` as its record."""
         d = self.level_dir(level)
         d.mkdir(parents=True, exist_ok=True)
         for name in (layout.MASK, layout.FINAL):
-            shutil.copyfile(source.level_dir(level) / name, d / name)
+            shutil.copyfile(Path(folder) / name, d / name)
         self._close(level, record)
 
     def record(self, level: int) -> LevelRecord:

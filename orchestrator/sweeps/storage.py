@@ -19,7 +19,7 @@ def sweep_path(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _fs(path: str):
+def filesystem(path: str):
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
@@ -28,7 +28,7 @@ def _fs(path: str):
 def read_text(path: str) -> Optional[str]:
     import pyarrow.fs
 
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(p) as f:
@@ -37,7 +37,7 @@ def read_text(path: str) -> Optional[str]:
 
 def write_text(path: str, text: str) -> None:
     """Write whole (temporary name, then move) so no reader sees half a file."""
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p + ".tmp") as f:
         f.write(text.encode())

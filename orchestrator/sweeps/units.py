@@ -1,0 +1,300 @@
+"""Shared work units in the sweep's storage (ARCHITECTURE.md, "Shared work").
+
+    STORAGE/_units/<unit name>/...      a unit's files (trials/shared.py names them);
+                                        DONE is written last: a unit counts only then
+    STORAGE/_units/_log/<unit>--<id>.json   one file per unit trained: who, where, how long
+
+Units live beside the sweeps, not inside one, so every later sweep on the same storage
+reuses them. Who trains a unit is decided by the sweep's `Broker`, a Ray actor on the
+driver's node: it leases a unit to one trial process at a time; the holder renews its
+leases from a heartbeat thread, and a lease not renewed for `LTH_UNIT_LEASE_S` seconds
+(default 60: a lost node, a killed process) passes to the next trial that asks. A trial
+that needs a unit someone else holds does not wait idle: it asks the broker for any
+other unit whose inputs are published (breadth-first over the sweep's plan) and trains
+that meanwhile. Storage alone cannot decide "exactly one holder" (S3 through pyarrow has
+no create-if-absent), hence the actor; the files stay the truth: a unit published by an
+earlier sweep or driver is used whatever the broker knows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray
+
+from orchestrator.sweeps.storage import filesystem, write_text
+
+UNITS_DIR = "_units"
+LOG_DIR = "_log"
+DONE = "DONE"
+NAMESPACE = "lth"
+POLL_SECONDS = 0.25
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("LTH_UNIT_LEASE_S", "60"))
+
+
+def units_root(storage: str) -> str:
+    return f"{storage.rstrip('/')}/{UNITS_DIR}"
+
+
+def broker_name(sweep_name: str) -> str:
+    return f"lth-units-{sweep_name}"
+
+
+@ray.remote(num_cpus=0)
+class Broker:
+    """Leases on units and the queue of work ready to be done (see module doc)."""
+
+    def __init__(self, lease: float):
+        self.lease = lease
+        self.units: dict = {}  # name -> {"deps", "spec", "data"}, in registration order
+        self.points: dict = {}  # dense unit -> rewind points the sweep asks for
+        self.published: set = set()
+        self.failed: set = set()  # units whose training raised: not offered to helpers again
+        self.leases: dict = {}  # name -> (owner, expiry on this actor's clock)
+        self.takeovers: list = []  # (unit, previous holder): leases that expired
+
+    def lease_seconds(self) -> float:
+        return self.lease
+
+    def register(self, units: list, published: list = ()) -> None:
+        for u in units:
+            self.units.setdefault(u["name"], u)
+            if "point" in u:
+                self.points.setdefault(u["name"], set()).add(u["point"])
+        self.published.update(published)
+
+    def points_of(self, dense: str) -> list:
+        return sorted(self.points.get(dense, ()))
+
+    def claim(self, name: str, owner: str) -> str:
+        """"published", "yours" (train it, then release) or "held" (someone alive is)."""
+        if name in self.published:
+            return "published"
+        now = time.monotonic()
+        holder = self.leases.get(name)
+        if holder and holder[0] != owner:
+            if holder[1] > now:
+                return "held"
+            self.takeovers.append((name, holder[0]))
+        self.leases[name] = (owner, now + self.lease)
+        return "yours"
+
+    def renew(self, owner: str) -> None:
+        expiry = time.monotonic() + self.lease
+        for name, (holder, _) in list(self.leases.items()):
+            if holder == owner:
+                self.leases[name] = (owner, expiry)
+
+    def release(self, name: str, owner: str, published: bool, failed: bool = False) -> None:
+        if published:
+            self.published.add(name)
+        if failed:
+            self.failed.add(name)
+        if self.leases.get(name, (None,))[0] == owner:
+            del self.leases[name]
+
+    def next_ready(self, owner: str, data: str) -> Optional[tuple]:
+        """A unit nobody holds whose inputs are published (leased to `owner`), or None."""
+        now = time.monotonic()
+        for name, u in self.units.items():
+            if name in self.published or name in self.failed or u["data"] != data:
+                continue
+            holder = self.leases.get(name)
+            if holder and holder[1] > now:
+                continue
+            if all(d in self.published for d in u["deps"]):
+                self.leases[name] = (owner, now + self.lease)
+                return name, u["spec"]
+        return None
+
+    def state(self) -> dict:
+        return {"published": len(self.published), "leases": len(self.leases), "takeovers": list(self.takeovers)}
+
+
+def start_broker(sweep_name: str, units: list, published: list):
+    """The sweep's broker on this (the driver's) node, holding the plan's units."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    broker = Broker.options(
+        name=broker_name(sweep_name), namespace=NAMESPACE, get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    ).remote(lease_seconds())
+    ray.get(broker.register.remote(units, published))
+    return broker
+
+
+def find_broker(sweep_name: str):
+    try:
+        return ray.get_actor(broker_name(sweep_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+class UnitStore:
+    """trials.shared.Units on the sweep's storage, with the broker's leases (module doc).
+    `helper(name, spec_dict)` trains another unit while this one waits; `data` says which
+    units it can train (those on the same dataset and device)."""
+
+    def __init__(self, storage: str, broker=None, scratch: Optional[Path] = None):
+        self.root = units_root(storage)
+        self.fs, self.base = filesystem(self.root)
+        self.broker = broker
+        self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.scratch = Path(scratch or tempfile.mkdtemp(prefix="lth-units-"))
+        self.cache = self.scratch / "cache"
+        self.helper: Optional[Callable] = None
+        self.data = ""
+        self.helping = False
+        self.waited = 0.0  # seconds spent with nothing to do
+        self.trained: list = []  # units this process trained
+        self._stop = threading.Event()
+        if broker is not None:
+            self.lease = self._call("lease_seconds") or lease_seconds()
+            threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    # ------------------------------------------------------------ trials.shared.Units
+    def points(self, dense: str) -> set:
+        return set(self._call("points_of", dense) or ())
+
+    def obtain(self, name: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
+        local = self.cache / name
+        while True:
+            if (local / DONE).exists():
+                return local, False
+            if self.published(name):
+                self._download(name, local)
+                self._tell("release", name, self.owner, True)
+                return local, False
+            verdict = "yours" if self.broker is None else self._call("claim", name, self.owner) or "yours"
+            if verdict == "yours":
+                return self._produce(name, produce, local), True
+            if verdict == "held" and (self.helping or not self._help()):
+                time.sleep(POLL_SECONDS)
+                self.waited += POLL_SECONDS
+
+    # ------------------------------------------------------------ storage
+    def published(self, name: str) -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(f"{self.base}/{name}/{DONE}").type == pyarrow.fs.FileType.File
+
+    def _download(self, name: str, local: Path) -> None:
+        import pyarrow.fs
+
+        tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix=".fetch-"))
+        pyarrow.fs.copy_files(f"{self.base}/{name}", str(tmp / "unit"), source_filesystem=self.fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if not local.exists():  # else another thread of this process fetched it first
+            os.replace(tmp / "unit", local)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _produce(self, name: str, produce: Callable[[Path], None], local: Path) -> Path:
+        import pyarrow.fs
+
+        tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix=".unit-"))
+        unit, started, ok = tmp / "unit", time.perf_counter(), False
+        try:
+            unit.mkdir()
+            produce(unit)
+            seconds = time.perf_counter() - started
+            target = f"{self.base}/{name}"
+            self.fs.create_dir(target, recursive=True)
+            pyarrow.fs.copy_files(str(unit), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=self.fs)
+            with self.fs.open_output_stream(f"{target}/{DONE}") as f:  # published: written last
+                f.write(b"")
+            ok = True
+            self._log(name, unit, seconds)
+            (unit / DONE).write_text("")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if local.exists():
+                shutil.rmtree(local)
+            os.replace(unit, local)
+            self.trained.append(name)
+            return local
+        finally:
+            self._tell("release", name, self.owner, ok, not ok)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _log(self, name: str, unit: Path, seconds: float) -> None:
+        record = unit / "record.json"
+        iterations = json.loads(record.read_text())["iterations"] if record.exists() else None
+        if name.startswith("point/"):
+            iterations = int(name.rsplit("-", 1)[1])
+        entry = {"unit": name, "owner": self.owner, "node": _node(), "seconds": seconds,
+                 "iterations": iterations, "time": time.time()}
+        write_text(f"{self.root}/{LOG_DIR}/{name.replace('/', '~')}--{uuid.uuid4().hex[:8]}.json",
+                   json.dumps(entry))
+
+    # ------------------------------------------------------------ broker
+    def _help(self) -> bool:
+        """Train one other ready unit (True), or say there is none (False)."""
+        if self.broker is None or self.helper is None:
+            return False
+        found = self._call("next_ready", self.owner, self.data)
+        if not found:
+            return False
+        name, spec = found
+        self.helping = True
+        try:
+            self.helper(name, spec)
+        except Exception as e:  # noqa: BLE001 - another trial's unit: that trial reports it
+            print(f"lth: helping with unit {name} failed ({e}); its own trial will say why",
+                  file=sys.stderr, flush=True)
+        finally:
+            self.helping = False
+        return True
+
+    def _call(self, method: str, *args):
+        if self.broker is None:
+            return None
+        try:
+            return ray.get(getattr(self.broker, method).remote(*args))
+        except Exception as e:  # noqa: BLE001 - the broker gone: train what is needed unleased
+            print(f"lth: unit broker unreachable ({type(e).__name__}); training shared units "
+                  "without leases", file=sys.stderr, flush=True)
+            self.broker = None
+            return None
+
+    def _tell(self, method: str, *args) -> None:
+        if self.broker is not None:
+            try:
+                getattr(self.broker, method).remote(*args)
+            except Exception:  # noqa: BLE001 - best effort; a lease then simply expires
+                pass
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease / 4):
+            self._tell("renew", self.owner)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _node() -> Optional[str]:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def trained_log(storage: str) -> list[dict]:
+    """Every unit training logged in this storage (for tests, plans and benchmarks)."""
+    import pyarrow.fs
+
+    fs, base = filesystem(f"{units_root(storage)}/{LOG_DIR}")
+    entries = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(".json"):
+            with fs.open_input_stream(info.path) as f:
+                entries.append(json.loads(f.readall().decode()))
+    return entries

@@ -1,0 +1,228 @@
+"""Shared work (ARCHITECTURE.md, "Shared work"): a sweep trains each piece of work once.
+
+Work units, content-addressed by what decides their numbers:
+
+    dense/<D>            level 0: the dense net trained from init (final weights, its level-0
+                         record) and its weights at each rewind point asked for when it ran
+                         (points/<k>.safetensors). D: the spec without prune.*, the rewind
+                         point, the control and the retraining/stability settings
+    point/<D>-<k>        the dense run's weights after k iterations, for a k that dense/<D> did
+                         not keep: trained again from init to k (bit-identical), never guessed
+    trunk/<T>/level_XX   IMP level XX >= 1 of the ticket: mask, final weights, record.
+                         T: the spec without the control and prune.levels (a longer trunk
+                         serves a shorter trial: level XX does not depend on how many follow)
+
+A ticket trial (control none) *is* its trunk: its folder is filled level by level from the
+units (`Trunk`). A control gets a `Trunk` in OUT/imp/ (the same folder the unshared
+control fills by rerunning IMP) and trains only its own levels (trials/lottery.py Control).
+
+Every unit is produced by the same engine code an unshared trial runs (Lottery.train_dense,
+Lottery.level on a trunk folder), so a trial's records are the unshared trial's, bit for bit.
+
+`Units` is the store's side: the sweep's (orchestrator/sweeps/units.py) finds a published
+unit, or makes sure one process produces it while the others help elsewhere, and publishes
+it whole. This module never touches storage itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from trials import layout, masks, models
+from trials.lottery import Control, Lottery, engine
+from trials.record import LevelRecord
+from trials.spec import non_default
+from trials.store import TrialDir, load_tensors, save_tensors, state_of, write_json
+from trials.training import train_level
+
+# what cannot change level 0's training: left out of the dense key
+DENSE_FREE = ("prune", "rewind_iteration", "control", "retrain", "stability")
+TRUNK_FREE = ("control", "prune.levels")  # what a trunk level does not depend on
+POINTS = "points"  # a dense unit's folder of rewind points: points/<k>.safetensors
+
+
+class Units(Protocol):
+    def obtain(self, name: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
+        """A local folder holding unit `name` (read-only), produced by `produce(folder)`
+        here when nobody has it yet; True when this process produced it."""
+
+    def points(self, dense: str) -> set[int]:
+        """The rewind points a dense run should keep: every one the sweep asks for."""
+
+
+def _key(spec, free: tuple[str, ...]) -> str:
+    data = non_default(spec)
+    for path in free:
+        *parents, last = path.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def dense_name(spec) -> str:
+    return f"dense/{_key(spec, DENSE_FREE)}"
+
+
+def point_name(spec, k: int) -> str:
+    return f"point/{_key(spec, DENSE_FREE)}-{k}"
+
+
+def trunk_name(spec) -> str:
+    return f"trunk/{_key(spec, TRUNK_FREE)}"
+
+
+def level_name(spec, level: int) -> str:
+    return f"{trunk_name(spec)}/{layout.level_dir(level)}"
+
+
+def shareable(spec) -> bool:
+    """IMP trials share; edge-popup levels are independent searches (each is its own work)."""
+    return spec.method == "imp"
+
+
+def plan(spec) -> list[dict]:
+    """The units a trial needs, each {name, deps, iterations}: what a sweep's planner
+    (orchestrator/plan.py) and the store's helpers need to know ahead of time."""
+    t = spec.train
+    units = [{"name": dense_name(spec), "deps": [], "iterations": t.iterations}]
+    previous = units[0]["name"]
+    for level in range(1, spec.prune.levels + 1):
+        name = level_name(spec, level)
+        units.append({"name": name, "deps": [previous], "iterations": t.iterations - spec.rewind_iteration})
+        previous = name
+    return units
+
+
+# ---------------------------------------------------------------- producing units
+
+
+class _Stop(Exception):
+    """Ends a partial dense run once it has reached its rewind point."""
+
+
+def produce_dense(spec, dest: Path, data, device, points: set[int], progress=None) -> None:
+    """dense/<D>: level 0 exactly as Lottery.train_dense trains it, keeping every point."""
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        run = Lottery(spec.replace(control="none"), Path(tmp) / "trial", data, device, progress)
+        (dest / POINTS).mkdir(parents=True, exist_ok=True)
+        keep = {k: (lambda net, k=k: save_tensors(dest / POINTS / f"{k}{layout.TENSOR_SUFFIX}", state_of(net)))
+                for k in sorted(points)}
+        record = run.train_dense(keep)
+        shutil.copyfile(run.trial.level_dir(0) / layout.FINAL, dest / layout.FINAL)
+        write_json(dest / layout.RECORD, record.to_dict())
+
+
+def produce_point(spec, k: int, dest: Path, data, device) -> None:
+    """point/<D>-<k>: the dense run's first k iterations again, stopped at k."""
+    net = models.build(spec.model, data.info, seed=spec.seed, device=device)
+    layers = masks.Layers.of(net)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def keep(net):
+        save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state_of(net))
+        raise _Stop
+
+    try:
+        train_level(net, masks.ones(layers), data, spec.train, spec.seed, 0, {k: keep})
+    except _Stop:
+        return
+    raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
+
+
+class Trunk:
+    """The ticket's IMP levels in folder `out`, filled from shared units (module doc).
+    Same interface as trials.lottery.Lottery: `level(n) -> LevelRecord` and `.trial`."""
+
+    def __init__(self, spec, out: Path, data, device, units: Units, progress=None,
+                 ledger: Optional[Path] = None):
+        self.spec = spec.replace(control="none")
+        self.data, self.device, self.units, self.progress = data, device, units, progress
+        self.trial = TrialDir(out, self.spec)
+        self.trial.begin()
+        self.trial.reopen_from(self.trial.first_missing(self.spec.prune.levels))
+        self.ledger = ledger or Path(out) / layout.UNITS
+
+    def level(self, level: int) -> LevelRecord:
+        if self.trial.done(level):
+            return self.trial.record(level)
+        if level == 0:
+            return self._dense()
+        self.level(level - 1)
+        name = level_name(self.spec, level)
+        folder, mine = self.units.obtain(name, lambda dest: self._train(level, dest))
+        if not mine:
+            record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
+            self.trial.copy_level_from(folder, level, record)
+        self._note(name, level, mine)
+        return self.trial.record(level)
+
+    def _train(self, level: int, dest: Path) -> None:
+        """Train trunk level `level` in this folder (levels before it are here), then hand
+        its files to the store."""
+        Lottery(self.spec, self.trial.path, self.data, self.device, self.progress).level(level)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in (layout.MASK, layout.FINAL, layout.RECORD):
+            shutil.copyfile(self.trial.level_dir(level) / name, dest / name)
+
+    def _dense(self) -> LevelRecord:
+        name = dense_name(self.spec)
+        folder, mine = self.units.obtain(
+            name, lambda dest: produce_dense(self.spec, dest, self.data, self.device,
+                                             self.units.points(name) | {self.spec.rewind_iteration},
+                                             self.progress))
+        self.trial.save_rewind(self._point(folder, self.spec.rewind_iteration))
+        record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
+        info, m = self.data.info, self.spec.model
+        layers = masks.Layers.of(models.shell(m.name, info.shape, info.num_classes, m.width))
+        self.trial.finish(0, masks.ones(layers), load_tensors(folder / layout.FINAL), record)
+        self._note(name, 0, mine)
+        return record
+
+    def _point(self, dense: Path, k: int) -> dict:
+        kept = dense / POINTS / f"{k}{layout.TENSOR_SUFFIX}"
+        if kept.exists():
+            return load_tensors(kept)
+        folder, _ = self.units.obtain(point_name(self.spec, k),
+                                      lambda dest: produce_point(self.spec, k, dest, self.data, self.device))
+        return load_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}")
+
+    def _note(self, name: str, level: int, mine: bool) -> None:
+        """units.json: which units this trial used, and which levels someone else trained."""
+        ledger = json.loads(self.ledger.read_text()) if self.ledger.exists() else {"trained": [], "reused": []}
+        ledger["dense"] = dense_name(self.spec)
+        ledger["trunk"] = trunk_name(self.spec)
+        for kind in ("trained", "reused"):
+            ledger[kind] = sorted(set(ledger[kind]) - {level})
+        ledger["trained" if mine else "reused"] = sorted({*ledger["trained" if mine else "reused"], level})
+        write_json(self.ledger, ledger)
+
+
+def runner(units: Units) -> Callable:
+    """run_lottery's `runner` for a trial whose IMP work comes from `units`."""
+    def build(spec, out: Path, data, device, progress=None):
+        if not shareable(spec):
+            return engine(spec, out, data, device, progress)
+        if spec.control == "none":
+            return Trunk(spec, out, data, device, units, progress)
+        trunk = Trunk(spec, out / layout.IMP, data, device, units, progress, ledger=out / layout.UNITS)
+        return Control(spec, out, data, device, progress, imp=trunk)
+
+    return build
+
+
+def produce(name: str, spec, units: Units, data, device, scratch: Path) -> None:
+    """Produce unit `name`, one of `spec`'s (plan(spec)), for the store's helpers: a trunk
+    level through a Trunk in a scratch folder (its earlier levels are fetched)."""
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        trunk = Trunk(spec, Path(tmp) / "trunk", data, device, units, ledger=Path(tmp) / layout.UNITS)
+        if name.startswith("dense/"):
+            trunk.level(0)
+        else:
+            trunk.level(layout.level_of(name.rsplit("/", 1)[1]))
