@@ -18,6 +18,11 @@ def add(commands) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a sweep key, e.g. --set seeds=2 --set base.prune.levels=3")
     run.set_defaults(func=sweep_run)
+    plan = sweep.add_parser("plan", help="the work units a sweep file needs and what sharing saves (runs nothing)")
+    plan.add_argument("file", help="sweep YAML (see sweeps/)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a sweep key, as for `lth sweep run`")
+    plan.set_defaults(func=sweep_plan)
     for name, func, text in (("resume", sweep_resume, "finish a sweep whose driver stopped"),
                              ("status", sweep_status, "trials done/running/failed, best so far")):
         cmd = sweep.add_parser(name, help=text)
@@ -36,6 +41,15 @@ def sweep_run(args) -> int:
     from orchestrator.sweeps import runner
 
     return _sweep_done(sweep, runner.run(sweep, args.address))
+
+
+def sweep_plan(args) -> int:
+    from orchestrator import plan
+    from orchestrator.sweep_spec import load_sweep
+
+    sweep = load_sweep(args.file, args.overrides)
+    print(plan.describe(sweep, plan.plan(sweep)))
+    return 0
 
 
 def sweep_resume(args) -> int:

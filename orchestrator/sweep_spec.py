@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from orchestrator.config import apply_overrides, expand, parse_override, read_yaml
-from orchestrator.objectives import MINIMISED, OBJECTIVES
+from orchestrator.objectives import MINIMISED, NEEDS_STABILITY, OBJECTIVES
 from trials.errors import ConfigError, check
 from trials.spec import field_paths, from_dict
 from trials.typed import Rule, above, at_least, build, coerce, option
@@ -120,6 +120,9 @@ class Sweep:
     max_failures: int = option(1, at_least(0, "an integer"))
     tolerance: float = option(0.005, at_least(0))  # accuracy within which a level "matches" its dense level
     stop_when_not_matching: bool = False
+    # train each dense run and IMP trunk once, in STORAGE/_units/, for every trial and every
+    # later sweep on the same storage (orchestrator/plan.py); false: each trial trains its own
+    share: bool = True
 
     @property
     def varied(self) -> list[str]:
@@ -258,6 +261,17 @@ def _tracking_uri(value, cwd: Path) -> str:
     return value
 
 
+def _check_measured(sweep: Sweep, spec) -> None:
+    """An instability objective needs trials that measure it (trials/stability.py)."""
+    for metric in set(sweep.search.metric) & set(NEEDS_STABILITY):
+        level = 0 if metric == "dense_instability" else None
+        s = spec.stability
+        check(s.copies >= 2 and (level is None or not s.levels or level in s.levels), "stability.copies",
+              s.copies, f"search.metric {metric} needs instability measured "
+              f"{'at level 0' if level == 0 else 'at some level'}: stability.copies >= 2"
+              f"{' and stability.levels holding 0 (or [])' if level == 0 else ''}")
+
+
 def _check_combinations(sweep: Sweep) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
@@ -269,7 +283,8 @@ def _check_combinations(sweep: Sweep) -> None:
         for end in ends:
             values = {**dict(zip([d.path for d in discrete], combo)), **end}
             try:
-                sweep.trial_spec(values, sweep.seeds[0])
+                spec = sweep.trial_spec(values, sweep.seeds[0])
+                _check_measured(sweep, spec)
             except ConfigError as e:
                 varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
                 where = f"space.{e.key}" if varied else f"base.{e.key}"

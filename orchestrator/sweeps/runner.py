@@ -76,6 +76,7 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
     save_sweep(sweep, study_name)
     init_ray(address)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
+    _share(sweep)
     _tuner(sweep, study_name).fit()
     return _finish(sweep)
 
@@ -86,6 +87,7 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     store.check_reachable(sweep.tracking_uri)
     init_ray(address)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
+    _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
         _tuner(sweep, study_name).fit()
@@ -96,11 +98,30 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     return _finish(sweep)
 
 
+BROKERS: dict = {}  # sweep name -> its unit broker (a Ray actor lives while a handle does)
+
+
+def _share(sweep: Sweep) -> None:
+    """Start the sweep's unit broker with every planned unit (ARCHITECTURE.md, "Shared work")."""
+    if not sweep.share:
+        return
+    from orchestrator import plan
+    from orchestrator.sweeps.units import UnitStore, start_broker
+
+    p = plan.plan(sweep)
+    on_storage = UnitStore(sweep.storage)
+    published = [name for name in p.units if on_storage.published(name)]
+    BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p), published)  # alive while held
+    print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
+          file=sys.stderr, flush=True)
+
+
 def _trainable(sweep: Sweep):
     from orchestrator.sweeps.trainable import imp_trial
 
+    share = {"storage": sweep.storage, "sweep": sweep.name} if sweep.share else None
     fn = tune.with_parameters(imp_trial, base=sweep.base, tolerance=sweep.tolerance,
-                              stop_when_not_matching=sweep.stop_when_not_matching)
+                              stop_when_not_matching=sweep.stop_when_not_matching, share=share)
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 

@@ -22,13 +22,15 @@ from ray import tune
 from orchestrator.objectives import STOPPED, matches, summarise
 from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps.storage import checkpoint_dirs
-from trials import layout
+from trials import layout, shared
 from trials.record import LevelRecord, read_lines
 
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
 
 
-def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool) -> None:
+def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool,
+              share: dict | None = None) -> None:
+    """`share`: {"storage", "sweep"} when the sweep shares work units (units.py), else None."""
     from trials.lottery import run_lottery
 
     # one "checkpoint created" line per level per trial drowns the driver's progress lines
@@ -41,6 +43,8 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
     done_before = _level(registered)  # levels after Tune's checkpoint are reported (again: never lost)
     restore([registered] + persisted_after(done_before) if registered else persisted_after(-1), work)
     data = _data(spec, work)
+    store = _unit_store(share, spec, data) if share else None
+    waited = store.waited if store else 0.0
     records: list[LevelRecord] = []
     nodes_file = work / layout.NODES  # level -> Ray node id that trained it, kept in the checkpoints
 
@@ -53,13 +57,34 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
         nodes_file.write_text(json.dumps(nodes))
         if record.level > done_before:
             metrics = {**record.flat(), **summary, "trial_key": spec.key, "seed": spec.seed,
-                       STOPPED: stop, "node_id": nodes[str(record.level)]}
+                       STOPPED: stop, "node_id": nodes[str(record.level)],
+                       "unit_wait_s": store.waited - waited if store else 0.0}
             with tempfile.TemporaryDirectory() as tmp:
                 snapshot(work, Path(tmp), record.level)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         return stop
 
-    run_lottery(spec, work, report=report, data=data)
+    run_lottery(spec, work, report=report, data=data, runner=shared.runner(store) if store else None)
+
+
+_STORES: dict = {}  # per worker process: (storage, sweep) -> UnitStore (one heartbeat, one cache)
+
+
+def _unit_store(share: dict, spec, data):
+    """This process's store of the sweep's units, set up to help with units on `data`."""
+    from orchestrator.plan import data_key, trial_registrations
+    from orchestrator.sweeps.units import UnitStore, find_broker
+    from trials.spec import from_dict
+
+    key = (share["storage"], share["sweep"])
+    if key not in _STORES:
+        _STORES[key] = UnitStore(share["storage"], find_broker(share["sweep"]))
+    store = _STORES[key]
+    store.data = data_key(spec)
+    store.helper = lambda name, unit_spec: shared.produce(name, from_dict(unit_spec), store, data,
+                                                          data.train_x.device, store.scratch)
+    store._tell("register", trial_registrations(spec))  # a searched configuration's units
+    return store
 
 
 def _data(spec, work):

@@ -70,8 +70,7 @@ class Broker:
     def register(self, units: list, published: list = ()) -> None:
         for u in units:
             self.units.setdefault(u["name"], u)
-            if "point" in u:
-                self.points.setdefault(u["name"], set()).add(u["point"])
+            self.points.setdefault(u["name"], set()).update(u.get("points", ()))
         self.published.update(published)
 
     def points_of(self, dense: str) -> list:
@@ -193,6 +192,7 @@ class UnitStore:
         import pyarrow.fs
 
         tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix=".fetch-"))
+        (tmp / "unit").mkdir()
         pyarrow.fs.copy_files(f"{self.base}/{name}", str(tmp / "unit"), source_filesystem=self.fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
         local.parent.mkdir(parents=True, exist_ok=True)

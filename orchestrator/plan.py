@@ -1,0 +1,161 @@
+"""The work a sweep needs, before anything runs (`lth sweep plan`, and the units the
+driver hands its broker; ARCHITECTURE.md, "Shared work").
+
+Counted in optimizer iterations, from the specs alone (a trial that stops early with
+stop_when_not_matching, or a rerun after a failure, changes the real count):
+
+    without sharing  each IMP trial: T (dense) + L x (T - k); a control also reruns IMP
+    with sharing     each dense run once per dense key (all its rewind points kept in one
+                     run), each trunk level once per trunk key, and each control's own
+                     L x (T - k); edge-popup trials are never shared
+
+Grid sweeps are planned exactly. Random/Optuna searches pick their configurations as
+they run: the plan draws `num_samples` configurations at random from the space to estimate.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass, field
+
+from trials import layout, shared
+
+
+@dataclass
+class Unit:
+    name: str
+    iterations: int
+    deps: list
+    spec: object  # a TrialSpec that uses it (control none): what a helper trains it from
+    users: int = 0
+    points: set = field(default_factory=set)
+
+
+@dataclass
+class Plan:
+    trials: list  # TrialSpecs
+    units: dict  # name -> Unit, breadth-first: every dense run, then every level 1, ...
+    own: int  # iterations trained by the trials themselves (controls' levels, edge-popup)
+    unshared: int  # iterations without sharing
+    estimated: bool  # configurations drawn at random (random/optuna search)
+
+    @property
+    def shared(self) -> int:
+        return self.own + sum(u.iterations for u in self.units.values())
+
+
+def trial_specs(sweep) -> tuple[list, bool]:
+    """Every trial the sweep runs (grid), or a random draw of them (random/optuna)."""
+    if sweep.search.algorithm == "grid":
+        combos = itertools.product(*[d.values for d in sweep.space])
+        configs = [dict(zip([d.path for d in sweep.space], c)) for c in combos]
+        return [sweep.trial_spec(c, s) for c in configs for s in sweep.seeds], False
+    draw = random.Random(sweep.search.seed)
+    configs = [{d.path: _draw(d, draw) for d in sweep.space} for _ in range(sweep.search.num_samples)]
+    return [sweep.trial_spec(c, s) for c in configs for s in sweep.seeds], True
+
+
+def _draw(d, draw: random.Random):
+    if d.discrete:
+        return draw.choice(d.values)
+    low, high = d.values
+    if d.kind == "int":
+        return draw.randint(low, high)
+    if d.kind == "loguniform":
+        import math
+
+        return math.exp(draw.uniform(math.log(low), math.log(high)))
+    return draw.uniform(low, high)
+
+
+def trial_cost(spec) -> tuple[int, int]:
+    """(iterations of its shareable IMP trunk incl. the dense run, of its own levels)."""
+    t = spec.train.iterations
+    if not shared.shareable(spec):
+        return 0, t * (spec.last_level + 1)
+    trunk = t + spec.prune.levels * (t - spec.rewind_iteration)
+    own = 0 if spec.control == "none" else spec.prune.levels * (t - spec.rewind_iteration)
+    return trunk, own
+
+
+def plan(sweep) -> Plan:
+    specs, estimated = trial_specs(sweep)
+    units: dict = {}
+    own = unshared = 0
+    for spec in specs:
+        trunk, mine = trial_cost(spec)
+        unshared += trunk + mine
+        if not sweep.share or not shared.shareable(spec):
+            own += trunk + mine
+            continue
+        own += mine
+        for u in shared.plan(spec):
+            unit = units.setdefault(u["name"], Unit(u["name"], u["iterations"], u["deps"],
+                                                    spec.replace(control="none")))
+            unit.users += 1
+            if u["name"].startswith("dense/"):
+                unit.points.add(spec.rewind_iteration)
+    order = sorted(units.values(), key=_depth)  # stable: grid order within a depth
+    return Plan(specs, {u.name: u for u in order}, own, unshared, estimated)
+
+
+def _depth(u: Unit) -> int:
+    return 0 if u.name.startswith("dense/") else layout.level_of(u.name.rsplit("/", 1)[1])
+
+
+def data_key(spec) -> str:
+    """Which trial processes can train a unit: those holding the same data on the same device."""
+    return json.dumps([spec.dataset.__dict__, spec.train.batch_size, spec.device], sort_keys=True, default=str)
+
+
+def registrations(p: Plan) -> list[dict]:
+    """The plan's units as the broker takes them (orchestrator/sweeps/units.py)."""
+    return [{"name": u.name, "deps": u.deps, "spec": u.spec.to_dict(), "data": data_key(u.spec),
+             "points": sorted(u.points)} for u in p.units.values()]
+
+
+def trial_registrations(spec) -> list[dict]:
+    """One trial's own units, for the broker of a search that picks configurations as it
+    runs (the grid's are registered up front)."""
+    if not shared.shareable(spec):
+        return []
+    unit_spec, data = spec.replace(control="none").to_dict(), data_key(spec)
+    return [{"name": u["name"], "deps": u["deps"], "spec": unit_spec, "data": data,
+             "points": [spec.rewind_iteration] if u["name"].startswith("dense/") else []}
+            for u in shared.plan(spec)]
+
+
+def describe(sweep, p: Plan) -> str:
+    """`lth sweep plan`: the units, who uses them, and what sharing saves (last line)."""
+    varied = sweep.varied
+    lines = [f"sweep {sweep.name}: {len(p.trials)} trials ({sweep.search.algorithm}"
+             + (f", {sweep.search.num_samples} configurations drawn at random to estimate" if p.estimated else "")
+             + f"), sharing {'on' if sweep.share else 'off (share: false)'}"]
+    if p.units:
+        lines.append(f"  {'work unit':<36} {'iterations':>10} {'trials':>6}  what")
+    trunks: dict = {}
+    for u in p.units.values():
+        if u.name.startswith("dense/"):
+            what = f"dense run, seed {u.spec.seed}, keeps rewind points {', '.join(map(str, sorted(u.points)))}"
+            lines.append(f"  {u.name:<36} {u.iterations:>10,} {u.users:>6}  {what}")
+        else:
+            trunks.setdefault(u.name.rsplit("/", 1)[0], []).append(u)
+    for name, levels in trunks.items():
+        spec = levels[0].spec
+        what = " ".join(f"{path}={_get(spec, path)}" for path in varied if path != "control")
+        what = f"IMP levels 1-{len(levels)}, seed {spec.seed}" + (f", {what}" if what else "")
+        total = sum(u.iterations for u in levels)
+        lines.append(f"  {name:<36} {total:>10,} {max(u.users for u in levels):>6}  {what}")
+    if p.own:
+        lines.append(f"  {'levels trained by their own trial':<36} {p.own:>10,}")
+    saved = 100 * (1 - p.shared / p.unshared) if p.unshared else 0.0
+    lines.append(f"plan: {p.shared:,} iterations to train, {p.unshared:,} without sharing ({saved:.0f}% fewer)")
+    return "\n".join(lines)
+
+
+def _get(spec, path: str):
+    value = spec
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
