@@ -151,6 +151,7 @@ class UnitStore:
         self.broker = broker
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.scratch = Path(scratch or tempfile.mkdtemp(prefix="lth-units-"))
+        self.scratch.mkdir(parents=True, exist_ok=True)
         self.cache = self.scratch / "cache"
         self.helper: Optional[Callable] = None
         self.data = ""

@@ -32,6 +32,7 @@ from trials.errors import ConfigError
 from trials.record import TRACKED, read_lines
 from trials.spec import flatten
 
+UNIT_DENSE, UNIT_TRUNK, UNIT_REUSED = "lth.unit.dense", "lth.unit.trunk", "lth.unit.reused"
 TICKET = "ticket"  # artifact folder of a trial run that mirrors the trial folder's tensors
 TAG_KIND, TAG_SWEEP, TAG_KEY, TAG_TRIAL, TAG_VARIED = (
     "lth.kind", "lth.sweep", "lth.trial_key", "lth.tune_trial_id", "lth.varied")
@@ -212,6 +213,7 @@ class SweepTracker:
         meta = json.loads((folder / layout.SPEC).read_text())
         run = self.child(meta, tune_trial_id)
         self._log_levels(run, read_lines((folder / layout.LEVELS).read_text()))
+        self._tag_units(run, folder / layout.UNITS)
         for local, remote in self._artifacts(folder):
             if remote not in run["files"]:
                 self.c.log_artifact(run["run_id"], str(local), remote.rsplit("/", 1)[0] or None)
@@ -221,6 +223,19 @@ class SweepTracker:
         self.upload_table()
         return run["run_id"]
 
+    def _tag_units(self, run: dict, ledger: Path) -> None:
+        """A shared sweep's trial run names the work units it used (trials/shared.py):
+        lth.unit.dense, lth.unit.trunk, and lth.unit.reused = the levels another trial trained."""
+        if not ledger.exists():
+            return
+        used = json.loads(ledger.read_text())
+        tags = {UNIT_DENSE: used["dense"], UNIT_TRUNK: used["trunk"],
+                UNIT_REUSED: ",".join(map(str, used["reused"])) or "none"}
+        for tag, value in tags.items():
+            if run.setdefault("unit_tags", {}).get(tag) != value:
+                self.c.set_tag(run["run_id"], tag, value)
+                run["unit_tags"][tag] = value
+
     def _log_levels(self, run: dict, records: list) -> None:
         """New levels as metrics, the run marked stale in the same batch (readers then read
         it from MLflow until the table holds the level), then every logged level into the table."""
@@ -229,7 +244,8 @@ class SweepTracker:
         now = int(time.time() * 1000)
         for r in records:
             if r.level not in run["steps"]:
-                metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED]
+                metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED
+                           if getattr(r, k) is not None]  # an optional field not measured: no metric
                 stale = RunTag(levels_table.STATE_TAG, levels_table.STALE)
                 self.c.log_batch(run["run_id"], metrics=metrics, tags=[stale])
                 run["steps"].add(r.level)

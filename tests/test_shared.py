@@ -1,0 +1,228 @@
+"""Shared work (trials/shared.py, orchestrator/sweeps/units.py, orchestrator/plan.py):
+a unit is trained once, by one holder; a dead holder is taken over; a waiting trial helps;
+and a shared trial's records equal the same trial run alone, bit for bit."""
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import LTH, digits_base, quick_spec
+from trials import shared
+from trials.lottery import run_lottery
+from trials.spec import PruneSpec, TrainSpec
+from trials.store import load_tensors
+
+TRAIN = TrainSpec(optimizer="adam", lr=1e-3, batch_size=60, iterations=60, eval_interval=20)
+
+
+def numbers(records):
+    return [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in records]
+
+
+def store(root: Path, broker=None):
+    from orchestrator.sweeps.units import UnitStore
+
+    return UnitStore(str(root), broker, scratch=root.parent / f"scratch-{len(list(root.parent.iterdir()))}")
+
+
+def logged(root: Path) -> Counter:
+    from orchestrator.sweeps.units import trained_log
+
+    return Counter(e["unit"] for e in trained_log(str(root)))
+
+
+# ---------------------------------------------------------------- the engine on units
+
+
+def test_shared_trials_equal_unshared_ones_and_each_unit_is_trained_once(tmp_path, digits_cpu):
+    units = store(tmp_path / "storage")
+    for k in (0, 30):
+        for control in ("none", "reinit", "random_prune"):
+            spec = quick_spec(train=TRAIN, rewind_iteration=k, control=control,
+                              prune=PruneSpec(rate=0.2, output_rate=0.1, levels=2))
+            alone = run_lottery(spec, tmp_path / f"alone-{k}-{control}", data=digits_cpu)
+            out = tmp_path / f"shared-{k}-{control}"
+            together = run_lottery(spec, out, data=digits_cpu, runner=shared.runner(units))
+            assert numbers(together) == numbers(alone), (k, control)
+            for level in range(3):  # the files too: masks and weights, bit for bit
+                for name in ("mask.safetensors", "final.safetensors"):
+                    a = load_tensors(tmp_path / f"alone-{k}-{control}" / f"level_0{level}" / name)
+                    b = load_tensors(out / f"level_0{level}" / name)
+                    assert all(a[n].equal(b[n]) for n in a), (k, control, level, name)
+            ledger = json.loads((out / "units.json").read_text())
+            assert ledger["dense"] == shared.dense_name(spec) and ledger["trunk"] == shared.trunk_name(spec)
+    counts = logged(tmp_path / "storage")
+    # one dense run for both rewind points; one trunk per k; k=30 was not kept by the dense
+    # run (this store knows no plan), so its point was trained: 30 iterations from init
+    assert set(counts.values()) == {1}
+    assert sorted(n.split("/")[0] for n in counts) == ["dense", "point", "trunk", "trunk", "trunk", "trunk"]
+    assert any(n.endswith("-30") for n in counts)
+
+
+def test_a_rewind_point_the_dense_run_did_not_keep_is_trained_to_the_same_bits(tmp_path, digits_cpu):
+    units = store(tmp_path / "storage")
+    first = quick_spec(train=TRAIN, prune=PruneSpec(levels=1))
+    run_lottery(first, tmp_path / "k0", data=digits_cpu, runner=shared.runner(units))
+    later = first.replace(rewind_iteration=40)  # a later sweep asks for another rewind point
+    run_lottery(later, tmp_path / "k40", data=digits_cpu, runner=shared.runner(units))
+    alone = tmp_path / "alone"
+    run_lottery(later, alone, data=digits_cpu)
+    a, b = load_tensors(alone / "rewind.safetensors"), load_tensors(tmp_path / "k40" / "rewind.safetensors")
+    assert all(a[n].equal(b[n]) for n in a)
+    assert logged(tmp_path / "storage")[shared.point_name(later, 40)] == 1
+
+
+def test_a_longer_trunk_serves_a_shorter_trial(tmp_path, digits_cpu):
+    units = store(tmp_path / "storage")
+    long = quick_spec(train=TRAIN, prune=PruneSpec(levels=2))
+    run_lottery(long, tmp_path / "long", data=digits_cpu, runner=shared.runner(units))
+    before = logged(tmp_path / "storage")
+    short = long.replace(prune=PruneSpec(levels=1))
+    records = run_lottery(short, tmp_path / "short", data=digits_cpu, runner=shared.runner(units))
+    assert logged(tmp_path / "storage") == before and len(records) == 2
+    assert shared.trunk_name(short) == shared.trunk_name(long) and short.key != long.key
+    assert json.loads((tmp_path / "short" / "units.json").read_text())["reused"] == [0, 1]
+
+
+def test_unit_keys_follow_what_decides_the_numbers():
+    base = quick_spec(train=TRAIN)
+    assert shared.dense_name(base) == shared.dense_name(base.replace(rewind_iteration=30, control="reinit"))
+    assert shared.dense_name(base) != shared.dense_name(base.replace(seed=1))
+    assert shared.dense_name(base) != shared.dense_name(base.replace(train=TrainSpec(lr=0.01, iterations=60,
+                                                                                      eval_interval=20)))
+    assert shared.trunk_name(base) == shared.trunk_name(base.replace(control="random_prune"))
+    assert shared.trunk_name(base) != shared.trunk_name(base.replace(rewind_iteration=30))
+    assert shared.trunk_name(base) != shared.trunk_name(base.replace(prune=PruneSpec(kind="structured")))
+    assert shared.dense_name(base) == shared.dense_name(base.replace(device="cuda"))  # where, not what
+
+
+# ---------------------------------------------------------------- leases on a real Ray actor
+
+
+def test_two_trials_needing_one_unit_train_it_once(tmp_path, ray_local):
+    from orchestrator.sweeps.units import Broker
+
+    broker = Broker.remote(5.0)
+    calls, results = [], []
+
+    def produce(dest):
+        calls.append(1)
+        time.sleep(1.0)
+        (dest / "weights").write_text("w")
+
+    stores = [store(tmp_path / "storage", broker) for _ in range(2)]
+    threads = [threading.Thread(target=lambda s=s: results.append(s.obtain("dense/x", produce))) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(mine for _, mine in results) == [False, True]
+    assert all((folder / "weights").read_text() == "w" for folder, _ in results)
+    assert logged(tmp_path / "storage") == Counter({"dense/x": 1})
+
+
+def test_a_dead_holders_unit_is_taken_over_and_a_waiting_trial_helps_meanwhile(tmp_path, ray_local):
+    import ray
+
+    from orchestrator.sweeps.units import Broker
+
+    broker = Broker.remote(2.0)
+    ray.get(broker.register.remote([
+        {"name": "dense/held", "deps": [], "spec": {}, "data": "d"},
+        {"name": "dense/ready", "deps": [], "spec": {}, "data": "d"},
+        {"name": "trunk/t/level_01", "deps": ["dense/held"], "spec": {}, "data": "d"},  # not ready
+        {"name": "dense/other-data", "deps": [], "spec": {}, "data": "elsewhere"}]))
+    assert ray.get(broker.claim.remote("dense/held", "ghost")) == "yours"  # then dies: never renews
+    s = store(tmp_path / "storage", broker)
+    s.data, helped = "d", []
+
+    def helper(name, spec):
+        helped.append(name)
+        s.obtain(name, lambda dest: (dest / "f").write_text(name))
+
+    s.helper = helper
+    started = time.monotonic()
+    folder, mine = s.obtain("dense/held", lambda dest: (dest / "f").write_text("taken over"))
+    assert mine and (folder / "f").read_text() == "taken over"
+    assert time.monotonic() - started >= 1.5  # it waited for the lease to expire...
+    assert helped == ["dense/ready"]  # ...after doing the one unit that was ready
+    state = ray.get(broker.state.remote())
+    assert ("dense/held", "ghost") in state["takeovers"]
+    assert ray.get(broker.claim.remote("dense/held", "ghost")) == "published"
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def test_plan_counts_the_issue_grid(tmp_path):
+    import subprocess
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "g", "experiment": "g", "base": digits_base(levels=4, iterations=300),
+        "space": {"prune.kind": {"grid": ["unstructured", "structured"]}, "rewind_iteration": {"grid": [0, 30]},
+                  "control": {"grid": ["none", "reinit", "random_prune"]}}, "seeds": 3,
+        "storage": str(tmp_path / "runs")}))
+    out = subprocess.run([LTH, "sweep", "plan", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # per seed, unshared: kind x [k=0: 1500 + 2 x 2700; k=30: 1380 + 2 x 2460] = 26,400
+    # shared: one dense run 300 + 2 kinds x (4x300 + 4x270) trunk + 8 controls' own levels 9,120 = 13,980
+    assert out.stdout.splitlines()[-1] == "plan: 41,940 iterations to train, 79,200 without sharing (47% fewer)"
+    assert out.stdout.count("dense/") == 3 and out.stdout.count("trunk/") == 12
+    assert "keeps rewind points 0, 30" in out.stdout
+    off = subprocess.run([LTH, "sweep", "plan", str(path), "--set", "share=false"], capture_output=True,
+                         text=True, timeout=120)
+    assert off.stdout.splitlines()[-1] == "plan: 79,200 iterations to train, 79,200 without sharing (0% fewer)"
+    bad = subprocess.run([LTH, "sweep", "plan", str(path), "--set", "share=maybe"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "share" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- a real shared sweep
+
+
+def test_a_shared_sweep_records_what_an_unshared_one_does_and_a_later_sweep_reuses_it(tmp_path, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+
+    def sweep(name, share):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "experiment": "sharing", "base": digits_base(levels=2), "share": share,
+            "space": {"rewind_iteration": {"grid": [0, 30]}, "control": {"grid": ["none", "reinit", "random_prune"]}},
+            "resources": {"cpu": 1}, "max_concurrent": 2, "storage": str(tmp_path / "runs"),
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+        runner.run(load_sweep(path))
+        return pd.read_csv(tmp_path / "runs" / name / "trials.csv")
+
+    def numbers(df):
+        cols = [c for c in df.columns if c not in ("trial_id", "seconds", "node_id")]
+        return df[cols].sort_values(["trial_key", "level"]).reset_index(drop=True)
+
+    together, alone = sweep("together", True), sweep("alone", False)
+    assert list(together.columns) == list(alone.columns)
+    pd.testing.assert_frame_equal(numbers(together), numbers(alone))
+    assert len(together) == 6 * 3 and set(together.status) == {"TERMINATED"}
+    counts = logged(tmp_path / "runs")
+    # one dense run keeping both rewind points, two trunks of 2 levels: 5 units, once each
+    assert sum(counts.values()) == 5 and set(counts.values()) == {1}
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("sharing")
+    runs = c.search_runs([exp.experiment_id], "tags.`lth.kind` = 'trial' and tags.`lth.sweep` = 'together'")
+    assert len(runs) == 6
+    assert len({r.data.tags["lth.unit.dense"] for r in runs}) == 1
+    assert len({r.data.tags["lth.unit.trunk"] for r in runs}) == 2
+    assert all(r.data.tags["lth.unit.reused"] for r in runs)  # the levels another trial trained
+
+    again = sweep("again", True)  # a later sweep on the same storage trains no unit again
+    assert logged(tmp_path / "runs") == counts
+    pd.testing.assert_frame_equal(numbers(again), numbers(alone))
