@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -204,7 +205,7 @@ def test_sweep_survives_losing_a_worker(tmp_path, cluster):
         "storage": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
     driver = subprocess.Popen([str(BIN / "lth"), "sweep", "run", str(sweep_file), "--address", cluster.address],
                               cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**cluster.env, "PYTHONUNBUFFERED": "1"})
+                              env={**cluster.env, "PYTHONUNBUFFERED": "1", "LTH_UNIT_LEASE_S": "10"})
     lines, deadline = [], time.time() + 400
     while time.time() < deadline:  # four trials run at once (2 per worker); kill one worker's raylet
         line = driver.stdout.readline()
@@ -221,6 +222,12 @@ def test_sweep_survives_losing_a_worker(tmp_path, cluster):
     assert df.node_id.nunique() >= 2  # trials ran on both workers
     for trial_dir in (tmp_path / "runs" / "lose-a-node").glob("*_0000*"):  # finished levels not redone
         assert_each_level_trained_once(trial_dir, levels=3)
+    from orchestrator.sweeps.units import trained_log
+
+    # the two kinds of a seed share its dense run: 2 dense runs + 4 trunks x 3 levels, each
+    # published once although the lost worker held some
+    trained = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs")))
+    assert len(trained) == 14 and set(trained.values()) == {1}, trained
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(str(tmp_path / "runs" / "lose-a-node")).trials

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -91,10 +92,11 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
     sweep_file = driver_dir / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "name": name, "experiment": "s3", "base": digits_base(levels=3, iterations=600, eval_interval=50),
-        "space": {"prune.kind": {"grid": ["unstructured", "structured"]}}, "seeds": 2,
+        # a control and its ticket: the control's IMP trunk is the ticket's, shared through S3
+        "space": {"control": {"grid": ["none", "reinit"]}}, "seeds": 2,
         "resources": {"cpu": 0.5, "gpu": 0.5}, "max_failures": 3, "storage": storage,
         "tracking_uri": mlflow_server.uri}))
-    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1", "LTH_UNIT_LEASE_S": "10"}  # a lost holder's lease: 10 s
     driver = subprocess.Popen([LTH, "sweep", "run", str(sweep_file), "--address", cluster.address], cwd=driver_dir,
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list = []
@@ -119,6 +121,10 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
     df = pd.read_csv(body)
     assert df.trial_id.nunique() == 4 and len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     assert sorted(os.listdir(driver_dir)) == ["sweep.yaml"], "the driver wrote sweep files locally"
+    # every shared unit (2 dense runs, 2 trunks x 3 levels) was published exactly once, although
+    # a worker and the driver died while trials held some
+    trained = Counter(k.rsplit("/", 1)[1].split("--")[0] for k in s3.keys("sweeps/_units/_log/"))
+    assert len(trained) == 8 and set(trained.values()) == {1}, trained
 
     from mlflow.tracking import MlflowClient
 

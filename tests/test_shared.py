@@ -64,6 +64,20 @@ def test_shared_trials_equal_unshared_ones_and_each_unit_is_trained_once(tmp_pat
     assert any(n.endswith("-30") for n in counts)
 
 
+def test_retraining_modes_and_instability_share_too(tmp_path, digits_cpu):
+    from trials.spec import StabilitySpec
+
+    units = store(tmp_path / "storage")
+    for retrain, control in (("lr_rewind", "none"), ("finetune", "random_prune")):
+        spec = quick_spec(train=TRAIN, rewind_iteration=20, retrain=retrain, control=control,
+                          prune=PruneSpec(levels=1), stability=StabilitySpec(copies=2, points=3, levels=(0, 1)))
+        alone = run_lottery(spec, tmp_path / f"alone-{retrain}", data=digits_cpu)
+        together = run_lottery(spec, tmp_path / f"shared-{retrain}", data=digits_cpu, runner=shared.runner(units))
+        assert numbers(together) == numbers(alone), retrain
+        assert together[0].stability_error_barrier is not None and together[1].stability_error_barrier is not None
+    assert logged(tmp_path / "storage")[shared.dense_name(spec)] == 1  # one dense run for both modes
+
+
 def test_a_rewind_point_the_dense_run_did_not_keep_is_trained_to_the_same_bits(tmp_path, digits_cpu):
     units = store(tmp_path / "storage")
     first = quick_spec(train=TRAIN, prune=PruneSpec(levels=1))

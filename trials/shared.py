@@ -18,6 +18,9 @@ control fills by rerunning IMP) and trains only its own levels (trials/lottery.p
 
 Every unit is produced by the same engine code an unshared trial runs (Lottery.train_dense,
 Lottery.level on a trunk folder), so a trial's records are the unshared trial's, bit for bit.
+Instability copies (trials/stability.py) of a trunk level are part of its unit (its key holds
+the stability section); those of level 0 start at the trial's own rewind point and are
+measured in the trial's folder, not shared.
 
 `Units` is the store's side: the sweep's (orchestrator/sweeps/units.py) finds a published
 unit, or makes sure one process produces it while the others help elsewhere, and publishes
@@ -32,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from trials import layout, masks, models
+from trials import layout, masks, models, stability
 from trials.lottery import Control, Lottery, engine
 from trials.record import LevelRecord
 from trials.spec import non_default
@@ -141,13 +144,16 @@ class Trunk:
     Same interface as trials.lottery.Lottery: `level(n) -> LevelRecord` and `.trial`."""
 
     def __init__(self, spec, out: Path, data, device, units: Units, progress=None,
-                 ledger: Optional[Path] = None):
+                 ledger: Optional[Path] = None, measure: bool = True):
+        """`measure`: level 0's instability too, where the spec asks (a helper's scratch
+        trunk, which only produces a unit, skips it)."""
         self.spec = spec.replace(control="none")
         self.data, self.device, self.units, self.progress = data, device, units, progress
         self.trial = TrialDir(out, self.spec)
         self.trial.begin()
         self.trial.reopen_from(self.trial.first_missing(self.spec.prune.levels))
         self.ledger = ledger or Path(out) / layout.UNITS
+        self.measure = measure
 
     def level(self, level: int) -> LevelRecord:
         if self.trial.done(level):
@@ -181,7 +187,10 @@ class Trunk:
         record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
         info, m = self.data.info, self.spec.model
         layers = masks.Layers.of(models.shell(m.name, info.shape, info.num_classes, m.width))
-        self.trial.finish(0, masks.ones(layers), load_tensors(folder / layout.FINAL), record)
+        ones = masks.ones(layers)
+        if self.measure and stability.asked(self.spec, 0):  # copies from this trial's rewind point: its own work
+            record = Lottery(self.spec, self.trial.path, self.data, self.device).measure_stability(0, record, ones)
+        self.trial.finish(0, ones, load_tensors(folder / layout.FINAL), record)
         self._note(name, 0, mine)
         return record
 
@@ -221,7 +230,8 @@ def produce(name: str, spec, units: Units, data, device, scratch: Path) -> None:
     """Produce unit `name`, one of `spec`'s (plan(spec)), for the store's helpers: a trunk
     level through a Trunk in a scratch folder (its earlier levels are fetched)."""
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        trunk = Trunk(spec, Path(tmp) / "trunk", data, device, units, ledger=Path(tmp) / layout.UNITS)
+        trunk = Trunk(spec, Path(tmp) / "trunk", data, device, units, ledger=Path(tmp) / layout.UNITS,
+                      measure=False)
         if name.startswith("dense/"):
             trunk.level(0)
         else:
