@@ -17,6 +17,7 @@ earlier sweep or driver is used whatever the broker knows.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ LOG_DIR = "_log"
 DONE = "DONE"
 NAMESPACE = "lth"
 POLL_SECONDS = 0.25
+CACHE_UNITS = 32  # units a process keeps fetched (a VGG trunk level is ~75 MB); older are fetched again
 
 
 def lease_seconds() -> float:
@@ -152,6 +154,8 @@ class UnitStore:
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.scratch = Path(scratch or tempfile.mkdtemp(prefix="lth-units-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
+        if scratch is None:
+            atexit.register(shutil.rmtree, self.scratch, True)
         self.cache = self.scratch / "cache"
         self.helper: Optional[Callable] = None
         self.data = ""
@@ -200,6 +204,7 @@ class UnitStore:
         if not local.exists():  # else another thread of this process fetched it first
             os.replace(tmp / "unit", local)
         shutil.rmtree(tmp, ignore_errors=True)
+        self._evict(local)
 
     def _produce(self, name: str, produce: Callable[[Path], None], local: Path) -> Path:
         import pyarrow.fs
@@ -224,10 +229,18 @@ class UnitStore:
                 shutil.rmtree(local)
             os.replace(unit, local)
             self.trained.append(name)
+            self._evict(local)
             return local
         finally:
             self._tell("release", name, self.owner, ok, not ok)
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _evict(self, keep: Path) -> None:
+        """Bound the cache: drop the least recently added units beyond CACHE_UNITS."""
+        found = sorted(self.cache.rglob(DONE), key=lambda f: f.stat().st_mtime)
+        for marker in found[: max(0, len(found) - CACHE_UNITS)]:
+            if marker.parent != keep:
+                shutil.rmtree(marker.parent, ignore_errors=True)
 
     def _log(self, name: str, unit: Path, seconds: float) -> None:
         record = unit / "record.json"
