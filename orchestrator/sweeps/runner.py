@@ -109,8 +109,8 @@ def _share(sweep: Sweep) -> None:
     from orchestrator.sweeps.units import UnitStore, start_broker
 
     p = plan.plan(sweep)
-    on_storage = UnitStore(sweep.storage)
-    published = [name for name in p.units if on_storage.published(name)]
+    on_storage = UnitStore(sweep.storage).published_names()
+    published = [name for name in p.units if name in on_storage]
     BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p), published)  # alive while held
     print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
           file=sys.stderr, flush=True)

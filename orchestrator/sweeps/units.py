@@ -105,6 +105,9 @@ class Broker:
         if self.leases.get(name, (None,))[0] == owner:
             del self.leases[name]
 
+    def unpublish(self, name: str) -> None:
+        self.published.discard(name)
+
     def next_ready(self, owner: str, data: str) -> Optional[tuple]:
         """A unit nobody holds whose inputs are published (leased to `owner`), or None."""
         now = time.monotonic()
@@ -172,7 +175,7 @@ class UnitStore:
         return set(self._call("points_of", dense) or ())
 
     def obtain(self, name: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
-        local = self.cache / name
+        local, missing = self.cache / name, 0
         while True:
             if (local / DONE).exists():
                 return local, False
@@ -183,11 +186,26 @@ class UnitStore:
             verdict = "yours" if self.broker is None else self._call("claim", name, self.owner) or "yours"
             if verdict == "yours":
                 return self._produce(name, produce, local), True
+            if verdict == "published":  # the broker says so, storage does not (yet): look again,
+                missing += 1  # and after a while believe storage (files removed by hand)
+                if missing > 20:
+                    self._tell("unpublish", name)
+                time.sleep(POLL_SECONDS)
+                continue
             if verdict == "held" and (self.helping or not self._help()):
                 time.sleep(POLL_SECONDS)
                 self.waited += POLL_SECONDS
 
     # ------------------------------------------------------------ storage
+    def published_names(self) -> set:
+        """Every unit published in this storage (one recursive listing)."""
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.base, recursive=True, allow_not_found=True))
+        prefix = self.base.rstrip("/") + "/"
+        return {i.path[len(prefix):].rsplit("/", 1)[0] for i in infos
+                if i.type == pyarrow.fs.FileType.File and i.base_name == DONE}
+
     def published(self, name: str) -> bool:
         import pyarrow.fs
 
