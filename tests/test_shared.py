@@ -103,6 +103,16 @@ def test_a_longer_trunk_serves_a_shorter_trial(tmp_path, digits_cpu):
     assert json.loads((tmp_path / "short" / "units.json").read_text())["reused"] == [0, 1]
 
 
+def test_a_half_written_unit_is_never_read(tmp_path):
+    units = store(tmp_path / "storage")
+    half = tmp_path / "storage" / "_units" / "dense" / "x"
+    half.mkdir(parents=True)
+    (half / "final.safetensors").write_text("cut short")  # a holder died before DONE
+    folder, mine = units.obtain("dense/x", lambda dest: (dest / "final.safetensors").write_text("whole"))
+    assert mine and (folder / "final.safetensors").read_text() == "whole"
+    assert (half / "DONE").exists() and (half / "final.safetensors").read_text() == "whole"
+
+
 def test_unit_keys_follow_what_decides_the_numbers():
     base = quick_spec(train=TRAIN)
     assert shared.dense_name(base) == shared.dense_name(base.replace(rewind_iteration=30, control="reinit"))
