@@ -289,7 +289,7 @@ class SweepTracker:
         self.c.set_terminated(self.parent, status=status)
 
 
-def sync(tracker_factory, trials: list, attempts: int = 6, wait_seconds: float = 5.0) -> bool:
+def sync(tracker_factory, trials: list, attempts: int = 12, wait_seconds: float = 5.0) -> bool:
     """Replay a sweep into MLflow (idempotent), retrying while the store is unreachable.
     `trials`: (tune trial id, meta, run status, [checkpoint folders, oldest first])."""
     for attempt in range(attempts):
