@@ -55,6 +55,9 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     for name in COUNTS:
         if name in df:
             df[name] = pd.to_numeric(df[name], errors="coerce").round().astype("Int64")
+    for name in set(TRACKED) - set(COUNTS):  # an optional metric never logged is NaN on both read paths
+        if name in df:
+            df[name] = pd.to_numeric(df[name], errors="coerce").astype(float)
     for name in HEAD:
         df[name] = df[name].astype("string")
     return df.sort_values(["sweep", "trial_key", "level", "run_id"], kind="stable").reset_index(drop=True)

@@ -1,7 +1,10 @@
 """IMP curves as in Frankle & Carbin: a metric against percent of weights remaining (log x,
 dense on the left), one line per group, shaded ± std over seeds, controls dashed.
 Supermasks (method=edge_popup) share the axes: each method is its own group, drawn with
-its own marker (IMP tickets circles, supermasks squares) and colour."""
+its own marker (IMP tickets circles, supermasks squares) and colour.
+
+Instability as in Frankle et al. 2020 (`instability_curves`): the error barrier against
+the rewind iteration k, one line per group and level, the 2% "stable" threshold dashed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,3 +76,58 @@ def methods(df: pd.DataFrame) -> pd.Series:
     if "method" not in df:
         return pd.Series("imp", index=df.index, dtype="string")
     return df["method"].astype("string").fillna("imp")
+
+
+STABLE = 0.02  # Frankle et al. 2020: a network is stable when its error barrier is below 2%
+STABILITY_PANELS = (("stability_error_barrier", "instability: test-error barrier (%)", 100),
+                    ("stability_loss_barrier", "test-loss barrier (nats)", 1))
+
+
+def has_instability(df: pd.DataFrame) -> bool:
+    """Whether any level of these runs measured instability (spec.stability)."""
+    return "stability_error_barrier" in df and df["stability_error_barrier"].notna().any()
+
+
+def instability_curves(df: pd.DataFrame, rows: list, out, panels=STABILITY_PANELS):
+    """Instability against the rewind iteration (symmetric-log x, so k = 0 shows): one line
+    per group of `rows` (rewind_iteration is the x axis, not a row) and measured level,
+    labelled with the level's mean density, shaded ± std over seeds. Writes `out` (.png or
+    .pdf); returns the path."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    out = Path(out)
+    if out.suffix not in (".png", ".pdf"):
+        raise ConfigError("--out", str(out), "a .png or .pdf file")
+    if not has_instability(df):
+        raise ConfigError("--kind", "instability", "runs that measured instability (trials with "
+                          "stability.copies >= 2); these runs have none")
+    rows = [r for r in rows if r != "rewind_iteration"]
+    for field in rows + ["rewind_iteration"]:
+        if field not in df:
+            raise ConfigError("--rows", field, "a column of the runs (spec path such as prune.kind)")
+    df = df[df["stability_error_barrier"].notna()].copy()
+    df["_group"] = df[rows].astype(str).agg(", ".join, axis=1) if rows else ""
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (metric, label, scale) in zip(axes[0], panels):
+        for (name, level), group in df.groupby(["_group", "level"], sort=True):
+            s = group.groupby("rewind_iteration").agg(m=(metric, "mean"), sd=(metric, "std"))
+            x, m, sd = s.index.astype(float), scale * s["m"].astype(float), scale * s["sd"].fillna(0).astype(float)
+            density = 100 * float(group["density"].mean())
+            text = f"level {level} ({density:.3g}%)" + (f", {name}" if name else "")
+            line, = ax.plot(x, m, marker="o", ms=3, label=text)
+            ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.2, lw=0)
+        if metric == "stability_error_barrier":
+            ax.axhline(100 * STABLE, color="grey", ls="--", lw=1, label="stable below 2%")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.5, 1.6 * max(1.0, float(df["rewind_iteration"].max())))  # k >= 0 only
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("rewind iteration k")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(title=", ".join(rows) or None, fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

@@ -11,6 +11,9 @@ Supermasks (method=edge_popup) have no dense level: their level 0 is their dense
 supermask. They are grouped apart from IMP (`method` joins the rows), their columns must
 be target densities when methods are mixed, and the dense baseline, which they are
 matched against, is the IMP trials' level 0 in the same runs.
+
+Runs that measured instability (spec.stability) add to each cell the mean error barrier
+of its trials (`instability`; CSV column, and "inst." in Markdown and LaTeX cells).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Optional
 import pandas as pd
 
 from analysis.data import dense_key
-from analysis.plots import methods
+from analysis.plots import has_instability, methods
 from trials.errors import ConfigError
 
 DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
@@ -67,8 +70,10 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     if "method" not in rows and (df["method"] == "edge_popup").any():
         rows = ["method", *rows]  # supermasks and tickets are never averaged together
     df[rows] = df[rows].astype(str)
+    extra = {"instability": ("stability_error_barrier", "mean")} if has_instability(df) else {}
     stats = (df.groupby(rows + ["level"], dropna=False)
-             .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"))
+             .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"),
+                  **extra)
              .reset_index())
     stats["std"] = stats["std"].fillna(0.0)  # n = 1: no spread to report
     if densities is None:
@@ -143,7 +148,9 @@ def _shared_density(table: Table, col: str) -> bool:
 
 def _cell_text(table: Table, c) -> str:
     text = _fmt(c["mean"], c["std"], int(c["n"]))
-    return text if _shared_density(table, c["column"]) else f"{text} @{100 * c['density']:.1f}%"
+    text = text if _shared_density(table, c["column"]) else f"{text} @{100 * c['density']:.1f}%"
+    inst = c.get("instability")
+    return text if inst is None or inst != inst else f"{text} inst. {100 * inst:.2f}%"
 
 
 def _markdown_cell(table: Table, c) -> str:
@@ -189,7 +196,12 @@ def to_markdown(table: Table) -> str:
         texts = [_markdown_cell(table, table.cell(group, col)) for col in table.columns]
         lines.append("| " + " | ".join([*group, *texts]) + " |")
     return "\n".join([_title(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
+                                                     f"{_INST if 'instability' in table.cells else ''}"
                                                      f"‡ {MATCH_RULE}."])
+
+
+_INST_TEX = "inst.: mean instability (test-error barrier between two copies). "
+_INST = "inst.: mean instability (test-error barrier between two copies, Frankle et al. 2020); "
 
 
 def _tex(text: str) -> str:
@@ -210,11 +222,12 @@ def to_latex(table: Table) -> str:
         texts = [_latex_cell(table, table.cell(group, col)) for col in table.columns]
         lines.append(" & ".join([*(_tex(g) for g in group), *texts]) + r" \\")
     lines += [r"\bottomrule",
-              rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize Bold: best in its column; @: density reached. $^\dagger$ {MATCH_RULE_TEX}.}} \\",
+              rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize Bold: best in its column; @: density reached. {_INST_TEX if 'instability' in table.cells else ''}$^\dagger$ {MATCH_RULE_TEX}.}} \\",
               r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: Table) -> str:
     cols = [*table.rows, "column", "level", "density", "mean", "std", "n", "best", "matches"]
+    cols += ["instability"] if "instability" in table.cells else []
     return table.cells[cols].to_csv(index=False)

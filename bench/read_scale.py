@@ -83,7 +83,8 @@ def log_sweep(c, exp: str, name: str, trial_specs: list, levels: int, tables: bo
         run_id = c.create_run(exp, run_name=spec.key, tags=tags).info.run_id
         params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
         recs = records(random.Random(spec.key), levels)  # equal trials, equal records
-        metrics = [Metric(k, float(getattr(r, k)), 0, r.level) for r in recs for k in TRACKED]
+        metrics = [Metric(k, float(getattr(r, k)), 0, r.level) for r in recs for k in TRACKED
+                   if getattr(r, k) is not None]
         # the driver's final state: the table holds the run, which is marked current
         state = [RunTag(levels_table.STATE_TAG, levels_table.CURRENT)] if tables else []
         c.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()], tags=state)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lth import report_commands, sweep_commands, trial_commands
+from lth import report_commands, stability_commands, sweep_commands, trial_commands
 from trials.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_commands.add(commands)
     report_commands.add_tickets(commands)
     report_commands.add_reports(commands)
+    stability_commands.add(commands)
     return parser
 
 

@@ -20,10 +20,16 @@ def add_reports(commands) -> None:
     table.add_argument("--out", help="write here instead of stdout")
     _tracking_flag(table)
     table.set_defaults(func=report_table)
-    plot = report.add_parser("plot", help="accuracy and early-stop iteration vs weights remaining")
+    plot = report.add_parser("plot", help="accuracy and early-stop iteration vs weights remaining, "
+                             "or instability vs rewind iteration (--kind instability)")
     plot.add_argument("--experiment", required=True)
     plot.add_argument("--out", required=True, help="FILE.png or FILE.pdf")
-    plot.add_argument("--rows", default="prune.kind,rewind_iteration,control")
+    plot.add_argument("--rows", default="prune.kind,rewind_iteration,control",
+                      help="spec fields whose values form the lines (instability: and the level)")
+    plot.add_argument("--kind", choices=("imp", "instability"), default="imp",
+                      help="imp = IMP curves against weights remaining; instability = error and loss "
+                      "barriers against the rewind iteration, a line per group and level (trials with "
+                      "stability.copies >= 2)")
     _tracking_flag(plot)
     plot.set_defaults(func=report_plot)
 
@@ -76,7 +82,8 @@ def report_plot(args) -> int:
     import analysis
 
     df = _experiment_runs(args)
-    out = analysis.imp_curves(df, _fields(args.rows), args.out)
+    draw = analysis.instability_curves if args.kind == "instability" else analysis.imp_curves
+    out = draw(df, _fields(args.rows), args.out)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -17,18 +17,26 @@ def matches(record: LevelRecord, dense: LevelRecord, tolerance: float) -> bool:
 
 
 def summarise(records: list[LevelRecord], tolerance: float) -> dict:
-    """The trial's objectives; keys are OBJECTIVES."""
+    """The trial's objectives; keys are OBJECTIVES. The instability objectives are None
+    until a level that measures it (spec.stability) is reached."""
     dense, last = records[0], records[-1]
     matching = [r.density for r in records if matches(r, dense, tolerance)]
+    measured = [r for r in records if r.stability_error_barrier is not None]
     return {
         "dense_test_acc": dense.test_acc,
         "final_test_acc": last.test_acc,
         "final_test_acc_at_early_stop": last.test_acc_at_early_stop,
         "final_density": last.density,
         "matching_density": min(matching),  # level 0 always matches itself
+        # the sparsest measured level reached so far (Frankle et al. 2020's question: is the ticket stable?)
+        "instability": measured[-1].stability_error_barrier if measured else None,
+        "dense_instability": dense.stability_error_barrier,
     }
 
 
 OBJECTIVES = ("dense_test_acc", "final_test_acc", "final_test_acc_at_early_stop", "final_density",
-              "matching_density")  # the keys of summarise, in its order: what a search may optimise
-MINIMISED = ("matching_density", "final_density")  # the default mode of these is min, of the rest max
+              "matching_density", "instability",
+              "dense_instability")  # the keys of summarise, in its order: what a search may optimise
+MINIMISED = ("matching_density", "final_density", "instability",
+             "dense_instability")  # the default mode of these is min, of the rest max
+NEEDS_STABILITY = ("instability", "dense_instability")  # None unless the trials measure instability

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from trials import layout
-from trials.record import ACCURACIES, COUNTS, FIELDS, HEADLINE, TRACKED, UNITS, LevelRecord, read_lines
+from trials.record import ACCURACIES, COUNTS, FIELDS, HEADLINE, OPTIONAL, TRACKED, UNITS, LevelRecord, read_lines
 
 EXAMPLE = dict(level=2, density=0.64, layer_density={"fc": 0.9, "hidden.0": 0.64}, remaining_params=123,
                test_acc=0.95, early_stop_iteration=180, test_acc_at_early_stop=0.96, val_loss=0.2, val_acc=0.94,
@@ -13,7 +13,7 @@ EXAMPLE = dict(level=2, density=0.64, layer_density={"fc": 0.9, "hidden.0": 0.64
 
 def test_every_field_has_a_unit_and_the_derived_tuples_follow_the_types():
     record = LevelRecord(**EXAMPLE)
-    assert FIELDS == tuple(EXAMPLE) and set(UNITS) == set(FIELDS) and all(UNITS.values())
+    assert FIELDS == tuple(EXAMPLE) + OPTIONAL and set(UNITS) == set(FIELDS) and all(UNITS.values())
     assert set(COUNTS) == {k for k, v in EXAMPLE.items() if isinstance(v, int)}
     assert set(TRACKED) <= set(FIELDS) and "layer_density" not in TRACKED and "level" not in TRACKED
     assert set(HEADLINE) <= set(TRACKED) and set(ACCURACIES) == {"test_acc", "test_acc_at_early_stop", "val_acc"}

@@ -5,18 +5,24 @@ level record", describes it; the field list lives here only.
 
 A record is stored as one flat JSON object (levels.jsonl, level_XX/record.json);
 `LevelRecord.from_dict` refuses a dict with missing or unknown keys, so a reader never
-silently works on another schema.
+silently works on another schema. Optional fields (OPTIONAL: default None, e.g. the
+instability analysis, measured only where the spec asks) are the exception: a record
+leaves them out of its JSON while they are None, and a dict without them reads as None,
+so records written before they existed (and tests/golden/records.json) read unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 
-def _f(unit: str, help: str, tracked: bool = True):
-    """`tracked`: logged as an MLflow metric per level (step = level)."""
-    return field(metadata={"unit": unit, "help": help, "tracked": tracked})
+def _f(unit: str, help: str, tracked: bool = True, optional: bool = False):
+    """`tracked`: logged as an MLflow metric per level (step = level). `optional`: default
+    None (not measured), left out of the record's JSON while None."""
+    meta = {"unit": unit, "help": help, "tracked": tracked, "optional": optional}
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -36,25 +42,45 @@ class LevelRecord:
                               tracked=False)
     iterations: int = _f("iterations", "optimizer steps trained in this level", tracked=False)
     seconds: float = _f("seconds", "wall-clock time of the level's training and evaluation")
+    # instability analysis (Frankle et al. 2020; trials/stability.py): None where not measured
+    stability_error_barrier: Optional[float] = _f(
+        "fraction", "instability: the largest test error on the straight line between two copies "
+        "trained from the level's start with different SGD noise, minus the mean error of the two "
+        "ends (mean over pairs of copies; < 0.02 = stable)", optional=True)
+    stability_loss_barrier: Optional[float] = _f(
+        "nats", "the same for test cross-entropy: largest loss on the line minus the ends' mean", optional=True)
+    stability_acc_a: Optional[float] = _f(
+        "fraction", "test accuracy of copy 0, the line's first end (BatchNorm statistics recomputed)",
+        optional=True)
+    stability_acc_b: Optional[float] = _f(
+        "fraction", "test accuracy of copy 1, the line's other end (BatchNorm statistics recomputed)",
+        optional=True)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (v is None and k in OPTIONAL)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LevelRecord":
-        missing, unknown = set(FIELDS) - set(data), set(data) - set(FIELDS)
+        missing, unknown = set(FIELDS) - set(OPTIONAL) - set(data), set(data) - set(FIELDS)
         if missing or unknown:
             raise ValueError(f"not a level record: missing {sorted(missing)}, unknown {sorted(unknown)}")
         return cls(**data)
 
+    def replace(self, **changes) -> "LevelRecord":
+        return dataclasses.replace(self, **changes)
+
     def flat(self) -> dict:
-        """Scalars only (Tune results, CSV rows): layer_density as one JSON string."""
-        return {**self.to_dict(), "layer_density": json.dumps(self.layer_density, sort_keys=True)}
+        """Scalars only (Tune results, CSV rows), every field (None where not measured):
+        layer_density as one JSON string."""
+        return {**dataclasses.asdict(self), "layer_density": json.dumps(self.layer_density, sort_keys=True)}
 
     @classmethod
     def from_flat(cls, row: dict) -> "LevelRecord":
-        """The record inside a flat row (a Tune result, a CSV row): its fields, other keys ignored."""
-        values = {k: row[k] for k in FIELDS}
+        """The record inside a flat row (a Tune result, a CSV row): its fields, other keys
+        ignored; an optional field missing or NaN (a table's empty cell) is None."""
+        values = {k: row[k] for k in FIELDS if k not in OPTIONAL}
+        values.update({k: _none(row.get(k)) for k in OPTIONAL})
         if isinstance(values["layer_density"], str):
             values["layer_density"] = json.loads(values["layer_density"])
         return cls(**values)
@@ -63,7 +89,13 @@ class LevelRecord:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def _none(value):
+    return None if value is None or (isinstance(value, float) and value != value) else value
+
+
 FIELDS = tuple(f.name for f in dataclasses.fields(LevelRecord))
+OPTIONAL = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.metadata["optional"])  # None = not measured
+STABILITY = tuple(f for f in OPTIONAL if f.startswith("stability_"))  # trials/stability.py measures these
 TRACKED = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.metadata["tracked"])  # MLflow metrics
 COUNTS = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.type in ("int", int))  # whole numbers
 UNITS = {f.name: f.metadata["unit"] for f in dataclasses.fields(LevelRecord)}
@@ -74,5 +106,6 @@ def read_lines(text: str) -> list[LevelRecord]:
     return [LevelRecord.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]
 # the fields a one-line summary of a level shows (the trial console, the ticket ranking)
 HEADLINE = ("density", "remaining_params", "test_acc", "early_stop_iteration", "test_acc_at_early_stop")
-ACCURACIES = tuple(f for f in TRACKED if UNITS[f] == "fraction" and "acc" in f)  # what tickets rank by
+ACCURACIES = tuple(f for f in TRACKED if UNITS[f] == "fraction" and "acc" in f
+                   and f not in OPTIONAL)  # what tickets rank by
 assert set(HEADLINE) <= set(TRACKED)

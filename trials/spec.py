@@ -108,6 +108,21 @@ class SupermaskSpec:
 
 
 @dataclass(frozen=True)
+class StabilitySpec:
+    """Instability analysis (Frankle et al. 2020; trials/stability.py): at the chosen levels,
+    train `copies` more networks from the level's start with different SGD noise and
+    measure the error barrier on the straight line between their final weights."""
+
+    copies: int = _f(0, "networks trained per measured level, each with its own data-order and "
+                        "augmentation seed; 0 = off, else >= 2 (every pair is measured)")
+    points: int = _f(30, "evenly spaced points on the line between two copies, endpoints included (>= 2)")
+    levels: tuple[int, ...] = _f((), "levels to measure (0 = the dense network, from the rewind "
+                                     "iteration k); empty = every level 0..prune.levels")
+    bn_batches: int = _f(10, "training batches (train.batch_size) that recompute BatchNorm statistics "
+                             "at every point of the line; models without BatchNorm ignore it")
+
+
+@dataclass(frozen=True)
 class TrialSpec:
     method: Literal["imp", "edge_popup"] = _f(
         "imp", "imp = train weights and prune them (prune.*); edge_popup = learn a supermask on fixed "
@@ -121,6 +136,14 @@ class TrialSpec:
     prune: PruneSpec = _f(PruneSpec(), "how each level prunes (method=imp)")
     supermask: SupermaskSpec = _f(SupermaskSpec(), "what each level searches (method=edge_popup)")
     rewind_iteration: int = _f(0, "k: survivors restart from level 0's weights after k iterations")
+    retrain: Literal["weight_rewind", "lr_rewind", "finetune"] = _f(
+        "weight_rewind", "how level L >= 1 retrains its survivors (Renda et al. 2020): weight_rewind = "
+        "from level 0's weights at k, schedule from k; lr_rewind = from level L-1's final weights, "
+        "learning-rate schedule and data order replayed from k; finetune = from level L-1's final "
+        "weights at the final learning rate, for the same T-k iterations. control=reinit needs "
+        "weight_rewind, and so does method=edge_popup"
+    )
+    stability: StabilitySpec = _f(StabilitySpec(), "instability analysis of chosen levels (method=imp only)")
     control: Literal["none", "reinit", "random_prune"] = _f(
         "none", "reinit = IMP's masks on a fresh init; random_prune = random masks at IMP's densities "
         "(edge_popup: at each level's per-layer density on the fixed weights, evaluated, not trained)"

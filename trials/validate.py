@@ -17,6 +17,8 @@ def validate(spec) -> None:
     _validate_prune(spec.prune)
     _validate_supermask(spec.supermask)
     _validate_method(spec)
+    _validate_retrain(spec)
+    _validate_stability(spec)
     t = spec.train
     check(0 <= spec.rewind_iteration < t.iterations, "rewind_iteration", spec.rewind_iteration,
           f"allowed: 0 <= k < train.iterations ({t.iterations})")
@@ -77,6 +79,35 @@ def _validate_method(spec) -> None:
     check(spec.control != "random_prune" or spec.supermask.scope == "layerwise", "control", spec.control,
           "allowed with method=edge_popup and supermask.scope=global: none (a random mask needs per-layer "
           "densities fixed in advance: use supermask.scope=layerwise)")
+
+
+def _validate_retrain(spec) -> None:
+    """lr_rewind and finetune start level L from level L-1's final weights (trials/lottery.py)."""
+    if spec.retrain == "weight_rewind":
+        return
+    check(spec.method == "imp", "retrain", spec.retrain,
+          "allowed with method=edge_popup: weight_rewind (a supermask level never retrains weights)")
+    check(spec.control != "reinit", "control", spec.control,
+          f"allowed with retrain={spec.retrain}: none, random_prune (reinit draws fresh weights, but "
+          f"{spec.retrain} keeps the previous level's trained weights; use retrain=weight_rewind)")
+
+
+def _validate_stability(spec) -> None:
+    s = spec.stability
+    check(s.copies == 0 or s.copies >= 2, "stability.copies", s.copies,
+          "allowed: 0 (off) or an integer >= 2 (networks per measured level)")
+    check(s.points >= 2, "stability.points", s.points, "allowed: an integer >= 2 (endpoints included)")
+    check(s.bn_batches >= 1, "stability.bn_batches", s.bn_batches, "allowed: an integer >= 1")
+    if s.copies == 0:
+        check(not s.levels, "stability.levels", list(s.levels),
+              "allowed with stability.copies=0 (off): [] (set stability.copies >= 2 to measure)")
+        return
+    check(spec.method == "imp", "stability.copies", s.copies,
+          "allowed with method=edge_popup: 0 (instability analysis trains weights; supermasks never do)")
+    levels = list(s.levels)
+    check(all(0 <= lv <= spec.prune.levels for lv in levels) and len(set(levels)) == len(levels),
+          "stability.levels", levels, f"allowed: distinct levels 0..prune.levels ({spec.prune.levels}), "
+          "or [] for every level")
 
 
 def _validate_against_model(spec) -> None:

@@ -73,6 +73,11 @@ def num_trials(sweep) -> int:
     return 1 if sweep.search.algorithm == "grid" else sweep.search.num_samples * len(sweep.seeds)
 
 
+def _number(value) -> float:
+    """An objective as a float: NaN where it was not measured (None), so nanmean skips it."""
+    return np.nan if value is None else float(value)
+
+
 class Replicate(Searcher):
     def __init__(self, inner: Searcher, seeds: list, metrics: list):
         super().__init__(metric=None, mode=None)
@@ -114,7 +119,7 @@ class Replicate(Searcher):
         elif any(r.get(STOPPED) for r in done):
             self.inner.on_trial_complete(primary, {"done": True}, error=False)  # no value: PRUNED
         else:
-            mean = {m: float(np.nanmean([r.get(m, np.nan) for r in done])) for m in self.metrics}
+            mean = {m: float(np.nanmean([_number(r.get(m)) for r in done])) for m in self.metrics}
             self.inner.on_trial_complete(primary, mean, error=False)
 
     # Tune keeps one searcher-state file per experiment: the wrapped OptunaSearch's state
