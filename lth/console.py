@@ -27,8 +27,14 @@ class Progress:
 
 
 def records_table(records: list[LevelRecord]) -> str:
+    """The trial's levels; an `instab.` column (error barrier, %) when any level measured it."""
+    unstable = any(r.stability_error_barrier is not None for r in records)
     head = f"{'level':>5} {'density':>8} {'params':>9} {'test_acc':>9} {'es_iter':>8} {'es_acc':>8} {'seconds':>8}"
     rows = [f"{r.level:>5} {r.density:>8.4f} {r.remaining_params:>9} {r.test_acc:>9.4f} "
             f"{r.early_stop_iteration:>8} {r.test_acc_at_early_stop:>8.4f} {r.seconds:>8.1f}"
-            for r in records]
-    return "\n".join([head, *rows])
+            + (f" {_percent(r.stability_error_barrier):>8}" if unstable else "") for r in records]
+    return "\n".join([head + (f" {'instab.':>8}" if unstable else ""), *rows])
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"

@@ -83,7 +83,7 @@ def test_masks_are_nested_and_survivors_restart_from_the_rewind_point(trial):
     lottery.trial.reopen_from(3)
     hook = {spec.rewind_iteration: lambda net: captured.update(
         {k: v.detach().clone() for k, v in net.state_dict().items()})}
-    lottery.train(3, levels[3], rewind, on_iteration=hook)
+    lottery.fit(3, levels[3], rewind, on_iteration=hook)
     for k, v in rewind.items():
         m = levels[3].get(k)
         assert torch.equal(captured[k], v * m if m is not None else v)

@@ -106,17 +106,17 @@ class Lottery:
         if self.trial.done(level):
             return self.trial.record(level)
         if level == 0:
-            if not stability.asked(self.spec, 0):
-                return self.train_dense()
-            # as train_dense, but the record is finished before it is written
-            mask = masks.ones(self.layers)
-            keep = {self.spec.rewind_iteration: lambda net: self.trial.save_rewind(state_of(net))}
-            record, final = self.fit(0, mask, self.init, start=0, on_iteration=keep)
-        else:
-            mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1),
-                                 self.layers)
-            record, final = self.fit(level, mask, self.start_weights_of(level), schedule=self.schedule_of(level))
-        record = self.measure_stability(level, record, mask)
+            return self.train_dense()
+        mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1),
+                             self.layers)
+        record, final = self.fit(level, mask, self.start_weights_of(level), schedule=self.schedule_of(level))
+        return self.close(level, mask, final, record)
+
+    def close(self, level: int, mask, final: dict, record: LevelRecord, measure: bool = True) -> LevelRecord:
+        """Measure the level's instability where the spec asks (unless `measure` is off),
+        then write the level: the record is complete before its files and DONE exist."""
+        if measure:
+            record = self.measure_stability(level, record, mask)
         self.trial.finish(level, mask, final, record)
         return record
 
@@ -134,7 +134,7 @@ class Lottery:
 
     def fit(self, level: int, mask, start_weights: dict, start: Optional[int] = None,
             on_iteration: Optional[dict] = None, schedule=None) -> tuple[LevelRecord, dict]:
-        """Train a level as `train` does, without writing it: (record, final weights)."""
+        """Train a level without writing it: (record, final weights)."""
         self.net.load_state_dict(start_weights)
         start = self.spec.rewind_iteration if start is None else start
         progress = (lambda it, total, val: self.progress(level, it, total, val)) if self.progress else None
@@ -154,25 +154,17 @@ class Lottery:
         fields = stability.measure(self.spec, level, self.start_weights_of(level), mask, self.data, self.device)
         return record.replace(**fields)
 
-    def train_dense(self, points: Optional[dict] = None) -> LevelRecord:
+    def train_dense(self, points: Optional[dict] = None, measure: bool = True) -> LevelRecord:
         """Level 0 from init; `points` maps more iterations to callbacks that receive the
-        net after that many steps (a shared dense run keeps several rewind points)."""
+        net after that many steps (a shared dense run keeps several rewind points, and
+        leaves instability to the trials: `measure` off)."""
         k = self.spec.rewind_iteration
         keep = {**(points or {}), k: lambda net: self.trial.save_rewind(state_of(net))}
         if points and k in points:
             keep[k] = lambda net: (points[k](net), self.trial.save_rewind(state_of(net)))
-        return self.train(0, masks.ones(self.layers), self.init, start=0, on_iteration=keep)
-
-    def train(self, level: int, mask, start_weights: dict, start: Optional[int] = None,
-              on_iteration: Optional[dict] = None) -> LevelRecord:
-        self.net.load_state_dict(start_weights)
-        start = self.spec.rewind_iteration if start is None else start
-        progress = (lambda it, total, val: self.progress(level, it, total, val)) if self.progress else None
-        result = train_level(self.net, mask, self.data, self.spec.train, self.spec.seed, start,
-                             on_iteration, progress)
-        record = LevelRecord(level=level, **masks.describe(mask, self.layers), **result)
-        self.trial.finish(level, mask, state_of(self.net), record)
-        return record
+        mask = masks.ones(self.layers)
+        record, final = self.fit(0, mask, self.init, start=0, on_iteration=keep)
+        return self.close(0, mask, final, record, measure)
 
 
 class Control(Lottery):
@@ -199,9 +191,7 @@ class Control(Lottery):
             return imp_record
         mask = self.mask(level)
         record, final = self.fit(level, mask, self.start_weights_of(level), schedule=self.schedule_of(level))
-        record = self.measure_stability(level, record, mask)
-        self.trial.finish(level, mask, final, record)
-        return record
+        return self.close(level, mask, final, record)
 
     def start_weights(self) -> dict:
         """The control's rewind point: IMP's (random_prune) or a fresh init (reinit, which
