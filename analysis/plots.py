@@ -24,12 +24,7 @@ def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    out = Path(out)
-    if out.suffix not in (".png", ".pdf"):
-        raise ConfigError("--out", str(out), "a .png or .pdf file")
-    for field in rows:
-        if field not in df:
-            raise ConfigError("--rows", field, "a column of the runs (spec path such as prune.kind)")
+    out = _checked(out, df, rows)
     df = df.copy()
     df["method"] = methods(df)
     if "method" not in rows and df["method"].nunique() > 1:  # a line never mixes methods
@@ -42,9 +37,8 @@ def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
             s = group.groupby("level").agg(x=("density", "mean"), m=(metric, "mean"), sd=(metric, "std"))
             x, m, sd = 100 * s["x"], scale * s["m"].astype(float), scale * s["sd"].fillna(0).astype(float)
             control = "control" in group and (group["control"].astype(str) != "none").any()
-            line, = ax.plot(x, m, marker=MARKERS.get(group["method"].iloc[0], "o"), ms=3,
-                            ls="--" if control else "-", label=name)
-            ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.2, lw=0)
+            _band(ax, x, m, sd, marker=MARKERS.get(group["method"].iloc[0], "o"),
+                  ls="--" if control else "-", label=name)
         ax.set_xscale("log")
         ticks = _ticks(100 * df.groupby(["method", "level"])["density"].mean())
         ax.set_xticks(ticks[:: max(1, len(ticks) // 10)])  # the levels' densities, at most ~10 labels
@@ -54,6 +48,27 @@ def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
         ax.set_xlabel("percent of weights remaining")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, axes, rows, out)
+
+
+def _checked(out, df: pd.DataFrame, rows: list) -> Path:
+    """`out` as a Path, refused unless .png/.pdf; every row field must be a column."""
+    out = Path(out)
+    if out.suffix not in (".png", ".pdf"):
+        raise ConfigError("--out", str(out), "a .png or .pdf file")
+    for field in rows:
+        if field not in df:
+            raise ConfigError("--rows", field, "a column of the runs (spec path such as prune.kind)")
+    return out
+
+
+def _band(ax, x, m, sd, **style) -> None:
+    """A mean line with its ± std band in the line's colour."""
+    line, = ax.plot(x, m, ms=3, **style)
+    ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _save(fig, axes, rows: list, out: Path) -> Path:
     axes[0][0].legend(title=", ".join(rows) or None, fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,16 +111,11 @@ def instability_curves(df: pd.DataFrame, rows: list, out, panels=STABILITY_PANEL
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    out = Path(out)
-    if out.suffix not in (".png", ".pdf"):
-        raise ConfigError("--out", str(out), "a .png or .pdf file")
+    rows = [r for r in rows if r != "rewind_iteration"]
+    out = _checked(out, df, rows + ["rewind_iteration"])
     if not has_instability(df):
         raise ConfigError("--kind", "instability", "runs that measured instability (trials with "
                           "stability.copies >= 2); these runs have none")
-    rows = [r for r in rows if r != "rewind_iteration"]
-    for field in rows + ["rewind_iteration"]:
-        if field not in df:
-            raise ConfigError("--rows", field, "a column of the runs (spec path such as prune.kind)")
     df = df[df["stability_error_barrier"].notna()].copy()
     df["_group"] = df[rows].astype(str).agg(", ".join, axis=1) if rows else ""
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
@@ -116,8 +126,7 @@ def instability_curves(df: pd.DataFrame, rows: list, out, panels=STABILITY_PANEL
             x, m, sd = s.index.astype(float), scale * s["m"].astype(float), scale * s["sd"].fillna(0).astype(float)
             density = 100 * float(group["density"].mean())
             text = f"level {level} ({density:.3g}%)" + (f", {name}" if name else "")
-            line, = ax.plot(x, m, marker="o", ms=3, label=text)
-            ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.2, lw=0)
+            _band(ax, x, m, sd, marker="o", label=text)
         if metric == "stability_error_barrier":
             ax.axhline(100 * STABLE, color="grey", ls="--", lw=1, label="stable below 2%")
         ax.set_xscale("symlog", linthresh=1)
@@ -126,8 +135,4 @@ def instability_curves(df: pd.DataFrame, rows: list, out, panels=STABILITY_PANEL
         ax.set_xlabel("rewind iteration k")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(title=", ".join(rows) or None, fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return _save(fig, axes, rows, out)
