@@ -17,15 +17,30 @@ else the bundled `digits` dataset.
 
     samples/s = iterations x batch_size summed over trained levels / wall seconds
 
-Run with `make bench` or `.venv/bin/python bench/trial_speed.py [--levels N] ...`.
+Modes (`--mode`):
+    loop        (default) the above, in one process on preloaded data: the inner loop
+    process     whole processes, imports and data loading included, same job and data:
+                `lth trial run CONFIG` vs a minimal hand-written script (this file with
+                --hand-process: numpy reads the IDX files, then the loop of (b)), and the
+                engine as committed at git HEAD (`git archive HEAD trials`) vs this tree,
+                both through the same few-line driver, and the trial as a pack of one
+                (trials.packed.run_pack: fused Adam, not bit-identical): ratios
+                lth/hand, tree/HEAD and pack1/HEAD
+    optimizers  the engine's inner loop with each Adam: torch's default (single-tensor)
+                path, foreach, trials.optim.ExactAdam (the default on CPU) and fused
+
+Run with `make bench` or `.venv/bin/python bench/trial_speed.py [--mode M] [--levels N] ...`.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import os
+import shutil
 import statistics
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -187,14 +202,155 @@ def timed(fn, *args) -> tuple[float, list[dict]]:
     return time.perf_counter() - started, records
 
 
+# ---------------------------------------------------------------- whole processes
+
+
+def read_mnist_numpy(root: Path, validation: int = 1000):
+    """The hand-written script's data: IDX files -> normalised tensors, the engine's split."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+
+    def idx(name, ndim):
+        b = (raw / name).read_bytes()
+        return np.frombuffer(b, np.uint8, offset=4 + 4 * ndim)
+
+    def images(split):
+        x = torch.from_numpy(idx(f"{split}-images-idx3-ubyte", 3).copy()).view(-1, 1, 28, 28)
+        return (x.float() / 255.0 - 0.1307) / 0.3081
+
+    labels = lambda split: torch.from_numpy(idx(f"{split}-labels-idx1-ubyte", 1).astype("int64"))  # noqa: E731
+    train_x, train_y, test_x, test_y = images("train"), labels("train"), images("t10k"), labels("t10k")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(datasets.SPLIT_SEED))
+    tr, val = order[: len(train_x) - validation], order[len(train_x) - validation :]
+    return datasets.Data(datasets.DatasetInfo((1, 28, 28), 10), train_x[tr], train_y[tr], train_x[val],
+                         train_y[val], test_x, test_y)
+
+
+def hand_process(root: Path, levels: int, iterations: int) -> None:
+    records = run_hand(make_spec(DatasetSpec(name="mnist", data_dir=str(root), validation=1000), levels, iterations),
+                       read_mnist_numpy(root))
+    print(" ".join(f"{r['density']:.3f}:{r['test_acc']:.4f}" for r in records))
+
+
+DRIVER = """import sys, json
+from pathlib import Path
+from trials.lottery import run_lottery
+from trials.spec import from_dict
+import trials
+assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), trials.__file__
+records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))
+print(" ".join(f"{r.density:.3f}:{r.test_acc:.4f}" for r in records))
+"""
+PACK_OF_ONE = DRIVER.replace("from trials.lottery import run_lottery", "from trials.packed import run_pack").replace(
+    "records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))",
+    "records = run_pack([from_dict(json.loads(sys.argv[1]))], [Path(sys.argv[2])])[0]")
+
+
+def spec_data(root: Path, levels: int, iterations: int) -> dict:
+    return {"model": "lenet_300_100", "dataset": {"name": "mnist", "data_dir": str(root), "validation": 1000},
+            "train": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "iterations": iterations,
+                      "eval_interval": 100},
+            "prune": {"kind": "unstructured", "scope": "layerwise", "rate": 0.2, "levels": levels - 1},
+            "device": "cpu"}
+
+
+def process_mode(args, tmp: Path) -> None:
+    root = mnist_root(tmp / "data")
+    if root is None:
+        sys.exit(f"--mode process needs the MNIST t10k files in {MNIST_T10K}")
+    head = tmp / "head"
+    head.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "trials"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
+    data = spec_data(root, args.levels, args.iterations)
+    config = tmp / "trial.json"
+    config.write_text(__import__("json").dumps(data))
+    lth = Path(sys.executable).parent / "lth"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    paths = {
+        "lth": ([str(lth), "trial", "run", str(config), "--out"], None),
+        "hand": ([sys.executable, __file__, "--hand-process", str(root), "--levels", str(args.levels),
+                  "--iterations", str(args.iterations), "--out"], None),
+        "tree": ([sys.executable, "-c", DRIVER, config.read_text()], REPO / "trials"),
+        "head": ([sys.executable, "-c", DRIVER, config.read_text()], head / "trials"),
+        "pack1": ([sys.executable, "-c", PACK_OF_ONE, config.read_text()], REPO / "trials"),
+    }
+    print(f"job: lenet_300_100 on real MNIST (8000 train incl. 1000 val / 2000 test), {args.levels} levels x "
+          f"{args.iterations} iterations, batch 60, adam; whole processes, {args.threads} threads each")
+    times: dict = {k: [] for k in paths}
+    for r in range(args.repeats):
+        for name, (cmd, trials_dir) in paths.items():
+            out = tmp / f"out-{name}-{r}"
+            full = cmd + [str(out)] if trials_dir is None else cmd + [str(out), str(trials_dir)]
+            cwd = trials_dir.parent if trials_dir is not None else REPO
+            started = time.perf_counter()
+            done = subprocess.run(full, env={**env, "PYTHONPATH": str(cwd)}, cwd=cwd, capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            times[name].append(seconds)
+            print(f"  repeat {r + 1}/{args.repeats} {name:5s} {seconds:7.2f} s   {done.stdout.strip().splitlines()[-1][:90]}")
+            shutil.rmtree(out, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:5s} median {v:7.2f} s  (best {min(times[k]):.2f})")
+    print(f"ratio lth trial run / hand-written script (speed, whole process): {med['hand'] / med['lth']:.3f}")
+    print(f"ratio this tree / git HEAD engine (speed, whole process):         {med['head'] / med['tree']:.3f}")
+    print(f"ratio pack of one (fused Adam) / git HEAD engine (whole process):  {med['head'] / med['pack1']:.3f}")
+
+
+# ---------------------------------------------------------------- optimizer options
+
+
+def optimizer_mode(args, spec, data) -> None:
+    from trials import optim, training
+
+    def variant(kind):
+        def make(t, params, fused=None):
+            params = list(params)
+            if kind == "exact":
+                return optim.ExactAdam(params, lr=t.lr, weight_decay=t.weight_decay)
+            flags = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **flags)
+        return make
+
+    samples = args.levels * args.iterations * spec.train.batch_size
+    kinds = ("single", "foreach", "exact", "fused")
+    times: dict = {k: [] for k in kinds}
+    original = training.make_optimizer
+    try:
+        for r in range(args.repeats):
+            for kind in kinds:
+                training.make_optimizer = variant(kind)
+                seconds, records = timed(run_engine, spec, data)
+                times[kind].append(seconds)
+                accs = " ".join(f"{x['density']:.3f}:{x['test_acc']:.4f}" for x in records)
+                print(f"  repeat {r + 1}/{args.repeats} {kind:7s} {seconds:7.2f} s  {samples / seconds:9.0f} samples/s  {accs}")
+    finally:
+        training.make_optimizer = original
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in kinds:
+        print(f"{k:7s} median {med[k]:7.2f} s  {samples / med[k]:9.0f} samples/s  speed vs torch default "
+              f"{med['single'] / med[k]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=("loop", "process", "optimizers"), default="loop")
     ap.add_argument("--levels", type=int, default=4, help="trained levels, the dense level 0 included")
     ap.add_argument("--iterations", type=int, default=1000, help="optimizer steps per level")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (alternating)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both paths")
+    ap.add_argument("--hand-process", type=Path, help=argparse.SUPPRESS)  # internal: the hand-written process
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.hand_process:
+        return hand_process(args.hand_process, args.levels, args.iterations)
+    if args.mode == "process":
+        with tempfile.TemporaryDirectory(prefix="lth-bench-proc-") as tmp:
+            return process_mode(args, Path(tmp))
 
     with tempfile.TemporaryDirectory(prefix="lth-bench-data-") as tmp:
         ds = dataset_spec(Path(tmp))
@@ -209,6 +365,8 @@ def main() -> None:
 
     warm = make_spec(ds, 2, 200)
     run_engine(warm, data)
+    if args.mode == "optimizers":
+        return optimizer_mode(args, spec, data)
     run_hand(warm, data)
 
     times = {"engine": [], "hand": []}

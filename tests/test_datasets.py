@@ -395,3 +395,103 @@ def test_node_cache_is_used_under_a_lock_without_data_dir(tmp_path):
         assert p.returncode == 0, err[-2000:]
         assert out.split() == ["56", "16"]
     assert (tmp_path / "cache" / ".MNIST.lock").exists()
+
+
+# ---------------------------------------------------------------- raw readers vs torchvision
+
+
+def torchvision_reference(spec: DatasetSpec):
+    """What the loaders returned when they went through torchvision's dataset classes (the
+    reference the raw-file readers must reproduce exactly: values, dtypes and strides)."""
+    import torchvision.datasets as tvd
+
+    root = Path(spec.data_dir)
+    if spec.name == "cifar10":
+        cls = datasets._cifar_class()
+        tr, te = cls(str(root), train=True), cls(str(root), train=False)
+        norm = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+                          - datasets._CIFAR_MEAN) / datasets._CIFAR_STD
+        labels = lambda d: torch.tensor(d.targets, dtype=torch.int64)  # noqa: E731
+        return norm(tr), labels(tr), norm(te), labels(te)
+    cls, mean, std = {"mnist": (tvd.MNIST, 0.1307, 0.3081), "fashion_mnist": (tvd.FashionMNIST, 0.2860, 0.3530)}[spec.name]
+    tr, te = cls(str(root), train=True), cls(str(root), train=False)
+    norm = lambda d: ((d.data.float() / 255.0 - mean) / std).unsqueeze(1)  # noqa: E731
+    return norm(tr), tr.targets.long(), norm(te), te.targets.long()
+
+
+def assert_same_tensors(got, expected):
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+def write_mnist_root(root: Path, folder: str, n_train: int, n_test: int, seed: int = 0) -> None:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", g.integers(0, 256, (n, 28, 28)))
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", g.integers(0, 10, n))
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_like_raw_reader_gives_torchvisions_tensors(tmp_path, name, folder):
+    write_mnist_root(tmp_path, folder, n_train=50, n_test=20)
+    spec = DatasetSpec(name=name, data_dir=str(tmp_path), validation=10)
+    assert_same_tensors(datasets.DATASETS.get(name).read(spec), torchvision_reference(spec))
+    loaded = datasets.load(spec, CPU)
+    assert loaded.train_x.shape == (40, 1, 28, 28) and loaded.test_x.shape == (20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("label_type", [list, np.uint8])
+def test_cifar10_pickle_reader_gives_torchvisions_tensors(tmp_path, label_type):
+    write_cifar(tmp_path, per_batch=3, n_test=5, label_type=label_type)
+    folder = tmp_path / "cifar-10-batches-py"
+    g = np.random.default_rng(1)
+    for name in CIFAR_FILES:  # random pixels: every value and position is compared
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f)
+        entry["data"] = g.integers(0, 256, entry["data"].shape).astype(np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    spec = DatasetSpec(name="cifar10", data_dir=str(tmp_path), validation=5)
+    assert_same_tensors(datasets.DATASETS.get("cifar10").read(spec), torchvision_reference(spec))
+
+
+def test_raw_readers_do_not_import_torchvision(tmp_path):
+    write_mnist_root(tmp_path / "m", "MNIST", n_train=20, n_test=5)
+    write_cifar(tmp_path / "c")
+    code = ("import sys, torch; from trials import datasets; from trials.spec import DatasetSpec; "
+            f"datasets.load(DatasetSpec(name='mnist', data_dir={str(tmp_path / 'm')!r}, validation=5), torch.device('cpu')); "
+            f"datasets.load(DatasetSpec(name='cifar10', data_dir={str(tmp_path / 'c')!r}, validation=5), torch.device('cpu')); "
+            "print('torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False"]
+
+
+def test_legacy_processed_mnist_still_goes_through_torchvision(tmp_path):
+    """torchvision prefers ROOT/MNIST/processed/{training,test}.pt over raw files: so do we."""
+    write_mnist_root(tmp_path, "MNIST", n_train=12, n_test=4)
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    legacy = torch.zeros(6, 28, 28, dtype=torch.uint8), torch.arange(6) % 10
+    torch.save(legacy, processed / "training.pt")
+    torch.save((legacy[0][:2], legacy[1][:2]), processed / "test.pt")
+    train_x, train_y, test_x, _ = datasets.DATASETS.get("mnist").read(DatasetSpec(name="mnist", data_dir=str(tmp_path)))
+    assert train_x.shape == (6, 1, 28, 28) and test_x.shape == (2, 1, 28, 28)
+    assert train_y.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("damage", ["magic", "size"])
+def test_malformed_idx_file_is_a_config_error(tmp_path, damage):
+    write_mnist_root(tmp_path, "MNIST", n_train=12, n_test=4)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    raw = bytearray(path.read_bytes())
+    if damage == "magic":
+        raw[2] = 0x0D  # float32 items: not MNIST's bytes
+    else:
+        raw = raw[:-5]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=r"^dataset\.data_dir"):
+        datasets.load(DatasetSpec(name="mnist", data_dir=str(tmp_path), validation=2), CPU)

@@ -95,3 +95,25 @@ def test_bf16_autocast_runs_and_keeps_masks(digits_cpu):
     record = train_level(net, mask, digits_cpu, t, seed=0, start_iteration=0)
     assert 0.0 <= record["test_acc"] <= 1.0 and record["val_loss"] == record["val_loss"]
     assert all(float(net.get_parameter(k).detach()[~m].abs().max()) == 0.0 for k, m in mask.items())
+
+
+def test_fused_is_a_spec_choice_close_to_the_default_and_keeps_masks(digits_cpu):
+    from tests.conftest import quick_spec
+    from trials.training import make_optimizer
+
+    t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=32, iterations=60, eval_interval=20)
+    fused_t = dataclasses.replace(t, fused=True)
+    net = models.build(models_spec(), digits_cpu.info, seed=0)
+    assert make_optimizer(fused_t, net.parameters()).defaults["fused"]
+    assert not make_optimizer(t, net.parameters()).defaults.get("fused")
+    layers = masks.Layers.of(net)
+    mask = random_mask(layers, 0.3)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    plain = train_level(net, mask, digits_cpu, t, seed=0, start_iteration=0)
+    net.load_state_dict(start)
+    fused = train_level(net, mask, digits_cpu, fused_t, seed=0, start_iteration=0)
+    assert abs(fused["test_acc"] - plain["test_acc"]) <= 0.01  # other rounding, same training
+    assert all(float(net.get_parameter(k).detach()[~m].abs().max()) == 0.0 for k, m in mask.items())
+    spec = quick_spec()
+    assert spec.key == quick_spec(train=dataclasses.replace(spec.train, fused=False)).key
+    assert spec.key != quick_spec(train=dataclasses.replace(spec.train, fused=True)).key

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from trials import optim
 from trials.masks import Masker
 
 EVAL_BATCH = 1000  # examples per evaluation forward pass
@@ -52,10 +53,11 @@ class BatchOrder:
         return self._perm[step * self.batch_size : (step + 1) * self.batch_size]
 
 
-def make_optimizer(t, params):
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+def make_optimizer(t, params, fused: Optional[bool] = None):
+    """Adam or SGD of train spec `t` (trials/optim.py: on CPU the same numbers as torch's
+    default path, faster; torch's fused kernels where `t.fused` or fused=True asks)."""
+    params = list(params)
+    return optim.make(t, params, params[0].device, fused)
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable:
@@ -80,18 +82,19 @@ def evaluate(net, x, y, autocast) -> tuple[float, float]:
 def train_level(net, mask, data, t, seed: int, start_iteration: int,
                 on_iteration: Optional[dict] = None,
                 progress: Optional[Callable[[int, int, float], None]] = None,
-                schedule: Optional[Callable[[int], float]] = None) -> dict:
+                schedule: Optional[Callable[[int], float]] = None, fused: Optional[bool] = None) -> dict:
     """Train `net` (already holding its starting weights) under `mask` from
     `start_iteration` to t.iterations. `on_iteration` maps an iteration count to a
     callback that receives the net after that many steps (level 0 keeps its rewind
     weights this way); `schedule` maps an iteration to its learning rate (default:
-    learning_rate(t, .); edge-popup's scores use a cosine). Returns the level's record;
+    learning_rate(t, .); edge-popup's scores use a cosine); `fused` as make_optimizer's.
+    Returns the level's record;
     `net` ends with the final weights."""
     started = time.perf_counter()
     device = data.train_x.device
     masker = Masker(net, mask)
     masker.apply()
-    opt = make_optimizer(t, net.parameters())
+    opt = make_optimizer(t, net.parameters(), fused)
     order = BatchOrder(len(data.train_x), t.batch_size, seed, device)
     autocast = autocast_for(device, t.precision)
     hooks = on_iteration or {}

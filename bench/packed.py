@@ -1,0 +1,119 @@
+"""Trials per hour: 16 LeNet-300-100 IMP trials (seeds 0..15, 3 levels each) on real MNIST,
+one trial per process against packs of K trials per process (trials/packed.py).
+
+    head    one trial per process, the engine as committed at git HEAD (`git archive HEAD
+            trials`): today's trials per hour
+    single  one trial per process, this tree's engine (trials.lottery.run_lottery)
+    pack K  16/K processes, each trains a pack of K trials (trials.packed.run_pack), K in --packs
+
+Every path is whole processes (imports and data loading included), run one after another
+with the same thread count, each trial writing its normal trial folder. Data: the MNIST
+t10k files in ../shared/data/mnist-t10k (first 8,000 images train, of which 1,000
+validation, last 2,000 test), as bench/trial_speed.py.
+
+    .venv/bin/python bench/packed.py [--iterations 300] [--packs 1 4 16] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.trial_speed import mnist_root  # noqa: E402
+
+SINGLE = """import sys, json
+from pathlib import Path
+import trials
+assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), trials.__file__
+from trials.lottery import run_lottery
+from trials.spec import from_dict
+records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))
+print(records[-1].density, records[-1].test_acc)
+"""
+
+PACK = """import sys, json
+from pathlib import Path
+import trials
+assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), trials.__file__
+from trials.packed import run_pack
+from trials.spec import from_dict
+specs = [from_dict(d) for d in json.loads(sys.argv[1])]
+records = run_pack(specs, [Path(p) for p in json.loads(sys.argv[2])])
+print(" ".join(f"{r[-1].test_acc:.4f}" for r in records))
+"""
+
+
+def spec_data(root: Path, seed: int, iterations: int) -> dict:
+    return {"model": "lenet_300_100", "dataset": {"name": "mnist", "data_dir": str(root), "validation": 1000},
+            "train": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "iterations": iterations,
+                      "eval_interval": 100},
+            "prune": {"kind": "unstructured", "scope": "layerwise", "rate": 0.2, "levels": 2},
+            "seed": seed, "device": "cpu"}
+
+
+def run(cmd: list, trials_dir: Path, env: dict) -> str:
+    done = subprocess.run(cmd + [str(trials_dir)], cwd=trials_dir.parent,
+                          env={**env, "PYTHONPATH": str(trials_dir.parent)}, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd[:3])}\n{done.stderr[-3000:]}")
+    return done.stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--iterations", type=int, default=300, help="optimizer steps per level (3 levels)")
+    ap.add_argument("--packs", type=int, nargs="+", default=[1, 4, 16], help="pack sizes K")
+    ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every process")
+    ap.add_argument("--skip", nargs="*", default=[], help="paths to leave out: head, single")
+    args = ap.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    with tempfile.TemporaryDirectory(prefix="lth-bench-packed-") as tmp:
+        tmp = Path(tmp)
+        root = mnist_root(tmp / "data")
+        if root is None:
+            sys.exit("needs the MNIST t10k files in ../shared/data/mnist-t10k")
+        head = tmp / "head"
+        head.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "trials"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
+        specs = [spec_data(root, seed, args.iterations) for seed in range(args.trials)]
+        print(f"{args.trials} trials: lenet_300_100, real MNIST 8k, 3 levels x {args.iterations} iterations, "
+              f"batch 60, adam; {args.threads} threads per process; load average {os.getloadavg()[0]:.1f}")
+
+        results = {}
+        paths = [(name, None) for name in ("head", "single") if name not in args.skip]
+        paths += [(f"pack {k}", k) for k in args.packs]
+        for name, k in paths:
+            started = time.perf_counter()
+            out = tmp / name.replace(" ", "")
+            if k is None:
+                trials_dir = head / "trials" if name == "head" else REPO / "trials"
+                last = [run([sys.executable, "-c", SINGLE, json.dumps(s), str(out / str(i))], trials_dir, env)
+                        for i, s in enumerate(specs)]
+            else:
+                last = [run([sys.executable, "-c", PACK, json.dumps(specs[a : a + k]),
+                             json.dumps([str(out / str(i)) for i in range(a, a + k)])], REPO / "trials", env)
+                        for a in range(0, len(specs), k)]
+            seconds = time.perf_counter() - started
+            results[name] = seconds
+            print(f"{name:7s} {seconds:8.1f} s  {args.trials / seconds * 3600:8.0f} trials/h   "
+                  f"(last process: {last[-1][:60]})", flush=True)
+        base = results.get("head")
+        if base:
+            for name, seconds in results.items():
+                print(f"{name:7s} speed vs head (one trial per process, git HEAD): {base / seconds:.2f}x")
+        print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Packs (trials/packed.py): K IMP trials trained together match the same trials run alone
+with trials.lottery.run_lottery (weights within 1e-5 after level 0, accuracies within half
+a point at every level, masks and densities exact), each in its own normal trial folder; a
+diverging member fails alone; what cannot be packed is refused with the reason."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import quick_spec
+from trials import datasets
+from trials.errors import ConfigError
+from trials.lottery import run_lottery
+from trials.packed import PackFailed, run_pack
+from trials.record import read_lines
+from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec
+from trials.store import load_tensors
+from trials.training import TrainingDiverged
+
+ACCURACIES = ("test_acc", "test_acc_at_early_stop", "val_acc")
+EXACT = ("level", "density", "layer_density", "remaining_params", "start_iteration", "iterations")
+
+
+def lenet(**changes):
+    changes.setdefault("train", TrainSpec(optimizer="adam", lr=1e-3, batch_size=60, iterations=100, eval_interval=20))
+    return quick_spec(**changes)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def assert_close_to_alone(packed_out, alone_out, packed_records, alone_records):
+    assert len(packed_records) == len(alone_records)
+    for p, a in zip(packed_records, alone_records):
+        for f in EXACT:
+            assert getattr(p, f) == getattr(a, f), f
+        for f in ACCURACIES:
+            assert abs(getattr(p, f) - getattr(a, f)) <= 0.005, (p.level, f, getattr(p, f), getattr(a, f))
+    for name in ("rewind.safetensors", "level_00/final.safetensors"):
+        got, want = load_tensors(packed_out / name), load_tensors(alone_out / name)
+        assert set(got) == set(want)
+        for k in want:
+            assert relative(got[k], want[k]) <= 1e-5, (name, k, relative(got[k], want[k]))
+
+
+def assert_masks_exact(out, records):
+    for r in records:
+        d = out / f"level_{r.level:02d}"
+        mask, final = load_tensors(d / "mask.safetensors"), load_tensors(d / "final.safetensors")
+        for k, m in mask.items():
+            assert float((final[k] * ~m).abs().sum()) == 0.0  # pruned weights exactly zero
+        kept = {n: int(mask[f"{n}.weight"].sum()) for n in r.layer_density}
+        assert r.layer_density == {n: kept[n] / mask[f"{n}.weight"].numel() for n in kept}
+        assert r.remaining_params == sum(kept.values())
+
+
+def run_alone_and_packed(tmp_path, specs, data):
+    alone = [run_lottery(s, tmp_path / f"alone{i}", data=data) for i, s in enumerate(specs)]
+    outs = [tmp_path / f"packed{i}" for i in range(len(specs))]
+    reported = []
+    packed = run_pack(specs, outs, report=lambda r, o: reported.append((o, r.level)), data=data)
+    return alone, outs, packed, reported
+
+
+def test_lenet_pack_matches_each_trial_alone(tmp_path, digits_cpu):
+    """Members differ in seed, prune kind and rate, lr, weight decay and rewind iteration
+    (so they start their levels at different iterations)."""
+    specs = [
+        lenet(seed=0),
+        lenet(seed=1, prune=PruneSpec(kind="structured", rate=0.3, levels=2), rewind_iteration=20),
+        lenet(seed=2, train=TrainSpec(optimizer="adam", lr=2e-3, weight_decay=1e-4, batch_size=60, iterations=100,
+                                      eval_interval=20, warmup_iterations=10), rewind_iteration=40),
+    ]
+    alone, outs, packed, reported = run_alone_and_packed(tmp_path, specs, digits_cpu)
+    for i, spec in enumerate(specs):
+        assert_close_to_alone(outs[i], tmp_path / f"alone{i}", packed[i], alone[i])
+        assert_masks_exact(outs[i], packed[i])
+        # a normal trial folder: the spec, one record line per level, DONE markers
+        meta = json.loads((outs[i] / "spec.json").read_text())
+        assert meta["key"] == spec.key
+        assert read_lines((outs[i] / "levels.jsonl").read_text()) == packed[i]
+        assert [r.level for r in packed[i]] == [0, 1, 2]
+        assert all((outs[i] / f"level_{lv:02d}" / "DONE").exists() for lv in range(3))
+    assert sorted(reported) == sorted((o, lv) for o in outs for lv in range(3))
+    assert packed[1][1].start_iteration == 20 and packed[2][2].start_iteration == 40
+
+
+def test_conv2_pack_matches_each_trial_alone(tmp_path):
+    data = datasets.load(DatasetSpec(name="synthetic"), torch.device("cpu"))
+    base = dict(model=ModelSpec(name="conv2"), dataset=DatasetSpec(name="synthetic"),
+                train=TrainSpec(optimizer="sgd", lr=0.02, momentum=0.9, batch_size=32, iterations=40, eval_interval=20))
+    specs = [quick_spec(**base, seed=0, prune=PruneSpec(rate=0.3, levels=1)),
+             quick_spec(**base, seed=1, prune=PruneSpec(rate=0.5, levels=1), rewind_iteration=20)]
+    alone, outs, packed, _ = run_alone_and_packed(tmp_path, specs, data)
+    for i in range(len(specs)):
+        assert_close_to_alone(outs[i], tmp_path / f"alone{i}", packed[i], alone[i])
+        assert_masks_exact(outs[i], packed[i])
+
+
+def test_a_diverging_member_fails_alone(tmp_path, digits_cpu):
+    sgd = dict(optimizer="sgd", momentum=0.9, batch_size=60, iterations=60, eval_interval=20)
+    good = lenet(train=TrainSpec(lr=0.05, **sgd), prune=PruneSpec(rate=0.2, levels=1))
+    bad = lenet(train=TrainSpec(lr=1e4, **sgd), prune=PruneSpec(rate=0.2, levels=1), seed=1)
+    with pytest.raises(TrainingDiverged):
+        run_lottery(bad, tmp_path / "bad_alone", data=digits_cpu)
+    alone = run_lottery(good, tmp_path / "good_alone", data=digits_cpu)
+
+    errors = {}
+    outs = [tmp_path / "good", tmp_path / "bad"]
+    packed = run_pack([good, bad], outs, data=digits_cpu, errors=errors)
+    assert set(errors) == {1} and isinstance(errors[1], TrainingDiverged)
+    assert packed[1] == [] and not (outs[1] / "level_00" / "DONE").exists()
+    assert_close_to_alone(outs[0], tmp_path / "good_alone", packed[0], alone)
+
+    with pytest.raises(PackFailed) as e:  # without an errors dict: raised after the others finished
+        run_pack([good, bad], [tmp_path / "good2", tmp_path / "bad2"], data=digits_cpu)
+    assert set(e.value.errors) == {1} and len(e.value.records[0]) == 2
+
+
+def test_rerun_resumes_per_member(tmp_path, digits_cpu):
+    specs = [lenet(prune=PruneSpec(rate=0.2, levels=1), train=TrainSpec(optimizer="adam", lr=1e-3, batch_size=60,
+                                                                          iterations=40, eval_interval=20)),
+             lenet(seed=1, prune=PruneSpec(rate=0.2, levels=2), train=TrainSpec(optimizer="adam", lr=1e-3,
+                                                                                   batch_size=60, iterations=40,
+                                                                                   eval_interval=20))]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    first = run_pack(specs, outs, data=digits_cpu)
+    assert [len(r) for r in first] == [2, 3]  # members may have different numbers of levels
+    (outs[1] / "level_02" / "DONE").unlink()
+    again = run_pack(specs, outs, data=digits_cpu)
+    assert again[0] == first[0] and again[1][:2] == first[1][:2]  # done levels are read back, not retrained
+    assert again[1][2].seconds != first[1][2].seconds and again[1][2].density == first[1][2].density
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(model=ModelSpec(name="resnet20"), dataset=DatasetSpec(name="synthetic")), "model.name"),
+    (dict(control="reinit"), "control"),
+])
+def test_what_cannot_pack_is_refused_with_the_reason(tmp_path, changes, key):
+    spec = lenet(**changes)
+    with pytest.raises(ConfigError, match=rf"^{key}") as e:
+        run_pack([spec, spec.replace(seed=1)], [tmp_path / "a", tmp_path / "b"])
+    if key == "model.name":
+        assert "BatchNorm" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+def test_members_must_share_the_loop(tmp_path):
+    a = lenet()
+    b = lenet(train=TrainSpec(optimizer="adam", lr=1e-3, batch_size=30, iterations=100, eval_interval=20))
+    with pytest.raises(ConfigError, match=r"^train\.batch_size"):
+        run_pack([a, b], [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ConfigError, match=r"^pack"):
+        run_pack([a, a.replace(seed=1)], [tmp_path / "a", tmp_path / "a"])
+
+
+def test_pack_key_groups_what_can_train_together():
+    from trials.packed import pack_key
+
+    a = lenet()
+    assert pack_key(a) == pack_key(a.replace(seed=3, rewind_iteration=20, prune=PruneSpec(kind="structured")))
+    assert pack_key(a) != pack_key(lenet(train=TrainSpec(optimizer="adam", lr=1e-3, batch_size=30, iterations=100,
+                                                          eval_interval=20)))
+    assert pack_key(a.replace(control="random_prune")) is None
+    assert pack_key(lenet(model=ModelSpec(name="resnet20"), dataset=DatasetSpec(name="synthetic"))) is None

@@ -1,0 +1,492 @@
+"""Packs: K IMP trials trained together in one process, each in its own trial folder.
+
+Small networks leave a CPU (or GPU) mostly waiting on per-op overhead; K trials stacked
+into one network of K-times-wider ops use it better. A pack's members share the model
+architecture (`model.name`, `width`), the dataset, `train.batch_size`, `iterations`,
+`eval_interval`, `precision`, `optimizer` and the device; everything else may differ:
+seed (init, data order, augmentation), `model.init`, lr, momentum, weight decay and the
+rest of the schedule, `prune.*`, `rewind_iteration`.
+
+    network   every nn.Linear / nn.Conv2d becomes one stacked layer over the K members:
+              Linear weights [K, in, out] through torch.baddbmm, Conv2d weights
+              [K, out, in, kh, kw] through one grouped convolution (groups = K). The
+              batch stays the first dimension, K*B examples member after member, so the
+              model's own forward (flatten(1), ReLU, pooling: per-example ops) runs as it
+              is. (torch.func.vmap over functional_call was 1.3-4x slower per step on the 2-core CPU.)
+    member    its own masks, its own batches (training.BatchOrder and rng of its seed,
+              the exact indices it would see alone), learning-rate schedule, optimizer
+              state, rewind point, early stopping (best validation loss snapshot),
+              divergence check and trial folder (trials/store.py: the same files and
+              LevelRecords as trials.lottery.run_lottery writes).
+    optimizer torch's fused Adam / SGD kernels over the members' slices, one call per
+              group of members at the same (lr, weight decay, momentum, step count).
+    rewind    members whose level starts at different iterations (rewind_iteration k)
+              share one loop from the smallest k: a member computes, untouched by the
+              optimizer, until its k, then starts with a fresh optimizer state. Its
+              batches before k are wasted work: packing equal k is cheapest.
+    failure   a member whose training loss becomes NaN/inf fails alone (its slice is
+              zeroed and leaves the optimizer); the others finish the level and go on.
+
+Numbers: a packed member follows its single-trial run closely but not bit for bit
+(batched matmuls and the fused optimizer round differently from the single path): the
+tests require weights within 1e-5 (relative norm) after level 0 and accuracies within 0.5
+points at every level. `seconds` in a member's record is the pack's wall clock for the level.
+
+Not packed (refused by check_pack with the reason): controls (reinit / random_prune
+need their IMP trunk's masks level by level: run them as single trials), edge-popup,
+retrain other than weight_rewind, instability copies, and models with BatchNorm
+(per-member batch statistics and running averages need a packed norm layer that does
+not exist yet).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.adam import adam as adam_step
+from torch.optim.sgd import sgd as sgd_step
+
+from trials import datasets, masks, models, pruning
+from trials.errors import ConfigError
+from trials.lottery import resolve_device
+from trials.record import LevelRecord
+from trials.store import TrialDir, state_of
+from trials.training import EVAL_BATCH, BatchOrder, TrainingDiverged, autocast_for, learning_rate, rng
+
+SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
+
+
+class PackFailed(RuntimeError):
+    """Members of a pack failed; the others finished. `errors`: member index -> exception."""
+
+    def __init__(self, errors: dict, records: list):
+        self.errors, self.records = errors, records
+        super().__init__("; ".join(f"member {i}: {e}" for i, e in sorted(errors.items())))
+
+
+# ---------------------------------------------------------------- stacked layers
+
+
+class PackedLinear(nn.Module):
+    """K nn.Linear layers: weight [K, in, out] (each member's weight transposed), bias [K, out]."""
+
+    def __init__(self, like: nn.Linear, k: int):
+        super().__init__()
+        self.k = k
+        self.weight = nn.Parameter(torch.zeros(k, like.in_features, like.out_features))
+        self.bias = nn.Parameter(torch.zeros(k, like.out_features)) if like.bias is not None else None
+
+    def forward(self, x):
+        h = x.reshape(self.k, x.shape[0] // self.k, x.shape[1])
+        out = torch.bmm(h, self.weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), h, self.weight)
+        return out.reshape(x.shape[0], -1)
+
+    @staticmethod
+    def layout(name: str, member: torch.Tensor) -> torch.Tensor:
+        """A member's tensor in its slice's layout (and back: the transpose is its own inverse)."""
+        return member.t() if name == "weight" else member
+
+    unlayout = layout
+
+
+class PackedConv2d(nn.Module):
+    """K nn.Conv2d layers as one grouped convolution: weight [K, out, in/groups, kh, kw], bias [K, out]."""
+
+    def __init__(self, like: nn.Conv2d, k: int):
+        super().__init__()
+        if like.padding_mode != "zeros" or isinstance(like.padding, str):
+            raise ValueError("packed convolutions need numeric zero padding")
+        self.k, self.groups = k, like.groups
+        self.stride, self.padding, self.dilation = like.stride, like.padding, like.dilation
+        self.weight = nn.Parameter(torch.zeros(k, *like.weight.shape))
+        self.bias = nn.Parameter(torch.zeros(k, like.out_channels)) if like.bias is not None else None
+
+    def forward(self, x):
+        kb, c, h, w = x.shape
+        b = kb // self.k
+        grouped = x.reshape(self.k, b, c, h, w).transpose(0, 1).reshape(b, self.k * c, h, w)
+        weight = self.weight.reshape(-1, *self.weight.shape[2:])
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        out = F.conv2d(grouped, weight, bias, self.stride, self.padding, self.dilation, self.groups * self.k)
+        return out.reshape(b, self.k, -1, *out.shape[2:]).transpose(0, 1).reshape(kb, -1, *out.shape[2:])
+
+    @staticmethod
+    def layout(name: str, member: torch.Tensor) -> torch.Tensor:
+        return member
+
+    unlayout = layout
+
+
+PACKED = {nn.Linear: PackedLinear, nn.Conv2d: PackedConv2d}
+
+
+def why_not_packable(net: nn.Module) -> Optional[str]:
+    """None if every parameter of `net` sits in an nn.Linear/nn.Conv2d and it has no buffers."""
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            return (f"it has BatchNorm ({name}): its batch statistics and running averages are per-member "
+                    "state that packed layers do not split yet; run these trials one per process")
+    if any(True for _ in net.buffers()):
+        return "it has buffers (running state) that packed layers do not split yet"
+    for name, module in net.named_modules():
+        if type(module) not in PACKED and any(True for _ in module.parameters(recurse=False)):
+            return f"its parameters in {name} ({type(module).__name__}) have no packed layer"
+        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            return f"{name} pads with {module.padding_mode!r} {module.padding!r}: packed convolutions need numbers"
+    return None
+
+
+class PackedNet:
+    """The model of K members: `net` (the model with stacked layers) and member <-> slice moves."""
+
+    def __init__(self, template: nn.Module, k: int, device):
+        reason = why_not_packable(template)
+        if reason:
+            raise ValueError(reason)
+        net = copy.deepcopy(template).to("cpu")
+        self.layers = {}  # parameter name -> (packed module, "weight"/"bias")
+        for name, module in list(template.named_modules()):
+            if type(module) in PACKED:
+                packed = PACKED[type(module)](module, k)
+                net.set_submodule(name, packed)
+                for p in ("weight", "bias"):
+                    if getattr(packed, p) is not None:
+                        self.layers[f"{name}.{p}" if name else p] = (packed, p)
+        self.net, self.k = net.to(device), k
+        self.params = dict(self.net.named_parameters())
+        assert set(self.params) == set(self.layers)
+
+    def member(self, m: int) -> dict:
+        """Member m's state dict (its own names and shapes, contiguous copies)."""
+        with torch.no_grad():
+            return {n: mod.unlayout(p, self.params[n][m]).clone(memory_format=torch.contiguous_format)
+                    for n, (mod, p) in self.layers.items()}
+
+    @torch.no_grad()
+    def load(self, m: int, state: dict) -> None:
+        for n, (mod, p) in self.layers.items():
+            self.params[n][m].copy_(mod.layout(p, state[n]))
+
+    def stack_masks(self, member_masks: list) -> dict:
+        """name -> float tensor [K, ...] of the members' masks, for parameters some member prunes."""
+        out = {}
+        for n, (mod, p) in self.layers.items():
+            if any(n in mk and not bool(mk[n].all()) for mk in member_masks):
+                param = self.params[n]
+                out[n] = torch.stack([mod.layout(p, mk[n]) if n in mk else torch.ones(param.shape[1:], dtype=torch.bool)
+                                      for mk in member_masks]).to(device=param.device, dtype=param.dtype)
+        return out
+
+
+# ---------------------------------------------------------------- the members' optimizer
+
+
+class PackedOptimizer:
+    """Each member's fresh Adam/SGD (torch's fused kernels) over its slices of the stacked
+    parameters. A member's state is reset when it starts (`start`); only started members
+    are stepped."""
+
+    def __init__(self, params: list, trains: list):
+        self.params, self.trains = params, trains
+        self.adam = trains[0].optimizer == "adam"
+        self.state = [torch.zeros_like(p) for p in params]  # SGD momentum / Adam first moment
+        self.second = [torch.zeros_like(p) for p in params] if self.adam else None
+        self.steps = [0] * len(trains)
+
+    def start(self, m: int) -> None:
+        for s in self.state + (self.second or []):
+            s[m].zero_()
+        self.steps[m] = 0
+
+    @torch.no_grad()
+    def step(self, members: list, lrs: list) -> None:
+        groups: dict = {}
+        for m in members:
+            t = self.trains[m]
+            groups.setdefault((lrs[m], t.weight_decay, t.momentum, self.steps[m]), []).append(m)
+            self.steps[m] += 1
+        for (lr, wd, momentum, step), group in groups.items():
+            at = [slice(group[0], group[-1] + 1)] if group == list(range(group[0], group[-1] + 1)) else group
+            pick = lambda tensors: [x[i] for x in tensors for i in at]  # noqa: E731
+            params, grads = pick(self.params), pick([p.grad for p in self.params])
+            if self.adam:
+                steps = [torch.tensor(float(step), device=p.device) for p in params]  # fused: on the params' device
+                adam_step(params, grads, pick(self.state), pick(self.second), [], steps, fused=True,
+                          amsgrad=False, beta1=0.9, beta2=0.999, lr=lr, weight_decay=wd, eps=1e-8, maximize=False)
+            else:  # zero buffers: the first step's momentum*0 + grad is torch's clone of grad
+                sgd_step(params, grads, pick(self.state), fused=True, lr=lr, momentum=momentum,
+                         weight_decay=wd, dampening=0.0, nesterov=False, maximize=False)
+
+
+# ---------------------------------------------------------------- one level of K members
+
+
+class Job:
+    """One member's level: train `start_weights` under `mask` from iteration `start`;
+    `hooks` maps an iteration to a callback that receives the member's state after that many steps."""
+
+    def __init__(self, spec, mask: dict, start_weights: dict, start: int, hooks: Optional[dict] = None):
+        self.spec, self.mask, self.start_weights, self.start = spec, mask, start_weights, start
+        self.hooks = hooks or {}
+
+
+@torch.no_grad()
+def evaluate_packed(pnet: PackedNet, x, y, autocast) -> tuple[list, list]:
+    """Per member (mean cross-entropy, accuracy) on the same examples; one sync."""
+    net, k = pnet.net, pnet.k
+    net.eval()
+    loss = torch.zeros(k, device=x.device)
+    correct = torch.zeros(k, device=x.device)
+    for i in range(0, len(x), EVAL_BATCH):
+        xb, yb = x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH]
+        with autocast():
+            out = net(xb.unsqueeze(0).expand(k, *xb.shape).reshape(k * len(xb), *xb.shape[1:]))
+        out = out.float().view(k, len(xb), -1)
+        loss += F.cross_entropy(out.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1).sum(1)
+        correct += (out.argmax(2) == yb).sum(1)
+    net.train()
+    return (loss / len(x)).tolist(), (correct / len(x)).tolist()
+
+
+def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional[Callable] = None) -> list:
+    """Train the jobs' members together (see the module doc); returns, per job, the result
+    dict of trials.training.train_level plus "final" (the member's final state), or the
+    exception that ended that member."""
+    started = time.perf_counter()
+    t0 = jobs[0].spec.train  # the shared fields (check_pack)
+    k, device = len(jobs), data.train_x.device
+    pnet = PackedNet(template, k, device)
+    for m, job in enumerate(jobs):
+        pnet.load(m, job.start_weights)
+    net, params = pnet.net, list(pnet.params.values())
+    stacked = pnet.stack_masks([job.mask for job in jobs])
+    mask_params = [pnet.params[n] for n in stacked]
+    mask_values = list(stacked.values())
+    apply_masks = lambda: torch._foreach_mul_(mask_params, mask_values) if mask_params else None  # noqa: E731
+    with torch.no_grad():
+        apply_masks()
+    opt = PackedOptimizer(params, [job.spec.train for job in jobs])
+    orders = [BatchOrder(len(data.train_x), t0.batch_size, job.spec.seed, device) for job in jobs]
+    autocast = autocast_for(device, t0.precision)
+
+    first = min(job.start for job in jobs)
+    running = [False] * k  # started and not failed
+    failed: dict = {}
+    best = [{"val_loss": float("inf"), "iteration": job.start} for job in jobs]
+    best_state = [p.detach().clone() for p in params]
+    window_loss, window_steps = torch.zeros(k, device=device), [0] * k
+    last = [{} for _ in jobs]
+
+    net.train()
+    for it in range(first, t0.iterations):
+        for m, job in enumerate(jobs):
+            if job.start == it and m not in failed:
+                running[m] = True
+                opt.start(m)
+                window_loss[m] = 0.0
+            if running[m] and it in job.hooks:
+                job.hooks[it](pnet.member(m))
+        members = [m for m in range(k) if running[m]]
+        lrs = [learning_rate(job.spec.train, it) for job in jobs]
+        idx = torch.stack([order(it) for order in orders])  # [K, B]: each member's own batch
+        x = data.train_x[idx.flatten()]
+        if data.augment is not None:
+            x = torch.cat([data.augment(part, rng(job.spec.seed, "augment", it))
+                           for part, job in zip(x.chunk(k), jobs)])
+        with autocast():
+            out = net(x)
+            losses = F.cross_entropy(out, data.train_y[idx.flatten()], reduction="none").view(k, -1).mean(1)
+        for p in params:
+            p.grad = None
+        losses.sum().backward()  # members are independent: each slice gets its own loss's gradient
+        with torch.no_grad():
+            if mask_params:
+                torch._foreach_mul_([p.grad for p in mask_params], mask_values)
+            opt.step(members, lrs)
+            apply_masks()
+        window_loss += losses.detach()
+        for m in members:
+            window_steps[m] += 1
+
+        done = it + 1
+        if done % t0.eval_interval == 0 or done == t0.iterations:
+            if not members:
+                continue
+            train_loss = (window_loss / torch.tensor([max(s, 1) for s in window_steps], device=device)).tolist()
+            for m in members:
+                if not math.isfinite(train_loss[m]):
+                    failed[m] = TrainingDiverged(f"training loss became {train_loss[m]} at iteration {done}")
+                    running[m] = False
+                    with torch.no_grad():
+                        for p in params:
+                            p[m].zero_()
+            members = [m for m in members if running[m]]
+            window_loss.zero_()
+            window_steps = [0] * k
+            val_loss, val_acc = evaluate_packed(pnet, data.val_x, data.val_y, autocast)
+            for m in members:
+                last[m] = {"val_loss": val_loss[m], "val_acc": val_acc[m], "train_loss": train_loss[m]}
+                if val_loss[m] < best[m]["val_loss"]:
+                    best[m].update(val_loss=val_loss[m], iteration=done)
+                    with torch.no_grad():
+                        for b, p in zip(best_state, params):
+                            b[m].copy_(p[m])
+                if progress:
+                    progress(m, done, t0.iterations, val_loss[m])
+
+    _, test_acc = evaluate_packed(pnet, data.test_x, data.test_y, autocast)
+    finals = [pnet.member(m) for m in range(k)]
+    with torch.no_grad():
+        for b, p in zip(best_state, params):
+            p.copy_(b)
+    _, test_acc_best = evaluate_packed(pnet, data.test_x, data.test_y, autocast)
+    seconds = time.perf_counter() - started
+    results = []
+    for m, job in enumerate(jobs):
+        if m in failed:
+            results.append(failed[m])
+            continue
+        results.append({
+            "test_acc": test_acc[m],
+            "early_stop_iteration": best[m]["iteration"],
+            "test_acc_at_early_stop": test_acc_best[m],
+            "val_loss": last[m]["val_loss"],
+            "val_acc": last[m]["val_acc"],
+            "val_loss_at_early_stop": best[m]["val_loss"],
+            "train_loss": last[m]["train_loss"],
+            "start_iteration": job.start,
+            "iterations": t0.iterations - job.start,
+            "seconds": seconds,
+            "final": finals[m],
+        })
+    return results
+
+
+# ---------------------------------------------------------------- whole trials
+
+
+def check_pack(specs: list, outs: list) -> None:
+    """Refuse a pack that cannot train together, before anything is written."""
+    if not specs or len(specs) != len(outs):
+        raise ConfigError("pack", len(specs), f"allowed: one or more specs, one folder each (got {len(outs)} folders)")
+    if len({str(Path(o).resolve()) for o in outs}) != len(outs):
+        raise ConfigError("pack", [str(o) for o in outs], "allowed: a distinct folder per member")
+    first = specs[0]
+    for i, s in enumerate(specs):
+        if s.method != "imp":
+            raise ConfigError("method", s.method, "allowed in a pack: imp (edge-popup trials run one per process)")
+        if s.control != "none":
+            raise ConfigError("control", s.control, "allowed in a pack: none (a control trains at its IMP "
+                              "trunk's masks level by level: run controls as single trials)")
+        # fields other sessions are adding (read with getattr: absent in older specs)
+        if getattr(s, "retrain", "weight_rewind") != "weight_rewind":
+            raise ConfigError("retrain", s.retrain, "allowed in a pack: weight_rewind (lr_rewind and "
+                              "finetune start levels from level L-1's weights: not packed yet)")
+        if getattr(getattr(s, "stability", None), "copies", 0):
+            raise ConfigError("stability.copies", s.stability.copies, "allowed in a pack: 0 (instability "
+                              "copies train beside a level: run such trials one per process)")
+        for path, a, b in (("model.name", s.model.name, first.model.name), ("model.width", s.model.width, first.model.width),
+                           ("dataset", s.dataset, first.dataset), ("device", s.device, first.device),
+                           *((f"train.{f}", getattr(s.train, f), getattr(first.train, f)) for f in SHARED_TRAIN)):
+            if a != b:
+                raise ConfigError(path, a, f"allowed in this pack: {b!r} (member 0's); a pack's members share "
+                                  "model architecture, dataset, device and train." + "/".join(SHARED_TRAIN))
+    template = models.shell(first.model.name, datasets.info(first.dataset).shape,
+                            datasets.info(first.dataset).num_classes, first.model.width)
+    reason = why_not_packable(template)
+    if reason:
+        raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
+
+
+def pack_key(spec) -> Optional[tuple]:
+    """What members of one pack must share (None: this trial cannot be packed): a planner
+    groups trials by it and packs each group's trials K at a time."""
+    try:
+        check_pack([spec], [Path(".")])
+    except ConfigError:
+        return None
+    return (spec.model.name, spec.model.width, spec.dataset, spec.device,
+            *(getattr(spec.train, f) for f in SHARED_TRAIN))
+
+
+class Member:
+    """One trial of a pack: its folder, init and layers; level(L) -> a done record or a Job."""
+
+    def __init__(self, spec, out: Path, data, device):
+        self.spec, self.device, self.out = spec, device, Path(out)
+        self.trial = TrialDir(out, spec)
+        self.trial.begin()
+        self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
+        net = models.build(spec.model, data.info, seed=spec.seed, device=device)
+        self.init, self.layers = state_of(net), masks.Layers.of(net)
+
+    def job(self, level: int):
+        """As trials.lottery.Lottery.level: level 0 from init keeping the rewind point at k;
+        level L prunes L-1's final weights and restarts the survivors from the rewind point."""
+        if self.trial.done(level):
+            return self.trial.record(level)
+        k = self.spec.rewind_iteration
+        if level == 0:
+            return Job(self.spec, masks.ones(self.layers), self.init, 0, {k: self.trial.save_rewind})
+        mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
+        return Job(self.spec, mask, self.trial.rewind(self.device), k)
+
+    def finish(self, level: int, job: Job, result: dict) -> LevelRecord:
+        final = result.pop("final")
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result)
+        self.trial.finish(level, job.mask, final, record)
+        return record
+
+
+def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,
+             progress: Optional[Callable] = None, data=None, errors: Optional[dict] = None) -> list:
+    """Run (or resume) the IMP trials `specs` together, member i in folder outs[i]; returns
+    each member's level records, as trials.lottery.run_lottery would for it alone.
+    `report(record, out)` after every member's level (True ends that member, as in
+    run_lottery); `progress(member, level, iteration, total, val_loss)`. A member that
+    fails (divergence) stops alone: its exception goes into `errors` (index -> exception)
+    when given, else PackFailed is raised once the others have finished."""
+    check_pack(specs, outs)
+    device = data.train_x.device if data is not None else resolve_device(specs[0].device)
+    if data is None:
+        data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
+    for spec, out in zip(specs, outs):
+        TrialDir(out, spec).check()
+    members = [Member(spec, out, data, device) for spec, out in zip(specs, outs)]
+    template = models.build(specs[0].model, data.info, seed=0, device="cpu")
+    records: list = [[] for _ in specs]
+    failures: dict = {}
+    alive = list(range(len(specs)))
+    for level in range(max(s.last_level for s in specs) + 1):
+        alive = [i for i in alive if level <= specs[i].last_level]
+        work = {}
+        for i in alive:
+            job = members[i].job(level)
+            if isinstance(job, LevelRecord):
+                records[i].append(job)
+            else:
+                work[i] = job
+        if work:
+            tell = (lambda m, it, total, val: progress(list(work)[m], level, it, total, val)) if progress else None
+            results = train_packed_level(template, list(work.values()), data, tell)
+            for (i, job), result in zip(work.items(), results):
+                if isinstance(result, BaseException):
+                    failures[i] = result
+                else:
+                    records[i].append(members[i].finish(level, job, result))
+        stopped = set(failures)
+        for i in alive:
+            if i not in failures and records[i] and records[i][-1].level == level and report(records[i][-1], outs[i]):
+                stopped.add(i)
+        alive = [i for i in alive if i not in stopped]
+    if failures and errors is None:
+        raise PackFailed(failures, records)
+    if errors is not None:
+        errors.update(failures)
+    return records
