@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/trial_speed.py
 	$(BIN)/python bench/sweep_efficiency.py
+	$(BIN)/python bench/sweep_sharing.py
 
 clean:
 	rm -rf $(VENV) runs reports
