@@ -4,7 +4,6 @@ Trial runs and their levels come from orchestrator/tracking/read.py: the sweeps'
 tables (one download per sweep) where current, MLflow run by run otherwise."""
 from __future__ import annotations
 
-import json
 from typing import Optional, get_origin
 
 import pandas as pd
@@ -12,7 +11,7 @@ import pandas as pd
 from orchestrator.tracking import levels_table, read, store
 from trials.record import COUNTS, TRACKED
 from trials.spec import field_paths
-from trials.typed import non_null
+from trials.typed import from_logged, non_null
 
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
 HEAD = levels_table.NAMES
@@ -65,21 +64,13 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
 
 def _column(values: pd.Series, tp) -> pd.Series:
     """A column of logged params (strings) as the spec's type `tp`; null stays null."""
+    parsed = [from_logged(v, tp) for v in values]
     core = non_null(tp)
-    parsed = values.map(lambda v: None if v is None or v == "None" or (isinstance(v, float) and v != v) else v)
-    if core is int:
-        return pd.array([None if v is None else int(v) for v in parsed], dtype="Int64")
-    if core is float:
-        return pd.array([None if v is None else float(v) for v in parsed], dtype="Float64")
-    if core is bool:
-        return pd.array([None if v is None else v in (True, "True", "true") for v in parsed], dtype="boolean")
-    if get_origin(core) is tuple:  # logged as JSON; rates by layer stay a dict
-        return parsed.map(lambda v: None if v is None else _tuple(json.loads(v) if isinstance(v, str) else v))
-    return parsed.astype("string")
-
-
-def _tuple(value):
-    return value if isinstance(value, dict) else tuple(value)
+    dtype = {int: "Int64", float: "Float64", bool: "boolean"}.get(core)
+    if dtype:
+        return pd.array(parsed, dtype=dtype)
+    column = pd.Series(parsed, index=values.index, dtype=object)
+    return column if get_origin(core) is tuple else column.astype("string")
 
 
 def dense_key(df: pd.DataFrame) -> pd.Series:

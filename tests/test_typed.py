@@ -183,3 +183,20 @@ def test_sweep_file_types_defaults_and_round_trip(tmp_path):
     grid = parse_sweep({**SWEEP, "search": {"metric": "final_density"}}, tmp_path)
     assert grid.search.metric == ("final_density",) and grid.search.mode == ("min",)
     assert "num_samples" not in grid.to_dict()["search"] and grid.seeds == (0,)
+
+
+def test_logged_params_come_back_as_the_spec_types_them():
+    from typing import Optional
+
+    from trials.spec import field_paths
+    from trials.typed import from_logged
+
+    types = field_paths()
+    assert from_logged("3", types["seed"]) == 3 and isinstance(from_logged("3", types["seed"]), int)
+    assert from_logged("0.25", types["prune.rate"]) == 0.25
+    assert from_logged("None", types["prune.output_rate"]) is None and from_logged(float("nan"), float) is None
+    assert from_logged("[100, 200]", types["train.milestones"]) == (100, 200)
+    assert from_logged('{"fc1": 0.3}', types["prune.layer_rates"]) == {"fc1": 0.3}
+    assert from_logged("False", types["dataset.augment"]) is False
+    assert from_logged("structured", types["prune.kind"]) == "structured"
+    assert from_logged("1e-3", Optional[float]) == 0.001

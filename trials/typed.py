@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import types
 import typing
 from typing import Any, Callable, Literal, NamedTuple, Union
@@ -200,6 +201,24 @@ def non_null(tp):
         arms = tuple(a for a in typing.get_args(tp) if a is not _NONE)
         return arms[0] if len(arms) == 1 else Union[arms]
     return tp
+
+
+def from_logged(value, tp):
+    """A value as a tracking store logged it (MLflow keeps params as strings) back as type
+    `tp`: None, "None" and NaN are None; tuples were logged as JSON (a mapping stays one)."""
+    if value is None or value == "None" or (isinstance(value, float) and value != value):
+        return None
+    core = non_null(tp)
+    if core is bool:
+        return value in (True, "True", "true")
+    if core is int:
+        return int(value)
+    if core is float:
+        return float(value)
+    if typing.get_origin(core) is tuple:
+        parsed = json.loads(value) if isinstance(value, str) else value
+        return parsed if isinstance(parsed, dict) else tuple(parsed)
+    return str(value)
 
 
 def field_paths(cls, prefix: str = "") -> dict[str, Any]:

@@ -15,13 +15,16 @@ from orchestrator.tracking import levels_table, read, store
 from trials import layout
 from trials.errors import ConfigError
 from trials.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
+from trials.spec import field_paths
+from trials.typed import from_logged
 
 
 def level_rows(trial: dict, metrics=HEADLINE) -> list[dict]:
     """One dict per logged level of a trial run (read.trials): its metrics, varied params and tags."""
     varied = [p for p in trial["varied"].split(",") if p]
+    types = field_paths()  # varied params back as the spec types them ("model" shorthand: a name)
     head = {**{k: trial[k] for k in levels_table.NAMES},
-            "seed": _number(trial["params"].get("seed")), **{p: _number(trial["params"].get(p)) for p in varied}}
+            **{p: from_logged(trial["params"].get(p), types.get(p, str)) for p in ["seed", *varied]}}
     levels = trial["levels"]
     # MLflow stores every metric as a float: whole-number fields are made ints again
     return [{**head, "level": step, **{m: _count(levels[step].get(m)) if m in COUNTS else levels[step].get(m)
@@ -31,17 +34,6 @@ def level_rows(trial: dict, metrics=HEADLINE) -> list[dict]:
 
 def _count(value):
     return None if value is None else int(value)
-
-
-def _number(text):
-    if text is None:
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_early_stop",
