@@ -160,3 +160,40 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
     _, acc = evaluate(ticket.model, data.test_x, data.test_y, lambda: torch.autocast("cpu", enabled=False))
     assert acc == pytest.approx(ticket.record.test_acc, abs=1e-6)
     assert Path(out / "mask.safetensors").exists()
+
+
+def test_an_optuna_study_on_s3_is_mirrored_and_a_resume_elsewhere_starts_from_it(tmp_path, monkeypatch):
+    """An SQLite study cannot live on S3: the driver's copy goes to STORAGE/NAME/optuna.db at
+    every searcher save, and a driver on another machine (another temp folder) resumes from it."""
+    import tempfile
+
+    import optuna
+
+    from orchestrator.sweep_spec import parse_sweep
+    from orchestrator.sweeps import runner
+    from orchestrator.sweeps.search import make_searcher
+
+    s3 = S3Server().start()
+    try:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "machine-a"))
+        sweep = parse_sweep({"name": "tpe", "experiment": "s3", "base": digits_base(levels=1),
+                             "space": {"prune.rate": {"uniform": [0.1, 0.3]}},
+                             "search": {"algorithm": "optuna", "num_samples": 2},
+                             "storage": f"s3://{BUCKET}/sweeps"}, tmp_path)
+        study, mirror = runner._study_file(sweep, "tpe-study")
+        assert mirror == f"s3://{BUCKET}/sweeps/tpe/optuna.db" and str(study).startswith(str(tmp_path / "machine-a"))
+        searcher = make_searcher(sweep, "tpe-study", study, mirror)
+        searcher.suggest("t1")
+        searcher.on_trial_complete("t1", {"final_test_acc": 0.9})
+        searcher.save(str(tmp_path / "searcher.pkl"))
+        assert f"sweeps/tpe/{'optuna.db'}" in s3.keys("sweeps/tpe/")
+
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "machine-b"))  # another driver machine
+        again, _ = runner._study_file(sweep, "tpe-study")
+        assert again != study and again.exists()
+        trials = optuna.load_study(study_name="tpe-study", storage=f"sqlite:///{again}").trials
+        assert [t.value for t in trials] == [0.9]
+    finally:
+        s3.stop()

@@ -5,6 +5,7 @@ experiment folder, with lth's own files beside its state (see storage.py).
 from __future__ import annotations
 
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from orchestrator.sweep_spec import Sweep, parse_sweep
 from orchestrator.sweeps import results
 from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
 from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
-from orchestrator.sweeps.storage import STUDY_FILE, SWEEP_FILE, read_text, sweep_path, write_text
+from orchestrator.sweeps.storage import STUDY_FILE, SWEEP_FILE, read_bytes, read_text, sweep_path, write_text
 from orchestrator.tracking import store
 from trials.errors import ConfigError
 
@@ -24,13 +25,24 @@ def _local(path: str) -> Path | None:
     return None if "://" in path else Path(path)
 
 
-def _study_file(sweep: Sweep) -> Path:
-    """Optuna's SQLite file (random/optuna search only): next to the sweep when storage is
-    a folder, else in the folder `lth` runs from (an SQLite file cannot live on S3, so
-    resume such a sweep from the same folder)."""
-    folder = _local(sweep_path(sweep.storage, sweep.name)) or Path.cwd() / "runs" / sweep.name
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / STUDY_FILE
+def _study_file(sweep: Sweep, study_name: str) -> tuple[Path, str | None]:
+    """(Optuna's SQLite file, the storage copy it is mirrored to, or None). On a local
+    folder the file sits next to the sweep. An SQLite file cannot live on S3/GCS: the
+    driver works on a file in the machine's temp folder, named by the study, and copies
+    it to STORAGE/NAME/optuna.db at every searcher checkpoint; a resume on any machine
+    starts from that copy when it has no file of its own."""
+    local = _local(sweep_path(sweep.storage, sweep.name))
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        return local / STUDY_FILE, None
+    path = Path(tempfile.gettempdir()) / "lth-studies" / f"{study_name}.db"
+    mirror = sweep_path(sweep.storage, sweep.name) + "/" + STUDY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved = read_bytes(mirror)
+        if saved is not None:
+            path.write_bytes(saved)
+    return path, mirror
 
 
 def save_sweep(sweep: Sweep, study_name: str) -> None:
@@ -89,6 +101,8 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
+    if sweep.search.algorithm != "grid":
+        _study_file(sweep, study_name)  # the restored searcher reopens it: bring it back first
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
         _tuner(sweep, study_name).fit()
     else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
@@ -126,8 +140,8 @@ def _trainable(sweep: Sweep):
 
 
 def _tuner(sweep: Sweep, study_name: str):
-    study = None if sweep.search.algorithm == "grid" else _study_file(sweep)  # grid writes nothing locally
-    searcher = make_searcher(sweep, study_name, study)
+    study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
+    searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
     return tune.Tuner(
         _trainable(sweep),
         param_space=grid_space(sweep) if searcher is None else {},

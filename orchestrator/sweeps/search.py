@@ -46,7 +46,8 @@ def optuna_distributions(sweep) -> dict:
     return out
 
 
-def make_searcher(sweep, study_name: str, study_path: Optional[Path]) -> Optional[Searcher]:
+def make_searcher(sweep, study_name: str, study_path: Optional[Path],
+                  mirror: Optional[str] = None) -> Optional[Searcher]:
     """None for grid (Tune expands the grid itself), else a seed-replicating Optuna search."""
     if sweep.search.algorithm == "grid":
         return None
@@ -65,12 +66,30 @@ def make_searcher(sweep, study_name: str, study_path: Optional[Path]) -> Optiona
         study_name=study_name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{study_path}"),
     )
-    return Replicate(inner, list(sweep.seeds), metric)
+    return Replicate(inner, list(sweep.seeds), metric, (str(study_path), mirror) if mirror else None)
 
 
 def num_trials(sweep) -> int:
     """Tune's num_samples: grid runs its expansion once; samplers run configurations x seeds."""
     return 1 if sweep.search.algorithm == "grid" else sweep.search.num_samples * len(sweep.seeds)
+
+
+def mirror_study(local: str, remote: str) -> None:
+    """A consistent copy of the study's SQLite file (sqlite3's backup) to `remote`."""
+    import sqlite3
+    import tempfile
+
+    from orchestrator.sweeps.storage import write_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "study.db"
+        source, target = sqlite3.connect(local), sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        write_bytes(remote, copy.read_bytes())
 
 
 def _number(value) -> float:
@@ -79,9 +98,10 @@ def _number(value) -> float:
 
 
 class Replicate(Searcher):
-    def __init__(self, inner: Searcher, seeds: list, metrics: list):
+    def __init__(self, inner: Searcher, seeds: list, metrics: list, mirror: Optional[tuple] = None):
+        """`mirror`: (the study's SQLite file, a storage path to copy it to at every save)."""
         super().__init__(metric=None, mode=None)
-        self.inner, self.seeds, self.metrics = inner, seeds, metrics
+        self.inner, self.seeds, self.metrics, self.mirror = inner, seeds, metrics, mirror
         self.groups: dict = {}  # primary trial id -> {"config", "members": {trial_id: result|None}}
         self.member_of: dict = {}  # trial id -> primary trial id
         self.open: Optional[str] = None  # the group still handing out seeds
@@ -128,6 +148,8 @@ class Replicate(Searcher):
         state = {k: v for k, v in self.__dict__.items() if k != "inner"}
         with open(checkpoint_path, "wb") as f:
             pickle.dump({"replicate": state, "inner": self.inner.__dict__.copy()}, f)
+        if self.mirror:
+            mirror_study(*self.mirror)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:

@@ -3,7 +3,9 @@ pyarrow's filesystems). Imports neither ray nor the rest of the runner, so every
 the sweep layer can use it. lth's files beside Tune's experiment state:
 
     lth_sweep.yaml   the validated sweep (absolute paths, study name): `resume` reads it
-    optuna.db        the Optuna study (random/optuna search; local storage)
+    optuna.db        the Optuna study (random/optuna search): the file itself on a local
+                     folder; on s3:// / gs:// a copy the driver refreshes at every searcher
+                     checkpoint and a resume (on any machine) starts from
     trials.csv       one row per trial x level, written at the end and by `status`
 """
 from __future__ import annotations
@@ -25,23 +27,32 @@ def filesystem(path: str):
     return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
 
 
-def read_text(path: str) -> Optional[str]:
+def read_bytes(path: str) -> Optional[bytes]:
     import pyarrow.fs
 
     fs, p = filesystem(path)
     if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(p) as f:
-        return f.readall().decode()
+        return f.readall()
 
 
-def write_text(path: str, text: str) -> None:
+def read_text(path: str) -> Optional[str]:
+    data = read_bytes(path)
+    return None if data is None else data.decode()
+
+
+def write_bytes(path: str, data: bytes) -> None:
     """Write whole (temporary name, then move) so no reader sees half a file."""
     fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p + ".tmp") as f:
-        f.write(text.encode())
+        f.write(data)
     fs.move(p + ".tmp", p)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
 def checkpoint_dirs(fs, base: str) -> list[str]:
