@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 from trials import layout, shared
+from trials.spec import flatten
 
 
 @dataclass
@@ -81,23 +82,26 @@ def trial_cost(spec) -> tuple[int, int]:
 
 def plan(sweep) -> Plan:
     specs, estimated = trial_specs(sweep)
-    units: dict = {}
     own = unshared = 0
     for spec in specs:
         trunk, mine = trial_cost(spec)
         unshared += trunk + mine
-        if not sweep.share or not shared.shareable(spec):
-            own += trunk + mine
-            continue
-        own += mine
+        own += trunk + mine if not sweep.share or not shared.shareable(spec) else mine
+    return Plan(specs, work_units(specs) if sweep.share else {}, own, unshared, estimated)
+
+
+def work_units(specs: list) -> dict:
+    """name -> Unit of every shareable trial's units, breadth-first: every dense run, then
+    every trunk level 1, ... (grid order within a depth: the sort is stable)."""
+    units: dict = {}
+    for spec in filter(shared.shareable, specs):
         for u in shared.plan(spec):
             unit = units.setdefault(u["name"], Unit(u["name"], u["iterations"], u["deps"],
                                                     spec.replace(control="none")))
             unit.users += 1
             if u["name"].startswith("dense/"):
                 unit.points.add(spec.rewind_iteration)
-    order = sorted(units.values(), key=_depth)  # stable: grid order within a depth
-    return Plan(specs, {u.name: u for u in order}, own, unshared, estimated)
+    return {u.name: u for u in sorted(units.values(), key=_depth)}
 
 
 def _depth(u: Unit) -> int:
@@ -109,21 +113,11 @@ def data_key(spec) -> str:
     return json.dumps([spec.dataset.__dict__, spec.train.batch_size, spec.device], sort_keys=True, default=str)
 
 
-def registrations(p: Plan) -> list[dict]:
-    """The plan's units as the broker takes them (orchestrator/sweeps/units.py)."""
+def registrations(units: dict) -> list[dict]:
+    """Units (work_units) as the broker takes them (orchestrator/sweeps/units.py): the
+    grid's all up front, a searched configuration's when its trial starts."""
     return [{"name": u.name, "deps": u.deps, "spec": u.spec.to_dict(), "data": data_key(u.spec),
-             "points": sorted(u.points)} for u in p.units.values()]
-
-
-def trial_registrations(spec) -> list[dict]:
-    """One trial's own units, for the broker of a search that picks configurations as it
-    runs (the grid's are registered up front)."""
-    if not shared.shareable(spec):
-        return []
-    unit_spec, data = spec.replace(control="none").to_dict(), data_key(spec)
-    return [{"name": u["name"], "deps": u["deps"], "spec": unit_spec, "data": data,
-             "points": [spec.rewind_iteration] if u["name"].startswith("dense/") else []}
-            for u in shared.plan(spec)]
+             "points": sorted(u.points)} for u in units.values()]
 
 
 def describe(sweep, p: Plan) -> str:
@@ -143,7 +137,8 @@ def describe(sweep, p: Plan) -> str:
             trunks.setdefault(u.name.rsplit("/", 1)[0], []).append(u)
     for name, levels in trunks.items():
         spec = levels[0].spec
-        what = " ".join(f"{path}={_get(spec, path)}" for path in varied if path != "control")
+        values = flatten(spec.to_dict())
+        what = " ".join(f"{path}={values[path]}" for path in varied if path != "control")
         what = f"IMP levels 1-{len(levels)}, seed {spec.seed}" + (f", {what}" if what else "")
         total = sum(u.iterations for u in levels)
         lines.append(f"  {name:<36} {total:>10,} {max(u.users for u in levels):>6}  {what}")
@@ -152,10 +147,3 @@ def describe(sweep, p: Plan) -> str:
     saved = 100 * (1 - p.shared / p.unshared) if p.unshared else 0.0
     lines.append(f"plan: {p.shared:,} iterations to train, {p.unshared:,} without sharing ({saved:.0f}% fewer)")
     return "\n".join(lines)
-
-
-def _get(spec, path: str):
-    value = spec
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value

@@ -125,7 +125,7 @@ def _share(sweep: Sweep) -> None:
     p = plan.plan(sweep)
     on_storage = UnitStore(sweep.storage).published_names()
     published = [name for name in p.units if name in on_storage]
-    BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p), published)  # alive while held
+    BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p.units), published)  # alive while held
     print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
           file=sys.stderr, flush=True)
 

@@ -72,7 +72,7 @@ _STORES: dict = {}  # per worker process: (storage, sweep) -> UnitStore (one hea
 
 def _unit_store(share: dict, spec, data):
     """This process's store of the sweep's units, set up to help with units on `data`."""
-    from orchestrator.plan import data_key, trial_registrations
+    from orchestrator.plan import data_key, registrations, work_units
     from orchestrator.sweeps.units import UnitStore, find_broker
     from trials.spec import from_dict
 
@@ -83,16 +83,17 @@ def _unit_store(share: dict, spec, data):
     store.data = data_key(spec)
     store.helper = lambda name, unit_spec: shared.produce(name, from_dict(unit_spec), store, data,
                                                           data.train_x.device, store.scratch)
-    store._tell("register", trial_registrations(spec))  # a searched configuration's units
+    store.register(registrations(work_units([spec])))  # a searched configuration's units
     return store
 
 
 def _data(spec, work):
+    from orchestrator.plan import data_key
     from trials.datasets import load
     from trials.lottery import resolve_device
 
     device = resolve_device(spec.device)  # "auto": the GPU Ray assigned, else the CPU
-    key = (json.dumps(spec.dataset.__dict__, sort_keys=True, default=str), str(device), spec.train.batch_size)
+    key = (data_key(spec), str(device))
     if key not in _DATA:
         _DATA.clear()  # one dataset per worker at a time: bounded memory
         _DATA[key] = load(spec.dataset, device, spec.train.batch_size)

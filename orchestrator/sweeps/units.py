@@ -196,6 +196,10 @@ class UnitStore:
                 time.sleep(POLL_SECONDS)
                 self.waited += POLL_SECONDS
 
+    def register(self, units: list) -> None:
+        """Tell the broker about units (plan.registrations) it may hand to helpers."""
+        self._tell("register", units)
+
     # ------------------------------------------------------------ storage
     def published_names(self) -> set:
         """Every unit published in this storage (one recursive listing)."""
