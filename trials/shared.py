@@ -166,7 +166,7 @@ class Trunk:
         if not mine:
             record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
             self.trial.copy_level_from(folder, level, record)
-        self._note(name, level, mine)
+        self._note(level, mine)
         return self.trial.record(level)
 
     def _train(self, level: int, dest: Path) -> None:
@@ -191,7 +191,7 @@ class Trunk:
         if self.measure and stability.asked(self.spec, 0):  # copies from this trial's rewind point: its own work
             record = Lottery(self.spec, self.trial.path, self.data, self.device).measure_stability(0, record, ones)
         self.trial.finish(0, ones, load_tensors(folder / layout.FINAL), record)
-        self._note(name, 0, mine)
+        self._note(0, mine)
         return record
 
     def _point(self, dense: Path, k: int) -> dict:
@@ -202,14 +202,13 @@ class Trunk:
                                       lambda dest: produce_point(self.spec, k, dest, self.data, self.device))
         return load_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}")
 
-    def _note(self, name: str, level: int, mine: bool) -> None:
+    def _note(self, level: int, mine: bool) -> None:
         """units.json: which units this trial used, and which levels someone else trained."""
         ledger = json.loads(self.ledger.read_text()) if self.ledger.exists() else {"trained": [], "reused": []}
-        ledger["dense"] = dense_name(self.spec)
-        ledger["trunk"] = trunk_name(self.spec)
-        for kind in ("trained", "reused"):
-            ledger[kind] = sorted(set(ledger[kind]) - {level})
-        ledger["trained" if mine else "reused"] = sorted({*ledger["trained" if mine else "reused"], level})
+        ledger.update(dense=dense_name(self.spec), trunk=trunk_name(self.spec))
+        kind, other = ("trained", "reused") if mine else ("reused", "trained")
+        ledger[other] = [lv for lv in ledger[other] if lv != level]
+        ledger[kind] = sorted({*ledger[kind], level})
         write_json(self.ledger, ledger)
 
 

@@ -164,8 +164,6 @@ class UnitStore:
         self.data = ""
         self.helping = False
         self.waited = 0.0  # seconds spent with nothing to do
-        self.trained: list = []  # units this process trained
-        self._stop = threading.Event()
         if broker is not None:
             self.lease = self._call("lease_seconds") or lease_seconds()
             threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -250,7 +248,6 @@ class UnitStore:
             if local.exists():
                 shutil.rmtree(local)
             os.replace(unit, local)
-            self.trained.append(name)
             self._evict(local)
             return local
         finally:
@@ -312,11 +309,10 @@ class UnitStore:
                 pass
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.lease / 4):
+        """Renew this process's leases for as long as it lives (a daemon thread)."""
+        while True:
+            time.sleep(self.lease / 4)
             self._tell("renew", self.owner)
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def _node() -> Optional[str]:
