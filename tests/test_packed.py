@@ -1,8 +1,11 @@
 """Packs (trials/packed.py): K IMP trials trained together match the same trials run alone
 with trials.lottery.run_lottery (weights within 1e-5 after level 0, accuracies within half
 a point at every level, masks and densities exact), each in its own normal trial folder; a
-diverging member fails alone; what cannot be packed is refused with the reason."""
+diverging member fails alone; what cannot be packed is refused with the reason. On shared
+work units a pack trains each unit once, in the pack, and takes the rest from the store
+(even one another process holds); a member's numbers do not depend on its co-members."""
 import json
+import time
 
 import pytest
 import torch
@@ -164,3 +167,139 @@ def test_pack_key_groups_what_can_train_together():
                                                           eval_interval=20)))
     assert pack_key(a.replace(control="random_prune")) is None
     assert pack_key(lenet(model=ModelSpec(name="resnet20"), dataset=DatasetSpec(name="synthetic"))) is None
+
+
+# ---------------------------------------------------------------- packs on shared work units
+
+
+def numbers(records):
+    return [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in records]
+
+
+def ledger(out):
+    return json.loads((out / "units.json").read_text())
+
+
+SHARED = [lenet(seed=0, prune=PruneSpec(rate=0.2, levels=2)),
+          lenet(seed=0, prune=PruneSpec(rate=0.5, levels=2), rewind_iteration=20),  # seed 0's dense run too
+          lenet(seed=1, prune=PruneSpec(rate=0.2, levels=2))]
+
+
+@pytest.fixture(scope="module")
+def shared_pack(tmp_path_factory, digits_cpu):
+    """SHARED packed once on a fresh unit store: (folder, outs, records, levels after_level saw)."""
+    from tests.test_shared import store
+
+    root = tmp_path_factory.mktemp("shared_pack")
+    outs, levels = [root / f"packed{i}" for i in range(len(SHARED))], []
+    records = run_pack(SHARED, outs, data=digits_cpu, units=store(root / "storage"), after_level=levels.append)
+    return root, outs, records, levels
+
+
+def test_a_pack_on_units_trains_each_unit_once_in_the_pack(shared_pack, digits_cpu):
+    from orchestrator.sweeps.units import trained_log
+    from trials import shared
+
+    root, outs, records, levels = shared_pack
+    log = trained_log(str(root / "storage"))
+    units = sorted(e["unit"] for e in log)
+    assert units == sorted({shared.dense_name(s) for s in SHARED} |
+                           {shared.level_name(s, lv) for s in SHARED for lv in (1, 2)})  # 2 dense runs, not 3
+    assert not any(u.startswith("point/") for u in units)  # the dense run kept member 1's rewind point too
+    assert {e["unit"]: e["pack"] for e in log if e["unit"].startswith("dense/")} == {
+        shared.dense_name(SHARED[0]): 2, shared.dense_name(SHARED[2]): 2}
+    assert {e["pack"] for e in log if e["unit"].startswith("trunk/")} == {3}
+    assert levels == [0, 1, 2]
+    for i, spec in enumerate(SHARED):
+        alone = run_lottery(spec, root / f"alone{i}", data=digits_cpu)
+        assert_close_to_alone(outs[i], root / f"alone{i}", records[i], alone)
+        assert_masks_exact(outs[i], records[i])
+        assert read_lines((outs[i] / "levels.jsonl").read_text()) == records[i]
+    assert numbers(records[1][:1]) == numbers(records[0][:1])  # one dense run, copied
+    assert [(ledger(o)["trained"], ledger(o)["reused"]) for o in outs] == [([0, 1, 2], []), ([1, 2], [0]),
+                                                                            ([0, 1, 2], [])]
+    assert ledger(outs[1])["dense"] == shared.dense_name(SHARED[1]) == shared.dense_name(SHARED[0])
+
+
+def test_a_second_pack_on_the_same_units_trains_nothing(shared_pack, tmp_path, digits_cpu):
+    from tests.test_shared import logged, store
+
+    root, first_outs, first, _ = shared_pack
+    before = logged(root / "storage")
+    outs, levels = [tmp_path / f"again{i}" for i in range(len(SHARED))], []
+    again = run_pack(SHARED, outs, data=digits_cpu, units=store(root / "storage"), after_level=levels.append)
+    assert logged(root / "storage") == before and levels == [0, 1, 2]
+    for i in range(len(SHARED)):
+        assert numbers(again[i]) == numbers(first[i])
+        assert ledger(outs[i])["reused"] == [0, 1, 2] and ledger(outs[i])["trained"] == []
+        for lv in range(3):
+            for name in ("mask.safetensors", "final.safetensors"):
+                a, b = (load_tensors(o / f"level_{lv:02d}" / name) for o in (first_outs[i], outs[i]))
+                assert all(a[n].equal(b[n]) for n in a)
+
+
+def test_a_pack_trains_its_other_members_before_taking_a_held_unit(tmp_path, digits_cpu, ray_local):
+    """Member 1's dense unit is held by another process, which publishes it only once the
+    pack has trained member 0's level 0; member 2's by one that died, so the pack takes its
+    lease over and trains that member alone."""
+    import threading
+
+    import ray
+
+    from orchestrator.sweeps.units import Broker, trained_log
+    from tests.test_shared import logged, store
+    from trials import shared
+
+    specs = [lenet(seed=s, prune=PruneSpec(rate=0.2, levels=2)) for s in range(3)]
+    outs = [tmp_path / f"m{i}" for i in range(3)]
+    held, dead = shared.dense_name(specs[1]), shared.dense_name(specs[2])
+    broker = Broker.remote(3.0)
+    other = store(tmp_path / "storage", broker)
+    assert other.claim(held) == ("yours", None)
+    assert ray.get(broker.claim.remote(dead, "ghost")) == "yours"  # and never renews
+    seen = []
+
+    def holder():
+        deadline = time.monotonic() + 60
+        while not (outs[0] / "level_00" / "DONE").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append((outs[0] / "level_00" / "DONE").exists())
+        other.publish(held, lambda dest: shared.produce_dense(specs[1], dest, digits_cpu, "cpu", {0}))
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    records = run_pack(specs, outs, data=digits_cpu, units=store(tmp_path / "storage", broker))
+    thread.join()
+    assert seen == [True]
+    counts = logged(tmp_path / "storage")
+    assert set(counts.values()) == {1} and len(counts) == 3 * 3
+    log = {e["unit"]: e for e in trained_log(str(tmp_path / "storage"))}
+    assert log[held]["owner"] == other.owner and log[dead]["pack"] == 1 and log[dead]["owner"] != other.owner
+    assert (dead, "ghost") in ray.get(broker.state.remote())["takeovers"]
+    assert numbers(records[1][:1]) == numbers(run_lottery(specs[1], tmp_path / "alone1", data=digits_cpu)[:1])
+    assert [(ledger(o)["trained"], ledger(o)["reused"]) for o in outs] == [([0, 1, 2], []), ([1, 2], [0]),
+                                                                            ([0, 1, 2], [])]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_members_numbers_do_not_depend_on_its_co_members(tmp_path, digits_cpu, optimizer):
+    """What makes a unit trained by any pack the same unit (LeNet on CPU; see the module doc)."""
+    def spec(seed=0, lr=1e-3 if optimizer == "adam" else 0.05, **changes):
+        return lenet(seed=seed, prune=changes.pop("prune", PruneSpec(rate=0.2, levels=2)), **changes,
+                     train=TrainSpec(optimizer=optimizer, lr=lr, momentum=0.9 if optimizer == "sgd" else 0.0,
+                                     batch_size=60, iterations=60, eval_interval=20))
+
+    a = spec()
+    packs = {"alone": [a], "same_group": [a, spec(seed=1)],  # stepped by one optimizer call with a
+             "other": [spec(seed=2, lr=2e-3, rewind_iteration=20, prune=PruneSpec(rate=0.5, levels=2)), a]}
+    finals, records = {}, {}
+    for name, specs in packs.items():
+        outs = [tmp_path / name / str(i) for i in range(len(specs))]
+        got = run_pack(specs, outs, data=digits_cpu)
+        m = specs.index(a)
+        records[name] = numbers(got[m])
+        finals[name] = [load_tensors(outs[m] / f"level_{lv:02d}" / "final.safetensors") for lv in range(3)]
+    for name in packs:
+        assert records[name] == records["alone"], name
+        for lv in range(3):
+            assert all(finals[name][lv][n].equal(finals["alone"][lv][n]) for n in finals["alone"][lv]), (name, lv)

@@ -151,6 +151,24 @@ def test_two_trials_needing_one_unit_train_it_once(tmp_path, ray_local):
     assert logged(tmp_path / "storage") == Counter({"dense/x": 1})
 
 
+def test_claim_answers_without_waiting_and_publish_logs_how_a_unit_was_trained(tmp_path, ray_local):
+    from orchestrator.sweeps.units import Broker, trained_log
+
+    local = store(tmp_path / "local")
+    assert local.claim("dense/x") == local.claim("dense/x") == ("yours", None)  # no broker: ours until published
+    folder = local.publish("dense/x", lambda dest: (dest / "f").write_text("x"), pack=3, seconds=1.5)
+    assert local.claim("dense/x") == ("published", folder)
+    assert [(e["pack"], e["seconds"]) for e in trained_log(str(tmp_path / "local"))] == [(3, 1.5)]
+
+    broker = Broker.remote(5.0)
+    a, b = store(tmp_path / "storage", broker), store(tmp_path / "storage", broker)
+    assert a.claim("dense/y") == ("yours", None) and b.claim("dense/y") == ("held", None)
+    a.publish("dense/y", lambda dest: (dest / "f").write_text("y"))
+    verdict, folder = b.claim("dense/y")
+    assert verdict == "published" and (folder / "f").read_text() == "y"
+    assert [e["pack"] for e in trained_log(str(tmp_path / "storage"))] == [1]
+
+
 def test_a_dead_holders_unit_is_taken_over_and_a_waiting_trial_helps_meanwhile(tmp_path, ray_local):
     import ray
 

@@ -19,7 +19,9 @@ rest of the schedule, `prune.*`, `rewind_iteration`.
               divergence check and trial folder (trials/store.py: the same files and
               LevelRecords as trials.lottery.run_lottery writes).
     optimizer torch's fused Adam / SGD kernels over the members' slices, one call per
-              group of members at the same (lr, weight decay, momentum, step count).
+              group of members at the same (lr, weight decay, momentum, step count); a run
+              of members goes in as one tensor only where that cannot change its numbers
+              (PackedOptimizer._cut).
     rewind    members whose level starts at different iterations (rewind_iteration k)
               share one loop from the smallest k: a member computes, untouched by the
               optimizer, until its k, then starts with a fresh optimizer state. Its
@@ -31,6 +33,28 @@ Numbers: a packed member follows its single-trial run closely but not bit for bi
 (batched matmuls and the fused optimizer round differently from the single path): the
 tests require weights within 1e-5 (relative norm) after level 0 and accuracies within 0.5
 points at every level. `seconds` in a member's record is the pack's wall clock for the level.
+Its co-members do not change a member's numbers when the model is Linear-only, on CPU:
+packs [A], [A, B] (B stepped in A's optimizer call) and [C, A] (another lr, rewind point
+and rate) give A the same records and weights bit for bit, Adam and SGD (tested), so a
+unit trained by any pack is the same unit. This took _cut: merging co-members' slices
+into one kernel call moved A's tail elements off the scalar path (relative weight
+differences ~2e-7). Not so for convolutions: a grouped convolution over K members rounds
+differently for every K (oneDNN or not; conv2: ~1e-6 relative after level 0, ~2e-4 after
+level 1). Nor was it checked on CUDA (cuBLAS may pick its batched kernels by batch count).
+
+Shared units (`run_pack(..., units=store)`, trials/shared.py): every member's level L is
+a work unit, as for a single trial (`shared.Trunk`): dense/<D> at level 0, the trunk's
+level_XX after. Per level and unit (`Shared`): a published unit is copied into the
+members' folders; one the store leases to this process is trained in the pack by one
+member and published from its folder (a dense run keeping every rewind point the store
+and the members ask for), the members needing the same unit copying it after (so seed 0
+at two prune rates trains one dense run); one that another process holds is waited for
+after the rest of the level has trained (`Units.obtain`: it helps elsewhere meanwhile, and
+trains the member alone, through the same code, if that process died). Each member's
+units.json is the ledger Trunk keeps. The unit log records `pack`: how many members
+trained together, and `seconds`: the unit's share of their wall clock. A unit holds the
+numbers of whoever trained it: a pack's (any pack's, as above) or a single trial's, which
+differ within the tolerances above; the unit's key does not say which (the log does).
 
 Not packed (refused by check_pack with the reason): controls (reinit / random_prune
 need their IMP trunk's masks level by level: run them as single trials), edge-popup,
@@ -42,6 +66,8 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,14 +75,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.adam import adam as adam_step
 from torch.optim.sgd import sgd as sgd_step
 
-from trials import datasets, masks, models, pruning
+from trials import datasets, layout, masks, models, pruning, shared
 from trials.errors import ConfigError
 from trials.lottery import resolve_device
 from trials.record import LevelRecord
-from trials.store import TrialDir, state_of
+from trials.store import TrialDir, load_tensors, save_tensors, state_of
 from trials.training import EVAL_BATCH, BatchOrder, TrainingDiverged, autocast_for, learning_rate, rng
 
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
@@ -198,6 +223,20 @@ class PackedOptimizer:
         self.state = [torch.zeros_like(p) for p in params]  # SGD momentum / Adam first moment
         self.second = [torch.zeros_like(p) for p in params] if self.adam else None
         self.steps = [0] * len(trains)
+        self.cuts: dict = {}  # members stepped together -> (per parameter its slices, their state views)
+
+    def _cut(self, group: tuple) -> tuple:
+        """How `group`'s slices go to the kernel: a run of members as one tensor only where a
+        member's slice is whole 64-byte lines. torch's CPU kernels take a tensor's last
+        numel % vector-width elements on a scalar path that rounds differently, so a member's
+        tail inside a merged run would make its numbers depend on its co-members."""
+        if group not in self.cuts:
+            run = list(group) == list(range(group[0], group[-1] + 1))
+            at = [[slice(group[0], group[-1] + 1)] if run and p[0].numel() * p.element_size() % 64 == 0
+                  else list(group) for p in self.params]
+            views = lambda tensors: [x[i] for x, ix in zip(tensors, at) for i in ix]  # noqa: E731
+            self.cuts[group] = at, [views(t) for t in (self.params, self.state, self.second or [])]
+        return self.cuts[group]
 
     def start(self, m: int) -> None:
         for s in self.state + (self.second or []):
@@ -212,15 +251,14 @@ class PackedOptimizer:
             groups.setdefault((lrs[m], t.weight_decay, t.momentum, self.steps[m]), []).append(m)
             self.steps[m] += 1
         for (lr, wd, momentum, step), group in groups.items():
-            at = [slice(group[0], group[-1] + 1)] if group == list(range(group[0], group[-1] + 1)) else group
-            pick = lambda tensors: [x[i] for x in tensors for i in at]  # noqa: E731
-            params, grads = pick(self.params), pick([p.grad for p in self.params])
-            if self.adam:
-                steps = [torch.tensor(float(step), device=p.device) for p in params]  # fused: on the params' device
-                adam_step(params, grads, pick(self.state), pick(self.second), [], steps, fused=True,
-                          amsgrad=False, beta1=0.9, beta2=0.999, lr=lr, weight_decay=wd, eps=1e-8, maximize=False)
+            at, (params, state, second) = self._cut(tuple(group))
+            grads = [p.grad[i] for p, ix in zip(self.params, at) for i in ix]
+            if self.adam:  # torch.optim.adam's fused call; the kernel only reads the step: one tensor serves all
+                steps = [torch.tensor(float(step + 1), device=params[0].device)] * len(params)
+                torch._fused_adam_(params, grads, state, second, [], steps, lr=lr, beta1=0.9, beta2=0.999,
+                                   weight_decay=wd, eps=1e-8, amsgrad=False, maximize=False)
             else:  # zero buffers: the first step's momentum*0 + grad is torch's clone of grad
-                sgd_step(params, grads, pick(self.state), fused=True, lr=lr, momentum=momentum,
+                sgd_step(params, grads, state, fused=True, lr=lr, momentum=momentum,
                          weight_decay=wd, dampening=0.0, nesterov=False, maximize=False)
 
 
@@ -416,7 +454,7 @@ def pack_key(spec) -> Optional[tuple]:
 
 
 class Member:
-    """One trial of a pack: its folder, init and layers; level(L) -> a done record or a Job."""
+    """One trial of a pack: its folder, init and layers; job(L) -> the Job of its level L."""
 
     def __init__(self, spec, out: Path, data, device):
         self.spec, self.device, self.out = spec, device, Path(out)
@@ -426,14 +464,16 @@ class Member:
         net = models.build(spec.model, data.info, seed=spec.seed, device=device)
         self.init, self.layers = state_of(net), masks.Layers.of(net)
 
-    def job(self, level: int):
-        """As trials.lottery.Lottery.level: level 0 from init keeping the rewind point at k;
+    def job(self, level: int, keep: Optional[dict] = None) -> Job:
+        """As trials.lottery.Lottery.level: level 0 from init keeping the rewind point at k
+        (and handing the iterations in `keep` to their callbacks, as Lottery.train_dense);
         level L prunes L-1's final weights and restarts the survivors from the rewind point."""
-        if self.trial.done(level):
-            return self.trial.record(level)
         k = self.spec.rewind_iteration
         if level == 0:
-            return Job(self.spec, masks.ones(self.layers), self.init, 0, {k: self.trial.save_rewind})
+            hooks = {**(keep or {}), k: self.trial.save_rewind}
+            if keep and k in keep:
+                hooks[k] = lambda state: (keep[k](state), self.trial.save_rewind(state))
+            return Job(self.spec, masks.ones(self.layers), self.init, 0, hooks)
         mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
         return Job(self.spec, mask, self.trial.rewind(self.device), k)
 
@@ -444,14 +484,120 @@ class Member:
         return record
 
 
+class Shared:
+    """A pack's levels as shared work units (module doc): per unit its members need, taken
+    when published; trained in the pack by one of them when the lease is ours; waited for
+    (the store helps elsewhere meanwhile) after the rest when another process holds it."""
+
+    def __init__(self, units, members: list, train: Callable, data, stage: Path):
+        """`train(work, level)`: the pack's training of jobs {member: Job}; `stage`: a scratch
+        folder for dense runs' rewind points until their unit is published."""
+        self.units, self.members, self.train, self.data, self.stage = units, members, train, data, stage
+
+    def level(self, todo: list, level: int) -> dict:
+        """Level `level` of members `todo`: member -> its record, or the exception that ended it."""
+        needs: dict = {}
+        for i in todo:
+            spec = self.members[i].spec
+            needs.setdefault(shared.level_name(spec, level) if level else shared.dense_name(spec), []).append(i)
+        out, work, held = {}, {}, []
+        for name, group in needs.items():  # one member trains a unit; the others take it after
+            verdict, folder = self.units.claim(name)
+            if verdict == "published":
+                out.update(self.take(group, level, folder))
+            elif verdict == "held":
+                held.append((name, group))
+            else:
+                work[group[0]] = (name, group, self.job(name, group, level))
+        trained = self.train({i: job for i, (_, _, job) in work.items()}, level) if work else {}
+        for i, result in trained.items():
+            name, group, _ = work[i]
+            out.update(self.publish(name, group, level, result, len(work)))
+        for name, group in held:
+            out.update(self.wait(name, group, level))
+        return out
+
+    def job(self, name: str, group: list, level: int) -> Job:
+        """group[0]'s job; a dense run keeps every rewind point the store and the group ask for."""
+        if level:
+            return self.members[group[0]].job(level)
+        stage = self.stage / str(group[0])
+        stage.mkdir(parents=True, exist_ok=True)
+        points = self.units.points(name) | {self.members[i].spec.rewind_iteration for i in group}
+        return self.members[group[0]].job(0, {k: lambda state, k=k: save_tensors(
+            stage / f"{k}{layout.TENSOR_SUFFIX}", state) for k in points})
+
+    def publish(self, name: str, group: list, level: int, result, pack: int) -> dict:
+        """Publish the unit group[0] trained in a pack of `pack` (its failure: release the
+        lease, and the group fails with it: the same work would fail the same way)."""
+        def files(dest: Path) -> None:
+            if isinstance(result, BaseException):
+                raise result
+            self.hand_over(group[0], level, dest)
+
+        try:
+            folder = self.units.publish(name, files, pack, None if isinstance(result, BaseException)
+                                        else result.seconds / pack)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the member's own failure
+            if e is not result:
+                raise
+            return {i: result for i in group}
+        shared.note(self.members[group[0]].out / layout.UNITS, self.members[group[0]].spec, level, True)
+        return {group[0]: result, **self.take(group[1:], level, folder)}
+
+    def wait(self, name: str, group: list, level: int) -> dict:
+        """A unit another process holds: blocks (helping elsewhere); if that process died, the
+        lease passes to us and group[0] trains it here alone."""
+        first = group[0]
+
+        def alone(dest: Path) -> None:
+            result = self.train({first: self.job(name, group, level)}, level)[first]
+            if isinstance(result, BaseException):
+                raise result
+            self.hand_over(first, level, dest)
+
+        try:
+            folder, mine = self.units.obtain(name, alone)
+        except TrainingDiverged as e:
+            return {i: e for i in group}
+        if not mine:
+            return self.take(group, level, folder)
+        shared.note(self.members[first].out / layout.UNITS, self.members[first].spec, level, True)
+        return {first: self.members[first].trial.record(level), **self.take(group[1:], level, folder)}
+
+    def hand_over(self, i: int, level: int, dest: Path) -> None:
+        shared.hand_over(self.members[i].trial, level, dest)
+        if level == 0:
+            shutil.move(self.stage / str(i), dest / shared.POINTS)
+
+    def take(self, group: list, level: int, folder: Path) -> dict:
+        """Copy a published unit into members' folders, as trials.shared.Trunk does."""
+        out = {}
+        for i in group:
+            m, record = self.members[i], shared.unit_record(folder)
+            if level == 0:
+                m.trial.save_rewind(shared.point(m.spec, folder, self.units, self.data, m.device))
+                m.trial.finish(0, masks.ones(m.layers), load_tensors(folder / layout.FINAL), record)
+            else:
+                m.trial.copy_level_from(folder, level, record)
+            shared.note(m.out / layout.UNITS, m.spec, level, False)
+            out[i] = record
+        return out
+
+
 def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,
-             progress: Optional[Callable] = None, data=None, errors: Optional[dict] = None) -> list:
+             progress: Optional[Callable] = None, data=None, errors: Optional[dict] = None,
+             units: Optional[shared.Units] = None, after_level: Optional[Callable] = None) -> list:
     """Run (or resume) the IMP trials `specs` together, member i in folder outs[i]; returns
     each member's level records, as trials.lottery.run_lottery would for it alone.
     `report(record, out)` after every member's level (True ends that member, as in
     run_lottery); `progress(member, level, iteration, total, val_loss)`. A member that
     fails (divergence) stops alone: its exception goes into `errors` (index -> exception)
-    when given, else PackFailed is raised once the others have finished."""
+    when given, else PackFailed is raised once the others have finished.
+    `units` (a trials.shared.Units store): every member's levels are shared work units, as
+    trials.shared.Trunk shares a single trial's (Shared). `after_level(level)`: once per
+    level that some member still ran (trained, took from a unit, or read back done),
+    after that level's `report` calls."""
     check_pack(specs, outs)
     device = data.train_x.device if data is not None else resolve_device(specs[0].device)
     if data is None:
@@ -460,31 +606,46 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         TrialDir(out, spec).check()
     members = [Member(spec, out, data, device) for spec, out in zip(specs, outs)]
     template = models.build(specs[0].model, data.info, seed=0, device="cpu")
+
+    def train(work: dict, level: int) -> dict:
+        """Train jobs {member: Job} together and write their levels: member -> record or exception."""
+        tell = (lambda m, it, total, val: progress(list(work)[m], level, it, total, val)) if progress else None
+        results = train_packed_level(template, list(work.values()), data, tell)
+        return {i: r if isinstance(r, BaseException) else members[i].finish(level, job, r)
+                for (i, job), r in zip(work.items(), results)}
+
     records: list = [[] for _ in specs]
     failures: dict = {}
     alive = list(range(len(specs)))
-    for level in range(max(s.last_level for s in specs) + 1):
-        alive = [i for i in alive if level <= specs[i].last_level]
-        work = {}
-        for i in alive:
-            job = members[i].job(level)
-            if isinstance(job, LevelRecord):
-                records[i].append(job)
+    with tempfile.TemporaryDirectory(prefix="lth-pack-") as stage:  # used with units only (Shared)
+        sharing = Shared(units, members, train, data, Path(stage)) if units is not None else None
+        for level in range(max(s.last_level for s in specs) + 1):
+            alive = [i for i in alive if level <= specs[i].last_level]
+            if not alive:
+                break
+            todo = []
+            for i in alive:
+                if members[i].trial.done(level):
+                    records[i].append(members[i].trial.record(level))
+                else:
+                    todo.append(i)
+            if sharing:
+                done = sharing.level(todo, level)
             else:
-                work[i] = job
-        if work:
-            tell = (lambda m, it, total, val: progress(list(work)[m], level, it, total, val)) if progress else None
-            results = train_packed_level(template, list(work.values()), data, tell)
-            for (i, job), result in zip(work.items(), results):
+                done = train({i: members[i].job(level) for i in todo}, level) if todo else {}
+            for i, result in done.items():
                 if isinstance(result, BaseException):
                     failures[i] = result
                 else:
-                    records[i].append(members[i].finish(level, job, result))
-        stopped = set(failures)
-        for i in alive:
-            if i not in failures and records[i] and records[i][-1].level == level and report(records[i][-1], outs[i]):
-                stopped.add(i)
-        alive = [i for i in alive if i not in stopped]
+                    records[i].append(result)
+            stopped = set(failures)
+            for i in alive:
+                if (i not in failures and records[i] and records[i][-1].level == level
+                        and report(records[i][-1], outs[i])):
+                    stopped.add(i)
+            alive = [i for i in alive if i not in stopped]
+            if after_level:
+                after_level(level)
     if failures and errors is None:
         raise PackFailed(failures, records)
     if errors is not None:

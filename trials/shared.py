@@ -22,6 +22,10 @@ Instability copies (trials/stability.py) of a trunk level are part of its unit (
 the stability section); those of level 0 start at the trial's own rewind point and are
 measured in the trial's folder, not shared.
 
+A pack of trials (trials/packed.py run_pack) takes its members' levels from the same units,
+through the same helpers (unit_record, point, hand_over, note) and the store's non-blocking
+`claim`: a unit the pack holds is trained there, beside the pack's other members.
+
 `Units` is the store's side: the sweep's (orchestrator/sweeps/units.py) finds a published
 unit, or makes sure one process produces it while the others help elsewhere, and publishes
 it whole. This module never touches storage itself.
@@ -49,9 +53,22 @@ POINTS = "points"  # a dense unit's folder of rewind points: points/<k>.safetens
 
 
 class Units(Protocol):
-    def obtain(self, name: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
+    def claim(self, name: str) -> tuple[str, Optional[Path]]:
+        """Without waiting: ("published", a local folder holding unit `name`, read-only),
+        ("yours", None): this process holds its lease and must `publish` it, or ("held",
+        None): another process is producing it."""
+
+    def publish(self, name: str, produce: Callable[[Path], None], pack: int = 1,
+                seconds: Optional[float] = None) -> Path:
+        """Publish unit `name`, claimed "yours", from the files `produce(folder)` writes (an
+        exception from it releases the lease, marked failed); returns its local folder. The
+        training log records `pack` (how many trials trained together) and `seconds` (this
+        unit's share of training done before the call; default: produce's own time)."""
+
+    def obtain(self, name: str, produce: Callable[[Path], None], pack: int = 1) -> tuple[Path, bool]:
         """A local folder holding unit `name` (read-only), produced by `produce(folder)`
-        here when nobody has it yet; True when this process produced it."""
+        here when nobody has it yet; True when this process produced it. Blocks while
+        another process holds it (and helps with other units meanwhile)."""
 
     def points(self, dense: str) -> set[int]:
         """The rewind points a dense run should keep: every one the sweep asks for."""
@@ -83,6 +100,37 @@ def trunk_name(spec) -> str:
 
 def level_name(spec, level: int) -> str:
     return f"{trunk_name(spec)}/{layout.level_dir(level)}"
+
+
+def unit_record(folder: Path) -> LevelRecord:
+    return LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
+
+
+def point(spec, dense: Path, units: Units, data, device) -> dict:
+    """The dense run's weights at spec's rewind point: kept in unit folder `dense`, else its point unit."""
+    k = spec.rewind_iteration
+    kept = dense / POINTS / f"{k}{layout.TENSOR_SUFFIX}"
+    if kept.exists():
+        return load_tensors(kept)
+    folder, _ = units.obtain(point_name(spec, k), lambda dest: produce_point(spec, k, dest, data, device))
+    return load_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}")
+
+
+def hand_over(trial: TrialDir, level: int, dest: Path) -> None:
+    """A trained level's unit files from its trial folder: mask (trunk levels), final weights, record."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (layout.MASK, layout.FINAL, layout.RECORD)[0 if level else 1:]:
+        shutil.copyfile(trial.level_dir(level) / name, dest / name)
+
+
+def note(ledger: Path, spec, level: int, mine: bool) -> None:
+    """units.json: which units a trial used, and which levels someone else trained."""
+    entries = json.loads(ledger.read_text()) if ledger.exists() else {"trained": [], "reused": []}
+    entries.update(dense=dense_name(spec), trunk=trunk_name(spec))
+    kind, other = ("trained", "reused") if mine else ("reused", "trained")
+    entries[other] = [lv for lv in entries[other] if lv != level]
+    entries[kind] = sorted({*entries[kind], level})
+    write_json(ledger, entries)
 
 
 def shareable(spec) -> bool:
@@ -164,18 +212,15 @@ class Trunk:
         name = level_name(self.spec, level)
         folder, mine = self.units.obtain(name, lambda dest: self._train(level, dest))
         if not mine:
-            record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
-            self.trial.copy_level_from(folder, level, record)
-        self._note(level, mine)
+            self.trial.copy_level_from(folder, level, unit_record(folder))
+        note(self.ledger, self.spec, level, mine)
         return self.trial.record(level)
 
     def _train(self, level: int, dest: Path) -> None:
         """Train trunk level `level` in this folder (levels before it are here), then hand
         its files to the store."""
         Lottery(self.spec, self.trial.path, self.data, self.device, self.progress).level(level)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in (layout.MASK, layout.FINAL, layout.RECORD):
-            shutil.copyfile(self.trial.level_dir(level) / name, dest / name)
+        hand_over(self.trial, level, dest)
 
     def _dense(self) -> LevelRecord:
         name = dense_name(self.spec)
@@ -183,33 +228,16 @@ class Trunk:
             name, lambda dest: produce_dense(self.spec, dest, self.data, self.device,
                                              self.units.points(name) | {self.spec.rewind_iteration},
                                              self.progress))
-        self.trial.save_rewind(self._point(folder, self.spec.rewind_iteration))
-        record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
+        self.trial.save_rewind(point(self.spec, folder, self.units, self.data, self.device))
+        record = unit_record(folder)
         info, m = self.data.info, self.spec.model
         layers = masks.Layers.of(models.shell(m.name, info.shape, info.num_classes, m.width))
         ones = masks.ones(layers)
         if self.measure and stability.asked(self.spec, 0):  # copies from this trial's rewind point: its own work
             record = Lottery(self.spec, self.trial.path, self.data, self.device).measure_stability(0, record, ones)
         self.trial.finish(0, ones, load_tensors(folder / layout.FINAL), record)
-        self._note(0, mine)
+        note(self.ledger, self.spec, 0, mine)
         return record
-
-    def _point(self, dense: Path, k: int) -> dict:
-        kept = dense / POINTS / f"{k}{layout.TENSOR_SUFFIX}"
-        if kept.exists():
-            return load_tensors(kept)
-        folder, _ = self.units.obtain(point_name(self.spec, k),
-                                      lambda dest: produce_point(self.spec, k, dest, self.data, self.device))
-        return load_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}")
-
-    def _note(self, level: int, mine: bool) -> None:
-        """units.json: which units this trial used, and which levels someone else trained."""
-        ledger = json.loads(self.ledger.read_text()) if self.ledger.exists() else {"trained": [], "reused": []}
-        ledger.update(dense=dense_name(self.spec), trunk=trunk_name(self.spec))
-        kind, other = ("trained", "reused") if mine else ("reused", "trained")
-        ledger[other] = [lv for lv in ledger[other] if lv != level]
-        ledger[kind] = sorted({*ledger[kind], level})
-        write_json(self.ledger, ledger)
 
 
 def runner(units: Units) -> Callable:

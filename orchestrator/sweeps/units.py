@@ -3,6 +3,7 @@
     STORAGE/_units/<unit name>/...      a unit's files (trials/shared.py names them);
                                         DONE is written last: a unit counts only then
     STORAGE/_units/_log/<unit>--<id>.json   one file per unit trained: who, where, how long
+    STORAGE/_units/_packed/...          the same for sweeps with packs (units_root says why)
 
 Units live beside the sweeps, not inside one, so every later sweep on the same storage
 reuses them. Who trains a unit is decided by the sweep's `Broker`, a Ray actor on the
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +37,7 @@ from orchestrator.sweeps.storage import filesystem, write_text
 
 UNITS_DIR = "_units"
 LOG_DIR = "_log"
+PACKED_DIR = "_packed"
 DONE = "DONE"
 NAMESPACE = "lth"
 POLL_SECONDS = 0.25
@@ -45,8 +48,11 @@ def lease_seconds() -> float:
     return float(os.environ.get("LTH_UNIT_LEASE_S", "60"))
 
 
-def units_root(storage: str) -> str:
-    return f"{storage.rstrip('/')}/{UNITS_DIR}"
+def units_root(storage: str, packed: bool = False) -> str:
+    """Where a sweep's units live: packed sweeps keep theirs apart (PACKED_DIR), because a
+    pack's numbers are close to a single trial's, not the same bits (ARCHITECTURE.md,
+    "Packs in sweeps"): an unpacked sweep never reads them."""
+    return f"{storage.rstrip('/')}/{UNITS_DIR}" + (f"/{PACKED_DIR}" if packed else "")
 
 
 def broker_name(sweep_name: str) -> str:
@@ -150,8 +156,8 @@ class UnitStore:
     `helper(name, spec_dict)` trains another unit while this one waits; `data` says which
     units it can train (those on the same dataset and device)."""
 
-    def __init__(self, storage: str, broker=None, scratch: Optional[Path] = None):
-        self.root = units_root(storage)
+    def __init__(self, storage: str, broker=None, scratch: Optional[Path] = None, packed: bool = False):
+        self.root = units_root(storage, packed)
         self.fs, self.base = filesystem(self.root)
         self.broker = broker
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -164,6 +170,7 @@ class UnitStore:
         self.data = ""
         self.helping = False
         self.waited = 0.0  # seconds spent with nothing to do
+        self.unseen: Counter = Counter()  # unit -> claims the broker called published that storage did not show
         if broker is not None:
             self.lease = self._call("lease_seconds") or lease_seconds()
             threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -172,25 +179,30 @@ class UnitStore:
     def points(self, dense: str) -> set:
         return set(self._call("points_of", dense) or ())
 
-    def obtain(self, name: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
-        local, missing = self.cache / name, 0
+    def claim(self, name: str) -> tuple[str, Optional[Path]]:
+        local = self.cache / name
+        if (local / DONE).exists():
+            return "published", local
+        if self.published(name):
+            self._download(name, local)
+            self._tell("release", name, self.owner, True)
+            return "published", local
+        verdict = "yours" if self.broker is None else self._call("claim", name, self.owner) or "yours"
+        if verdict == "published":  # the broker says so, storage does not (yet): held until it does,
+            self.unseen[name] += 1  # and after a while believe storage (files removed by hand)
+            if self.unseen[name] > 20:
+                self._tell("unpublish", name)
+            return "held", None
+        return verdict, None
+
+    def obtain(self, name: str, produce: Callable[[Path], None], pack: int = 1) -> tuple[Path, bool]:
         while True:
-            if (local / DONE).exists():
+            verdict, local = self.claim(name)
+            if verdict == "published":
                 return local, False
-            if self.published(name):
-                self._download(name, local)
-                self._tell("release", name, self.owner, True)
-                return local, False
-            verdict = "yours" if self.broker is None else self._call("claim", name, self.owner) or "yours"
             if verdict == "yours":
-                return self._produce(name, produce, local), True
-            if verdict == "published":  # the broker says so, storage does not (yet): look again,
-                missing += 1  # and after a while believe storage (files removed by hand)
-                if missing > 20:
-                    self._tell("unpublish", name)
-                time.sleep(POLL_SECONDS)
-                continue
-            if verdict == "held" and (self.helping or not self._help()):
+                return self.publish(name, produce, pack), True
+            if self.helping or not self._help():
                 time.sleep(POLL_SECONDS)
                 self.waited += POLL_SECONDS
 
@@ -226,15 +238,17 @@ class UnitStore:
         shutil.rmtree(tmp, ignore_errors=True)
         self._evict(local)
 
-    def _produce(self, name: str, produce: Callable[[Path], None], local: Path) -> Path:
+    def publish(self, name: str, produce: Callable[[Path], None], pack: int = 1,
+                seconds: Optional[float] = None) -> Path:
         import pyarrow.fs
 
+        local = self.cache / name
         tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix=".unit-"))
         unit, started, ok = tmp / "unit", time.perf_counter(), False
         try:
             unit.mkdir()
             produce(unit)
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started if seconds is None else seconds
             target = f"{self.base}/{name}"
             self.fs.create_dir(target, recursive=True)
             pyarrow.fs.copy_files(str(unit), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
@@ -242,7 +256,7 @@ class UnitStore:
             with self.fs.open_output_stream(f"{target}/{DONE}") as f:  # published: written last
                 f.write(b"")
             ok = True
-            self._log(name, unit, seconds)
+            self._log(name, unit, seconds, pack)
             (unit / DONE).write_text("")
             local.parent.mkdir(parents=True, exist_ok=True)
             if local.exists():
@@ -261,13 +275,14 @@ class UnitStore:
             if marker.parent != keep:
                 shutil.rmtree(marker.parent, ignore_errors=True)
 
-    def _log(self, name: str, unit: Path, seconds: float) -> None:
+    def _log(self, name: str, unit: Path, seconds: float, pack: int) -> None:
+        """`pack`: how many trials trained together (1: alone); `seconds`: this unit's share."""
         record = unit / "record.json"
         iterations = json.loads(record.read_text())["iterations"] if record.exists() else None
         if name.startswith("point/"):
             iterations = int(name.rsplit("-", 1)[1])
         entry = {"unit": name, "owner": self.owner, "node": _node(), "seconds": seconds,
-                 "iterations": iterations, "time": time.time()}
+                 "iterations": iterations, "pack": pack, "time": time.time()}
         write_text(f"{self.root}/{LOG_DIR}/{name.replace('/', '~')}--{uuid.uuid4().hex[:8]}.json",
                    json.dumps(entry))
 
@@ -319,11 +334,11 @@ def _node() -> Optional[str]:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def trained_log(storage: str) -> list[dict]:
+def trained_log(storage: str, packed: bool = False) -> list[dict]:
     """Every unit training logged in this storage (for tests, plans and benchmarks)."""
     import pyarrow.fs
 
-    fs, base = filesystem(f"{units_root(storage)}/{LOG_DIR}")
+    fs, base = filesystem(f"{units_root(storage, packed)}/{LOG_DIR}")
     entries = []
     for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
         if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(".json"):
