@@ -11,11 +11,21 @@ stop_when_not_matching, or a rerun after a failure, changes the real count):
 
 Grid sweeps are planned exactly. Random/Optuna searches pick their configurations as
 they run: the plan draws `num_samples` configurations at random from the space to estimate.
+
+Packs (`pack: K`, trials/packed.py): a grid's trials are grouped by packed.pack_key (what
+members must share); each group is cut into packs of at most K, balanced (20 trials at
+K=16: two packs of 10, which finish together), members that share a dense run side by
+side (it is then trained once inside the pack, and no pack waits for another's). Trials
+that cannot be packed (controls, edge-popup, BatchNorm models...) run as packs of one.
+`pack: auto` sizes K from an estimate of a member's memory (member_bytes) and
+LTH_PACK_MEMORY_GB (default 4) of the trial's device, at most PACK_LIMIT.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -46,15 +56,84 @@ class Plan:
         return self.own + sum(u.iterations for u in self.units.values())
 
 
-def trial_specs(sweep) -> tuple[list, bool]:
-    """Every trial the sweep runs (grid), or a random draw of them (random/optuna)."""
+def trial_configs(sweep) -> tuple[list, bool]:
+    """Every trial's config (varied paths and seed) the sweep runs (grid), or a random draw
+    of them (random/optuna)."""
     if sweep.search.algorithm == "grid":
         combos = itertools.product(*[d.values for d in sweep.space])
         configs = [dict(zip([d.path for d in sweep.space], c)) for c in combos]
-        return [sweep.trial_spec(c, s) for c in configs for s in sweep.seeds], False
+        return [{**c, "seed": s} for c in configs for s in sweep.seeds], False
     draw = random.Random(sweep.search.seed)
     configs = [{d.path: _draw(d, draw) for d in sweep.space} for _ in range(sweep.search.num_samples)]
-    return [sweep.trial_spec(c, s) for c in configs for s in sweep.seeds], True
+    return [{**c, "seed": s} for c in configs for s in sweep.seeds], True
+
+
+def trial_specs(sweep) -> tuple[list, bool]:
+    configs, estimated = trial_configs(sweep)
+    return [sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"]) for c in configs], estimated
+
+
+PACK_LIMIT = 32  # members of a `pack: auto` pack at most (bench/packed.py: 16 gave 7x on 2 CPU cores)
+
+
+def member_bytes(spec) -> int:
+    """A rough size of one pack member in float32: its parameters eight times (weights,
+    gradient, two optimizer moments, mask, best weights, rewind point, final copy) and its
+    activations three times per training example (output, saved input, gradient) plus once
+    per evaluation example."""
+    import torch
+
+    from trials import datasets, models
+    from trials.training import EVAL_BATCH
+
+    info = datasets.info(spec.dataset)
+    net = models.shell(spec.model.name, info.shape, info.num_classes, spec.model.width)
+    sizes: list = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
+             for m in net.modules() if not list(m.children())]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, *info.shape, device="meta"))  # a shell: shapes only
+    for h in hooks:
+        h.remove()
+    params = sum(p.numel() for p in net.parameters())
+    return 4 * (8 * params + (3 * spec.train.batch_size + EVAL_BATCH) * sum(sizes))
+
+
+def pack_size(sweep, spec) -> int:
+    """K for trials like `spec`: the sweep's `pack`, or for "auto" what fits the budget."""
+    if sweep.pack != "auto":
+        return sweep.pack
+    budget = float(os.environ.get("LTH_PACK_MEMORY_GB", "4")) * 2**30
+    return max(1, min(PACK_LIMIT, int(budget // member_bytes(spec))))
+
+
+def pack_of(sweep) -> int:
+    """Trials per Tune trial of a searched sweep (its base spec sizes `pack: auto`)."""
+    from trials.spec import from_dict
+
+    return 1 if sweep.pack == 1 else pack_size(sweep, from_dict(sweep.base))
+
+
+def packs(sweep, configs: list) -> list[list[dict]]:
+    """The trial configs as packs (module doc): packable groups first, then packs of one."""
+    from trials.packed import pack_key
+
+    groups: dict = {}
+    alone = []
+    for c in configs:
+        spec = sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"])
+        key = pack_key(spec) if sweep.pack != 1 else None
+        if key is None:
+            alone.append([c])
+        else:
+            groups.setdefault(key, (spec, []))[1].append((shared.dense_name(spec), c))
+    out = []
+    for spec, members in groups.values():
+        members.sort(key=lambda m: m[0])  # stable: grid order within a dense run
+        n = math.ceil(len(members) / pack_size(sweep, spec))
+        cuts = [round(i * len(members) / n) for i in range(n + 1)]
+        out += [[c for _, c in members[a:b]] for a, b in zip(cuts, cuts[1:])]
+    return out + alone
 
 
 def _draw(d, draw: random.Random):
@@ -108,6 +187,36 @@ def _depth(u: Unit) -> int:
     return 0 if u.name.startswith("dense/") else layout.level_of(u.name.rsplit("/", 1)[1])
 
 
+def pack_line(sweep) -> str:
+    """What `pack` makes of the sweep (grid: exact; searches: K per Tune trial)."""
+    if sweep.search.algorithm != "grid":
+        return f"  packs: {pack_of(sweep)} trials per Tune trial, as the search proposes them"
+    configs = trial_configs(sweep)[0]
+    made = packs(sweep, configs)
+    reasons: dict = {}
+    for c in (p[0] for p in made if len(p) == 1):
+        why = _why_alone(sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"]))
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+    line = (f"  packs: {len(configs)} trials in {len(made)} Tune trials, "
+            f"{max(len(p) for p in made)} per pack at most")
+    return line + "".join(f"; {n} alone: {why}" for why, n in reasons.items())
+
+
+def _why_alone(spec) -> str:
+    """The spec key and value that keep a trial out of packs ("" when it can be packed)."""
+    from pathlib import Path
+
+    from trials.errors import ConfigError
+    from trials.packed import check_pack
+
+    try:
+        check_pack([spec], [Path(".")])
+    except ConfigError as e:
+        return f"{e.key}={e.value}"
+    return ""
+
+
 def data_key(spec) -> str:
     """Which trial processes can train a unit: those holding the same data on the same device."""
     return json.dumps([spec.dataset.__dict__, spec.train.batch_size, spec.device], sort_keys=True, default=str)
@@ -144,6 +253,8 @@ def describe(sweep, p: Plan) -> str:
         lines.append(f"  {name:<36} {total:>10,} {max(u.users for u in levels):>6}  {what}")
     if p.own:
         lines.append(f"  {'levels trained by their own trial':<36} {p.own:>10,}")
+    if sweep.pack != 1:
+        lines.append(pack_line(sweep))
     saved = 100 * (1 - p.shared / p.unshared) if p.unshared else 0.0
     lines.append(f"plan: {p.shared:,} iterations to train, {p.unshared:,} without sharing ({saved:.0f}% fewer)")
     return "\n".join(lines)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from ray import tune
 
-from orchestrator.sweeps import results
+from orchestrator.sweeps import packs, results
 from orchestrator.tracking import store
 from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps.storage import checkpoint_dirs
+from trials import layout
 from trials.record import LevelRecord
 from trials.version import code_version
 
@@ -34,9 +35,25 @@ class LevelProgress(tune.Callback):
         self.sweep = sweep
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        varied = " ".join(f"{p}={trial.config.get(p)}" for p in self.sweep.varied)
-        r = LevelRecord.from_flat(result)
-        print(f"[{trial.trial_id}] {varied} seed={trial.config.get('seed')} level {r.level}: "
+        if packs.is_pack(trial.config):
+            ids = packs.members(trial.trial_id, trial.config)
+            for new in result.get("pack_new", ()):
+                trial_id, config, _ = ids[new["member"]]
+                self._line(trial_id, config, LevelRecord.from_flat(new))
+            for (trial_id, _, _), state in zip(ids, packs.statuses(result, len(ids))):
+                if state.get("status") == packs.FAILED and trial_id not in self.told:
+                    self.told.add(trial_id)
+                    print(f"[{trial_id}] failed: {state['error']}", file=sys.stderr, flush=True)
+            return
+        self._line(trial.trial_id, trial.config, LevelRecord.from_flat(result))
+
+    @property
+    def told(self) -> set:  # failed members already said (not in older pickled callbacks)
+        return self.__dict__.setdefault("_told", set())
+
+    def _line(self, trial_id: str, config: dict, r: LevelRecord) -> None:
+        varied = " ".join(f"{p}={config.get(p)}" for p in self.sweep.varied)
+        print(f"[{trial_id}] {varied} seed={config.get('seed')} level {r.level}: "
               f"density {r.density:.4f} test_acc {r.test_acc:.4f} "
               f"(early stop {r.test_acc_at_early_stop:.4f})", file=sys.stderr, flush=True)
 
@@ -78,12 +95,15 @@ class MlflowLogger(tune.Callback):
             self.failed = True
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._try("trial start", lambda: self.tracker.child(trial_meta(self.sweep, trial.config), trial.trial_id))
+        for trial_id, config, _ in packs.members(trial.trial_id, trial.config):
+            self._try("trial start", lambda: self.tracker.child(trial_meta(self.sweep, config), trial_id))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         def log():
             with checkpoint.as_directory() as folder:
-                self.tracker.log_checkpoint(Path(folder), trial.trial_id)
+                for trial_id, _, sub in packs.members(trial.trial_id, trial.config):
+                    if (Path(folder) / (sub or "") / layout.SPEC).exists():  # a pack's member not started yet: none
+                        self.tracker.log_checkpoint(Path(folder) / (sub or ""), trial_id)
 
         self._try("checkpoint", log)
 
@@ -94,8 +114,11 @@ class MlflowLogger(tune.Callback):
         self._status(trial, "FAILED")
 
     def _status(self, trial, status):
-        key = trial_meta(self.sweep, trial.config)["key"]
-        self._try("status", lambda: self.tracker.set_status(key, status))
+        ids = packs.members(trial.trial_id, trial.config)
+        for (_, config, _), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+            key = trial_meta(self.sweep, config)["key"]
+            mine = RUN_STATUS.get(packs.member_status(state, "")) if packs.is_pack(trial.config) else None
+            self._try("status", lambda: self.tracker.set_status(key, mine or status))
 
 
 def replay(sweep, tracker_factory, experiment_path: str) -> bool:
@@ -116,6 +139,9 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
             else:
                 folders = [Path(tune.Checkpoint(d, filesystem=fs).to_directory(f"{tmp}/{trial.trial_id}/{i}"))
                            for i, d in enumerate(dirs)]
-            status = RUN_STATUS.get(trial.status, "KILLED")
-            plan.append((trial.trial_id, trial_meta(sweep, trial.config), status, folders))
+            ids = packs.members(trial.trial_id, trial.config)
+            for (trial_id, config, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+                status = RUN_STATUS.get(packs.member_status(state, trial.status), "KILLED")
+                mine = [f / (sub or "") for f in folders if (f / (sub or "") / layout.SPEC).exists()]
+                plan.append((trial_id, trial_meta(sweep, config), status, mine))
         return store.sync(tracker_factory, plan)

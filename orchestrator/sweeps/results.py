@@ -1,4 +1,5 @@
-"""A sweep's results as rows: one per trial x level, read from Tune's experiment folder.
+"""A sweep's results as rows: one per trial x level, read from Tune's experiment folder
+(a pack's members are trials of their own: orchestrator/sweeps/packs.py).
 
 Works on a local folder or s3:// / gs:// storage (through pyarrow's filesystems), and
 needs no running Ray instance, so `lth sweep status` is cheap.
@@ -12,6 +13,7 @@ from typing import Optional
 import pandas as pd
 
 from orchestrator.objectives import OBJECTIVES, STOPPED, summarise
+from orchestrator.sweeps import packs
 from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
 from trials import layout
 from trials.record import FIELDS, LevelRecord, read_lines
@@ -27,18 +29,20 @@ def error_line(trial) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
-def stored_records(trial) -> tuple[list[LevelRecord], dict]:
-    """(level records, level -> node id) from the trial's newest checkpoint: the
-    authoritative record (Tune's own result log of a trial that failed over may miss rows)."""
+def stored_records(trial, sub: Optional[str] = None) -> tuple[list[LevelRecord], dict]:
+    """(level records, level -> node id) from the trial's newest checkpoint (`sub`: a pack
+    member's folder in it): the authoritative record (Tune's own result log of a trial
+    that failed over may miss rows)."""
     fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
     for d in reversed(checkpoint_dirs(fs, base)):
+        folder = f"{d}/{sub}" if sub else d
         try:
-            with fs.open_input_stream(f"{d}/{layout.LEVELS}") as f:
+            with fs.open_input_stream(f"{folder}/{layout.LEVELS}") as f:
                 records = read_lines(f.readall().decode())
-            with fs.open_input_stream(f"{d}/{layout.NODES}") as f:
+            with fs.open_input_stream(f"{folder}/{layout.NODES}") as f:
                 return records, json.loads(f.readall().decode())
         except (OSError, ValueError):
-            continue  # cut short by a lost node: the one before holds the record
+            continue  # cut short by a lost node (or the member had not started): the one before holds it
     return [], {}
 
 
@@ -51,20 +55,24 @@ def collect(sweep) -> list[dict]:
         return []
     rows = []
     for trial in analysis.trials:
-        head = {"trial_id": trial.trial_id, "status": trial.status,
-                "error": error_line(trial) if trial.status == "ERROR" else "",
-                **{p: trial.config.get(p) for p in sweep.varied}, "seed": trial.config.get("seed")}
-        records, nodes = stored_records(trial)
-        if not records:
-            rows.append(head)
-            continue
-        key = (trial.last_result or {}).get("trial_key")
-        stopped = bool((trial.last_result or {}).get(STOPPED))  # only a trial's last level can stop it
-        for i, record in enumerate(records):
-            row = {**head, "trial_key": key, **record.flat()}
-            row.update(summarise(records[: i + 1], sweep.tolerance))
-            row.update({STOPPED: stopped and i == len(records) - 1, NODE_ID: nodes.get(str(record.level))})
-            rows.append(row)
+        ids = packs.members(trial.trial_id, trial.config)
+        for (trial_id, config, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+            status = packs.member_status(state, trial.status)
+            error = state.get("error") or (error_line(trial) if trial.status == "ERROR" else "")
+            head = {"trial_id": trial_id, "status": status, "error": error if status == "ERROR" else "",
+                    **{p: config.get(p) for p in sweep.varied}, "seed": config.get("seed")}
+            records, nodes = stored_records(trial, sub)
+            if not records:
+                rows.append(head)
+                continue
+            result = state if sub else (trial.last_result or {})
+            key = result.get("trial_key")
+            stopped = bool(result.get(STOPPED))  # only a trial's last level can stop it
+            for i, record in enumerate(records):
+                row = {**head, "trial_key": key, **record.flat()}
+                row.update(summarise(records[: i + 1], sweep.tolerance))
+                row.update({STOPPED: stopped and i == len(records) - 1, NODE_ID: nodes.get(str(record.level))})
+                rows.append(row)
     return rows
 
 

@@ -1,9 +1,10 @@
-"""The sweep runner: Ray Tune drives one trainable per IMP run (orchestrator/sweeps/
-trainable.py); the driver's callbacks log progress and MLflow. STORAGE/NAME/ is Tune's
+"""The sweep runner: Ray Tune drives one trainable per IMP run, or per pack of them
+(orchestrator/sweeps/trainable.py, packs.py); the driver's callbacks log progress and MLflow. STORAGE/NAME/ is Tune's
 experiment folder, with lth's own files beside its state (see storage.py).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import uuid
@@ -123,7 +124,7 @@ def _share(sweep: Sweep) -> None:
     from orchestrator.sweeps.units import UnitStore, start_broker
 
     p = plan.plan(sweep)
-    on_storage = UnitStore(sweep.storage).published_names()
+    on_storage = UnitStore(sweep.storage, packed=sweep.pack != 1).published_names()
     published = [name for name in p.units if name in on_storage]
     BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p.units), published)  # alive while held
     print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
@@ -131,15 +132,17 @@ def _share(sweep: Sweep) -> None:
 
 
 def _trainable(sweep: Sweep):
-    from orchestrator.sweeps.trainable import imp_trial
+    from orchestrator.sweeps.trainable import imp_pack, imp_trial
 
-    share = {"storage": sweep.storage, "sweep": sweep.name} if sweep.share else None
-    fn = tune.with_parameters(imp_trial, base=sweep.base, tolerance=sweep.tolerance,
-                              stop_when_not_matching=sweep.stop_when_not_matching, share=share)
+    share = dict(storage=sweep.storage, sweep=sweep.name, packed=sweep.pack != 1) if sweep.share else None
+    fn = tune.with_parameters(imp_trial if sweep.pack == 1 else imp_pack, base=sweep.base,
+                              tolerance=sweep.tolerance, stop_when_not_matching=sweep.stop_when_not_matching, share=share)
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 
 def _tuner(sweep: Sweep, study_name: str):
+    if sweep.pack != 1:  # a pack's per-member lists in its results are no TensorBoard scalars
+        logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
     searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
     return tune.Tuner(

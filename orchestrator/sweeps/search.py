@@ -9,7 +9,9 @@ random  Optuna's RandomSampler; optuna: Optuna's TPE (multi-objective when two m
 Seeds replicate a configuration: `Replicate` asks the sampler once per configuration,
 runs it under every seed, and tells the sampler the seed-mean of each objective. A
 configuration stopped by `stop_when_not_matching` is told as PRUNED (no value), one
-whose every seed failed as FAIL.
+whose every seed failed as FAIL. With packs (orchestrator/sweeps/packs.py) a Tune trial
+runs `pack` of these trials (configurations x seeds, in order): the sampler is asked for
+configurations until the pack is full, K at a time when there is one seed.
 """
 from __future__ import annotations
 
@@ -22,10 +24,14 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from orchestrator.objectives import STOPPED
-
+from orchestrator.sweeps.packs import FAILED, PACK, statuses
 
 
 def grid_space(sweep) -> dict:
+    if sweep.pack != 1:  # one Tune trial per pack (orchestrator/plan.py packs)
+        from orchestrator.plan import packs, trial_configs
+
+        return {PACK: tune.grid_search(packs(sweep, trial_configs(sweep)[0]))}
     space = {d.path: tune.grid_search(list(d.values)) for d in sweep.space}
     return {**space, "seed": tune.grid_search(list(sweep.seeds))}
 
@@ -66,12 +72,20 @@ def make_searcher(sweep, study_name: str, study_path: Optional[Path],
         study_name=study_name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{study_path}"),
     )
-    return Replicate(inner, list(sweep.seeds), metric, (str(study_path), mirror) if mirror else None)
+    from orchestrator.plan import pack_of
+
+    return Replicate(inner, list(sweep.seeds), metric, (str(study_path), mirror) if mirror else None,
+                     pack=pack_of(sweep), limit=sweep.search.num_samples)
 
 
 def num_trials(sweep) -> int:
-    """Tune's num_samples: grid runs its expansion once; samplers run configurations x seeds."""
-    return 1 if sweep.search.algorithm == "grid" else sweep.search.num_samples * len(sweep.seeds)
+    """Tune's num_samples: grid runs its expansion once; samplers run configurations x
+    seeds, in packs of pack_size (the searcher ends the search after num_samples configurations)."""
+    if sweep.search.algorithm == "grid":
+        return 1
+    from orchestrator.plan import pack_of
+
+    return -(-sweep.search.num_samples * len(sweep.seeds) // pack_of(sweep))
 
 
 def mirror_study(local: str, remote: str) -> None:
@@ -98,22 +112,45 @@ def _number(value) -> float:
 
 
 class Replicate(Searcher):
-    def __init__(self, inner: Searcher, seeds: list, metrics: list, mirror: Optional[tuple] = None):
-        """`mirror`: (the study's SQLite file, a storage path to copy it to at every save)."""
+    def __init__(self, inner: Searcher, seeds: list, metrics: list, mirror: Optional[tuple] = None,
+                 pack: int = 1, limit: Optional[int] = None):
+        """`mirror`: (the study's SQLite file, a storage path to copy it to at every save).
+        `pack`: trials per Tune trial (orchestrator/sweeps/packs.py): the sampler is asked
+        for configurations until a pack is full. `limit`: configurations to ask for at most."""
         super().__init__(metric=None, mode=None)
         self.inner, self.seeds, self.metrics, self.mirror = inner, seeds, metrics, mirror
+        self.pack, self.limit, self.asked = pack, limit, 0
         self.groups: dict = {}  # primary trial id -> {"config", "members": {trial_id: result|None}}
         self.member_of: dict = {}  # trial id -> primary trial id
         self.open: Optional[str] = None  # the group still handing out seeds
+        self.packs: dict = {}  # pack's Tune trial id -> its members' trial ids
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the inner searcher was configured at construction
 
     def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.pack == 1:
+            return self._trial(trial_id)
+        configs, ids = [], []
+        for j in range(self.pack):
+            config = self._trial(f"{trial_id}_{j:02d}")  # the member's id (packs.members)
+            if config is None or config == Searcher.FINISHED:
+                break
+            configs.append(config)
+            ids.append(f"{trial_id}_{j:02d}")
+        if not configs:
+            return config
+        self.packs[trial_id] = ids
+        return {PACK: configs}
+
+    def _trial(self, trial_id: str) -> Optional[dict]:
         if self.open is None or len(self.groups[self.open]["members"]) == len(self.seeds):
+            if self.limit is not None and self.asked >= self.limit:
+                return Searcher.FINISHED
             config = self.inner.suggest(trial_id)
             if config is None or config == Searcher.FINISHED:
                 return config
+            self.asked += 1
             self.open = trial_id
             self.groups[trial_id] = {"config": config, "members": {}}
         group = self.groups[self.open]
@@ -126,6 +163,14 @@ class Replicate(Searcher):
         pass  # the sampler sees one aggregated result per configuration
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id not in self.packs:
+            return self._complete(trial_id, result, error)
+        ids = self.packs[trial_id]
+        for member, state in zip(ids, statuses(result, len(ids))):
+            failed = error or not state or state.get("status") == FAILED
+            self._complete(member, None if failed else state, failed)
+
+    def _complete(self, trial_id: str, result: Optional[dict], error: bool) -> None:
         primary = self.member_of.get(trial_id)
         if primary is None:
             return

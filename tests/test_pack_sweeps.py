@@ -1,0 +1,199 @@
+"""Sweeps with packs (`pack: K`; orchestrator/plan.py packs, orchestrator/sweeps/packs.py,
+trainable.imp_pack): one Tune trial trains a pack, and everything downstream stays per
+trial: trials.csv rows, MLflow runs, statuses, Optuna's told values. Packed members
+record what the same trials record alone (masks and densities exact, accuracies within
+half a point); a member that diverges fails alone; a killed driver's packs resume at
+their last checkpointed level."""
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import LTH, digits_base
+
+EXACT = ["level", "density", "remaining_params", "start_iteration", "iterations"]
+ACCURACIES = ["test_acc", "test_acc_at_early_stop", "val_acc"]
+
+
+def sweep_file(tmp_path, name="s", **fields):
+    data = {"name": name, "experiment": "packs", "base": digits_base(levels=2), "resources": {"cpu": 1},
+            "max_concurrent": 2, "storage": str(tmp_path / "runs"),
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def csv(tmp_path, name="s"):
+    return pd.read_csv(tmp_path / "runs" / name / "trials.csv")
+
+
+# ---------------------------------------------------------------- planning
+
+
+def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, monkeypatch):
+    from orchestrator import plan
+    from orchestrator.sweep_spec import load_sweep
+    from trials.packed import pack_key
+
+    space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
+    sweep = load_sweep(sweep_file(tmp_path, pack=4, seeds=3, space=space))
+    configs = plan.trial_configs(sweep)[0]
+    made = plan.packs(sweep, configs)
+    members = [c for p in made for c in p]
+    assert sorted(map(json.dumps, members)) == sorted(map(json.dumps, configs))  # each trial once
+    packed = [p for p in made if len(p) > 1]
+    assert [len(p) for p in packed] == [3, 3, 3]  # 9 tickets at K=4: three packs of 3, not 4+4+1
+    for p in packed:
+        specs = [sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"]) for c in p]
+        assert len({pack_key(s) for s in specs}) == 1 and all(s.control == "none" for s in specs)
+        # a seed's trials sit together: its dense run is trained once, inside one pack
+        seeds = [c["seed"] for c in p]
+        assert sorted(seeds) == sorted(set(seeds)) * (len(seeds) // len(set(seeds)))
+    assert sum(len(p) == 1 for p in made) == 9  # the reinit controls run alone
+
+    monkeypatch.setenv("LTH_PACK_MEMORY_GB", str(2.5 * plan.member_bytes(
+        sweep.trial_spec({}, 0)) / 2**30))
+    auto = load_sweep(sweep_file(tmp_path, pack="auto", seeds=3, space=space))
+    assert plan.pack_size(auto, auto.trial_spec({}, 0)) == 2
+    assert max(len(p) for p in plan.packs(auto, configs)) == 2
+
+    out = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=4, seeds=3, space=space))],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "packs: 18 trials in 12 Tune trials, 3 per pack at most; 9 alone: control=reinit" in out.stdout
+    bad = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=0))], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "lth: error: pack: 0 is not allowed; an integer >= 1, or auto"
+
+
+# ---------------------------------------------------------------- real packed sweeps
+
+
+def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_path, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+    from orchestrator.sweeps.units import trained_log
+
+    space = {"prune.rate": {"grid": [0.2, 0.5]}, "control": {"grid": ["none", "reinit"]}}
+    runner.run(load_sweep(sweep_file(tmp_path, "packed", pack=4, seeds=2, space=space)))
+    runner.run(load_sweep(sweep_file(tmp_path, "alone", seeds=2, space=space)))  # same storage
+    packed, alone = csv(tmp_path, "packed"), csv(tmp_path, "alone")
+
+    assert list(packed.columns) == list(alone.columns)
+    assert len(packed) == len(alone) == 8 * 3 and set(packed.status) == {"TERMINATED"}
+    pairs = packed.merge(alone, on=["trial_key", "level"], suffixes=("", "_alone"))
+    assert len(pairs) == 24
+    for col in EXACT[1:]:
+        assert (pairs[col] == pairs[f"{col}_alone"]).all(), col
+    for col in ACCURACIES:
+        assert (pairs[col] - pairs[f"{col}_alone"]).abs().max() <= 0.005, col
+    tickets = packed[packed.control == "none"]
+    assert tickets.trial_id.str.rsplit("_", n=1).str[0].nunique() == 1  # the four tickets: one pack
+    assert sorted(tickets.trial_id.unique()) == sorted(f"{tickets.trial_id.iloc[0][:-3]}_{i:02d}" for i in range(4))
+
+    # every unit once: 2 dense runs (one per seed) + 2 rates x 2 seeds x 2 levels
+    counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))
+    assert len(counts) == 10 and set(counts.values()) == {1}
+    # a packed sweep's units are its own: the unpacked sweep trained its own, bit-exact ones
+    assert Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"))) == counts
+    trained_with = [e["pack"] for e in trained_log(str(tmp_path / "runs"), packed=True)]  # members training at once
+    assert max(trained_with) >= 2 and set(trained_with) <= {1, 2, 3, 4}  # a control may train a level alone
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("packs")
+    runs = c.search_runs([exp.experiment_id], "tags.`lth.kind` = 'trial' and tags.`lth.sweep` = 'packed'")
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["lth.trial_key"] for r in runs} == set(packed.trial_key)
+    assert {r.data.tags["lth.tune_trial_id"] for r in runs} == set(packed.trial_id)  # the member's own id
+    for r in runs:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "test_acc")] == [0, 1, 2]
+        files = {f.path for f in c.list_artifacts(r.info.run_id, "ticket/level_02")}
+        assert "ticket/level_02/mask.safetensors" in files
+
+
+def test_a_diverging_member_fails_alone_and_its_pack_goes_on(tmp_path, ray_local):
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+
+    base = digits_base(levels=1, optimizer="sgd", momentum=0.9)
+    runner.run(load_sweep(sweep_file(tmp_path, base=base, pack=2, space={"train.lr": {"grid": [0.05, 1.0e6]}})))
+    df = csv(tmp_path)
+    failed, ok = df[df.status == "ERROR"], df[df.status == "TERMINATED"]
+    assert len(failed) == 1 and failed["train.lr"].iloc[0] == 1.0e6
+    assert "training loss became" in failed.error.iloc[0]
+    assert list(ok.level) == [0, 1] and set(ok["train.lr"]) == {0.05}
+    from ray.tune import ExperimentAnalysis
+
+    (trial,) = ExperimentAnalysis(str(tmp_path / "runs" / "s")).trials
+    assert trial.status == "TERMINATED" and trial.run_metadata.num_failures == 0  # not retried for one member
+
+
+def test_optuna_is_asked_for_a_pack_of_configurations_and_told_each_seed_mean(tmp_path, ray_local):
+    import optuna
+
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+
+    search = {"algorithm": "random", "num_samples": 3, "metric": "final_test_acc"}
+    runner.run(load_sweep(sweep_file(tmp_path, base=digits_base(levels=1), pack=4, seeds=2, search=search,
+                                     space={"train.lr": {"loguniform": [5e-4, 2e-3]}})))
+    df = csv(tmp_path)
+    assert df.trial_id.str.rsplit("_", n=1).str[0].nunique() == 2  # 3 configurations x 2 seeds in packs of 4
+    assert len(df) == 6 * 2 and set(df.status) == {"TERMINATED"}
+    last = df[df.level == 1]
+    means = sorted(last.groupby("train.lr").final_test_acc.mean())
+    _, study_name = runner.load_saved(str(tmp_path / "runs"), "s")
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert sorted(t.value for t in study.trials) == pytest.approx(means)
+
+
+def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
+    """SIGKILL `lth sweep run` mid-sweep; `lth sweep resume` finishes every pack, no level
+    of any member trained twice."""
+    base = digits_base(levels=3, iterations=400, eval_interval=50)
+    path = sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"prune.rate": {"grid": [0.2, 0.4]}})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, deadline = [], time.time() + 300
+    while time.time() < deadline:
+        seen.append(proc.stdout.readline())
+        if sum(" level " in s and "density" in s for s in seen) >= 5:  # some levels done, not all
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sum(" level " in s and "density" in s for s in seen) < 16, "the sweep finished before the kill"
+    time.sleep(3)  # Ray's reaper stops the killed driver's local cluster
+    resumed = subprocess.run([LTH, "sweep", "resume", "s", "--storage", str(tmp_path / "runs")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = csv(tmp_path)
+    assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
+    from orchestrator.sweeps.units import trained_log
+
+    counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))
+    assert len(counts) == 2 + 2 * 2 * 3 and set(counts.values()) == {1}  # each unit published once
+    pack_dirs = [d for d in (tmp_path / "runs" / "s").iterdir() if list(d.glob("checkpoint_*"))]
+    assert len(pack_dirs) == 2
+    for pack_dir in pack_dirs:
+        reported = [json.loads(line) for line in (pack_dir / "result.json").read_text().splitlines()]
+        for member in ("m00", "m01"):
+            seen_records: dict = {}
+            for ckpt in sorted(pack_dir.glob("checkpoint_*")):
+                levels = ckpt / member / "levels.jsonl"
+                for line in levels.read_text().splitlines() if levels.exists() else ():
+                    record = json.loads(line)
+                    assert seen_records.setdefault(record["level"], record) == record, "a level trained twice"
+            assert sorted(seen_records) == [0, 1, 2, 3]
+            for r in (n for result in reported for n in result["pack_new"] if n["member"] == int(member[1:])):
+                assert r["seconds"] == seen_records[r["level"]]["seconds"], "a level reported from two trainings"
