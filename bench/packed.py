@@ -7,11 +7,16 @@ one trial per process against packs of K trials per process (trials/packed.py).
     pack K  16/K processes, each trains a pack of K trials (trials.packed.run_pack), K in --packs
 
 Every path is whole processes (imports and data loading included), run one after another
-with the same thread count, each trial writing its normal trial folder. Data: the MNIST
+with the same thread count, each trial writing its normal trial folder.
+
+--sweep measures what a user waits for instead: the same 16 trials as one `lth sweep run`
+per K (Ray start, Tune, checkpoints, MLflow logging, shared units and trials.csv
+included), `pack: K` (K=1: one trial per Tune trial), using the whole machine each time:
+Tune trials of --threads / min(--threads, Tune trials) CPUs each, --threads at once. Data: the MNIST
 t10k files in ../shared/data/mnist-t10k (first 8,000 images train, of which 1,000
 validation, last 2,000 test), as bench/trial_speed.py.
 
-    .venv/bin/python bench/packed.py [--iterations 300] [--packs 1 4 16] [--threads 2]
+    .venv/bin/python bench/packed.py [--iterations 300] [--packs 1 4 16] [--threads 2] [--sweep]
 """
 from __future__ import annotations
 
@@ -74,7 +79,10 @@ def main() -> None:
     ap.add_argument("--packs", type=int, nargs="+", default=[1, 4, 16], help="pack sizes K")
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every process")
     ap.add_argument("--skip", nargs="*", default=[], help="paths to leave out: head, single")
+    ap.add_argument("--sweep", action="store_true", help="whole `lth sweep run` commands, pack: K")
     args = ap.parse_args()
+    if args.sweep:
+        return sweeps(args)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
     with tempfile.TemporaryDirectory(prefix="lth-bench-packed-") as tmp:
@@ -112,6 +120,47 @@ def main() -> None:
         if base:
             for name, seconds in results.items():
                 print(f"{name:7s} speed vs head (one trial per process, git HEAD): {base / seconds:.2f}x")
+        print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+def sweeps(args) -> None:
+    import pandas as pd
+    import yaml
+
+    lth = Path(sys.executable).parent / "lth"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="lth-bench-packed-sweep-") as tmp:
+        tmp = Path(tmp)
+        root = mnist_root(tmp / "data")
+        if root is None:
+            sys.exit("needs the MNIST t10k files in ../shared/data/mnist-t10k")
+        base = {k: v for k, v in spec_data(root, 0, args.iterations).items() if k != "seed"}
+        print(f"{args.trials} trials as one sweep each: lenet_300_100, real MNIST 8k, 3 levels x "
+              f"{args.iterations} iterations; {args.threads} CPUs; load average {os.getloadavg()[0]:.1f}")
+        results = {}
+        for k in args.packs:
+            tune_trials = -(-args.trials // k)
+            cpus = max(1, args.threads // min(args.threads, tune_trials))
+            sweep = {"name": f"pack{k}", "experiment": "bench-packed", "base": base, "seeds": args.trials,
+                     "pack": k, "resources": {"cpu": cpus}, "max_concurrent": args.threads,
+                     "storage": str(tmp / "runs"), "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+            path = tmp / f"pack{k}.yaml"
+            path.write_text(yaml.safe_dump(sweep))
+            started = time.perf_counter()
+            done = subprocess.run([str(lth), "sweep", "run", str(path)], cwd=tmp, env=env,
+                                  capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            if done.returncode != 0:
+                sys.exit(f"pack {k} failed:\n{done.stderr[-3000:]}")
+            rows = pd.read_csv(tmp / "runs" / f"pack{k}" / "trials.csv")
+            assert len(rows) == args.trials * 3 and set(rows.status) == {"TERMINATED"}, rows
+            results[k] = seconds
+            acc = rows[rows.level == 2].test_acc.mean()
+            print(f"pack {k:2d}: {tune_trials:2d} Tune trials of {cpus} CPU  {seconds:7.1f} s  "
+                  f"{args.trials / seconds * 3600:7.0f} trials/h  final test acc {acc:.4f}", flush=True)
+        if 1 in results:
+            for k, seconds in results.items():
+                print(f"pack {k:2d} vs one trial per Tune trial: {results[1] / seconds:.2f}x")
         print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
