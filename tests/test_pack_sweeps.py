@@ -5,33 +5,23 @@ record what the same trials record alone (masks and densities exact, accuracies 
 half a point); a member that diverges fails alone; a killed driver's packs resume at
 their last checkpointed level."""
 import json
-import os
-import signal
 import subprocess
-import time
 from collections import Counter
 
-import pandas as pd
 import pytest
-import yaml
 
 from tests.conftest import LTH, digits_base
+from tests.test_sweeps import csv, kill_mid_sweep_then_resume
+from tests.test_sweeps import sweep_file as sweeps_file
 
 EXACT = ["level", "density", "remaining_params", "start_iteration", "iterations"]
 ACCURACIES = ["test_acc", "test_acc_at_early_stop", "val_acc"]
 
 
 def sweep_file(tmp_path, name="s", **fields):
-    data = {"name": name, "experiment": "packs", "base": digits_base(levels=2), "resources": {"cpu": 1},
-            "max_concurrent": 2, "storage": str(tmp_path / "runs"),
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def csv(tmp_path, name="s"):
-    return pd.read_csv(tmp_path / "runs" / name / "trials.csv")
+    """tests/test_sweeps.py's sweep file, with 2 levels and MLflow in the test's folder."""
+    fields = {"base": digits_base(levels=2), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
+    return sweeps_file(tmp_path, name=name, experiment="packs", **fields)
 
 
 # ---------------------------------------------------------------- planning
@@ -162,21 +152,7 @@ def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
     of any member trained twice."""
     base = digits_base(levels=3, iterations=400, eval_interval=50)
     path = sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"prune.rate": {"grid": [0.2, 0.4]}})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen, deadline = [], time.time() + 300
-    while time.time() < deadline:
-        seen.append(proc.stdout.readline())
-        if sum(" level " in s and "density" in s for s in seen) >= 5:  # some levels done, not all
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert sum(" level " in s and "density" in s for s in seen) < 16, "the sweep finished before the kill"
-    time.sleep(3)  # Ray's reaper stops the killed driver's local cluster
-    resumed = subprocess.run([LTH, "sweep", "resume", "s", "--storage", str(tmp_path / "runs")],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kill_mid_sweep_then_resume(tmp_path, path, levels=16)
     df = csv(tmp_path)
     assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     from orchestrator.sweeps.units import trained_log

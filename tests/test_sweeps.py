@@ -121,11 +121,8 @@ def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_pa
     assert states.count(optuna.trial.TrialState.PRUNED) == len(stopped)
 
 
-def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
-    """SIGKILL the `lth sweep run` process mid-sweep; `lth sweep resume` finishes it."""
-    base = {**BASE, "train": {**BASE["train"], "iterations": 400, "eval_interval": 50},
-            "prune": {**BASE["prune"], "levels": 3}}
-    path = sweep_file(tmp_path, base=base, space={"prune.rate": {"grid": [0.2, 0.4]}}, seeds=2)
+def kill_mid_sweep_then_resume(tmp_path, path, levels: int) -> None:
+    """SIGKILL `lth sweep run PATH` after 5 of its `levels` level lines; `lth sweep resume` it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -137,11 +134,19 @@ def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert sum(" level " in s and "density" in s for s in seen) < 16, "the sweep finished before the kill"
+    assert sum(" level " in s and "density" in s for s in seen) < levels, "the sweep finished before the kill"
     time.sleep(3)  # Ray's reaper stops the killed driver's local cluster
     resumed = subprocess.run([LTH, "sweep", "resume", "s", "--storage", str(tmp_path / "runs")],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
+    """SIGKILL the `lth sweep run` process mid-sweep; `lth sweep resume` finishes it."""
+    base = {**BASE, "train": {**BASE["train"], "iterations": 400, "eval_interval": 50},
+            "prune": {**BASE["prune"], "levels": 3}}
+    path = sweep_file(tmp_path, base=base, space={"prune.rate": {"grid": [0.2, 0.4]}}, seeds=2)
+    kill_mid_sweep_then_resume(tmp_path, path, levels=16)
     df = csv(tmp_path)
     assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     for trial_dir in (tmp_path / "runs" / "s").glob("*_0000*"):
