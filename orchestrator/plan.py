@@ -16,7 +16,7 @@ Packs (`pack: K`, trials/packed.py): a grid's trials are grouped by packed.pack_
 members must share); each group is cut into packs of at most K, balanced (20 trials at
 K=16: two packs of 10, which finish together), members that share a dense run side by
 side (it is then trained once inside the pack, and no pack waits for another's). Trials
-that cannot be packed (controls, edge-popup, BatchNorm models...) run as packs of one.
+that cannot be packed (controls, edge-popup, instability copies...) run as packs of one.
 `pack: auto` sizes K from an estimate of a member's memory (member_bytes) and
 LTH_PACK_MEMORY_GB (default 4) of the trial's device, at most PACK_LIMIT.
 """

@@ -7,24 +7,32 @@ architecture (`model.name`, `width`), the dataset, `train.batch_size`, `iteratio
 seed (init, data order, augmentation), `model.init`, lr, momentum, weight decay and the
 rest of the schedule, `prune.*`, `rewind_iteration`.
 
-    network   every nn.Linear / nn.Conv2d becomes one stacked layer over the K members:
-              Linear weights [K, in, out] through torch.baddbmm, Conv2d weights
-              [K, out, in, kh, kw] through one grouped convolution (groups = K). The
-              batch stays the first dimension, K*B examples member after member, so the
-              model's own forward (flatten(1), ReLU, pooling: per-example ops) runs as it
-              is. (torch.func.vmap over functional_call was 1.3-4x slower per step on the 2-core CPU.)
+    network   every nn.Linear / nn.Conv2d / nn.BatchNorm1d/2d becomes one stacked layer
+              over the K members: Linear weights [K, in, out] through torch.baddbmm, Conv2d
+              weights [K, out, in, kh, kw] through one grouped convolution (groups = K),
+              BatchNorm as one F.batch_norm over K*C channels (weight, bias, running_mean,
+              running_var [K, C], num_batches_tracked [K]), so each member's channels get
+              their own batch statistics and running averages: its own arithmetic, bit
+              for bit on CPU (tested). The batch stays the first dimension, K*B examples
+              member after member, so the model's own forward (flatten(1), ReLU, pooling,
+              residual sums: per-example ops) runs as it is. (torch.func.vmap over
+              functional_call was 1.3-4x slower per step on the 2-core CPU.)
     member    its own masks, its own batches (training.BatchOrder and rng of its seed,
               the exact indices it would see alone), learning-rate schedule, optimizer
-              state, rewind point, early stopping (best validation loss snapshot),
-              divergence check and trial folder (trials/store.py: the same files and
-              LevelRecords as trials.lottery.run_lottery writes).
+              state, rewind point, early stopping (best validation loss snapshot, running
+              statistics included), divergence check and trial folder (trials/store.py:
+              the same files, with the same keys as state_of of the model alone, and
+              LevelRecords as trials.lottery.run_lottery writes). BatchNorm parameters
+              train in its optimizer with its weight decay, as alone; they are pruned only
+              as a structured mask's companions, as alone.
     optimizer torch's fused Adam / SGD kernels over the members' slices, one call per
               group of members at the same (lr, weight decay, momentum, step count); a run
               of members goes in as one tensor only where that cannot change its numbers
               (PackedOptimizer._cut).
     rewind    members whose level starts at different iterations (rewind_iteration k)
               share one loop from the smallest k: a member computes, untouched by the
-              optimizer, until its k, then starts with a fresh optimizer state. Its
+              optimizer, until its k, then starts with a fresh optimizer state and its
+              start state's running statistics (its forwards before k moved them). Its
               batches before k are wasted work: packing equal k is cheapest.
     failure   a member whose training loss becomes NaN/inf fails alone (its slice is
               zeroed and leaves the optimizer); the others finish the level and go on.
@@ -41,6 +49,17 @@ into one kernel call moved A's tail elements off the scalar path (relative weigh
 differences ~2e-7). Not so for convolutions: a grouped convolution over K members rounds
 differently for every K (oneDNN or not; conv2: ~1e-6 relative after level 0, ~2e-4 after
 level 1). Nor was it checked on CUDA (cuBLAS may pick its batched kernels by batch count).
+BatchNorm models (ResNet-20, VGG): the packed norm layer adds no rounding of its own, but
+with ReLU (and max-pooling) such a model parts from any run that rounds differently, a
+lone run with the fused optimizer as well as a pack: BatchNorm centres pre-activations on
+the kink, a ~1e-7 difference flips some ReLU, and within ~20 iterations the weights
+differ by ~1e-1 relative. So the whole-trial tests swap in GELU and average pooling
+(tests/test_packed.py, fixture `smooth`): then a packed member's saved states stay within
+2e-5 of alone (measured <= 1.03e-5; each tensor against its layer's weight norm: BatchNorm
+shifts and conv biases ahead of a BatchNorm are too small to measure against themselves),
+masks exact, accuracies within 0.5 points. With ReLU a packed ResNet-20/VGG member is a
+correct run of its trial, not the lone run's numbers (nor is a lone run on another
+machine). On CUDA the packed BatchNorm (cuDNN over K*C channels) is unchecked.
 
 Shared units (`run_pack(..., units=store)`, trials/shared.py): every member's level L is
 a work unit, as for a single trial (`shared.Trunk`): dense/<D> at level 0, the trunk's
@@ -58,9 +77,11 @@ differ within the tolerances above; the unit's key does not say which (the log d
 
 Not packed (refused by check_pack with the reason): controls (reinit / random_prune
 need their IMP trunk's masks level by level: run them as single trials), edge-popup,
-retrain other than weight_rewind, instability copies, and models with BatchNorm
-(per-member batch statistics and running averages need a packed norm layer that does
-not exist yet).
+retrain other than weight_rewind, instability copies, and models with parameters or
+buffers in a module without a packed layer (LayerNorm, GroupNorm, SyncBatchNorm,
+InstanceNorm with running statistics...), BatchNorm with momentum=None (a cumulative
+average by each member's own count), or convolutions with non-zero or string padding.
+Every registered model packs.
 """
 from __future__ import annotations
 
@@ -148,27 +169,71 @@ class PackedConv2d(nn.Module):
     unlayout = layout
 
 
-PACKED = {nn.Linear: PackedLinear, nn.Conv2d: PackedConv2d}
+class PackedBatchNorm(nn.Module):
+    """K nn.BatchNorm1d/2d layers as one F.batch_norm over K*C channels: the members'
+    examples [K*B, C, ...] are regrouped to [B, K*C, ...] (as PackedConv2d does), so each
+    member's channels get their own batch statistics (training) or running averages
+    (eval), exactly the per-channel arithmetic of the member alone. weight/bias/
+    running_mean/running_var [K, C], num_batches_tracked [K] (a member's counter: members
+    start their levels at their own iterations)."""
+
+    def __init__(self, like: nn.modules.batchnorm._BatchNorm, k: int):
+        super().__init__()
+        if like.momentum is None:
+            raise ValueError("packed BatchNorm needs a momentum (momentum=None averages by each member's own count)")
+        self.k, self.eps, self.momentum, self.track = k, like.eps, like.momentum, like.track_running_stats
+        c = like.num_features
+        self.weight = nn.Parameter(torch.ones(k, c)) if like.affine else None
+        self.bias = nn.Parameter(torch.zeros(k, c)) if like.affine else None
+        if self.track:
+            self.register_buffer("running_mean", torch.zeros(k, c))
+            self.register_buffer("running_var", torch.ones(k, c))
+            self.register_buffer("num_batches_tracked", torch.zeros(k, dtype=torch.long))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def forward(self, x):
+        kb, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+        b = kb // self.k
+        grouped = x.reshape(self.k, b, c, *rest).transpose(0, 1).reshape(b, self.k * c, *rest)
+        if self.training and self.track:
+            self.num_batches_tracked.add_(1)  # as nn.BatchNorm: per training forward (every member's)
+        flat = lambda t: None if t is None else t.view(-1)  # noqa: E731 - views: batch_norm updates the buffers
+        out = F.batch_norm(grouped, flat(self.running_mean), flat(self.running_var), flat(self.weight),
+                           flat(self.bias), self.training or not self.track, self.momentum, self.eps)
+        return out.reshape(b, self.k, c, *rest).transpose(0, 1).reshape(x.shape)
+
+    @staticmethod
+    def layout(name: str, member: torch.Tensor) -> torch.Tensor:
+        return member
+
+    unlayout = layout
+
+
+PACKED = {nn.Linear: PackedLinear, nn.Conv2d: PackedConv2d,
+          nn.BatchNorm1d: PackedBatchNorm, nn.BatchNorm2d: PackedBatchNorm}
 
 
 def why_not_packable(net: nn.Module) -> Optional[str]:
-    """None if every parameter of `net` sits in an nn.Linear/nn.Conv2d and it has no buffers."""
+    """None if every parameter and buffer of `net` sits in a module that has a packed layer
+    (nn.Linear, nn.Conv2d with numeric zero padding, nn.BatchNorm1d/2d with a momentum)."""
     for name, module in net.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            return (f"it has BatchNorm ({name}): its batch statistics and running averages are per-member "
-                    "state that packed layers do not split yet; run these trials one per process")
-    if any(True for _ in net.buffers()):
-        return "it has buffers (running state) that packed layers do not split yet"
-    for name, module in net.named_modules():
-        if type(module) not in PACKED and any(True for _ in module.parameters(recurse=False)):
-            return f"its parameters in {name} ({type(module).__name__}) have no packed layer"
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if type(module) not in PACKED and own:
+            what = "parameters" if any(True for _ in module.parameters(recurse=False)) else "buffers (running state)"
+            return f"its {what} in {name} ({type(module).__name__}) have no packed layer"
         if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
             return f"{name} pads with {module.padding_mode!r} {module.padding!r}: packed convolutions need numbers"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+            return (f"{name} averages its running statistics cumulatively (momentum=None): by a count each "
+                    "member keeps for itself, which the packed BatchNorm does not do")
     return None
 
 
 class PackedNet:
-    """The model of K members: `net` (the model with stacked layers) and member <-> slice moves."""
+    """The model of K members: `net` (the model with stacked layers) and member <-> slice
+    moves of its state (parameters and buffers: a member's state dict has exactly the keys
+    of trials.store.state_of of the model alone)."""
 
     def __init__(self, template: nn.Module, k: int, device):
         reason = why_not_packable(template)
@@ -176,30 +241,40 @@ class PackedNet:
             raise ValueError(reason)
         net = copy.deepcopy(template).to("cpu")
         self.layers = {}  # parameter name -> (packed module, "weight"/"bias")
+        self.buffers = {}  # buffer name -> (packed module, its attribute)
         for name, module in list(template.named_modules()):
             if type(module) in PACKED:
                 packed = PACKED[type(module)](module, k)
                 net.set_submodule(name, packed)
-                for p in ("weight", "bias"):
-                    if getattr(packed, p) is not None:
-                        self.layers[f"{name}.{p}" if name else p] = (packed, p)
+                for into, named in ((self.layers, packed.named_parameters), (self.buffers, packed.named_buffers)):
+                    for p, _ in named(recurse=False):
+                        into[f"{name}.{p}" if name else p] = (packed, p)
         self.net, self.k = net.to(device), k
         self.params = dict(self.net.named_parameters())
-        assert set(self.params) == set(self.layers)
+        self.tensors = {**self.params, **dict(self.net.named_buffers())}
+        self.state = {n: self.layers.get(n) or self.buffers[n] for n in template.state_dict()}  # its order
+        assert set(self.params) == set(self.layers) and set(self.tensors) == set(self.state)
 
     def member(self, m: int) -> dict:
         """Member m's state dict (its own names and shapes, contiguous copies)."""
         with torch.no_grad():
-            return {n: mod.unlayout(p, self.params[n][m]).clone(memory_format=torch.contiguous_format)
-                    for n, (mod, p) in self.layers.items()}
+            return {n: mod.unlayout(p, self.tensors[n][m]).clone(memory_format=torch.contiguous_format)
+                    for n, (mod, p) in self.state.items()}
 
     @torch.no_grad()
     def load(self, m: int, state: dict) -> None:
-        for n, (mod, p) in self.layers.items():
-            self.params[n][m].copy_(mod.layout(p, state[n]))
+        for n, (mod, p) in self.state.items():
+            self.tensors[n][m].copy_(mod.layout(p, state[n]))
+
+    @torch.no_grad()
+    def load_buffers(self, m: int, state: dict) -> None:
+        """Member m's running state (BatchNorm's averages and count) from `state`."""
+        for n in self.buffers:
+            self.tensors[n][m].copy_(state[n])
 
     def stack_masks(self, member_masks: list) -> dict:
-        """name -> float tensor [K, ...] of the members' masks, for parameters some member prunes."""
+        """name -> float tensor [K, ...] of the members' masks, for parameters some member
+        prunes (a structured mask's norm-layer companions included; buffers never)."""
         out = {}
         for n, (mod, p) in self.layers.items():
             if any(n in mk and not bool(mk[n].all()) for mk in member_masks):
@@ -317,7 +392,8 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
     running = [False] * k  # started and not failed
     failed: dict = {}
     best = [{"val_loss": float("inf"), "iteration": job.start} for job in jobs]
-    best_state = [p.detach().clone() for p in params]
+    snapshot = list(pnet.tensors.values())  # a member's best state: parameters and running statistics
+    best_state = [t.detach().clone() for t in snapshot]
     window_loss, window_steps = torch.zeros(k, device=device), [0] * k
     last = [{} for _ in jobs]
 
@@ -327,6 +403,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
             if job.start == it and m not in failed:
                 running[m] = True
                 opt.start(m)
+                pnet.load_buffers(m, job.start_weights)  # its forwards before its start moved them
                 window_loss[m] = 0.0
             if running[m] and it in job.hooks:
                 job.hooks[it](pnet.member(m))
@@ -364,6 +441,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
                     with torch.no_grad():
                         for p in params:
                             p[m].zero_()
+                    pnet.load_buffers(m, job.start_weights)  # finite running state (eval of the others)
             members = [m for m in members if running[m]]
             window_loss.zero_()
             window_steps = [0] * k
@@ -373,16 +451,16 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
                 if val_loss[m] < best[m]["val_loss"]:
                     best[m].update(val_loss=val_loss[m], iteration=done)
                     with torch.no_grad():
-                        for b, p in zip(best_state, params):
-                            b[m].copy_(p[m])
+                        for b, t in zip(best_state, snapshot):
+                            b[m].copy_(t[m])
                 if progress:
                     progress(m, done, t0.iterations, val_loss[m])
 
     _, test_acc = evaluate_packed(pnet, data.test_x, data.test_y, autocast)
     finals = [pnet.member(m) for m in range(k)]
     with torch.no_grad():
-        for b, p in zip(best_state, params):
-            p.copy_(b)
+        for b, t in zip(best_state, snapshot):
+            t.copy_(b)
     _, test_acc_best = evaluate_packed(pnet, data.test_x, data.test_y, autocast)
     seconds = time.perf_counter() - started
     results = []
