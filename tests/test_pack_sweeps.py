@@ -8,6 +8,7 @@ import json
 import subprocess
 from collections import Counter
 
+import pandas as pd
 import pytest
 
 from tests.conftest import LTH, digits_base
@@ -96,7 +97,15 @@ def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_pa
     # a packed sweep's units are its own: the unpacked sweep trained its own, bit-exact ones
     assert Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"))) == counts
     trained_with = [e["pack"] for e in trained_log(str(tmp_path / "runs"), packed=True)]  # members training at once
-    assert max(trained_with) >= 2 and set(trained_with) <= {1, 2, 3, 4}  # a control may train a level alone
+    assert max(trained_with) >= 2 and set(trained_with) <= {1, 2, 3, 4}  # a control may train a level (PackOfOne)
+
+    # the same packed sweep on fresh storage: the same numbers, whichever process trained each unit
+    runner.run(load_sweep(sweep_file(tmp_path, "repeat", pack=4, seeds=2, space=space,
+                                     storage=str(tmp_path / "fresh"))))
+    repeat = pd.read_csv(tmp_path / "fresh" / "repeat" / "trials.csv")
+    numbers = [c for c in packed.columns if c not in ("trial_id", "seconds", "node_id")]
+    pd.testing.assert_frame_equal(packed[numbers].sort_values(["trial_key", "level"]).reset_index(drop=True),
+                                  repeat[numbers].sort_values(["trial_key", "level"]).reset_index(drop=True))
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = c.get_experiment_by_name("packs")

@@ -272,6 +272,30 @@ def test_a_second_pack_on_the_same_units_trains_nothing(shared_pack, tmp_path, d
                 assert all(a[n].equal(b[n]) for n in a)
 
 
+def test_a_unit_trained_alone_in_a_packed_sweep_is_the_packs_unit_bit_for_bit(shared_pack, tmp_path, digits_cpu):
+    """Whoever trains a packed sweep's unit (a pack, a control's trunk, a helper: trials.packed
+    PACK_OF_ONE), it holds the same numbers, so no race decides a sweep's results."""
+    from tests.test_shared import store
+    from trials import shared
+    from trials.packed import PACK_OF_ONE
+
+    root, first_outs, first, _ = shared_pack
+    spec = SHARED[1]  # its dense run was trained in the pack by member 0, with this k kept too
+    units = store(tmp_path / "storage")
+    trunk = shared.Trunk(spec, tmp_path / "trunk", digits_cpu, "cpu", units, trainer=PACK_OF_ONE)
+    alone = [trunk.level(lv) for lv in range(3)]
+    assert numbers(alone) == numbers(first[1])
+    for lv in range(3):
+        for name in ("mask.safetensors", "final.safetensors"):
+            a, b = (load_tensors(o / f"level_{lv:02d}" / name) for o in (first_outs[1], tmp_path / "trunk"))
+            assert all(a[n].equal(b[n]) for n in a), (lv, name)
+    k = spec.rewind_iteration  # a rewind point trained alone up to k: the dense run's weights at k
+    PACK_OF_ONE.point(spec, k, tmp_path / "point", digits_cpu, "cpu")
+    kept = load_tensors(tmp_path / "point" / f"{k}.safetensors")
+    packed = load_tensors(first_outs[1] / "rewind.safetensors")
+    assert all(kept[n].equal(packed[n]) for n in packed)
+
+
 def test_a_pack_trains_its_other_members_before_taking_a_held_unit(tmp_path, digits_cpu, ray_local):
     """Member 1's dense unit is held by another process, which publishes it only once the
     pack has trained member 0's level 0; member 2's by one that died, so the pack takes its

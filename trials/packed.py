@@ -71,9 +71,12 @@ at two prune rates trains one dense run); one that another process holds is wait
 after the rest of the level has trained (`Units.obtain`: it helps elsewhere meanwhile, and
 trains the member alone, through the same code, if that process died). Each member's
 units.json is the ledger Trunk keeps. The unit log records `pack`: how many members
-trained together, and `seconds`: the unit's share of their wall clock. A unit holds the
-numbers of whoever trained it: a pack's (any pack's, as above) or a single trial's, which
-differ within the tolerances above; the unit's key does not say which (the log does).
+trained together, and `seconds`: the unit's share of their wall clock. A sweep with packs
+keeps its units apart from unpacked sweeps' (orchestrator/sweeps/units.py units_root) and
+trains every unit the pack way: one that a single trial must produce (a control's trunk,
+a helper's unit, a rewind point) goes through `PackOfOne`, so for Linear models on CPU a
+unit's numbers do not depend on who trained it (tested); with convolutions they depend
+on the size of the pack that trained it, as above.
 
 Not packed (refused by check_pack with the reason): controls (reinit / random_prune
 need their IMP trunk's masks level by level: run them as single trials), edge-popup,
@@ -654,13 +657,67 @@ class Shared:
         for i in group:
             m, record = self.members[i], shared.unit_record(folder)
             if level == 0:
-                m.trial.save_rewind(shared.point(m.spec, folder, self.units, self.data, m.device))
+                m.trial.save_rewind(shared.point(m.spec, folder, self.units, self.data, m.device, PACK_OF_ONE))
                 m.trial.finish(0, masks.ones(m.layers), load_tensors(folder / layout.FINAL), record)
             else:
                 m.trial.copy_level_from(folder, level, record)
             shared.note(m.out / layout.UNITS, m.spec, level, False)
             out[i] = record
         return out
+
+
+class PackOfOne(shared.Trainer):
+    """shared.Trainer of a sweep with packs: a unit that one trial must produce alone (a
+    control's trunk, a helper's unit, a point, a dense run) is trained as a pack of one,
+    so it has the numbers a pack gives it (module doc: for Linear models on CPU, whatever
+    the pack). Units of trials that cannot be packed are trained as alone: no pack makes them."""
+
+    def level(self, spec, out: Path, level: int, data, device, progress=None) -> None:
+        if pack_key(spec) is None:
+            return super().level(spec, out, level, data, device, progress)
+        _alone(Member(spec, out, data, device), level, data)
+
+    def dense(self, spec, dest: Path, data, device, points: set, progress=None) -> None:
+        spec = spec.replace(control="none")
+        if pack_key(spec) is None:
+            return super().dense(spec, dest, data, device, points, progress)
+        (dest / shared.POINTS).mkdir(parents=True, exist_ok=True)
+        keep = {k: (lambda state, k=k: save_tensors(dest / shared.POINTS / f"{k}{layout.TENSOR_SUFFIX}", state))
+                for k in sorted(points)}
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            member = Member(spec, Path(tmp) / "trial", data, device)
+            _alone(member, 0, data, keep)
+            shared.hand_over(member.trial, 0, dest)
+
+    def point(self, spec, k: int, dest: Path, data, device) -> None:
+        spec = spec.replace(control="none")
+        if pack_key(spec) is None:
+            return super().point(spec, k, dest, data, device)
+        dest.mkdir(parents=True, exist_ok=True)
+
+        def stop(state):
+            save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state)
+            raise shared.Stop
+
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            try:
+                _alone(Member(spec, Path(tmp) / "trial", data, device), 0, data, {k: stop})
+            except shared.Stop:
+                return
+        raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
+
+
+def _alone(member: Member, level: int, data, keep: Optional[dict] = None) -> LevelRecord:
+    """Train and write one member's level as a pack of one."""
+    template = models.build(member.spec.model, data.info, seed=0, device="cpu")
+    job = member.job(level, keep)
+    result = train_packed_level(template, [job], data)[0]
+    if isinstance(result, BaseException):
+        raise result
+    return member.finish(level, job, result)
+
+
+PACK_OF_ONE = PackOfOne()
 
 
 def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,

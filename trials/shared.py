@@ -106,13 +106,14 @@ def unit_record(folder: Path) -> LevelRecord:
     return LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
 
 
-def point(spec, dense: Path, units: Units, data, device) -> dict:
+def point(spec, dense: Path, units: Units, data, device, trainer: Optional["Trainer"] = None) -> dict:
     """The dense run's weights at spec's rewind point: kept in unit folder `dense`, else its point unit."""
     k = spec.rewind_iteration
     kept = dense / POINTS / f"{k}{layout.TENSOR_SUFFIX}"
     if kept.exists():
         return load_tensors(kept)
-    folder, _ = units.obtain(point_name(spec, k), lambda dest: produce_point(spec, k, dest, data, device))
+    trainer = trainer or SINGLE
+    folder, _ = units.obtain(point_name(spec, k), lambda dest: trainer.point(spec, k, dest, data, device))
     return load_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}")
 
 
@@ -154,7 +155,7 @@ def plan(spec) -> list[dict]:
 # ---------------------------------------------------------------- producing units
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Ends a partial dense run once it has reached its rewind point."""
 
 
@@ -178,13 +179,33 @@ def produce_point(spec, k: int, dest: Path, data, device) -> None:
 
     def keep(net):
         save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state_of(net))
-        raise _Stop
+        raise Stop
 
     try:
         train_level(net, masks.ones(layers), data, spec.train, spec.seed, 0, {k: keep})
-    except _Stop:
+    except Stop:
         return
     raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
+
+
+class Trainer:
+    """How a trial that must produce a unit trains it: the single-trial engine (this class),
+    or, in a sweep with packs, trials/packed.py's pack of one, so that every unit of such
+    a sweep has the numbers a pack gives it, whoever trains it (ARCHITECTURE.md, "Packs in
+    sweeps")."""
+
+    def level(self, spec, out: Path, level: int, data, device, progress=None) -> None:
+        """Train and write level `level` >= 1 of the trial in `out` (its earlier levels are there)."""
+        Lottery(spec, out, data, device, progress).level(level)
+
+    def dense(self, spec, dest: Path, data, device, points: set, progress=None) -> None:
+        produce_dense(spec, dest, data, device, points, progress)
+
+    def point(self, spec, k: int, dest: Path, data, device) -> None:
+        produce_point(spec, k, dest, data, device)
+
+
+SINGLE = Trainer()
 
 
 class Trunk:
@@ -192,9 +213,11 @@ class Trunk:
     Same interface as trials.lottery.Lottery: `level(n) -> LevelRecord` and `.trial`."""
 
     def __init__(self, spec, out: Path, data, device, units: Units, progress=None,
-                 ledger: Optional[Path] = None, measure: bool = True):
+                 ledger: Optional[Path] = None, measure: bool = True, trainer: Trainer = SINGLE):
         """`measure`: level 0's instability too, where the spec asks (a helper's scratch
-        trunk, which only produces a unit, skips it)."""
+        trunk, which only produces a unit, skips it). `trainer`: what trains a unit this
+        trunk must produce."""
+        self.trainer = trainer
         self.spec = spec.replace(control="none")
         self.data, self.device, self.units, self.progress = data, device, units, progress
         self.trial = TrialDir(out, self.spec)
@@ -219,16 +242,16 @@ class Trunk:
     def _train(self, level: int, dest: Path) -> None:
         """Train trunk level `level` in this folder (levels before it are here), then hand
         its files to the store."""
-        Lottery(self.spec, self.trial.path, self.data, self.device, self.progress).level(level)
+        self.trainer.level(self.spec, self.trial.path, level, self.data, self.device, self.progress)
         hand_over(self.trial, level, dest)
 
     def _dense(self) -> LevelRecord:
         name = dense_name(self.spec)
         folder, mine = self.units.obtain(
-            name, lambda dest: produce_dense(self.spec, dest, self.data, self.device,
-                                             self.units.points(name) | {self.spec.rewind_iteration},
-                                             self.progress))
-        self.trial.save_rewind(point(self.spec, folder, self.units, self.data, self.device))
+            name, lambda dest: self.trainer.dense(self.spec, dest, self.data, self.device,
+                                                  self.units.points(name) | {self.spec.rewind_iteration},
+                                                  self.progress))
+        self.trial.save_rewind(point(self.spec, folder, self.units, self.data, self.device, self.trainer))
         record = unit_record(folder)
         info, m = self.data.info, self.spec.model
         layers = masks.Layers.of(models.shell(m.name, info.shape, info.num_classes, m.width))
@@ -240,25 +263,26 @@ class Trunk:
         return record
 
 
-def runner(units: Units) -> Callable:
+def runner(units: Units, trainer: Trainer = SINGLE) -> Callable:
     """run_lottery's `runner` for a trial whose IMP work comes from `units`."""
     def build(spec, out: Path, data, device, progress=None):
         if not shareable(spec):
             return engine(spec, out, data, device, progress)
         if spec.control == "none":
-            return Trunk(spec, out, data, device, units, progress)
-        trunk = Trunk(spec, out / layout.IMP, data, device, units, progress, ledger=out / layout.UNITS)
+            return Trunk(spec, out, data, device, units, progress, trainer=trainer)
+        trunk = Trunk(spec, out / layout.IMP, data, device, units, progress, ledger=out / layout.UNITS,
+                      trainer=trainer)
         return Control(spec, out, data, device, progress, imp=trunk)
 
     return build
 
 
-def produce(name: str, spec, units: Units, data, device, scratch: Path) -> None:
+def produce(name: str, spec, units: Units, data, device, scratch: Path, trainer: Trainer = SINGLE) -> None:
     """Produce unit `name`, one of `spec`'s (plan(spec)), for the store's helpers: a trunk
     level through a Trunk in a scratch folder (its earlier levels are fetched)."""
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         trunk = Trunk(spec, Path(tmp) / "trunk", data, device, units, ledger=Path(tmp) / layout.UNITS,
-                      measure=False)
+                      measure=False, trainer=trainer)
         if name.startswith("dense/"):
             trunk.level(0)
         else:

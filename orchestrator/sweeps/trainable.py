@@ -75,7 +75,7 @@ def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching:
     packed.pack_key train together through trials.packed.run_pack, the others alone through
     run_lottery, one group after the other, in this process."""
     from trials.lottery import run_lottery
-    from trials.packed import pack_key, run_pack
+    from trials.packed import PACK_OF_ONE, pack_key, run_pack
     from trials.training import TrainingDiverged
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -96,7 +96,7 @@ def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching:
             i = group[0]
             try:
                 run_lottery(specs[i], pack.outs[i], data=data,
-                            runner=shared.runner(pack.store) if pack.store else None,
+                            runner=shared.runner(pack.store, PACK_OF_ONE) if pack.store else None,
                             report=lambda record, out, i=i: pack.report(i, record, flush=True))
             except TrainingDiverged as e:
                 pack.fail(i, e)
@@ -206,8 +206,11 @@ def _unit_store(share: dict, specs: list, data):
         _STORES[key] = UnitStore(share["storage"], find_broker(share["sweep"]), packed=share["packed"])
     store = _STORES[key]
     store.data = data_key(specs[0])
+    trainer = shared.SINGLE
+    if share["packed"]:  # every unit of a sweep with packs as a pack trains it (ARCHITECTURE.md, "Packs in sweeps")
+        from trials.packed import PACK_OF_ONE as trainer
     store.helper = lambda name, unit_spec: shared.produce(name, from_dict(unit_spec), store, data,
-                                                          data.train_x.device, store.scratch)
+                                                          data.train_x.device, store.scratch, trainer)
     store.register(registrations(work_units(specs)))  # a searched configuration's units
     return store
 
