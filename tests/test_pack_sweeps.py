@@ -143,11 +143,19 @@ def test_optuna_is_asked_for_a_pack_of_configurations_and_told_each_seed_mean(tm
     from orchestrator.sweeps import runner
 
     search = {"algorithm": "random", "num_samples": 3, "metric": "final_test_acc"}
-    runner.run(load_sweep(sweep_file(tmp_path, base=digits_base(levels=1), pack=4, seeds=2, search=search,
-                                     space={"train.lr": {"loguniform": [5e-4, 2e-3]}})))
+    space = {"train.lr": {"loguniform": [5e-4, 2e-3]}, "train.batch_size": {"choice": [30, 60]},
+             "control": {"choice": ["none", "reinit"]}}
+    sweep = load_sweep(sweep_file(tmp_path, base=digits_base(levels=1), pack=4, seeds=2, search=search,
+                                  space=space))
+    runner.run(sweep)
     df = csv(tmp_path)
     assert df.trial_id.str.rsplit("_", n=1).str[0].nunique() == 2  # 3 configurations x 2 seeds in packs of 4
     assert len(df) == 6 * 2 and set(df.status) == {"TERMINATED"}
+    # the search mixed what cannot train together in one pack: it ran as groups, each row its own trial's
+    assert df["train.batch_size"].nunique() == 2 and df.control.nunique() == 2
+    for _, row in df.iterrows():
+        config = {p: row[p].item() if hasattr(row[p], "item") else row[p] for p in sweep.varied}
+        assert sweep.trial_spec(config, int(row.seed)).key == row.trial_key
     last = df[df.level == 1]
     means = sorted(last.groupby("train.lr").final_test_acc.mean())
     _, study_name = runner.load_saved(str(tmp_path / "runs"), "s")

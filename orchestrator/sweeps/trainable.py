@@ -104,7 +104,7 @@ def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching:
             errors: dict = {}
             run_pack([specs[i] for i in group], [pack.outs[i] for i in group], data=data, errors=errors,
                      units=pack.store, after_level=lambda level: pack.flush(),
-                     report=lambda record, out: pack.report(group[pack.outs.index(Path(out))], record))
+                     report=lambda record, out: pack.report(pack.outs.index(Path(out)), record))
             for j, e in errors.items():
                 pack.fail(group[j], e)
         pack.finish(group)
