@@ -143,7 +143,8 @@ def sweeps(args) -> None:
             cpus = max(1, args.threads // min(args.threads, tune_trials))
             sweep = {"name": f"pack{k}", "experiment": "bench-packed", "base": base, "seeds": args.trials,
                      "pack": k, "resources": {"cpu": cpus}, "max_concurrent": args.threads,
-                     "storage": str(tmp / "runs"), "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+                     "storage": str(tmp / f"runs{k}"),  # its own: no sweep reuses another's units
+                     "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
             path = tmp / f"pack{k}.yaml"
             path.write_text(yaml.safe_dump(sweep))
             started = time.perf_counter()
@@ -152,7 +153,7 @@ def sweeps(args) -> None:
             seconds = time.perf_counter() - started
             if done.returncode != 0:
                 sys.exit(f"pack {k} failed:\n{done.stderr[-3000:]}")
-            rows = pd.read_csv(tmp / "runs" / f"pack{k}" / "trials.csv")
+            rows = pd.read_csv(tmp / f"runs{k}" / f"pack{k}" / "trials.csv")
             assert len(rows) == args.trials * 3 and set(rows.status) == {"TERMINATED"}, rows
             results[k] = seconds
             acc = rows[rows.level == 2].test_acc.mean()
