@@ -225,9 +225,14 @@ def test_sweep_survives_losing_a_worker(tmp_path, cluster):
     from orchestrator.sweeps.units import trained_log
 
     # the two kinds of a seed share its dense run: 2 dense runs + 4 trunks x 3 levels, each
-    # published once although the lost worker held some
+    # published, none twice, although the lost worker held some (its log entry is written
+    # after the unit's DONE: a process killed in between leaves none)
+    from orchestrator.sweeps.units import UnitStore
+
+    published = UnitStore(str(tmp_path / "runs")).published_names()
     trained = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs")))
-    assert len(trained) == 14 and set(trained.values()) == {1}, trained
+    assert len(published) == 14 and set(trained.values()) <= {1}, (published, trained)
+    assert set(trained) <= published
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(str(tmp_path / "runs" / "lose-a-node")).trials

@@ -121,11 +121,15 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
     df = pd.read_csv(body)
     assert df.trial_id.nunique() == 4 and len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     assert sorted(os.listdir(driver_dir)) == ["sweep.yaml"], "the driver wrote sweep files locally"
-    # every shared unit (2 dense runs, 2 trunks x 3 levels) was published exactly once, although
-    # a worker and the driver died while trials held some
+    # every shared unit (2 dense runs, 2 trunks x 3 levels) was published, none twice, although
+    # a worker and the driver died while trials held some (a process killed between a unit's
+    # DONE and its log entry leaves it without one: at most once, not exactly once)
+    published = {k.removeprefix("sweeps/_units/").removesuffix("/DONE") for k in s3.keys("sweeps/_units/")
+                 if k.endswith("/DONE")}
     trained = Counter(k.rsplit("/", 1)[1].split("--")[0] for k in s3.keys("sweeps/_units/_log/")
                       if k.endswith(".json"))
-    assert len(trained) == 8 and set(trained.values()) == {1}, trained
+    assert len(published) == 8 and set(trained.values()) <= {1}, (published, trained)
+    assert set(trained) <= {u.replace("/", "~") for u in published}
 
     from mlflow.tracking import MlflowClient
 

@@ -3,6 +3,8 @@
     STORAGE/_units/<unit name>/...      a unit's files (trials/shared.py names them);
                                         DONE is written last: a unit counts only then
     STORAGE/_units/_log/<unit>--<id>.json   one file per unit trained: who, where, how long
+                                        (written after DONE: a process killed in between
+                                        leaves a published unit without one)
     STORAGE/_units/_packed/...          the same for sweeps with packs (units_root says why)
 
 Units live beside the sweeps, not inside one, so every later sweep on the same storage
