@@ -29,6 +29,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from orchestrator.sweep_spec import config_spec
 from trials import layout, shared
 from trials.spec import flatten
 
@@ -70,7 +71,7 @@ def trial_configs(sweep) -> tuple[list, bool]:
 
 def trial_specs(sweep) -> tuple[list, bool]:
     configs, estimated = trial_configs(sweep)
-    return [sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"]) for c in configs], estimated
+    return [config_spec(sweep.base, c) for c in configs], estimated
 
 
 PACK_LIMIT = 32  # members of a `pack: auto` pack at most (bench/packed.py: 16 gave 7x on 2 CPU cores)
@@ -121,7 +122,7 @@ def packs(sweep, configs: list) -> list[list[dict]]:
     groups: dict = {}
     alone = []
     for c in configs:
-        spec = sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"])
+        spec = config_spec(sweep.base, c)
         key = pack_key(spec) if sweep.pack != 1 else None
         if key is None:
             alone.append([c])
@@ -195,7 +196,7 @@ def pack_line(sweep) -> str:
     made = packs(sweep, configs)
     reasons: dict = {}
     for c in (p[0] for p in made if len(p) == 1):
-        why = _why_alone(sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"]))
+        why = _why_alone(config_spec(sweep.base, c))
         if why:
             reasons[why] = reasons.get(why, 0) + 1
     line = (f"  packs: {len(configs)} trials in {len(made)} Tune trials, "

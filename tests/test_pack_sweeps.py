@@ -30,7 +30,7 @@ def sweep_file(tmp_path, name="s", **fields):
 
 def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, monkeypatch):
     from orchestrator import plan
-    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweep_spec import config_spec, load_sweep
     from trials.packed import pack_key
 
     space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
@@ -42,7 +42,7 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     packed = [p for p in made if len(p) > 1]
     assert [len(p) for p in packed] == [3, 3, 3]  # 9 tickets at K=4: three packs of 3, not 4+4+1
     for p in packed:
-        specs = [sweep.trial_spec({k: v for k, v in c.items() if k != "seed"}, c["seed"]) for c in p]
+        specs = [config_spec(sweep.base, c) for c in p]
         assert len({pack_key(s) for s in specs}) == 1 and all(s.control == "none" for s in specs)
         # a seed's trials sit together: its dense run is trained once, inside one pack
         seeds = [c["seed"] for c in p]

@@ -281,8 +281,6 @@ def persisted_after(level: int) -> list:
     moment makes Tune restore the previous one although newer ones are safely in
     storage. Restoring those too keeps "a lost node costs at most the levels in flight"
     exact. Uses Ray's storage context (a private API): without it, Tune's checkpoint alone."""
-    import pyarrow.fs
-
     try:
         from ray.train._internal.session import get_storage
 
