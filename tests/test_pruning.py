@@ -148,3 +148,19 @@ def test_same_weights_same_mask():
 def test_an_unknown_scorer_is_a_programming_error_naming_the_known_ones():
     with pytest.raises(KeyError, match="known pruning scorers: magnitude, random"):
         pruning.STRATEGIES.get("snip")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_selection_is_the_stable_sorts_first_k(seed):
+    """pruning._top (selection) keeps exactly the first k of a stable descending sort: the
+    largest scores, ties (many here: rounded values, dead -inf entries) to the lower index."""
+    from trials.pruning import _top
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 50, (3000,), generator=g).to(torch.float64)
+    scores[torch.rand(3000, generator=g) < 0.3] = float("-inf")
+    for k in (0, 1, 7, 500, 2100, 2999, 3000, 3500):
+        want = torch.zeros(3000, dtype=torch.bool)
+        want[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+        got = _top(scores, k)
+        assert got.dtype == torch.bool and got.equal(want), k

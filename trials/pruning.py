@@ -97,9 +97,16 @@ def prune(spec, weights: dict, mask: Mask, layers: Layers, strategy: str = "magn
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    order = torch.sort(scores, descending=True, stable=True).indices
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
-    chosen[order[:k]] = True
+    """The k largest scores, ties going to the lower index: the first k of a stable
+    descending sort, found by selection (kthvalue, ~10x faster than the sort for a 235k-weight
+    layer; a pack of 128 LeNets spent half its time sorting)."""
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, n - k + 1).values  # the k-th largest
+    chosen = scores > threshold
+    ties = (scores == threshold).nonzero().flatten()
+    chosen[ties[: k - int(chosen.sum())]] = True
     return chosen
 
 
