@@ -9,8 +9,9 @@ taken over the nonzero elements only (sqrt(0) is 0 either way): the same bits, w
 tests/test_golden.py checks. torch's foreach path gives the same bits too but is no
 faster on CPU (a loop of the same kernels). ExactAdam is ~20% faster on pruned levels
 and the same on dense ones; the fused kernel is 1.65x the default on a whole LeNet IMP
-job but rounds differently (every golden case changes), so it is used on CUDA (no golden
-records there), in packs (trials/packed.py) and on CPU only when asked for (`fused=True`).
+job but rounds differently (every golden case changes), so it is used on CUDA always (no
+golden records there; `train.fused` changes CPU arithmetic only), in packs
+(trials/packed.py) and on CPU only when asked for (`fused=True`).
 """
 from __future__ import annotations
 
@@ -66,10 +67,15 @@ def make(t, params, device: torch.device, fused: Optional[bool] = None) -> torch
     kernels, faster, rounding differently (a different trial, hence part of the content key)."""
     fused = t.fused if fused is None else fused
     if t.optimizer == "adam":
+        if device.type == "cuda":
+            # always the fused kernel on CUDA, capturable, so the step can be a CUDA graph
+            # (trials/training.py StepGraph): the packs' arithmetic (trials/packed.py), with the
+            # bias corrections in the kernel. torch's capturable foreach path takes them in
+            # float32 tensor ops (1 - 0.999 rounds to 1e-5 relative), and drifted 4e-4 from a
+            # pack in 100 LeNet steps; the default, non-capturable one cannot be captured.
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True, capturable=True)
         if fused:
             return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
-        if device.type == "cpu":
-            return ExactAdam(params, lr=t.lr, weight_decay=t.weight_decay)
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return ExactAdam(params, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                            **({"fused": True} if fused else {}))

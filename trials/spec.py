@@ -61,7 +61,8 @@ class TrainSpec:
     eval_interval: int = _f(100, "iterations between validation evaluations (early stopping)")
     precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 = autocast matmuls/convs to bfloat16")
     fused: bool = _f(False, "torch's fused Adam/SGD kernels: ~1.7x faster LeNet trials on CPU, but they round "
-                            "differently, so records differ slightly from the default path's")
+                            "differently, so records differ slightly from the default path's (CUDA uses "
+                            "fused Adam either way)")
 
 
 @dataclass(frozen=True)
