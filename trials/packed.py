@@ -332,7 +332,9 @@ class PackedOptimizer:
             at, (params, state, second) = self._cut(tuple(group))
             grads = [p.grad[i] for p, ix in zip(self.params, at) for i in ix]
             if self.adam:  # torch.optim.adam's fused call; the kernel only reads the step: one tensor serves all
-                steps = [torch.tensor(float(step + 1), device=params[0].device)] * len(params)
+                # (a fill on the device: torch.tensor(value, device=cuda) would copy from pageable
+                # host memory, which waits for the GPU to finish its queue, every step)
+                steps = [torch.full((), float(step + 1), device=params[0].device)] * len(params)
                 torch._fused_adam_(params, grads, state, second, [], steps, lr=lr, beta1=0.9, beta2=0.999,
                                    weight_decay=wd, eps=1e-8, amsgrad=False, maximize=False)
             else:  # zero buffers: the first step's momentum*0 + grad is torch's clone of grad
