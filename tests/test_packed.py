@@ -408,10 +408,14 @@ def test_a_packed_bn_model_steps_as_each_member_alone(name, width):
     """The real models (ReLU, max-pooling): one training forward/backward of a pack of two
     against each member alone: logits, gradients, running averages and counts, then eval
     logits; a member's state has exactly the keys, shapes and dtypes of the model's."""
-    data = datasets.load(DatasetSpec(name="synthetic"), torch.device("cpu"))
+    assert_bn_model_steps_as_alone(name, width, torch.device("cpu"))
+
+
+def assert_bn_model_steps_as_alone(name, width, device):
+    data = datasets.load(DatasetSpec(name="synthetic"), device)
     spec = ModelSpec(name=name, width=width)
-    nets = [models.build(spec, data.info, seed=s) for s in range(2)]
-    pnet = PackedNet(models.build(spec, data.info, seed=5), 2, "cpu")
+    nets = [models.build(spec, data.info, seed=s, device=device) for s in range(2)]
+    pnet = PackedNet(models.build(spec, data.info, seed=5), 2, device)
     for m, net in enumerate(nets):
         pnet.load(m, state_of(net))
     x, y = data.train_x[:64], data.train_y[:64]
@@ -475,8 +479,8 @@ def smooth(monkeypatch):
 BN_WEIGHTS = 2e-5
 
 
-def assert_bn_pack_matches_alone(tmp_path, specs):
-    data = datasets.load(DatasetSpec(name="synthetic"), torch.device("cpu"))
+def assert_bn_pack_matches_alone(tmp_path, specs, device=torch.device("cpu")):
+    data = datasets.load(DatasetSpec(name="synthetic"), device)
     alone, outs, packed, _ = run_alone_and_packed(tmp_path, specs, data)
     assert any(r.early_stop_iteration < r.start_iteration + r.iterations for rs in alone for r in rs)  # a restore
     for i, spec in enumerate(specs):
