@@ -17,6 +17,15 @@ t10k files in ../shared/data/mnist-t10k (first 8,000 images train, of which 1,00
 validation, last 2,000 test), as bench/trial_speed.py.
 
     .venv/bin/python bench/packed.py [--iterations 300] [--packs 1 4 16] [--threads 2] [--sweep]
+
+On a GPU (--device cuda) the question is trials per GPU-hour, one trial per GPU (a process
+at a time, the GPU to itself) against packs, and larger packs pay:
+
+    python bench/packed.py --device cuda --skip head --trials 128 --packs 1 16 64 128 --sample 4
+
+--sample N times only the first N processes of a path (the rate is what counts; one trial
+per process at 128 trials would take most of the run). LTH_MNIST_T10K points elsewhere for
+the t10k files.
 """
 from __future__ import annotations
 
@@ -56,12 +65,12 @@ print(" ".join(f"{r[-1].test_acc:.4f}" for r in records))
 """
 
 
-def spec_data(root: Path, seed: int, iterations: int) -> dict:
+def spec_data(root: Path, seed: int, iterations: int, device: str = "cpu") -> dict:
     return {"model": "lenet_300_100", "dataset": {"name": "mnist", "data_dir": str(root), "validation": 1000},
             "train": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "iterations": iterations,
                       "eval_interval": 100},
             "prune": {"kind": "unstructured", "scope": "layerwise", "rate": 0.2, "levels": 2},
-            "seed": seed, "device": "cpu"}
+            "seed": seed, "device": device}
 
 
 def run(cmd: list, trials_dir: Path, env: dict) -> str:
@@ -80,6 +89,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every process")
     ap.add_argument("--skip", nargs="*", default=[], help="paths to leave out: head, single")
     ap.add_argument("--sweep", action="store_true", help="whole `lth sweep run` commands, pack: K")
+    ap.add_argument("--device", default="cpu", help="the trials' device: cpu, cuda")
+    ap.add_argument("--sample", type=int, default=0, help="time only the first N processes of each path")
     args = ap.parse_args()
     if args.sweep:
         return sweeps(args)
@@ -92,34 +103,44 @@ def main() -> None:
             sys.exit("needs the MNIST t10k files in ../shared/data/mnist-t10k")
         head = tmp / "head"
         head.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "trials"], check=True, capture_output=True)
-        subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
-        specs = [spec_data(root, seed, args.iterations) for seed in range(args.trials)]
+        if "head" not in args.skip:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "trials"], check=True,
+                                     capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
+        specs = [spec_data(root, seed, args.iterations, args.device) for seed in range(args.trials)]
         print(f"{args.trials} trials: lenet_300_100, real MNIST 8k, 3 levels x {args.iterations} iterations, "
-              f"batch 60, adam; {args.threads} threads per process; load average {os.getloadavg()[0]:.1f}")
+              f"batch 60, adam, {args.device}; {args.threads} threads per process; "
+              f"load average {os.getloadavg()[0]:.1f}")
 
+        # one untimed short trial first: the first process to import torch and train reads (and
+        # byte-compiles) from disk what later ones find cached
+        run([sys.executable, "-c", SINGLE, json.dumps(spec_data(root, 0, 100, args.device)), str(tmp / "warm")],
+            REPO / "trials", env)
         results = {}
         paths = [(name, None) for name in ("head", "single") if name not in args.skip]
         paths += [(f"pack {k}", k) for k in args.packs]
         for name, k in paths:
             started = time.perf_counter()
             out = tmp / name.replace(" ", "")
+            starts = range(0, len(specs), k or 1)
+            starts = starts[: args.sample or None]
             if k is None:
                 trials_dir = head / "trials" if name == "head" else REPO / "trials"
-                last = [run([sys.executable, "-c", SINGLE, json.dumps(s), str(out / str(i))], trials_dir, env)
-                        for i, s in enumerate(specs)]
+                last = [run([sys.executable, "-c", SINGLE, json.dumps(specs[a]), str(out / str(a))], trials_dir, env)
+                        for a in starts]
             else:
                 last = [run([sys.executable, "-c", PACK, json.dumps(specs[a : a + k]),
                              json.dumps([str(out / str(i)) for i in range(a, a + k)])], REPO / "trials", env)
-                        for a in range(0, len(specs), k)]
+                        for a in starts]
             seconds = time.perf_counter() - started
-            results[name] = seconds
-            print(f"{name:7s} {seconds:8.1f} s  {args.trials / seconds * 3600:8.0f} trials/h   "
+            done = len(starts) * (k or 1)
+            results[name] = done / seconds * 3600
+            print(f"{name:7s} {done:4d} trials {seconds:8.1f} s  {results[name]:8.0f} trials/h   "
                   f"(last process: {last[-1][:60]})", flush=True)
-        base = results.get("head")
-        if base:
-            for name, seconds in results.items():
-                print(f"{name:7s} speed vs head (one trial per process, git HEAD): {base / seconds:.2f}x")
+        base = results.get("head") or results.get("single")
+        for name, rate in results.items():
+            print(f"{name:7s} trials per hour vs {'head' if 'head' in results else 'single'} "
+                  f"(one trial per process): {rate / base:.2f}x")
         print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

@@ -53,7 +53,7 @@ from trials.lottery import run_lottery
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec, TrialSpec
 
 REPO = Path(__file__).resolve().parent.parent
-MNIST_T10K = REPO.parent / "shared" / "data" / "mnist-t10k"
+MNIST_T10K = Path(os.environ.get("LTH_MNIST_T10K") or REPO.parent / "shared" / "data" / "mnist-t10k")  # or elsewhere
 EVAL_BATCH = 1000  # same chunking as the engine's evaluation
 N_TRAIN_MNIST = 8000  # of the 10,000 t10k images; the rest is the test set
 
