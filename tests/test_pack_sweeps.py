@@ -54,6 +54,9 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     auto = load_sweep(sweep_file(tmp_path, pack="auto", seeds=3, space=space))
     assert plan.pack_size(auto, auto.trial_spec({}, 0)) == 2
     assert max(len(p) for p in plan.packs(auto, configs)) == 2
+    monkeypatch.setenv("LTH_PACK_MEMORY_GB", "1000")  # then the limit sizes it: more members on a GPU
+    assert plan.pack_size(auto, auto.trial_spec({}, 0)) == plan.PACK_LIMIT["cpu"] == 32
+    assert plan.pack_size(auto, auto.trial_spec({}, 0).replace(device="cuda")) == plan.PACK_LIMIT["cuda"] == 128
 
     out = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=4, seeds=3, space=space))],
                          capture_output=True, text=True, timeout=120)
