@@ -101,12 +101,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.sgd import sgd as sgd_step
 
-from trials import datasets, layout, masks, models, pruning, shared
+from trials import datasets, layout, masks, models, pruning, shared, training
 from trials.errors import ConfigError
 from trials.lottery import resolve_device
 from trials.record import LevelRecord
 from trials.store import TrialDir, load_tensors, save_tensors, state_of
-from trials.training import EVAL_BATCH, BatchOrder, TrainingDiverged, autocast_for, learning_rate, rng
+from trials.training import EVAL_BATCH, BatchOrder, StepGraph, TrainingDiverged, autocast_for, learning_rate, rng
 
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
 
@@ -300,7 +300,9 @@ class PackedOptimizer:
         self.adam = trains[0].optimizer == "adam"
         self.state = [torch.zeros_like(p) for p in params]  # SGD momentum / Adam first moment
         self.second = [torch.zeros_like(p) for p in params] if self.adam else None
-        self.steps = [0] * len(trains)
+        self.steps = [0] * len(trains)  # on the host: how members group
+        # and on the device, what Adam's kernel reads: a CUDA graph of the step counts them itself
+        self.counts = [torch.zeros((), device=params[0].device) for _ in trains]
         self.cuts: dict = {}  # members stepped together -> (per parameter its slices, their state views)
 
     def _cut(self, group: tuple) -> tuple:
@@ -319,7 +321,13 @@ class PackedOptimizer:
     def start(self, m: int) -> None:
         for s in self.state + (self.second or []):
             s[m].zero_()
+        self.counts[m].zero_()
         self.steps[m] = 0
+
+    def advance(self, members: list) -> None:
+        """The host's count of a step a CUDA graph replayed (it ran no Python)."""
+        for m in members:
+            self.steps[m] += 1
 
     @torch.no_grad()
     def step(self, members: list, lrs: list) -> None:
@@ -332,9 +340,11 @@ class PackedOptimizer:
             at, (params, state, second) = self._cut(tuple(group))
             grads = [p.grad[i] for p, ix in zip(self.params, at) for i in ix]
             if self.adam:  # torch.optim.adam's fused call; the kernel only reads the step: one tensor serves all
-                # (a fill on the device: torch.tensor(value, device=cuda) would copy from pageable
-                # host memory, which waits for the GPU to finish its queue, every step)
-                steps = [torch.full((), float(step + 1), device=params[0].device)] * len(params)
+                # (counted on the device: a host value would be a constant in a CUDA graph, and
+                # torch.tensor(value, device=cuda) a copy that waits for the GPU every step)
+                counts = [self.counts[m] for m in group]
+                torch._foreach_add_(counts, 1.0)
+                steps = [counts[0]] * len(params)
                 torch._fused_adam_(params, grads, state, second, [], steps, lr=lr, beta1=0.9, beta2=0.999,
                                    weight_decay=wd, eps=1e-8, amsgrad=False, maximize=False)
             else:  # zero buffers: the first step's momentum*0 + grad is torch's clone of grad
@@ -402,6 +412,30 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
     window_loss, window_steps = torch.zeros(k, device=device), [0] * k
     last = [{} for _ in jobs]
 
+    def step(x, y):  # members and lrs: this iteration's (the loop's variables)
+        with autocast():
+            out = net(x)
+            losses = F.cross_entropy(out, y, reduction="none").view(k, -1).mean(1)
+        for p in params:
+            p.grad = None
+        losses.sum().backward()  # members are independent: each slice gets its own loss's gradient
+        with torch.no_grad():
+            if mask_params:
+                torch._foreach_mul_([p.grad for p in mask_params], mask_values)
+            opt.step(members, lrs)
+            apply_masks()
+        window_loss.add_(losses.detach())
+
+    def steady(it: int, lrs: list) -> int:
+        """Steps from `it` on with these members and rates (no member starts, no rate changes)."""
+        n = min(StepGraph.RUN, t0.iterations - it)
+        for j in range(it + 1, it + n):
+            if any(job.start == j for job in jobs) or [learning_rate(job.spec.train, j) for job in jobs] != lrs:
+                return j - it
+        return n
+
+    graph = StepGraph(step) if device.type == "cuda" and training.CUDA_GRAPHS else None
+    graph_key = None
     net.train()
     for it in range(first, t0.iterations):
         for m, job in enumerate(jobs):
@@ -419,18 +453,15 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
         if data.augment is not None:
             x = torch.cat([data.augment(part, rng(job.spec.seed, "augment", it))
                            for part, job in zip(x.chunk(k), jobs)])
-        with autocast():
-            out = net(x)
-            losses = F.cross_entropy(out, data.train_y[idx.flatten()], reduction="none").view(k, -1).mean(1)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()  # members are independent: each slice gets its own loss's gradient
-        with torch.no_grad():
-            if mask_params:
-                torch._foreach_mul_([p.grad for p in mask_params], mask_values)
-            opt.step(members, lrs)
-            apply_masks()
-        window_loss += losses.detach()
+        y = data.train_y[idx.flatten()]
+        if graph is None:
+            step(x, y)
+        else:  # a graph of the step holds while the members and their rates do (training.StepGraph)
+            if (tuple(members), tuple(lrs)) != graph_key:
+                graph.drop()
+                graph_key = (tuple(members), tuple(lrs))
+            if graph(x, y, lambda: steady(it, lrs)):
+                opt.advance(members)
         for m in members:
             window_steps[m] += 1
 
@@ -446,7 +477,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
                     with torch.no_grad():
                         for p in params:
                             p[m].zero_()
-                    pnet.load_buffers(m, job.start_weights)  # finite running state (eval of the others)
+                    pnet.load_buffers(m, jobs[m].start_weights)  # finite running state (eval of the others)
             members = [m for m in members if running[m]]
             window_loss.zero_()
             window_steps = [0] * k
