@@ -141,3 +141,59 @@ def test_cuda_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
     if spec.rewind_iteration:
         a, b = (load_tensors(tmp_path / d / "rewind.safetensors") for d in ("graphed", "eager"))
         assert all(a[n].equal(b[n]) for n in b)
+
+
+def diverging_sgd_pair():
+    """Two SGD members, the second diverges (lr 1e4) and fails alone mid-level: the graph
+    of the step is dropped when the members change."""
+    sgd = dict(optimizer="sgd", momentum=0.9, batch_size=60, iterations=100, eval_interval=20)
+    return [lenet(device="cuda", train=TrainSpec(lr=0.05, **sgd), prune=PruneSpec(rate=0.2, levels=1)),
+            lenet(device="cuda", train=TrainSpec(lr=1e4, **sgd), prune=PruneSpec(rate=0.2, levels=1), seed=1)]
+
+
+PACKS_GRAPHED = {  # members starting at different iterations (rewind points), a warmup ramp, BatchNorm
+    "lenets": (lenets, "digits"),
+    "conv2s": (conv2s, "synthetic"),
+    "resnet20s": (lambda: [bn_spec("resnet20", 0.25, levels=1, seed=s, device="cuda", rewind_iteration=5 * s).replace(
+        train=TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=32, iterations=60, eval_interval=20))
+        for s in range(2)], "synthetic"),
+    "diverging": (diverging_sgd_pair, "digits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACKS_GRAPHED))
+def test_a_packs_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
+    """A pack whose steps replay as CUDA graphs writes each member's records, weights and
+    rewind point as the same pack stepped eagerly, bit for bit; graphs did replay."""
+    from trials import packed as packed_module
+    from trials import training
+
+    make, dataset = PACKS_GRAPHED[case]
+    specs = make()
+    data = datasets.load(DatasetSpec(name=dataset), CUDA)
+    replays = []
+
+    class Counted(training.StepGraph):
+        def __call__(self, x, y, run):
+            replayed = super().__call__(x, y, run)
+            replays.append(replayed)
+            return replayed
+
+    monkeypatch.setattr(packed_module, "StepGraph", Counted)
+    runs = {}
+    for mode in ("graphed", "eager"):
+        monkeypatch.setattr(training, "CUDA_GRAPHS", mode == "graphed")
+        errors = {}
+        runs[mode] = run_pack(specs, [tmp_path / f"{mode}{i}" for i in range(len(specs))], data=data, errors=errors)
+        assert (set(errors) == {1}) == (case == "diverging"), errors
+        if mode == "graphed":
+            assert sum(replays) > len(replays) / 2, (sum(replays), len(replays))
+    assert timeless(runs["graphed"]) == timeless(runs["eager"])
+    for i, spec in enumerate(specs):
+        if not runs["eager"][i]:
+            continue  # the member that diverged wrote no level
+        levels = spec.last_level + 1
+        for a, b in zip(finals(tmp_path / f"graphed{i}", levels), finals(tmp_path / f"eager{i}", levels)):
+            assert all(a[n].equal(b[n]) for n in b), (case, i)
+        a, b = (load_tensors(tmp_path / f"{mode}{i}" / "rewind.safetensors") for mode in ("graphed", "eager"))
+        assert all(a[n].equal(b[n]) for n in b), (case, i)
