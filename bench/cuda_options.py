@@ -2,14 +2,14 @@
 step as the engine takes it (forward, cross-entropy, backward, masked gradients, Adam,
 masks re-applied; trials/training.py train_level), per variant:
 
-    eager          the engine today on CUDA (torch.optim.Adam's default, foreach)
-    fused          torch's fused Adam (train.fused: true)
+    eager          torch.optim.Adam's default on CUDA (foreach): the engine before this bench
+    fused          torch's fused Adam (the engine's Adam on CUDA since)
     channels_last  fused, model and batches in channels_last (conv models only)
     graph          fused, capturable, the whole step captured once as a CUDA graph and replayed
     compile        fused, torch.compile(model) (default mode); its compile time is printed apart
 
 and for a pack of K LeNet-300-100 members (trials/packed.py train_packed_level's step):
-pack eager against pack graph. Median over windows of steps, timed with CUDA events, after
+pack eager against pack graph (the engine replays both as graphs since: training.StepGraph). Median over windows of steps, timed with CUDA events, after
 warm-up; 50%-pruned masks so the masking does real work. No numbers of any trial depend on
 this script: it decides what the engine should adopt (ARCHITECTURE.md, "Speed and packs").
 

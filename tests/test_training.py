@@ -117,3 +117,17 @@ def test_fused_is_a_spec_choice_close_to_the_default_and_keeps_masks(digits_cpu)
     spec = quick_spec()
     assert spec.key == quick_spec(train=dataclasses.replace(spec.train, fused=False)).key
     assert spec.key != quick_spec(train=dataclasses.replace(spec.train, fused=True)).key
+
+
+def test_steady_counts_the_steps_a_step_graph_may_replay():
+    """training.steady: steps from `it` on at its rate, at most StepGraph.RUN, none from `end`
+    (a graph of the step is captured only where it holds for RUN steps)."""
+    from trials.training import StepGraph, steady
+
+    assert StepGraph.RUN == 20
+    lr = lambda j: 1.0 if j < 50 else 0.1  # noqa: E731 - a milestone at 50
+    assert [steady(lr, it, 100) for it in (0, 40, 49, 50, 95, 99)] == [20, 10, 1, 20, 5, 1]
+    warmup = lambda j: min(1.0, (j + 1) / 10)  # noqa: E731 - a ramp: a new rate every step until 9
+    assert [steady(warmup, it, 100) for it in (0, 8, 9)] == [1, 1, 20]
+    started = lambda j: (j >= 30, 0.1)  # noqa: E731 - a pack member starting at 30
+    assert steady(started, 25, 100) == 5 and steady(started, 30, 100) == 20

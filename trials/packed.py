@@ -106,7 +106,8 @@ from trials.errors import ConfigError
 from trials.lottery import resolve_device
 from trials.record import LevelRecord
 from trials.store import TrialDir, load_tensors, save_tensors, state_of
-from trials.training import EVAL_BATCH, BatchOrder, StepGraph, TrainingDiverged, autocast_for, learning_rate, rng
+from trials.training import (EVAL_BATCH, BatchOrder, StepGraph, TrainingDiverged, autocast_for, learning_rate, rng,
+                             steady)
 
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
 
@@ -426,13 +427,8 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
             apply_masks()
         window_loss.add_(losses.detach())
 
-    def steady(it: int, lrs: list) -> int:
-        """Steps from `it` on with these members and rates (no member starts, no rate changes)."""
-        n = min(StepGraph.RUN, t0.iterations - it)
-        for j in range(it + 1, it + n):
-            if any(job.start == j for job in jobs) or [learning_rate(job.spec.train, j) for job in jobs] != lrs:
-                return j - it
-        return n
+    def rates(j: int) -> tuple:  # what the step's graph depends on: who has started, at which rate
+        return tuple(j >= job.start for job in jobs), tuple(learning_rate(job.spec.train, j) for job in jobs)
 
     graph = StepGraph(step) if device.type == "cuda" and training.CUDA_GRAPHS else None
     graph_key = None
@@ -460,7 +456,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
             if (tuple(members), tuple(lrs)) != graph_key:
                 graph.drop()
                 graph_key = (tuple(members), tuple(lrs))
-            if graph(x, y, lambda: steady(it, lrs)):
+            if graph(x, y, lambda: steady(rates, it, t0.iterations)):
                 opt.advance(members)
         for m in members:
             window_steps[m] += 1

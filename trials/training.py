@@ -152,8 +152,7 @@ def train_level(net, mask, data, t, seed: int, start_iteration: int,
         if data.augment is not None:
             x = data.augment(x, rng(seed, "augment", it))
         if graph is not None:
-            graph(x, data.train_y[idx], lambda: next((j - it for j in range(it, min(it + graph.RUN, t.iterations))
-                                                      if lr_of(j) != lr), min(graph.RUN, t.iterations - it)))
+            graph(x, data.train_y[idx], lambda: steady(lr_of, it, t.iterations))
         else:
             step(x, data.train_y[idx])
         window_steps += 1
@@ -189,6 +188,13 @@ def train_level(net, mask, data, t, seed: int, start_iteration: int,
         "iterations": t.iterations - start_iteration,
         "seconds": time.perf_counter() - started,
     }
+
+
+def steady(rates: Callable[[int], object], it: int, end: int) -> int:
+    """How many steps from `it` on (at most StepGraph.RUN, none from `end`) run with the
+    rates `rates(it)` gives (anything comparable: a pack's holds its members' starts too)."""
+    now, most = rates(it), min(StepGraph.RUN, end - it)
+    return next((j - it for j in range(it + 1, it + most) if rates(j) != now), most)
 
 
 class StepGraph:
