@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from trials import masks, models
+from trials import masks, models, optim
 from trials.spec import ModelSpec, TrainSpec
 from trials.training import BatchOrder, TrainingDiverged, learning_rate, rng, train_level
 
@@ -104,8 +104,8 @@ def test_fused_is_a_spec_choice_close_to_the_default_and_keeps_masks(digits_cpu)
     t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=32, iterations=60, eval_interval=20)
     fused_t = dataclasses.replace(t, fused=True)
     net = models.build(models_spec(), digits_cpu.info, seed=0)
-    assert make_optimizer(fused_t, net.parameters()).defaults["fused"]
-    assert not make_optimizer(t, net.parameters()).defaults.get("fused")
+    assert isinstance(make_optimizer(fused_t, net.parameters()), optim.FusedAdam)
+    assert isinstance(make_optimizer(t, net.parameters()), optim.ExactAdam)
     layers = masks.Layers.of(net)
     mask = random_mask(layers, 0.3)
     start = {k: v.clone() for k, v in net.state_dict().items()}
@@ -131,3 +131,52 @@ def test_steady_counts_the_steps_a_step_graph_may_replay():
     assert [steady(warmup, it, 100) for it in (0, 8, 9)] == [1, 1, 20]
     started = lambda j: (j >= 30, 0.1)  # noqa: E731 - a pack member starting at 30
     assert steady(started, 25, 100) == 5 and steady(started, 30, 100) == 20
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: (optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4),
+                torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4)),
+    lambda ps: (optim.SGD(ps, lr=0.05, momentum=0.0, weight_decay=0.0),
+                torch.optim.SGD(ps, lr=0.05, momentum=0.0, weight_decay=0.0)),
+    lambda ps: (optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4, fused=True),
+                torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4, fused=True)),
+    lambda ps: (optim.FusedAdam(ps, lr=1e-3, weight_decay=1e-4),
+                torch.optim.Adam(ps, lr=1e-3, weight_decay=1e-4, fused=True)),
+], ids=["sgd", "sgd-plain", "sgd-fused", "adam-fused"])
+def test_light_optimizers_step_as_torchs_classes(make):
+    """trials.optim's SGD and FusedAdam (no torch.optim.Optimizer: it imports torch._dynamo)
+    against torch's classes: the same parameters, bit for bit, over masked steps with a
+    change of learning rate."""
+    torch.manual_seed(0)
+    nets = [models.build(ModelSpec(name="lenet_300_100"), type("I", (), {"shape": (1, 8, 8), "num_classes": 10}),
+                         seed=0) for _ in range(2)]
+    light, theirs = make(list(nets[0].parameters()))[0], make(list(nets[1].parameters()))[1]
+    mask = (torch.rand(300, 64) < 0.5).float()
+    x, y = torch.randn(6, 60, 1, 8, 8), torch.randint(10, (6, 60))
+    for i in range(6):
+        if i == 3:
+            for opt in (light, theirs):
+                opt.param_groups[0]["lr"] *= 0.1
+        for net, opt in zip(nets, (light, theirs)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x[i]), y[i]).backward()
+            net.hidden[0].weight.grad.mul_(mask)
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert a.equal(b)
+
+
+def test_a_cpu_trial_does_not_import_torch_dynamo(tmp_path):
+    """1.4 s of every process that trains: nothing of the CPU engine's path imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from tests.conftest import quick_spec; "
+            "from trials.spec import TrainSpec; from trials.lottery import run_lottery; "
+            "t = dict(batch_size=60, iterations=20, eval_interval=10); "
+            "[run_lottery(quick_spec(train=TrainSpec(**o, **t)), Path(sys.argv[1]) / str(i)) for i, o in enumerate(["
+            "dict(optimizer='adam'), dict(optimizer='adam', fused=True), dict(optimizer='sgd', momentum=0.9)])]; "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
