@@ -180,3 +180,15 @@ def test_a_cpu_trial_does_not_import_torch_dynamo(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_square_roots_skipping_zeros_are_torchs_bits():
+    """optim.sqrts_skipping_zeros against x.sqrt() on second-moment-like values: exact
+    zeros, denormals, tiny and large values, a dense tensor and a mostly-zero one."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.rand(1000, generator=g) * 1e-3
+    sparse = torch.rand(1000, generator=g) ** 8
+    sparse[torch.rand(1000, generator=g) < 0.8] = 0.0
+    sparse[:4] = torch.tensor([1e-45, 1e-40, 1e-38, 3e38])  # denormals, the smallest normal, near max
+    for got, x in zip(optim.sqrts_skipping_zeros([dense, sparse]), [dense, sparse]):
+        assert got.equal(x.sqrt())
