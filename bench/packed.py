@@ -2,7 +2,7 @@
 one trial per process against packs of K trials per process (trials/packed.py).
 
     head    one trial per process, the engine as committed at git HEAD (`git archive HEAD
-            trials`): today's trials per hour
+            trials`), or at --head-ref: today's trials per hour
     single  one trial per process, this tree's engine (trials.lottery.run_lottery)
     pack K  16/K processes, each trains a pack of K trials (trials.packed.run_pack), K in --packs
 
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--packs", type=int, nargs="+", default=[1, 4, 16], help="pack sizes K")
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every process")
     ap.add_argument("--skip", nargs="*", default=[], help="paths to leave out: head, single")
+    ap.add_argument("--head-ref", default="HEAD", help="the commit whose engine the head path runs")
     ap.add_argument("--sweep", action="store_true", help="whole `lth sweep run` commands, pack: K")
     ap.add_argument("--device", default="cpu", help="the trials' device: cpu, cuda")
     ap.add_argument("--sample", type=int, default=0, help="time only the first N processes of each path")
@@ -104,7 +105,7 @@ def main() -> None:
         head = tmp / "head"
         head.mkdir()
         if "head" not in args.skip:
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "trials"], check=True,
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.head_ref, "trials"], check=True,
                                      capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
         specs = [spec_data(root, seed, args.iterations, args.device) for seed in range(args.trials)]
