@@ -138,6 +138,13 @@ def main() -> None:
             results[name] = done / seconds * 3600
             print(f"{name:7s} {done:4d} trials {seconds:8.1f} s  {results[name]:8.0f} trials/h   "
                   f"(last process: {last[-1][:60]})", flush=True)
+        if "head" in results and "single" in results:  # the bit-exact default: the same numbers as head's?
+            def numbers(folder):
+                rows = [json.loads(line) for line in (folder / "levels.jsonl").read_text().splitlines()]
+                return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+            ran = [p.name for p in (tmp / "single").iterdir() if (tmp / "head" / p.name / "levels.jsonl").exists()]
+            same = sum(numbers(tmp / "head" / n) == numbers(tmp / "single" / n) for n in ran)
+            print(f"single: the same records (all but seconds) as head for {same} of {len(ran)} trials")
         base = results.get("head") or results.get("single")
         for name, rate in results.items():
             print(f"{name:7s} trials per hour vs {'head' if 'head' in results else 'single'} "

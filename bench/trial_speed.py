@@ -22,7 +22,8 @@ Modes (`--mode`):
     process     whole processes, imports and data loading included, same job and data:
                 `lth trial run CONFIG` vs a minimal hand-written script (this file with
                 --hand-process: numpy reads the IDX files, then the loop of (b)), and the
-                engine as committed at git HEAD (`git archive HEAD trials`) vs this tree,
+                engine as committed at git HEAD (`git archive HEAD trials`; --head-ref
+                another commit) vs this tree,
                 both through the same few-line driver, and the trial as a pack of one
                 (trials.packed.run_pack: fused Adam, not bit-identical): ratios
                 lth/hand, tree/HEAD and pack1/HEAD
@@ -261,7 +262,8 @@ def process_mode(args, tmp: Path) -> None:
         sys.exit(f"--mode process needs the MNIST t10k files in {MNIST_T10K}")
     head = tmp / "head"
     head.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "trials"], check=True, capture_output=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", args.head_ref, "trials"], check=True,
+                             capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
     data = spec_data(root, args.levels, args.iterations)
     config = tmp / "trial.json"
@@ -296,8 +298,8 @@ def process_mode(args, tmp: Path) -> None:
     for k, v in med.items():
         print(f"{k:5s} median {v:7.2f} s  (best {min(times[k]):.2f})")
     print(f"ratio lth trial run / hand-written script (speed, whole process): {med['hand'] / med['lth']:.3f}")
-    print(f"ratio this tree / git HEAD engine (speed, whole process):         {med['head'] / med['tree']:.3f}")
-    print(f"ratio pack of one (fused Adam) / git HEAD engine (whole process):  {med['head'] / med['pack1']:.3f}")
+    print(f"ratio this tree / {args.head_ref} engine (speed, whole process):  {med['head'] / med['tree']:.3f}")
+    print(f"ratio pack of one (fused Adam) / {args.head_ref} engine (whole process): {med['head'] / med['pack1']:.3f}")
 
 
 # ---------------------------------------------------------------- optimizer options
@@ -338,6 +340,7 @@ def optimizer_mode(args, spec, data) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("loop", "process", "optimizers"), default="loop")
+    ap.add_argument("--head-ref", default="HEAD", help="--mode process: the commit of the 'head' engine")
     ap.add_argument("--levels", type=int, default=4, help="trained levels, the dense level 0 included")
     ap.add_argument("--iterations", type=int, default=1000, help="optimizer steps per level")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (alternating)")

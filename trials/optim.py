@@ -138,10 +138,11 @@ def sqrts_skipping_zeros(xs: list) -> list:
     return roots
 
 
-def make(t, params, device: torch.device, fused: Optional[bool] = None) -> torch.optim.Optimizer:
-    """The optimizer of train spec `t`. fused=None: the spec's `train.fused` (default false:
-    torch's default arithmetic, ExactAdam on CPU; SGD is torch's own); true: torch's fused
-    kernels, faster, rounding differently (a different trial, hence part of the content key)."""
+def make(t, params, device: torch.device, fused: Optional[bool] = None):
+    """The optimizer of train spec `t` (a Light one on CPU, torch's class on CUDA).
+    fused=None: the spec's `train.fused` (default false: torch's default arithmetic,
+    ExactAdam on CPU; SGD is torch's own); true: torch's fused kernels, faster, rounding
+    differently (a different trial, hence part of the content key)."""
     fused = t.fused if fused is None else fused
     if t.optimizer == "adam":
         if device.type == "cuda":
