@@ -5,14 +5,14 @@ went to one op in it: `exp_avg_sq.sqrt()`. ATen hands sqrt to MKL (vsSqrt), whic
 about 20x slower on elements that are exactly 0, and a pruned network's second moments
 are mostly exactly 0 (its gradients are masked). `ExactAdam` runs torch's single-tensor
 arithmetic op for op, the same ops on the same values, except that the square root is
-taken over the nonzero elements only (sqrt(0) is 0 either way): the same bits, which
-tests/test_golden.py checks. torch's foreach Adam gives the same bits too but is no
-faster on CPU (its own square roots of zeros); ExactAdam takes the foreach ops for the
-rest, which halves its step (Python no longer calls each op per parameter). ExactAdam's
-square roots made it ~20% faster than torch's on pruned levels; the fused kernel is 1.65x the default on a whole LeNet IMP
-job but rounds differently (every golden case changes), so it is used on CUDA always (no
+taken over the nonzero elements only (sqrt(0) is 0 either way), and each op runs once
+for all parameters (torch's _foreach_ ops): the same bits, which tests/test_golden.py
+checks, 1.40x torch's default on a whole LeNet IMP job. torch's foreach Adam gives the
+same bits too but no speed (its own square roots of zeros). The fused kernel is 1.75x
+but rounds differently (every golden case changes), so it is used on CUDA always (no
 golden records there; `train.fused` changes CPU arithmetic only), in packs
-(trials/packed.py) and on CPU only when asked for (`fused=True`).
+(trials/packed.py) and on CPU only when asked for (`fused=True`). On CPU none of these
+is a torch.optim.Optimizer (`Light`).
 """
 from __future__ import annotations
 
