@@ -274,3 +274,34 @@ def test_a_shared_sweep_records_what_an_unshared_one_does_and_a_later_sweep_reus
     again = sweep("again", True)  # a later sweep on the same storage trains no unit again
     assert logged(tmp_path / "runs") == counts
     pd.testing.assert_frame_equal(numbers(again), numbers(alone))
+
+
+def test_scratch_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """Ray ends workers without atexit, so a UnitStore's scratch folder (its cached units)
+    outlives its process; the next UnitStore on the node removes those whose pid is dead,
+    and one with no pid file older than a day; it keeps a live process's, one being created
+    (no pid file yet, recent), one whose pid file it cannot read, and anything else."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from orchestrator.sweeps import units
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folders = {name: tmp_path / f"{units.SCRATCH_PREFIX}{name}" for name in ("dead", "live", "new", "old", "bad")}
+    for name, folder in folders.items():
+        (folder / "cache" / "unit").mkdir(parents=True)
+    (folders["dead"] / "pid").write_text(gone.stdout.strip())
+    (folders["live"] / "pid").write_text(str(os.getpid()))
+    (folders["bad"] / "pid").write_text("not a pid")
+    old = time.time() - units.STALE_SCRATCH_SECONDS - 60
+    os.utime(folders["old"], (old, old))  # no pid file: from before pid files, a day old
+    (tmp_path / "other").mkdir()
+
+    store = units.UnitStore(str(tmp_path / "runs"))
+    assert store.scratch.parent == tmp_path and (store.scratch / "pid").read_text() == str(os.getpid())
+    left = {p.name for p in tmp_path.iterdir()}
+    assert folders["dead"].name not in left and folders["old"].name not in left
+    assert {folders[n].name for n in ("live", "new", "bad")} <= left and "other" in left

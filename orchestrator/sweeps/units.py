@@ -44,6 +44,8 @@ DONE = "DONE"
 NAMESPACE = "lth"
 POLL_SECONDS = 0.25
 CACHE_UNITS = 32  # units a process keeps fetched (a VGG trunk level is ~75 MB); older are fetched again
+SCRATCH_PREFIX = "lth-units-"  # a process's own scratch folder in the node's temp folder, holding its pid
+STALE_SCRATCH_SECONDS = 86400  # a scratch folder with no pid (written before pids were) this old is removed
 
 
 def lease_seconds() -> float:
@@ -153,6 +155,44 @@ def find_broker(sweep_name: str):
         return None
 
 
+def remove_dead_scratch(folder: Optional[str] = None) -> list:
+    """Remove the scratch folders (cached units, up to CACHE_UNITS of them) of UnitStores
+    whose process is gone: Ray ends its workers without running atexit, so each worker
+    process of each sweep used to leave one in the node's temp folder (682 of up to 42 MB
+    on the development machine, which filled its disk). A folder whose pid file names a
+    live process, or that has no pid file yet (being created), stays; one with no pid file
+    older than STALE_SCRATCH_SECONDS is from before pid files and goes. Returns those removed."""
+    removed = []
+    for d in Path(folder or tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
+        try:
+            pid = int((d / "pid").read_text())
+        except FileNotFoundError:
+            try:
+                stale = time.time() - d.stat().st_mtime > STALE_SCRATCH_SECONDS
+            except OSError:
+                continue
+            if not stale:
+                continue
+        except (OSError, ValueError):
+            continue
+        else:
+            if _alive(pid):
+                continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 class UnitStore:
     """trials.shared.Units on the sweep's storage, with the broker's leases (module doc).
     `helper(name, spec_dict)` trains another unit while this one waits; `data` says which
@@ -163,10 +203,13 @@ class UnitStore:
         self.fs, self.base = filesystem(self.root)
         self.broker = broker
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.scratch = Path(scratch or tempfile.mkdtemp(prefix="lth-units-"))
-        self.scratch.mkdir(parents=True, exist_ok=True)
         if scratch is None:
-            atexit.register(shutil.rmtree, self.scratch, True)
+            remove_dead_scratch()
+            scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+            (scratch / "pid").write_text(str(os.getpid()))
+            atexit.register(shutil.rmtree, scratch, True)  # not run where Ray kills a worker: see remove_dead_scratch
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
         self.cache = self.scratch / "cache"
         self.helper: Optional[Callable] = None
         self.data = ""
