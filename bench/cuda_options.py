@@ -208,8 +208,7 @@ def pack(args, device) -> None:
             idx.copy_(torch.randint(len(x_all), (k, batch), device=device, generator=gen))
 
         try:
-            if v == "pack graph":  # the packed optimizer's step count is a host number: capture needs it fixed
-                opt.steps = [1000] * k
+            if v == "pack graph":
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(s):

@@ -175,9 +175,8 @@ def test_a_packs_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
 
     class Counted(training.StepGraph):
         def __call__(self, x, y, run):
-            replayed = super().__call__(x, y, run)
-            replays.append(replayed)
-            return replayed
+            replays.append(self.graph is not None)
+            super().__call__(x, y, run)
 
     monkeypatch.setattr(packed_module, "StepGraph", Counted)
     runs = {}

@@ -26,7 +26,7 @@ rest of the schedule, `prune.*`, `rewind_iteration`.
               train in its optimizer with its weight decay, as alone; they are pruned only
               as a structured mask's companions, as alone.
     optimizer torch's fused Adam / SGD kernels over the members' slices, one call per
-              group of members at the same (lr, weight decay, momentum, step count); a run
+              group of members at the same (lr, weight decay, momentum, start iteration); a run
               of members goes in as one tensor only where that cannot change its numbers
               (PackedOptimizer._cut).
     rewind    members whose level starts at different iterations (rewind_iteration k)
@@ -59,7 +59,8 @@ differ by ~1e-1 relative. So the whole-trial tests swap in GELU and average pool
 shifts and conv biases ahead of a BatchNorm are too small to measure against themselves),
 masks exact, accuracies within 0.5 points. With ReLU a packed ResNet-20/VGG member is a
 correct run of its trial, not the lone run's numbers (nor is a lone run on another
-machine). On CUDA the packed BatchNorm (cuDNN over K*C channels) is unchecked.
+machine). On CUDA (an H200) the packed BatchNorm, cuDNN over K*C channels, matches each
+member alone per step, and whole smooth ResNet-20 trials as above (tests/test_cuda.py).
 
 Shared units (`run_pack(..., units=store)`, trials/shared.py): every member's level L is
 a work unit, as for a single trial (`shared.Trunk`): dense/<D> at level 0, the trunk's
@@ -301,8 +302,9 @@ class PackedOptimizer:
         self.adam = trains[0].optimizer == "adam"
         self.state = [torch.zeros_like(p) for p in params]  # SGD momentum / Adam first moment
         self.second = [torch.zeros_like(p) for p in params] if self.adam else None
-        self.steps = [0] * len(trains)  # on the host: how members group
-        # and on the device, what Adam's kernel reads: a CUDA graph of the step counts them itself
+        # members step together from their start on: those started at one iteration have one
+        # step count, which lives on the device (Adam's kernel reads it; a graph of the step adds to it)
+        self.started = [0] * len(trains)
         self.counts = [torch.zeros((), device=params[0].device) for _ in trains]
         self.cuts: dict = {}  # members stepped together -> (per parameter its slices, their state views)
 
@@ -319,25 +321,19 @@ class PackedOptimizer:
             self.cuts[group] = at, [views(t) for t in (self.params, self.state, self.second or [])]
         return self.cuts[group]
 
-    def start(self, m: int) -> None:
+    def start(self, m: int, iteration: int) -> None:
         for s in self.state + (self.second or []):
             s[m].zero_()
         self.counts[m].zero_()
-        self.steps[m] = 0
-
-    def advance(self, members: list) -> None:
-        """The host's count of a step a CUDA graph replayed (it ran no Python)."""
-        for m in members:
-            self.steps[m] += 1
+        self.started[m] = iteration
 
     @torch.no_grad()
     def step(self, members: list, lrs: list) -> None:
         groups: dict = {}
         for m in members:
             t = self.trains[m]
-            groups.setdefault((lrs[m], t.weight_decay, t.momentum, self.steps[m]), []).append(m)
-            self.steps[m] += 1
-        for (lr, wd, momentum, step), group in groups.items():
+            groups.setdefault((lrs[m], t.weight_decay, t.momentum, self.started[m]), []).append(m)
+        for (lr, wd, momentum, _), group in groups.items():
             at, (params, state, second) = self._cut(tuple(group))
             grads = [p.grad[i] for p, ix in zip(self.params, at) for i in ix]
             if self.adam:  # torch.optim.adam's fused call; the kernel only reads the step: one tensor serves all
@@ -437,7 +433,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
         for m, job in enumerate(jobs):
             if job.start == it and m not in failed:
                 running[m] = True
-                opt.start(m)
+                opt.start(m, it)
                 pnet.load_buffers(m, job.start_weights)  # its forwards before its start moved them
                 window_loss[m] = 0.0
             if running[m] and it in job.hooks:
@@ -456,8 +452,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
             if (tuple(members), tuple(lrs)) != graph_key:
                 graph.drop()
                 graph_key = (tuple(members), tuple(lrs))
-            if graph(x, y, lambda: steady(rates, it, t0.iterations)):
-                opt.advance(members)
+            graph(x, y, lambda: steady(rates, it, t0.iterations))
         for m in members:
             window_steps[m] += 1
 

@@ -217,15 +217,13 @@ class StepGraph:
     def drop(self) -> None:
         self.graph = self.x = self.y = None
 
-    def __call__(self, x, y, run: Callable[[], int]) -> bool:
-        """One step on batch (x, y); run() says for how many steps from this one the rate
-        holds. True when it replayed a graph captured earlier: the step's Python did not run."""
+    def __call__(self, x, y, run: Callable[[], int]) -> None:
+        """One step on batch (x, y); run() says for how many steps from this one the rate holds."""
         if self.graph is not None:
             self.x.copy_(x)
             self.y.copy_(y)
             self.graph.replay()
-            return True
-        if self.warm < self.WARM or run() < self.RUN:
+        elif self.warm < self.WARM or run() < self.RUN:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 self.step(x, y)
@@ -238,7 +236,6 @@ class StepGraph:
                 self.step(self.x, self.y)
             self.graph = graph
             graph.replay()
-        return False
 
 
 def _snapshot(net, into: Optional[dict]) -> dict:
