@@ -233,6 +233,7 @@ def test_sweep_survives_losing_a_worker(tmp_path, cluster):
     trained = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs")))
     assert len(published) == 14 and set(trained.values()) <= {1}, (published, trained)
     assert set(trained) <= published
+    assert len(published) - len(trained) <= 2  # unlogged: at most one per process killed (2 trials per worker)
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(str(tmp_path / "runs" / "lose-a-node")).trials

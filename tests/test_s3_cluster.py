@@ -130,6 +130,7 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
                       if k.endswith(".json"))
     assert len(published) == 8 and set(trained.values()) <= {1}, (published, trained)
     assert set(trained) <= {u.replace("/", "~") for u in published}
+    assert len(published) - len(trained) <= 2  # unlogged: at most one per process killed (2 trials per worker)
 
     from mlflow.tracking import MlflowClient
 

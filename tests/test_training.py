@@ -151,6 +151,7 @@ def test_light_optimizers_step_as_torchs_classes(make):
     nets = [models.build(ModelSpec(name="lenet_300_100"), type("I", (), {"shape": (1, 8, 8), "num_classes": 10}),
                          seed=0) for _ in range(2)]
     light, theirs = make(list(nets[0].parameters()))[0], make(list(nets[1].parameters()))[1]
+    before = [p.detach().clone() for p in nets[0].parameters()]
     mask = (torch.rand(300, 64) < 0.5).float()
     x, y = torch.randn(6, 60, 1, 8, 8), torch.randint(10, (6, 60))
     for i in range(6):
@@ -164,6 +165,7 @@ def test_light_optimizers_step_as_torchs_classes(make):
             opt.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert a.equal(b)
+    assert not any(a.equal(b) for a, b in zip(nets[0].parameters(), before))  # every parameter stepped
 
 
 def test_a_cpu_trial_does_not_import_torch_dynamo(tmp_path):
