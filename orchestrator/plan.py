@@ -126,7 +126,7 @@ def packs(sweep, configs: list) -> list[list[dict]]:
     alone = []
     for c in configs:
         spec = config_spec(sweep.base, c)
-        key = pack_key(spec) if sweep.pack != 1 else None
+        key = pack_key(spec)
         if key is None:
             alone.append([c])
         else:
@@ -209,16 +209,10 @@ def pack_line(sweep) -> str:
 
 def _why_alone(spec) -> str:
     """The spec key and value that keep a trial out of packs ("" when it can be packed)."""
-    from pathlib import Path
+    from trials.packed import why_not_packed
 
-    from trials.errors import ConfigError
-    from trials.packed import check_pack
-
-    try:
-        check_pack([spec], [Path(".")])
-    except ConfigError as e:
-        return f"{e.key}={e.value}"
-    return ""
+    e = why_not_packed(spec)
+    return f"{e.key}={e.value}" if e else ""
 
 
 def data_key(spec) -> str:

@@ -547,12 +547,19 @@ def check_pack(specs: list, outs: list) -> None:
         raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
 
 
+def why_not_packed(spec) -> Optional[ConfigError]:
+    """Why this trial cannot be packed (check_pack's error, naming the key), or None."""
+    try:
+        check_pack([spec], [Path(".")])
+    except ConfigError as e:
+        return e
+    return None
+
+
 def pack_key(spec) -> Optional[tuple]:
     """What members of one pack must share (None: this trial cannot be packed): a planner
     groups trials by it and packs each group's trials K at a time."""
-    try:
-        check_pack([spec], [Path(".")])
-    except ConfigError:
+    if why_not_packed(spec) is not None:
         return None
     return (spec.model.name, spec.model.width, spec.dataset, spec.device,
             *(getattr(spec.train, f) for f in SHARED_TRAIN))
@@ -626,11 +633,8 @@ class Shared:
         """group[0]'s job; a dense run keeps every rewind point the store and the group ask for."""
         if level:
             return self.members[group[0]].job(level)
-        stage = self.stage / str(group[0])
-        stage.mkdir(parents=True, exist_ok=True)
         points = self.units.points(name) | {self.members[i].spec.rewind_iteration for i in group}
-        return self.members[group[0]].job(0, {k: lambda state, k=k: save_tensors(
-            stage / f"{k}{layout.TENSOR_SUFFIX}", state) for k in points})
+        return self.members[group[0]].job(0, keepers(self.stage / str(group[0]), points))
 
     def publish(self, name: str, group: list, level: int, result, pack: int) -> dict:
         """Publish the unit group[0] trained in a pack of `pack` (its failure: release the
@@ -705,12 +709,9 @@ class PackOfOne(shared.Trainer):
         spec = spec.replace(control="none")
         if pack_key(spec) is None:
             return super().dense(spec, dest, data, device, points, progress)
-        (dest / shared.POINTS).mkdir(parents=True, exist_ok=True)
-        keep = {k: (lambda state, k=k: save_tensors(dest / shared.POINTS / f"{k}{layout.TENSOR_SUFFIX}", state))
-                for k in sorted(points)}
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             member = Member(spec, Path(tmp) / "trial", data, device)
-            _alone(member, 0, data, keep)
+            _alone(member, 0, data, keepers(dest / shared.POINTS, points))
             shared.hand_over(member.trial, 0, dest)
 
     def point(self, spec, k: int, dest: Path, data, device) -> None:
@@ -729,6 +730,13 @@ class PackOfOne(shared.Trainer):
             except shared.Stop:
                 return
         raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
+
+
+def keepers(folder: Path, points: set) -> dict:
+    """Job hooks that save a dense run's weights at each rewind point in `points` to
+    folder/<k>.safetensors (a dense unit's points/)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {k: (lambda state, k=k: save_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}", state)) for k in sorted(points)}
 
 
 def _alone(member: Member, level: int, data, keep: Optional[dict] = None) -> LevelRecord:
