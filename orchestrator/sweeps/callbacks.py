@@ -33,6 +33,7 @@ class LevelProgress(tune.Callback):
 
     def __init__(self, sweep):
         self.sweep = sweep
+        self.told: set = set()  # failed pack members already said
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if packs.is_pack(trial.config):
@@ -46,10 +47,6 @@ class LevelProgress(tune.Callback):
                     print(f"[{trial_id}] failed: {state['error']}", file=sys.stderr, flush=True)
             return
         self._line(trial.trial_id, trial.config, LevelRecord.from_flat(result))
-
-    @property
-    def told(self) -> set:  # failed members already said (not in older pickled callbacks)
-        return self.__dict__.setdefault("_told", set())
 
     def _line(self, trial_id: str, config: dict, r: LevelRecord) -> None:
         varied = " ".join(f"{p}={config.get(p)}" for p in self.sweep.varied)
@@ -117,7 +114,7 @@ class MlflowLogger(tune.Callback):
         ids = packs.members(trial.trial_id, trial.config)
         for (_, config, _), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
             key = trial_meta(self.sweep, config)["key"]
-            mine = RUN_STATUS.get(packs.member_status(state, "")) if packs.is_pack(trial.config) else None
+            mine = RUN_STATUS.get(packs.member_status(state, ""))  # a pack member's own end, if any
             self._try("status", lambda: self.tracker.set_status(key, mine or status))
 
 

@@ -61,12 +61,9 @@ def read_pack_file(fs, path: str) -> Optional[dict]:
         return None
 
 
-def complete(fs, path: str) -> Optional[dict]:
-    """The checkpoint's pack file when every file it lists is in storage, else None."""
+def complete(fs, path: str, info: dict) -> bool:
+    """Whether every file the checkpoint's pack file `info` lists is in storage."""
     import pyarrow.fs
 
-    info = read_pack_file(fs, path)
-    if info is None:
-        return None
     found = fs.get_file_info([f"{path}/{f}" for f in info["files"]])
-    return info if all(i.type == pyarrow.fs.FileType.File for i in found) else None
+    return all(i.type == pyarrow.fs.FileType.File for i in found)

@@ -56,9 +56,10 @@ def collect(sweep) -> list[dict]:
     rows = []
     for trial in analysis.trials:
         ids = packs.members(trial.trial_id, trial.config)
+        trial_error = error_line(trial) if trial.status == "ERROR" else ""
         for (trial_id, config, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
             status = packs.member_status(state, trial.status)
-            error = state.get("error") or (error_line(trial) if trial.status == "ERROR" else "")
+            error = state.get("error") or trial_error
             head = {"trial_id": trial_id, "status": status, "error": error if status == "ERROR" else "",
                     **{p: config.get(p) for p in sweep.varied}, "seed": config.get("seed")}
             records, nodes = stored_records(trial, sub)
