@@ -54,19 +54,17 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
         records.append(record)
         summary = summarise(records, tolerance)
         stop = stop_when_not_matching and not matches(record, records[0], tolerance)
-        nodes = json.loads(nodes_file.read_text()) if nodes_file.exists() else {}
-        nodes.setdefault(str(record.level), node)  # a restored level keeps the node that trained it
-        nodes_file.write_text(json.dumps(nodes))
+        trained_on = note_node(nodes_file, record.level, node)
         if record.level > done_before:
             metrics = {**record.flat(), **summary, "trial_key": spec.key, "seed": spec.seed,
-                       STOPPED: stop, "node_id": nodes[str(record.level)],
+                       STOPPED: stop, "node_id": trained_on,
                        "unit_wait_s": store.waited - waited if store else 0.0}
             with tempfile.TemporaryDirectory() as tmp:
                 snapshot(work, Path(tmp), record.level)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         return stop
 
-    run_lottery(spec, work, report=report, data=data, runner=shared.runner(store) if store else None)
+    run_lottery(spec, work, report=report, data=data, runner=shared.runner(store, store.trainer) if store else None)
 
 
 def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool,
@@ -75,7 +73,7 @@ def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching:
     packed.pack_key train together through trials.packed.run_pack, the others alone through
     run_lottery, one group after the other, in this process."""
     from trials.lottery import run_lottery
-    from trials.packed import PACK_OF_ONE, pack_key, run_pack
+    from trials.packed import pack_key, run_pack
     from trials.training import TrainingDiverged
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -88,15 +86,15 @@ def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching:
     for i, spec in enumerate(specs):
         if pack.status[i]["status"] == packs.RUNNING:
             key = pack_key(spec)
-            groups.setdefault(("alone", i) if key is None else key, []).append(i)
-    for group in groups.values():
+            groups.setdefault(i if key is None else key, []).append(i)  # an int: a trial that runs alone
+    for key, group in groups.items():
         data = _data(specs[group[0]], work)
         pack.store = _unit_store(share, [specs[i] for i in group], data) if share else None
-        if len(group) == 1 and pack_key(specs[group[0]]) is None:
+        if isinstance(key, int):
             i = group[0]
             try:
                 run_lottery(specs[i], pack.outs[i], data=data,
-                            runner=shared.runner(pack.store, PACK_OF_ONE) if pack.store else None,
+                            runner=shared.runner(pack.store, pack.store.trainer) if pack.store else None,
                             report=lambda record, out, i=i: pack.report(i, record, flush=True))
             except TrainingDiverged as e:
                 pack.fail(i, e)
@@ -142,12 +140,9 @@ class _Pack:
         stop = self.stop_when and not matches(record, records[0], self.tolerance)
         if stop:
             self._set(i, packs.STOPPED)
-        nodes_file = self.outs[i] / layout.NODES
-        nodes = json.loads(nodes_file.read_text()) if nodes_file.exists() else {}
-        nodes.setdefault(str(record.level), self.node)  # a restored level keeps the node that trained it
-        nodes_file.write_text(json.dumps(nodes))
+        trained_on = note_node(self.outs[i] / layout.NODES, record.level, self.node)
         if record.level > self.reported[i]:
-            self.new.append({**record.flat(), "member": i, "node_id": nodes[str(record.level)]})
+            self.new.append({**record.flat(), "member": i, "node_id": trained_on})
             self.reported[i] = record.level
         if flush:
             self.flush()
@@ -206,11 +201,8 @@ def _unit_store(share: dict, specs: list, data):
         _STORES[key] = UnitStore(share["storage"], find_broker(share["sweep"]), packed=share["packed"])
     store = _STORES[key]
     store.data = data_key(specs[0])
-    trainer = shared.SINGLE
-    if share["packed"]:  # every unit of a sweep with packs as a pack trains it (ARCHITECTURE.md, "Packs in sweeps")
-        from trials.packed import PACK_OF_ONE as trainer
     store.helper = lambda name, unit_spec: shared.produce(name, from_dict(unit_spec), store, data,
-                                                          data.train_x.device, store.scratch, trainer)
+                                                          data.train_x.device, store.scratch, store.trainer)
     store.register(registrations(work_units(specs)))  # a searched configuration's units
     return store
 
@@ -253,13 +245,22 @@ def _level(checkpoint) -> int:
     return _progress(checkpoint.filesystem, checkpoint.path)[0]
 
 
+def note_node(nodes_file: Path, level: int, node: str) -> str:
+    """The Ray node that trained `level`, kept in the trial folder's nodes file (a level
+    restored from a checkpoint keeps the node that trained it)."""
+    nodes = json.loads(nodes_file.read_text()) if nodes_file.exists() else {}
+    nodes.setdefault(str(level), node)
+    nodes_file.write_text(json.dumps(nodes))
+    return nodes[str(level)]
+
+
 def _progress(fs, path: str) -> tuple[int, bool]:
     """(_level of the checkpoint in storage at `path`, whether all its files are there)."""
     import pyarrow.fs
 
     pack = packs.read_pack_file(fs, path)
     if pack is not None:
-        return pack["reports"], packs.complete(fs, path) is not None
+        return pack["reports"], packs.complete(fs, path, pack)
     newest = _member_level(fs, path)
     done = fs.get_file_info(f"{path}/{layout.level_dir(newest)}/{layout.DONE}").type == pyarrow.fs.FileType.File
     return newest, done

@@ -164,22 +164,17 @@ def remove_dead_scratch(folder: Optional[str] = None) -> list:
     older than STALE_SCRATCH_SECONDS is from before pid files and goes. Returns those removed."""
     removed = []
     for d in Path(folder or tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
+        pid_file = d / "pid"
         try:
-            pid = int((d / "pid").read_text())
-        except FileNotFoundError:
-            try:
-                stale = time.time() - d.stat().st_mtime > STALE_SCRATCH_SECONDS
-            except OSError:
-                continue
-            if not stale:
-                continue
-        except (OSError, ValueError):
+            if pid_file.exists():
+                dead = not _alive(int(pid_file.read_text()))
+            else:
+                dead = time.time() - d.stat().st_mtime > STALE_SCRATCH_SECONDS
+        except (OSError, ValueError):  # gone meanwhile, or not a pid: leave it
             continue
-        else:
-            if _alive(pid):
-                continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
+        if dead:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     return removed
 
 
@@ -188,9 +183,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
-        return True
-    return True
+    return True  # or PermissionError: another user's process
 
 
 class UnitStore:
@@ -201,6 +194,12 @@ class UnitStore:
     def __init__(self, storage: str, broker=None, scratch: Optional[Path] = None, packed: bool = False):
         self.root = units_root(storage, packed)
         self.fs, self.base = filesystem(self.root)
+        # what trains a unit a trial must produce: its folder's kind of numbers (units_root)
+        if packed:
+            from trials.packed import PACK_OF_ONE as trainer
+        else:
+            from trials.shared import SINGLE as trainer
+        self.trainer = trainer
         self.broker = broker
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if scratch is None:
