@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test golden bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# record this machine's golden records (tests/golden/make_records.py says when)
+golden: $(STAMP)
+	$(BIN)/python tests/golden/make_records.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/trial_speed.py

@@ -24,7 +24,7 @@ def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = Tru
     uri, c = store.connect(tracking_uri)
     heads, levels = [], []
     for trial in read.trials(c, experiment, uri, TRACKED, tables):
-        heads.append({**{k: trial[k] for k in HEAD}, **trial["params"]})
+        heads.append({**{k: trial[k] for k in HEAD}, "environments": trial.get("environments"), **trial["params"]})
         levels += [{"run_id": trial["run_id"], "level": level, **{m: values.get(m) for m in TRACKED}}
                    for level, values in sorted(trial["levels"].items())]
     if not levels:

@@ -141,12 +141,12 @@ def main() -> None:
         if "head" in results and "single" in results:  # the bit-exact default: the same numbers as head's?
             def numbers(folder):
                 rows = [json.loads(line) for line in (folder / "levels.jsonl").read_text().splitlines()]
-                return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+                return [{k: v for k, v in r.items() if k not in ("seconds", "environment")} for r in rows]
             ran = [p.name for p in (tmp / "single").iterdir() if (tmp / "head" / p.name / "levels.jsonl").exists()]
             same = sum(numbers(tmp / "head" / n) == numbers(tmp / "single" / n) for n in ran)
-            print(f"single: the same records (all but seconds) as head for {same} of {len(ran)} trials")
+            print(f"single: the same records (all but seconds and environment) as head for {same} of {len(ran)} trials")
         base = results.get("head") or results.get("single")
-        for name, rate in results.items():
+        for name, rate in results.items() if base else ():  # --skip head single: rates only
             print(f"{name:7s} trials per hour vs {'head' if 'head' in results else 'single'} "
                   f"(one trial per process): {rate / base:.2f}x")
         print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -56,6 +56,11 @@ def _experiment_runs(args):
     df = analysis.runs(args.experiment, args.tracking_uri)
     if df.empty:
         raise ConfigError("--experiment", args.experiment, "an experiment with logged trial levels")
+    from trials.environment import mixed
+
+    warning = mixed(df.drop_duplicates("run_id")["environments"]) if "environments" in df else None
+    if warning:
+        print(warning, file=sys.stderr)
     return df
 
 

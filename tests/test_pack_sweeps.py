@@ -101,8 +101,9 @@ def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_pa
     trained_with = [e["pack"] for e in trained_log(str(tmp_path / "runs"), packed=True)]  # members training at once
     assert max(trained_with) >= 2 and set(trained_with) <= {1, 2, 3, 4}  # a control may train a level (PackOfOne)
 
-    # the same packed sweep on fresh storage: the same numbers, whichever process trained each unit
-    runner.run(load_sweep(sweep_file(tmp_path, "repeat", pack=4, seeds=2, space=space,
+    # the same packed sweep on fresh storage, one Tune trial at a time (the first ran two): the
+    # same numbers, whichever process and pack trained each unit (a member's kernels are its own)
+    runner.run(load_sweep(sweep_file(tmp_path, "repeat", pack=4, seeds=2, space=space, max_concurrent=1,
                                      storage=str(tmp_path / "fresh"))))
     repeat = pd.read_csv(tmp_path / "fresh" / "repeat" / "trials.csv")
     numbers = [c for c in packed.columns if c not in ("trial_id", "seconds", "node_id")]

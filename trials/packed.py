@@ -26,9 +26,8 @@ rest of the schedule, `prune.*`, `rewind_iteration`.
               train in its optimizer with its weight decay, as alone; they are pruned only
               as a structured mask's companions, as alone.
     optimizer torch's fused Adam / SGD kernels over the members' slices, one call per
-              group of members at the same (lr, weight decay, momentum, start iteration); a run
-              of members goes in as one tensor only where that cannot change its numbers
-              (PackedOptimizer._cut).
+              group of members at the same (lr, weight decay, momentum, start iteration); on
+              CPU each member's slice is a tensor of its own (PackedOptimizer._cut).
     rewind    members whose level starts at different iterations (rewind_iteration k)
               share one loop from the smallest k: a member computes, untouched by the
               optimizer, until its k, then starts with a fresh optimizer state and its
@@ -41,14 +40,14 @@ Numbers: a packed member follows its single-trial run closely but not bit for bi
 (batched matmuls and the fused optimizer round differently from the single path): the
 tests require weights within 1e-5 (relative norm) after level 0 and accuracies within 0.5
 points at every level. `seconds` in a member's record is the pack's wall clock for the level.
-Its co-members do not change a member's numbers when the model is Linear-only, on CPU:
-packs [A], [A, B] (B stepped in A's optimizer call) and [C, A] (another lr, rewind point
-and rate) give A the same records and weights bit for bit, Adam and SGD (tested), so a
-unit trained by any pack is the same unit. This took _cut: merging co-members' slices
-into one kernel call moved A's tail elements off the scalar path (relative weight
-differences ~2e-7). Not so for convolutions: a grouped convolution over K members rounds
-differently for every K (oneDNN or not; conv2: ~1e-6 relative after level 0, ~2e-4 after
-level 1). Nor was it checked on CUDA (cuBLAS may pick its batched kernels by batch count).
+On CPU a member's numbers do not depend on its co-members, for every model: each member's
+GEMMs, convolutions, norms, losses and optimizer steps run on tensors of its own, with the
+shapes and strides it has alone (`apart`; tested on the ops themselves, not only on this
+CPU's bits), so a unit trained by any pack, or alone as a pack of one, is the same unit. A
+batched GEMM, a grouped convolution or a merged optimizer call had made them depend on
+the pack on some CPUs (MKL's batched GEMM on an AVX-512 EPYC, ~1e-7 at some batch sizes;
+grouped convolutions, ~1e-6 after a level). On CUDA the pack runs batched kernels (its
+speed), and a member's last bits may depend on its pack there (not checked).
 BatchNorm models (ResNet-20, VGG): the packed norm layer adds no rounding of its own, but
 with ReLU (and max-pooling) such a model parts from any run that rounds differently, a
 lone run with the fused optimizer as well as a pack: BatchNorm centres pre-activations on
@@ -75,9 +74,8 @@ units.json is the ledger Trunk keeps. The unit log records `pack`: how many memb
 trained together, and `seconds`: the unit's share of their wall clock. A sweep with packs
 keeps its units apart from unpacked sweeps' (orchestrator/sweeps/units.py units_root) and
 trains every unit the pack way: one that a single trial must produce (a control's trunk,
-a helper's unit, a rewind point) goes through `PackOfOne`, so for Linear models on CPU a
-unit's numbers do not depend on who trained it (tested); with convolutions they depend
-on the size of the pack that trained it, as above.
+a helper's unit, a rewind point) goes through `PackOfOne`, so on CPU a unit's numbers do
+not depend on who trained it (tested).
 
 Not packed (refused by check_pack with the reason): controls (reinit / random_prune
 need their IMP trunk's masks level by level: run them as single trials), edge-popup,
@@ -103,6 +101,7 @@ import torch.nn.functional as F
 from torch.optim.sgd import sgd as sgd_step
 
 from trials import datasets, layout, masks, models, pruning, shared, training
+from trials.environment import environment
 from trials.errors import ConfigError
 from trials.lottery import resolve_device
 from trials.record import LevelRecord
@@ -124,6 +123,16 @@ class PackFailed(RuntimeError):
 # ---------------------------------------------------------------- stacked layers
 
 
+def apart(x: torch.Tensor) -> bool:
+    """Whether a packed layer runs each member's kernel on its own tensors, with the shapes
+    and strides it has alone (CPU), rather than one batched kernel over the pack (CUDA).
+    On CPU a batched GEMM, a grouped convolution or a norm over K*C channels may take
+    another code path for each K (MKL's batched GEMM did on an AVX-512 EPYC: ~1e-7 at
+    some batch sizes), so a member's bits would depend on its co-members and a shared
+    unit's numbers on which pack claimed it (ARCHITECTURE.md, "Numerics")."""
+    return x.device.type != "cuda"
+
+
 class PackedLinear(nn.Module):
     """K nn.Linear layers: weight [K, in, out] (each member's weight transposed), bias [K, out]."""
 
@@ -134,6 +143,10 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k, like.out_features)) if like.bias is not None else None
 
     def forward(self, x):
+        if apart(x):
+            ws, bs = self.weight.unbind(), [None] * self.k if self.bias is None else self.bias.unbind()
+            return torch.cat([torch.mm(h, w) if b is None else torch.addmm(b, h, w)
+                              for h, w, b in zip(x.chunk(self.k), ws, bs)])
         h = x.reshape(self.k, x.shape[0] // self.k, x.shape[1])
         out = torch.bmm(h, self.weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), h, self.weight)
         return out.reshape(x.shape[0], -1)
@@ -159,6 +172,10 @@ class PackedConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k, like.out_channels)) if like.bias is not None else None
 
     def forward(self, x):
+        if apart(x):
+            bs = [None] * self.k if self.bias is None else self.bias.unbind()
+            return torch.cat([F.conv2d(h, w, b, self.stride, self.padding, self.dilation, self.groups)
+                              for h, w, b in zip(x.chunk(self.k), self.weight.unbind(), bs)])
         kb, c, h, w = x.shape
         b = kb // self.k
         grouped = x.reshape(self.k, b, c, h, w).transpose(0, 1).reshape(b, self.k * c, h, w)
@@ -198,14 +215,21 @@ class PackedBatchNorm(nn.Module):
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
     def forward(self, x):
+        if self.training and self.track:
+            self.num_batches_tracked.add_(1)  # as nn.BatchNorm: per training forward (every member's)
+        train = self.training or not self.track
+        if apart(x):  # views: batch_norm updates each member's running averages in place
+            each = lambda t: [None] * self.k if t is None else t.unbind()  # noqa: E731
+            return torch.cat([F.batch_norm(h, mean, var, w, b, train, self.momentum, self.eps)
+                              for h, mean, var, w, b in zip(x.chunk(self.k), each(self.running_mean),
+                                                            each(self.running_var), each(self.weight),
+                                                            each(self.bias))])
         kb, c, rest = x.shape[0], x.shape[1], x.shape[2:]
         b = kb // self.k
         grouped = x.reshape(self.k, b, c, *rest).transpose(0, 1).reshape(b, self.k * c, *rest)
-        if self.training and self.track:
-            self.num_batches_tracked.add_(1)  # as nn.BatchNorm: per training forward (every member's)
         flat = lambda t: None if t is None else t.view(-1)  # noqa: E731 - views: batch_norm updates the buffers
         out = F.batch_norm(grouped, flat(self.running_mean), flat(self.running_var), flat(self.weight),
-                           flat(self.bias), self.training or not self.track, self.momentum, self.eps)
+                           flat(self.bias), train, self.momentum, self.eps)
         return out.reshape(b, self.k, c, *rest).transpose(0, 1).reshape(x.shape)
 
     @staticmethod
@@ -309,14 +333,14 @@ class PackedOptimizer:
         self.cuts: dict = {}  # members stepped together -> (per parameter its slices, their state views)
 
     def _cut(self, group: tuple) -> tuple:
-        """How `group`'s slices go to the kernel: a run of members as one tensor only where a
-        member's slice is whole 64-byte lines. torch's CPU kernels take a tensor's last
-        numel % vector-width elements on a scalar path that rounds differently, so a member's
-        tail inside a merged run would make its numbers depend on its co-members."""
+        """How `group`'s slices go to the kernel: on CPU each member's slice is a tensor of
+        its own (torch's CPU kernels take a tensor's last elements, how many depends on the
+        vector width, on a scalar path that rounds differently: a member inside a merged run
+        would get numbers that depend on its co-members and on the CPU). On CUDA every
+        element runs the same code, so a run of members goes in as one tensor."""
         if group not in self.cuts:
-            run = list(group) == list(range(group[0], group[-1] + 1))
-            at = [[slice(group[0], group[-1] + 1)] if run and p[0].numel() * p.element_size() % 64 == 0
-                  else list(group) for p in self.params]
+            run = list(group) == list(range(group[0], group[-1] + 1)) and not apart(self.params[0])
+            at = [[slice(group[0], group[-1] + 1)] if run else list(group) for p in self.params]
             views = lambda tensors: [x[i] for x, ix in zip(tensors, at) for i in ix]  # noqa: E731
             self.cuts[group] = at, [views(t) for t in (self.params, self.state, self.second or [])]
         return self.cuts[group]
@@ -361,6 +385,14 @@ class Job:
         self.hooks = hooks or {}
 
 
+def member_losses(out: torch.Tensor, y: torch.Tensor, k: int, reduce: Callable) -> torch.Tensor:
+    """[K]: `reduce` (torch.mean or torch.sum) of each member's cross-entropies, its
+    examples being its part of the rows; on CPU each part on its own, as alone (`apart`)."""
+    if apart(out):
+        return torch.stack([reduce(F.cross_entropy(o, t, reduction="none")) for o, t in zip(out.chunk(k), y.chunk(k))])
+    return reduce(F.cross_entropy(out, y, reduction="none").view(k, -1), 1)
+
+
 @torch.no_grad()
 def evaluate_packed(pnet: PackedNet, x, y, autocast) -> tuple[list, list]:
     """Per member (mean cross-entropy, accuracy) on the same examples; one sync."""
@@ -373,7 +405,7 @@ def evaluate_packed(pnet: PackedNet, x, y, autocast) -> tuple[list, list]:
         with autocast():
             out = net(xb.unsqueeze(0).expand(k, *xb.shape).reshape(k * len(xb), *xb.shape[1:]))
         out = out.float().view(k, len(xb), -1)
-        loss += F.cross_entropy(out.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1).sum(1)
+        loss += member_losses(out.flatten(0, 1), yb.repeat(k), k, torch.sum)
         correct += (out.argmax(2) == yb).sum(1)
     net.train()
     return (loss / len(x)).tolist(), (correct / len(x)).tolist()
@@ -412,7 +444,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
     def step(x, y):  # members and lrs: this iteration's (the loop's variables)
         with autocast():
             out = net(x)
-            losses = F.cross_entropy(out, y, reduction="none").view(k, -1).mean(1)
+            losses = member_losses(out, y, k, torch.mean)
         for p in params:
             p.grad = None
         losses.sum().backward()  # members are independent: each slice gets its own loss's gradient
@@ -490,6 +522,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
             t.copy_(b)
     _, test_acc_best = evaluate_packed(pnet, data.test_x, data.test_y, autocast)
     seconds = time.perf_counter() - started
+    env = environment(device)
     results = []
     for m, job in enumerate(jobs):
         if m in failed:
@@ -506,6 +539,7 @@ def train_packed_level(template: nn.Module, jobs: list, data, progress: Optional
             "start_iteration": job.start,
             "iterations": t0.iterations - job.start,
             "seconds": seconds,
+            "environment": env,
             "final": finals[m],
         })
     return results

@@ -42,6 +42,10 @@ class LevelRecord:
                               tracked=False)
     iterations: int = _f("iterations", "optimizer steps trained in this level", tracked=False)
     seconds: float = _f("seconds", "wall-clock time of the level's training and evaluation")
+    environment: Optional[dict] = _f(
+        "names", "where the level was trained: lth version and commit, torch and CUDA versions, CPU model and "
+        "capability, device, threads (trials/environment.py; None: written before lth recorded it)",
+        tracked=False, optional=True)
     # instability analysis (Frankle et al. 2020; trials/stability.py): None where not measured
     stability_error_barrier: Optional[float] = _f(
         "fraction", "instability: the largest test error on the straight line between two copies "
@@ -72,8 +76,9 @@ class LevelRecord:
 
     def flat(self) -> dict:
         """Scalars only (Tune results, CSV rows), every field (None where not measured):
-        layer_density as one JSON string."""
-        return {**dataclasses.asdict(self), "layer_density": json.dumps(self.layer_density, sort_keys=True)}
+        layer_density and environment as JSON strings."""
+        return {**dataclasses.asdict(self), "layer_density": json.dumps(self.layer_density, sort_keys=True),
+                "environment": None if self.environment is None else json.dumps(self.environment, sort_keys=True)}
 
     @classmethod
     def from_flat(cls, row: dict) -> "LevelRecord":
@@ -81,8 +86,9 @@ class LevelRecord:
         ignored; an optional field missing or NaN (a table's empty cell) is None."""
         values = {k: row[k] for k in FIELDS if k not in OPTIONAL}
         values.update({k: _none(row.get(k)) for k in OPTIONAL})
-        if isinstance(values["layer_density"], str):
-            values["layer_density"] = json.loads(values["layer_density"])
+        for key in ("layer_density", "environment"):  # JSON text in a flat row
+            if isinstance(values[key], str):
+                values[key] = json.loads(values[key])
         return cls(**values)
 
     def json_line(self) -> str:

@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from trials import layout, masks, models, pruning
+from trials.environment import environment
 from trials.record import LevelRecord
 from trials.spec import PruneSpec
 from trials.store import TrialDir, state_of
@@ -89,7 +90,8 @@ class EdgePopup:
                              strategy="random", targets=layer_counts(self.layers, k),
                              generator=rng(self.spec.seed, "random_prune", level))
         masks.Masker(self.net, mask).apply()
-        return mask, {**evaluated(self.net, self.data, self.spec), "seconds": time.perf_counter() - started}
+        return mask, {**evaluated(self.net, self.data, self.spec), "seconds": time.perf_counter() - started,
+                      "environment": environment(self.device)}
 
 
 # ---------------------------------------------------------------- the network

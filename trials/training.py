@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trials import optim
+from trials.environment import environment
 from trials.masks import Masker
 
 EVAL_BATCH = 1000  # examples per evaluation forward pass
@@ -187,6 +188,7 @@ def train_level(net, mask, data, t, seed: int, start_iteration: int,
         "start_iteration": start_iteration,
         "iterations": t.iterations - start_iteration,
         "seconds": time.perf_counter() - started,
+        "environment": environment(device),
     }
 
 

@@ -16,6 +16,7 @@ from orchestrator.objectives import OBJECTIVES, STOPPED, summarise
 from orchestrator.sweeps import packs
 from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
 from trials import layout
+from trials.environment import mixed
 from trials.record import FIELDS, LevelRecord, read_lines
 
 NODE_ID = "node_id"  # the Ray node that trained the level (result key and CSV column)
@@ -138,6 +139,9 @@ def status_report(sweep, rows: list[dict], top: int = 5) -> str:
     lines = [f"sweep {sweep.name} ({sweep.search.algorithm}, {len(trials)} trials): "
              + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none started")]
     lines += [f"  failed {t['trial_id']}: {t['error']}" for t in trials if t["status"] == "ERROR"]
+    warning = mixed(r.get("environment") for r in rows if r.get("level") is not None)
+    if warning:
+        lines.append(warning)
     metrics, modes = list(sweep.search.metric), list(sweep.search.mode)
     configs = configurations(sweep, trials)
     if not configs:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from trials.environment import listed
 from trials.record import FIELDS, TRACKED, LevelRecord
 
 TABLE = "levels.parquet"  # artifact of the sweep's parent run
@@ -111,6 +112,10 @@ def trials(frame: pd.DataFrame, fields=TRACKED) -> list[dict]:
     values = as_logged(frame[list(fields)].to_numpy(dtype=float)).tolist()
     for run_id, level, row in zip(frame["run_id"].tolist(), frame["level"].tolist(), values):
         out[run_id]["levels"][int(level)] = dict(zip(fields, row))
+    envs = frame.groupby("run_id")["environment"].agg(lambda v: listed(_none(x) for x in v)) \
+        if "environment" in frame else {}
+    for run_id, trial in out.items():  # as the run's tag lth.environment holds them (store._log_levels)
+        trial["environments"] = envs.get(run_id) if len(envs) else None
     return list(out.values())
 
 

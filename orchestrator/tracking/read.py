@@ -67,7 +67,8 @@ def from_mlflow(c, runs: list, fields=TRACKED) -> list[dict]:
     for run in runs:
         history = {m: {x.step: x.value for x in c.get_metric_history(run.info.run_id, m)} for m in fields}
         levels = {step: {m: history[m].get(step) for m in fields} for step in history[fields[0]]}
-        out.append({**store.head(run), "params": dict(sorted(run.data.params.items())), "levels": levels})
+        out.append({**store.head(run), "params": dict(sorted(run.data.params.items())), "levels": levels,
+                    "environments": run.data.tags.get(store.TAG_ENVIRONMENT)})
     return out
 
 

@@ -30,9 +30,11 @@ from orchestrator.tracking import levels_table
 from trials import layout
 from trials.errors import ConfigError
 from trials.record import TRACKED, read_lines
+from trials.environment import listed
 from trials.spec import flatten
 
 UNIT_DENSE, UNIT_TRUNK, UNIT_REUSED = "lth.unit.dense", "lth.unit.trunk", "lth.unit.reused"
+TAG_ENVIRONMENT = "lth.environment"  # JSON list: the environments its levels were trained in
 TICKET = "ticket"  # artifact folder of a trial run that mirrors the trial folder's tensors
 TAG_KIND, TAG_SWEEP, TAG_KEY, TAG_TRIAL, TAG_VARIED = (
     "lth.kind", "lth.sweep", "lth.trial_key", "lth.tune_trial_id", "lth.varied")
@@ -253,6 +255,10 @@ class SweepTracker:
         for r in records:
             if r.level in run["steps"]:
                 self.table.add(run["run_id"], r)
+        envs = listed(r.environment for r in records)
+        if envs and run.get("environments") != envs:  # where its levels were trained (trials/environment.py)
+            self.c.set_tag(run["run_id"], TAG_ENVIRONMENT, envs)
+            run["environments"] = envs
 
     def upload_table(self, now: bool = False) -> None:
         """Publish the sweep's table (levels_table.LevelsTable.publish): throttled while
