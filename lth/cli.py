@@ -3,12 +3,15 @@ allowed, exit status 2, nothing written. Each command group lives in its own mod
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from lth import report_commands, stability_commands, sweep_commands, trial_commands
-from trials.errors import ConfigError
+from trials.errors import ConfigError, shown
 
 EXIT_BAD_INPUT = 2
+PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 def main(argv=None) -> int:
@@ -21,6 +24,15 @@ def main(argv=None) -> int:
         return args.func(args) or 0
     except ConfigError as e:
         print(f"lth: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `lth ... | head` closed the pipe: stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would raise again
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by one
+    except OSError as e:  # a path given that cannot be used, found only while writing (root passes access checks)
+        if e.filename is None or e.errno not in PATH_ERRNOS:
+            raise
+        print(f"lth: error: path: {shown(str(e.filename))} is not allowed; {e.strerror.lower()}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -1,9 +1,8 @@
 """`lth sweep ...`: run, resume and inspect sweeps on Ray Tune."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-
-from trials.errors import ConfigError
 
 
 def add(commands) -> None:
@@ -77,6 +76,11 @@ def _sweep_done(sweep, rows) -> int:
 
     print(results.summary_table(sweep, rows))
     print(results.status_report(sweep, rows))
+    trials = results.per_trial(rows)
+    failed = [t for t in trials if t["status"] == "ERROR"]
+    if failed:  # their reasons are in the status report above
+        print(f"lth: {len(failed)} of {len(trials)} trials failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 
 from orchestrator.sweep_spec import config_spec
 from trials import layout, shared
+from trials.errors import env_number
 from trials.spec import flatten
 
 
@@ -106,7 +106,7 @@ def pack_size(sweep, spec) -> int:
     """K for trials like `spec`: the sweep's `pack`, or for "auto" what fits the budget."""
     if sweep.pack != "auto":
         return sweep.pack
-    budget = float(os.environ.get("LTH_PACK_MEMORY_GB", "4")) * 2**30
+    budget = env_number("LTH_PACK_MEMORY_GB", 4.0) * 2**30
     limit = PACK_LIMIT["cuda" if spec.device.startswith("cuda") else "cpu"]  # "auto" may land on a CPU
     return max(1, min(limit, int(budget // member_bytes(spec))))
 

@@ -19,9 +19,9 @@ from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from orchestrator.config import apply_overrides, expand, parse_override, read_yaml
+from orchestrator.config import apply_overrides, expand, parse_override, read_yaml, unknown_key
 from orchestrator.objectives import MINIMISED, NEEDS_STABILITY, OBJECTIVES
-from trials.errors import ConfigError, check
+from trials.errors import ConfigError, check, shown
 from trials.spec import field_paths, from_dict
 from trials.typed import Rule, above, at_least, build, coerce, option
 
@@ -45,11 +45,18 @@ class Dimension:
         return self.kind in ("grid", "choice")
 
 
+# A sweep's size is bounded before anything is built: every trial's spec is made at load
+# (so a bad one is named), and 10^8 seeds or 10^12 samples would exhaust memory first.
+MAX_SEEDS = 10_000
+MAX_TRIALS = 1_000_000
+
+
 @dataclass(frozen=True)
 class Search:
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     # configurations to try (random/optuna; default 1), each run `seeds` times; grid runs them all
-    num_samples: Optional[int] = option(None, at_least(1, "an integer"))
+    num_samples: Optional[int] = option(None, Rule(lambda v: 1 <= v <= MAX_TRIALS,
+                                                   f"an integer from 1 to {MAX_TRIALS:,}"))
     metric: Union[Objective, tuple[Objective, ...]] = ("final_test_acc",)  # kept as a tuple
     mode: Union[Mode, tuple[Mode, ...], None] = None  # kept as a tuple; default: by metric
     seed: int = option(0, at_least(0, "an integer"))  # the sampler's: the same sweep proposes the same
@@ -86,10 +93,10 @@ def _seeds(key: str, value) -> tuple:
     """A count (seeds 0..n-1) or a list of distinct seeds."""
     seeds = coerce(key, value, Union[int, tuple[int, ...]])
     if isinstance(seeds, int):
-        check(seeds >= 1, key, seeds, "a count >= 1 or a list of seeds")
+        check(1 <= seeds <= MAX_SEEDS, key, seeds, f"a count from 1 to {MAX_SEEDS:,} or a list of seeds")
         return tuple(range(seeds))
-    check(seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds), key, list(seeds),
-          "a count >= 1 or a list of distinct seeds >= 0")
+    check(seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds) and len(seeds) <= MAX_SEEDS, key,
+          list(seeds), f"a count >= 1 or a list of at most {MAX_SEEDS:,} distinct seeds >= 0")
     return seeds
 
 
@@ -110,7 +117,8 @@ class Sweep:
     space: tuple[Dimension, ...] = option((), parse=_space, expected="a mapping of trial-spec paths to "
                                           "distributions, e.g. {prune.rate: {grid: [0.1, 0.2]}}")
     seeds: tuple[int, ...] = option((0,), parse=_seeds,
-                                    expected="a count >= 1 or a list of distinct seeds >= 0")
+                                    expected=f"a count from 1 to {MAX_SEEDS:,}, or a list of at most "
+                                             f"{MAX_SEEDS:,} distinct seeds >= 0")
     search: Search = option(factory=Search)
     resources: dict[str, float] = option(factory=lambda: asdict(Resources()), parse=_resources)
     max_concurrent: Optional[int] = option(None, Rule(lambda v: v >= 1,
@@ -175,15 +183,17 @@ def load_sweep(path, overrides=(), name: str | None = None, storage: str | None 
 def _set(data: dict, key: str, value) -> None:
     *parents, last = key.split(".")
     if parents and parents[0] == "base":
-        data["base"] = apply_overrides(expand(data.get("base") or {}), [f"{'.'.join([*parents[1:], last])}="
+        data["base"] = apply_overrides(expand(data.get("base") or {}, "base"), [f"{'.'.join([*parents[1:], last])}="
                                                                        f"{_yaml_scalar(value)}"])
         return
     if parents and parents[0] == "space":  # --set space.prune.rate='{grid: [0.1, 0.2]}'
         data.setdefault("space", {})[".".join([*parents[1:], last])] = value
         return
     node = data
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        check(isinstance(node, dict), f"--set {key}", value,
+              f"{'.'.join(parents[:i + 1])} is {shown(node)}, not a mapping with keys to set")
     node[last] = value
 
 
@@ -218,7 +228,7 @@ def _base(base: dict, cwd: Path) -> dict:
 def _dimension(key: str, path: str, entry) -> Dimension:
     known = field_paths()
     check(path in known or path in ("model", "dataset"), key, entry,
-          f"not a trial-spec path; known paths: {', '.join(known)}")
+          f"not a trial-spec path ({unknown_key(path, known)})")
     check(path != "seed", key, entry, "seeds are set by the top-level `seeds:` key")
     check(isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in DISTRIBUTIONS, key, entry,
           "one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
@@ -276,9 +286,28 @@ def _check_measured(sweep: Sweep, spec) -> None:
               f"{' and stability.levels holding 0 (or [])' if level == 0 else ''}")
 
 
+def _check_where(sweep: Sweep, spec) -> None:
+    """What a trial would refuse on a worker about where it runs, checked on the driver
+    before Ray starts (a worker's refusal would fail every trial, one by one): a data
+    folder that does not exist (on a cluster it must be a path every node sees, the
+    driver's included), and CUDA without a GPU in the trial's resources."""
+    d = spec.dataset.data_dir
+    if d:
+        check(Path(d).expanduser().is_dir(), "dataset.data_dir", d,
+              "an existing folder (seen from where lth runs; on a cluster, a path every node shares)")
+    check(not spec.device.startswith("cuda") or sweep.resources["gpu"] > 0, "device", spec.device,
+          "cpu or auto while resources.gpu is 0 (a trial on CUDA needs resources.gpu > 0)")
+
+
 def _check_combinations(sweep: Sweep) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
+    if sweep.search.algorithm == "grid":
+        trials = len(sweep.seeds)
+        for d in discrete:
+            trials *= len(d.values)
+        check(trials <= MAX_TRIALS, "space", f"{trials:,} trials (grid combinations x seeds)",
+              f"at most {MAX_TRIALS:,} trials in one sweep")
     continuous = [d for d in sweep.space if not d.discrete]
     ends = [{d.path: d.values[0] for d in continuous}]
     ends += [{**ends[0], d.path: d.values[1]} for d in continuous]
@@ -289,8 +318,10 @@ def _check_combinations(sweep: Sweep) -> None:
             try:
                 spec = sweep.trial_spec(values, sweep.seeds[0])
                 _check_measured(sweep, spec)
+                _check_where(sweep, spec)
             except ConfigError as e:
                 varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
                 where = f"space.{e.key}" if varied else f"base.{e.key}"
                 combo_text = ", ".join(f"{k}={v}" for k, v in values.items())
-                raise ConfigError(where, e.value, f"{e.allowed} (in combination {combo_text})") from None
+                raise ConfigError(where, e.value, f"{e.allowed} (in combination {combo_text})" if values
+                                  else e.allowed) from None

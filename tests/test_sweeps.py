@@ -84,10 +84,20 @@ def test_optuna_sweep_replicates_seeds_and_keeps_its_study(tmp_path, ray_local, 
     assert len(csv(tmp_path)) == len(df)
 
 
-def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray_local):
+def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray_local, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from lth.cli import main
+
     base = {**BASE, "train": {**BASE["train"], "optimizer": "sgd", "momentum": 0.9}}
-    path = sweep_file(tmp_path, base=base, space={"train.lr": {"grid": [0.05, 1.0e6]}}, max_failures=1)
-    runner.run(load_sweep(path))
+    path = sweep_file(tmp_path, base=base, space={"train.lr": {"grid": [0.05, 1.0e6]}}, max_failures=1,
+                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["sweep", "run", str(path)]) == 1  # a sweep with a failed trial does not exit 0
+    err = capsys.readouterr()
+    assert "lth: 1 of 2 trials failed" in err.err and "failed " in err.out  # the count, and the reason
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = c.search_runs([c.get_experiment_by_name("e").experiment_id], "tags.`lth.kind` = 'sweep'")
+    assert [r.info.status for r in parent] == ["FAILED"]
     df = csv(tmp_path)
     failed = df[df.status == "ERROR"]
     assert len(failed) == 1 and failed["train.lr"].iloc[0] == 1.0e6
@@ -160,7 +170,9 @@ def test_pareto_front_on_known_points():
     assert sorted(p["id"] for p in front) == [0, 1, 4, 5]  # 2 and 3 are dominated; ties both stay
 
 
-def test_every_example_sweep_file_is_valid():
+def test_every_example_sweep_file_is_valid(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # their data_dir ~/data must exist (checked before Ray starts)
+    (tmp_path / "data").mkdir()
     sweeps = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
     assert {p.stem for p in sweeps} >= {"demo_digits", "lenet_mnist_ablation", "conv2_cifar_optuna",
                                         "resnet20_rewind_cluster"}

@@ -149,14 +149,14 @@ SWEEP = {"name": "s", "experiment": "e", "base": {"preset": "lenet_digits_quick"
 
 @pytest.mark.parametrize("data,key,allowed", [
     ({"name": "a b"}, "name", "a name of letters"),
-    ({"seeds": "three"}, "seeds", "a count >= 1 or a list of distinct seeds >= 0"),
+    ({"seeds": "three"}, "seeds", "a count from 1 to 10,000, or a list of at most 10,000 distinct seeds >= 0"),
     ({"seeds": [1, 1]}, "seeds", "distinct"),
     ({"max_concurrent": 0}, "max_concurrent", "an integer >= 1, or null for no limit"),
     ({"max_failures": -1}, "max_failures", "an integer >= 0"),
     ({"tolerance": "small"}, "tolerance", "expected a number"),
     ({"resources": {"cpu": 0}}, "resources.cpu", "a number > 0"),
     ({"resources": {"gpu": 1.5}}, "resources.gpu", "a fraction <= 1 or a whole number"),
-    ({"search": {"algorithm": "random", "num_samples": 0}}, "search.num_samples", "an integer >= 1"),
+    ({"search": {"algorithm": "random", "num_samples": 0}}, "search.num_samples", "an integer from 1 to 1,000,000"),
     ({"search": {"mode": ["max", "min"]}}, "search.mode", "for each of the 1 metric(s)"),
     ({"search": {"metric": ["final_test_acc", "nope"]}}, "search.metric", "allowed: dense_test_acc, final_test_acc"),
     ({"space": ["prune.rate"]}, "space", "a mapping of trial-spec paths to distributions"),

@@ -13,9 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trials import layout
-from trials.errors import ConfigError
+from trials.errors import check
 from trials.record import LevelRecord
 from trials.version import code_version
+
+
+NAME_MAX = 255  # bytes in one folder name: ext4, XFS, APFS, NTFS alike
 
 
 def _atomic(path: Path, write) -> None:
@@ -44,13 +47,25 @@ class TrialDir:
 
     # ------------------------------------------------------------ lifecycle
     def check(self) -> None:
-        """Refuse a folder that holds another spec's trial (before anything is written)."""
+        """Refuse, before anything is written, a folder this trial cannot use: a file, a
+        name too long, one we cannot create or write to, or one that holds another spec's
+        trial (or a spec.json that is not a trial's)."""
+        where = str(self.path)
+        for part in self.path.parts:
+            check(len(os.fsencode(part)) <= NAME_MAX, "--out", where,
+                  f"folder names of at most {NAME_MAX} bytes (one has {len(os.fsencode(part))})")
+        check(not self.path.exists() or self.path.is_dir(), "--out", where, "a folder (this is a file)")
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        check(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "--out", where,
+              f"a folder you can write to ({existing} is {'read-only' if existing.is_dir() else 'a file'})")
         f = self.path / layout.SPEC
         if f.exists():
-            key = json.loads(f.read_text()).get("key")
-            if key != self.spec.key:
-                raise ConfigError("--out", str(self.path),
-                                  f"it holds trial {key}, not {self.spec.key}; use another folder")
+            try:
+                key = json.loads(f.read_text()).get("key")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                key = None
+            check(key is not None, "--out", where, f"its {layout.SPEC} is not a trial's; use another folder")
+            check(key == self.spec.key, "--out", where, f"it holds trial {key}, not {self.spec.key}; use another folder")
 
     def begin(self) -> None:
         self.check()

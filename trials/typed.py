@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from typing import Any, Callable, Literal, NamedTuple, Union
@@ -28,6 +29,16 @@ from trials.errors import ConfigError, check
 MISSING = dataclasses.MISSING
 _UNIONS = (Union, types.UnionType)
 _NONE = type(None)
+INT64 = 2**63  # integers a config may hold: what torch, numpy and seeds take (64-bit signed)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 _SCALARS = {  # type -> (accepts, what is expected); bool is an int to Python, not to a config
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
@@ -105,6 +116,10 @@ def coerce(key: str, value, tp):
     if tp in _SCALARS:  # first: most leaves are scalars, and sweeps build thousands of specs
         accepts, text = _SCALARS[tp]
         check(accepts(value), key, value, f"expected {text}")
+        if tp is int:  # what torch, numpy and seeds take
+            check(-INT64 <= value < INT64, key, value, "expected an integer of 64 bits (-2^63 .. 2^63-1)")
+        elif tp is float:  # a step with lr .inf diverges only after the trial folder was made
+            check(_finite(value), key, value, "expected a finite number")
         return float(value) if tp is float else value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if _is_dataclass(tp):

@@ -60,6 +60,25 @@ def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
     return parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
 
 
+def check_local_resources(sweep: Sweep, address: str | None) -> None:
+    """On a local Ray (no --address, no RAY_ADDRESS) a Tune trial asking more CPUs or GPUs
+    than this machine has would wait forever: refuse it before anything starts. A cluster
+    (which may grow) is not judged here."""
+    import os
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = {"cpu": float(os.cpu_count() or 1), "gpu": float(torch.cuda.device_count())}
+    for kind in ("gpu", "cpu"):
+        if sweep.resources[kind] > have[kind]:
+            raise ConfigError(f"resources.{kind}", sweep.resources[kind],
+                              f"this machine has {have['cpu']:g} CPUs and {have['gpu']:g} GPUs for a local Ray "
+                              f"(ask for at most those, e.g. --set resources.{kind}={have[kind]:g}, "
+                              "or run on a cluster with --address)")
+
+
 def init_ray(address: str | None) -> None:
     """An explicit address, or the cluster of `ray job submit` (RAY_ADDRESS), or a fresh
     local instance (never someone else's running cluster by accident)."""
@@ -85,6 +104,7 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
                               f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
         return resume(sweep.name, sweep.storage, address)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
+    check_local_resources(sweep, address)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     init_ray(address)
@@ -98,6 +118,7 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
     store.check_reachable(sweep.tracking_uri)
+    check_local_resources(sweep, address)
     init_ray(address)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import ray
 
 from orchestrator.sweeps.storage import filesystem, write_text
+from trials.errors import env_number
 
 UNITS_DIR = "_units"
 LOG_DIR = "_log"
@@ -49,7 +50,7 @@ STALE_SCRATCH_SECONDS = 86400  # a scratch folder with no pid (written before pi
 
 
 def lease_seconds() -> float:
-    return float(os.environ.get("LTH_UNIT_LEASE_S", "60"))
+    return env_number("LTH_UNIT_LEASE_S", 60.0)
 
 
 def units_root(storage: str, packed: bool = False) -> str:

@@ -66,8 +66,12 @@ def client(uri: str):
 
 
 def connect(uri: Optional[str] = None, key: str = "--tracking-uri"):
-    """(absolute uri, client) of a store that answers, for the readers (analysis, tickets)."""
+    """(absolute uri, client) of a store that answers, for the readers (analysis, tickets).
+    A reader creates nothing: an SQLite store must exist already (MLflow would create an
+    empty database at a mistyped path and then report the experiment missing)."""
     uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(key, uri, "an existing MLflow store (no database at that path; a sweep creates it)")
     check_reachable(uri, key)
     return uri, client(uri)
 
@@ -291,6 +295,7 @@ class SweepTracker:
             self.table.mark(run["run_id"], run["steps"])
 
     def finish(self, status: str = "FINISHED") -> None:
+        """The parent run ends: FAILED when a trial failed (the sweep's exit status says so too)."""
         self.upload_table(now=True)
         self.c.set_terminated(self.parent, status=status)
 
@@ -306,7 +311,7 @@ def sync(tracker_factory, trials: list, attempts: int = 12, wait_seconds: float 
                 for i, folder in enumerate(folders):
                     tracker.log_checkpoint(folder, trial_id, refresh=i == len(folders) - 1)
                 tracker.set_status(meta["key"], status)
-            tracker.finish()
+            tracker.finish("FAILED" if any(status == "FAILED" for _, _, status, _ in trials) else "FINISHED")
             return True
         except Exception as e:  # noqa: BLE001 - the store may be down; try again
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
