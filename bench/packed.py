@@ -7,7 +7,11 @@ one trial per process against packs of K trials per process (trials/packed.py).
     pack K  16/K processes, each trains a pack of K trials (trials.packed.run_pack), K in --packs
 
 Every path is whole processes (imports and data loading included), run one after another
-with the same thread count, each trial writing its normal trial folder.
+with the same thread count, each trial writing its normal trial folder. --model runs
+another registered model on the same data (e.g. conv2); --pack-ref REV runs the packs
+with the engine of commit REV (with --skip head), to compare a change of the pack code:
+
+    .venv/bin/python bench/packed.py --skip head single --packs 4 16 --pack-ref HEAD~1
 
 --sweep measures what a user waits for instead: the same 16 trials as one `lth sweep run`
 per K (Ray start, Tune, checkpoints, MLflow logging, shared units and trials.csv
@@ -65,8 +69,8 @@ print(" ".join(f"{r[-1].test_acc:.4f}" for r in records))
 """
 
 
-def spec_data(root: Path, seed: int, iterations: int, device: str = "cpu") -> dict:
-    return {"model": "lenet_300_100", "dataset": {"name": "mnist", "data_dir": str(root), "validation": 1000},
+def spec_data(root: Path, seed: int, iterations: int, device: str = "cpu", model: str = "lenet_300_100") -> dict:
+    return {"model": model, "dataset": {"name": "mnist", "data_dir": str(root), "validation": 1000},
             "train": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "iterations": iterations,
                       "eval_interval": 100},
             "prune": {"kind": "unstructured", "scope": "layerwise", "rate": 0.2, "levels": 2},
@@ -92,6 +96,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="whole `lth sweep run` commands, pack: K")
     ap.add_argument("--device", default="cpu", help="the trials' device: cpu, cuda")
     ap.add_argument("--sample", type=int, default=0, help="time only the first N processes of each path")
+    ap.add_argument("--model", default="lenet_300_100", help="any registered model that runs on MNIST, e.g. conv2")
+    ap.add_argument("--pack-ref", default=None, help="packs run the engine of this commit (as head), not this tree's")
     args = ap.parse_args()
     if args.sweep:
         return sweeps(args)
@@ -104,12 +110,16 @@ def main() -> None:
             sys.exit("needs the MNIST t10k files in ../shared/data/mnist-t10k")
         head = tmp / "head"
         head.mkdir()
-        if "head" not in args.skip:
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.head_ref, "trials"], check=True,
+        if "head" not in args.skip or args.pack_ref:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.pack_ref or args.head_ref, "trials"],
+                                     check=True,
                                      capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
-        specs = [spec_data(root, seed, args.iterations, args.device) for seed in range(args.trials)]
-        print(f"{args.trials} trials: lenet_300_100, real MNIST 8k, 3 levels x {args.iterations} iterations, "
+        specs = [spec_data(root, seed, args.iterations, args.device, args.model) for seed in range(args.trials)]
+        if args.pack_ref and "head" not in args.skip and args.pack_ref != args.head_ref:
+            sys.exit("--pack-ref: give --skip head (head and the packs would need two engines)")
+        print(f"packs: the engine at {args.pack_ref}" if args.pack_ref else "packs: this tree's engine")
+        print(f"{args.trials} trials: {args.model}, real MNIST 8k, 3 levels x {args.iterations} iterations, "
               f"batch 60, adam, {args.device}; {args.threads} threads per process; "
               f"load average {os.getloadavg()[0]:.1f}")
 
@@ -131,7 +141,8 @@ def main() -> None:
                         for a in starts]
             else:
                 last = [run([sys.executable, "-c", PACK, json.dumps(specs[a : a + k]),
-                             json.dumps([str(out / str(i)) for i in range(a, a + k)])], REPO / "trials", env)
+                             json.dumps([str(out / str(i)) for i in range(a, a + k)])],
+                            head / "trials" if args.pack_ref else REPO / "trials", env)
                         for a in starts]
             seconds = time.perf_counter() - started
             done = len(starts) * (k or 1)

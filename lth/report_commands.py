@@ -101,12 +101,14 @@ def _tracking_flag(cmd) -> None:
 def add_tickets(commands) -> None:
     tickets = commands.add_parser("tickets", help="query MLflow for tickets").add_subparsers(title="tickets")
     best = tickets.add_parser("best", help="rank (trial, level) pairs across an experiment")
-    best.add_argument("--experiment", required=True)
+    best.add_argument("--experiment", required=True, help="the MLflow experiment (a sweep's `experiment`)")
     best.add_argument("--max-density", type=float, help="only levels at or below this density")
     best.add_argument("--min-acc", type=float, help="only levels at or above this accuracy (of --metric)")
-    best.add_argument("--metric", default="test_acc_at_early_stop")
-    best.add_argument("--top", type=int, default=10)
-    best.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    best.add_argument("--metric", default="test_acc_at_early_stop",
+                      help="the accuracy to rank by: test_acc_at_early_stop (default), test_acc or val_acc")
+    best.add_argument("--top", type=int, default=10, help="how many (trial, level) pairs to list (default 10)")
+    best.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                      help="table (default), json or csv (with a header even when nothing matches)")
     _tracking_flag(best)
     best.set_defaults(func=tickets_best)
     export = tickets.add_parser("export", help="write one level's ticket (mask, weights, spec)")
@@ -122,11 +124,14 @@ def tickets_best(args) -> int:
 
     from orchestrator.tracking import tickets
 
+    if args.top < 1:
+        raise ConfigError("--top", args.top, "an integer >= 1")
     rows = tickets.best(args.experiment, args.tracking_uri, args.metric, args.max_density, args.min_acc, args.top)
     if args.format == "json":
         print(json.dumps(rows, indent=1))
     elif args.format == "csv":
-        print(pd.DataFrame(rows).to_csv(index=False), end="")
+        columns = None if rows else [*tickets.HEAD_COLUMNS, *dict.fromkeys(tickets.HEADLINE + (args.metric,))]
+        print(pd.DataFrame(rows, columns=columns).to_csv(index=False), end="")
     else:
         print(pd.DataFrame(rows).to_string(index=False) if rows else "no level matches")
     return 0

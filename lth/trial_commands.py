@@ -1,6 +1,7 @@
 """`lth trial ...`: one IMP run in this process, with its console output."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -20,9 +21,10 @@ def add(commands) -> None:
     run.set_defaults(func=trial_run)
 
     show = trial.add_parser("show", help="print the resolved spec and its key")
-    show.add_argument("config", nargs="?")
-    show.add_argument("--preset")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("config", nargs="?", help="trial config YAML (may start with `preset: NAME`)")
+    show.add_argument("--preset", help="a shipped paper preset (see `lth trial presets`)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any spec key by its path, e.g. --set prune.rate=0.3")
     show.set_defaults(func=trial_show)
 
     trial.add_parser("presets", help="list the shipped presets").set_defaults(func=trial_presets)
@@ -48,9 +50,15 @@ def trial_show(args) -> int:
 def trial_presets(args) -> int:
     from orchestrator.config import PRESETS_DIR, preset_names
 
-    for name in preset_names():
-        first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:28s} {first}")
+    for name in preset_names():  # the file's opening comment, to its first full stop
+        comment = []
+        for line in (PRESETS_DIR / f"{name}.yaml").read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("# ").strip())
+        text = " ".join(comment)
+        first = re.split(r"(?<!\bal)\.(\s|$)", text)[0]  # "Frankle et al. 2020" is not a sentence's end
+        print(f"{name:28s} {first + '.' if first else ''}")
     return 0
 
 

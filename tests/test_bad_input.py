@@ -98,6 +98,7 @@ def test_a_sweep_file_and_its_sets_are_loaded_or_refused_in_one_line(tmp_path, s
     ["sweep", "plan", "ALIASES"],
     ["report", "table", "--experiment", "nope", "--rows", "prune.kind"],
     ["tickets", "best", "--experiment", "nope"],
+    ["tickets", "best", "--experiment", "nope", "--top", "0"],
 ])
 def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypatch, argv):
     from lth.cli import main

@@ -163,9 +163,12 @@ def test_files_follow_the_contract_and_the_ticket_gives_the_recorded_accuracy(tm
     for r in records:
         assert (out / f"level_{r.level:02d}" / "DONE").exists()
         ticket = load_ticket(export(out, r.level, tmp_path / f"ticket{r.level}"))
-        assert ticket.record == r
+        assert ticket.record == r and not ticket.model.training and "tensor" not in repr(ticket)
         _, acc = evaluate(ticket.model, digits_cpu.test_x, digits_cpu.test_y, FP32)
         assert acc == r.test_acc  # exactly: the masked fixed weights as trained
+        assert ticket.evaluate(digits_cpu)[1] == r.test_acc and not ticket.model.training
+        with pytest.raises(ValueError, match="edge_popup ticket is not retrained"):
+            ticket.train(digits_cpu)
 
 
 def test_non_affine_batchnorm_and_its_ticket(tmp_path, digits_cpu):

@@ -95,6 +95,7 @@ def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray
     assert main(["sweep", "run", str(path)]) == 1  # a sweep with a failed trial does not exit 0
     err = capsys.readouterr()
     assert "lth: 1 of 2 trials failed" in err.err and "failed " in err.out  # the count, and the reason
+    assert "finished (1 done, " in err.err  # the trial that finished counts itself
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = c.search_runs([c.get_experiment_by_name("e").experiment_id], "tags.`lth.kind` = 'sweep'")
     assert [r.info.status for r in parent] == ["FAILED"]

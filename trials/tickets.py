@@ -31,10 +31,31 @@ class Ticket:
     record: LevelRecord  # the level's record as logged
     source: dict  # run_id and tracking_uri of the MLflow run it was exported from
 
+    def __repr__(self) -> str:  # the tensors stay out of it
+        r = self.record
+        return (f"Ticket({self.spec.method} {self.spec.model.name} on {self.spec.dataset.name}, seed {self.spec.seed}, "
+                f"level {r.level}, density {r.density:.4f}, recorded test_acc {r.test_acc:.4f}, "
+                f"key {self.spec.key}{', run ' + self.source['run_id'] if self.source.get('run_id') else ''})")
+
+    def evaluate(self, data=None) -> tuple[float, float]:
+        """(test loss, test accuracy) of the model as loaded, in eval mode: with the final
+        weights, on the machine kind that trained them, exactly the recorded test_acc."""
+        from trials.training import autocast_for, evaluate
+
+        device = next(self.model.parameters()).device
+        data = data or datasets.load(self.spec.dataset, device)
+        result = evaluate(self.model, data.test_x, data.test_y, autocast_for(device, self.spec.train.precision))
+        self.model.eval()  # evaluate() leaves a net in training mode; a ticket stays in eval mode
+        return result
+
     def train(self, data=None, start_iteration=None):
-        """Retrain the masked network as the trial did (from its rewind point)."""
+        """Retrain the masked network as the trial did (from its rewind point). An
+        edge-popup ticket's weights stay fixed (its accuracy is its supermask's): evaluate it."""
         from trials.training import train_level
 
+        if self.spec.method != "imp":
+            raise ValueError(f"a {self.spec.method} ticket is not retrained: its weights stay fixed and its "
+                             "accuracy is the supermask's (use evaluate())")
         data = data or datasets.load(self.spec.dataset, next(self.model.parameters()).device)
         k = self.spec.rewind_iteration if start_iteration is None else start_iteration
         return train_level(self.model, self.mask, data, self.spec.train, self.spec.seed, k)
@@ -51,7 +72,7 @@ def load_ticket(folder, weights: str = "final", device="cpu") -> Ticket:
     net = models.build(spec.model, datasets.info(spec.dataset), seed=spec.seed)
     net.load_state_dict(load_tensors(folder / files[weights]))
     mask = load_tensors(folder / layout.MASK)
-    net = net.to(device)
+    net = net.to(device).eval()  # for evaluation and inference; train() switches it back
     Masker(net, mask).apply()
     record = LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
     source = json.loads((folder / layout.SOURCE).read_text()) if (folder / layout.SOURCE).exists() else {}

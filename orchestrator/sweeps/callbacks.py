@@ -58,8 +58,9 @@ class LevelProgress(tune.Callback):
         print(f"[{trial.trial_id}] failed: {results.error_line(trial)}", file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = sum(t.status == "TERMINATED" for t in trials)
-        failed = sum(t.status == "ERROR" for t in trials)
+        # Tune calls this before it marks `trial` TERMINATED: it counts as done here
+        done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)
+        failed = sum(t.status == "ERROR" for t in trials if t is not trial)
         print(f"[{trial.trial_id}] finished ({done} done, {failed} failed, {len(trials)} started)",
               file=sys.stderr, flush=True)
 

@@ -19,6 +19,9 @@ from trials.spec import field_paths
 from trials.typed import from_logged
 
 
+HEAD_COLUMNS = (*levels_table.NAMES, "seed", "level")  # level_rows' columns before varied params and metrics
+
+
 def level_rows(trial: dict, metrics=HEADLINE) -> list[dict]:
     """One dict per logged level of a trial run (read.trials): its metrics, varied params and tags."""
     varied = [p for p in trial["varied"].split(",") if p]
