@@ -138,3 +138,19 @@ def test_a_config_error_crosses_process_boundaries_intact():
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is ConfigError and str(back) == str(e) and back.key == "train.lr"
     assert back.allowed == "expected a finite number"
+
+
+def test_a_sweep_whose_storage_is_a_file_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    from lth.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "s", "experiment": "e", "base": {"model": "lenet_300_100", "dataset": "digits"},
+        "storage": str(tmp_path / "afile" / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert main(["sweep", "run", str(tmp_path / "s.yaml")]) == 2
+    assert err.getvalue().strip() == (f"lth: error: storage: '{tmp_path / 'afile' / 'runs'}' is not allowed; "
+                                      f"a folder ({tmp_path / 'afile'} is a file)")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "s.yaml"]  # no MLflow store, no Ray session folder here

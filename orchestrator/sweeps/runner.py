@@ -17,7 +17,8 @@ from orchestrator.sweep_spec import Sweep, parse_sweep
 from orchestrator.sweeps import results
 from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
 from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
-from orchestrator.sweeps.storage import STUDY_FILE, SWEEP_FILE, read_bytes, read_text, sweep_path, write_text
+from orchestrator.sweeps.storage import (STUDY_FILE, SWEEP_FILE, check_usable, read_bytes, read_text, sweep_path,
+                                         write_text)
 from orchestrator.tracking import store
 from trials.errors import ConfigError
 
@@ -52,6 +53,7 @@ def save_sweep(sweep: Sweep, study_name: str) -> None:
 
 
 def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
+    check_usable(storage, write=False)
     path = sweep_path(storage, name) + "/" + SWEEP_FILE
     text = read_text(path)
     if text is None:
@@ -96,6 +98,7 @@ def init_ray(address: str | None) -> None:
 
 def run(sweep: Sweep, address: str | None = None) -> list[dict]:
     """Start a sweep, or continue it when the same sweep already exists under its name."""
+    check_usable(sweep.storage, write=True)  # before the MLflow store or anything else is made
     existing = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
     if existing is not None:
         saved, _ = load_saved(sweep.storage, sweep.name)

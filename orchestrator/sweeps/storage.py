@@ -15,6 +15,43 @@ from typing import Optional
 SWEEP_FILE = "lth_sweep.yaml"
 STUDY_FILE = "optuna.db"
 TRIALS_CSV = "trials.csv"
+ANSWER_SECONDS = 20.0  # how long a bucket may take to answer before the command gives up
+
+
+def check_usable(storage: str, write: bool) -> None:
+    """One line (ConfigError on `storage`) unless the sweep storage can be used, before
+    anything is written: a local path must be (or be creatable as) a folder, writable when
+    `write`; a bucket must answer within ANSWER_SECONDS (pyarrow's S3 client retries for
+    long without a network, and its GCS client never gives up)."""
+    import os
+    import threading
+    from pathlib import Path
+
+    from trials.errors import check
+
+    if "://" not in storage:
+        path = Path(storage)
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        check(existing.is_dir(), "storage", storage, f"a folder ({existing} is a file)")
+        check(not write or os.access(existing, os.W_OK | os.X_OK), "storage", storage,
+              f"a folder you can write to ({existing} is read-only)")
+        return
+    outcome: dict = {}
+
+    def probe() -> None:
+        try:
+            fs, p = filesystem(storage)
+            fs.get_file_info(p)
+            outcome["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+            outcome["error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+    thread = threading.Thread(target=probe, daemon=True)  # a hung client must not hold the process
+    thread.start()
+    thread.join(ANSWER_SECONDS)
+    check("ok" in outcome, "storage", storage,
+          f"a bucket that answers ({outcome['error']})" if "error" in outcome
+          else f"a bucket that answers (none did within {ANSWER_SECONDS:.0f} s: no network, or no such endpoint?)")
 
 
 def sweep_path(storage: str, name: str) -> str:
