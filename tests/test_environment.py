@@ -41,7 +41,7 @@ def test_sweep_status_warns_of_mixed_machines():
     from orchestrator.sweeps.results import status_report
 
     class Sweep:
-        name, varied = "s", []
+        name, varied, seeds, space = "s", [], (0, 1), ()
 
         class search:
             algorithm, metric, mode = "grid", ("final_test_acc",), ("max",)
@@ -52,3 +52,5 @@ def test_sweep_status_warns_of_mixed_machines():
     report = status_report(Sweep, rows)
     assert "warning: these numbers came from 2 kinds of machine" in report
     assert "warning" not in status_report(Sweep, rows[:1])
+    # a trial Tune had not created when its driver last saved is counted, not forgotten
+    assert status_report(Sweep, rows[:1]).splitlines()[0] == "sweep s (grid, 2 trials): 1 not started, 1 terminated"
