@@ -126,18 +126,11 @@ def set_path(data: dict, key: str, value, known: dict) -> None:
         layer_rates = data.setdefault("prune", {}).setdefault("layer_rates", {})
         layer_rates[key[len(rates):]] = value
         return
-    section = key not in known and any(k.startswith(key + ".") for k in known)
-    if section and key not in ("model", "dataset"):  # --set 'stability={copies: 2}': merged into the section
+    # a section (--set 'stability={copies: 2}') is merged into; model/dataset also take a name
+    section = key not in known and key not in ("model", "dataset") and any(k.startswith(key + ".") for k in known)
+    if section:
         check(isinstance(value, dict), key, value, f"a mapping of its keys, e.g. {key}={{{_first_leaf(known, key)}: ...}}")
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        node[last] = merge(node[last], value) if isinstance(node.get(last), dict) else value
-        return
-    if key not in known and key not in ("model", "dataset"):
+    elif key not in known and key not in ("model", "dataset"):
         raise ConfigError(key, value, unknown_key(key, known))
     *parents, last = key.split(".")
     node = data
@@ -145,7 +138,7 @@ def set_path(data: dict, key: str, value, known: dict) -> None:
         if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
-    node[last] = value
+    node[last] = merge(node[last], value) if section and isinstance(node.get(last), dict) else value
 
 
 def unknown_key(key: str, known) -> str:

@@ -13,6 +13,7 @@ key that caused it, not hours later on a worker.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, replace
@@ -139,6 +140,14 @@ class Sweep:
     @property
     def varied(self) -> list[str]:
         return [d.path for d in self.space]
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs in all: every grid combination x seed, or num_samples
+        configurations x seeds (computed, not built: MAX_TRIALS bounds it before any spec)."""
+        if self.search.algorithm != "grid":
+            return self.search.num_samples * len(self.seeds)
+        return math.prod(len(d.values) for d in self.space if d.discrete) * len(self.seeds)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -303,10 +312,7 @@ def _check_combinations(sweep: Sweep) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
     if sweep.search.algorithm == "grid":
-        trials = len(sweep.seeds)
-        for d in discrete:
-            trials *= len(d.values)
-        check(trials <= MAX_TRIALS, "space", f"{trials:,} trials (grid combinations x seeds)",
+        check(sweep.trial_count <= MAX_TRIALS, "space", f"{sweep.trial_count:,} trials (grid combinations x seeds)",
               f"at most {MAX_TRIALS:,} trials in one sweep")
     continuous = [d for d in sweep.space if not d.discrete]
     ends = [{d.path: d.values[0] for d in continuous}]

@@ -41,7 +41,7 @@ def test_sweep_status_warns_of_mixed_machines():
     from orchestrator.sweeps.results import status_report
 
     class Sweep:
-        name, varied, seeds, space = "s", [], (0, 1), ()
+        name, varied, trial_count = "s", [], 2
 
         class search:
             algorithm, metric, mode = "grid", ("final_test_acc",), ("max",)

@@ -13,6 +13,7 @@ from orchestrator.sweep_spec import load_sweep
 from orchestrator.sweeps import runner
 from orchestrator.tracking import levels_table, read, tickets
 from tests.test_tracking import sweep_file
+from trials.environment import cpu_model, mixed
 from trials.record import TRACKED, LevelRecord, read_lines
 
 N_TRIALS, LEVELS = 4, 2
@@ -44,6 +45,8 @@ def states(runs) -> dict:
 def assert_paths_agree(uri) -> pd.DataFrame:
     df = analysis.runs("exp", uri)
     pd.testing.assert_frame_equal(df, analysis.runs("exp", uri, tables=False))
+    named = [e for envs in df["environments"].dropna() for e in json.loads(envs)]  # the runs' environments
+    assert named and all(e["cpu"] == cpu_model() and e["lth"] for e in named) and mixed(df["environments"]) is None
     for metric in ("test_acc_at_early_stop", "test_acc"):
         ranked = tickets.best("exp", uri, metric=metric, top=10 ** 6)
         assert ranked == tickets.best("exp", uri, metric=metric, top=10 ** 6, tables=False)

@@ -16,8 +16,8 @@ def shown(value) -> str:
 
 class ConfigError(ValueError):
     """A bad value for a named key: the message says the key, the value (cut, `shown`) and
-    what is allowed. Pickles whole, so it crosses process boundaries (a sweep's workers
-    to its driver) as itself."""
+    what is allowed. Pickles as itself with its message (the value travels as its cut
+    text), so it crosses process boundaries (a sweep's workers to its driver) intact."""
 
     def __init__(self, key: str, value, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed

@@ -40,6 +40,17 @@ def write_json(path: Path, obj) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"))
 
 
+def check_folder(path: Path, key: str, write: bool) -> None:
+    """`path` is a folder, or can be made one (its nearest existing parent is a folder),
+    that we can write to when `write`; else one ConfigError on `key`. (As root, access
+    checks pass: a read-only mount shows only when writing.)"""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    check(existing.is_dir(), key, str(path), f"a folder ({existing} is a file)")
+    check(not write or os.access(existing, os.W_OK | os.X_OK), key, str(path),
+          f"a folder you can write to ({existing} is read-only)")
+
+
 class TrialDir:
     def __init__(self, path, spec):
         self.path = Path(path)
@@ -54,10 +65,7 @@ class TrialDir:
         for part in self.path.parts:
             check(len(os.fsencode(part)) <= NAME_MAX, "--out", where,
                   f"folder names of at most {NAME_MAX} bytes (one has {len(os.fsencode(part))})")
-        check(not self.path.exists() or self.path.is_dir(), "--out", where, "a folder (this is a file)")
-        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
-        check(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "--out", where,
-              f"a folder you can write to ({existing} is {'read-only' if existing.is_dir() else 'a file'})")
+        check_folder(self.path, "--out", write=True)
         f = self.path / layout.SPEC
         if f.exists():
             try:

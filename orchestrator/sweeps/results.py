@@ -131,26 +131,15 @@ def configurations(sweep, trials: list[dict]) -> list[dict]:
     return out
 
 
-def planned_trials(sweep) -> int:
-    """How many trials the sweep runs in all: every grid combination x seed, or
-    num_samples configurations x seeds (Tune knows only those it has created so far)."""
-    if sweep.search.algorithm == "grid":
-        total = len(sweep.seeds)
-        for d in sweep.space:
-            total *= len(d.values)
-        return total
-    return sweep.search.num_samples * len(sweep.seeds)
-
-
 def status_report(sweep, rows: list[dict], top: int = 5) -> str:
     trials = per_trial(rows)
     counts: dict = {}
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
-    unmade = planned_trials(sweep) - len(trials)  # not created yet when the driver last saved
+    unmade = sweep.trial_count - len(trials)  # not created yet when the driver last saved
     if unmade > 0:
         counts["NOT STARTED"] = unmade
-    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}, {planned_trials(sweep)} trials): "
+    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}, {sweep.trial_count} trials): "
              + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none started")]
     lines += [f"  failed {t['trial_id']}: {t['error']}" for t in trials if t["status"] == "ERROR"]
     warning = mixed(r.get("environment") for r in rows if r.get("level") is not None)

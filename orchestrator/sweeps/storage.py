@@ -23,19 +23,13 @@ def check_usable(storage: str, write: bool) -> None:
     anything is written: a local path must be (or be creatable as) a folder, writable when
     `write`; a bucket must answer within ANSWER_SECONDS (pyarrow's S3 client retries for
     long without a network, and its GCS client never gives up)."""
-    import os
     import threading
-    from pathlib import Path
 
     from trials.errors import check
+    from trials.store import check_folder
 
     if "://" not in storage:
-        path = Path(storage)
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        check(existing.is_dir(), "storage", storage, f"a folder ({existing} is a file)")
-        check(not write or os.access(existing, os.W_OK | os.X_OK), "storage", storage,
-              f"a folder you can write to ({existing} is read-only)")
-        return
+        return check_folder(storage, "storage", write)
     outcome: dict = {}
 
     def probe() -> None:

@@ -112,10 +112,10 @@ def trials(frame: pd.DataFrame, fields=TRACKED) -> list[dict]:
     values = as_logged(frame[list(fields)].to_numpy(dtype=float)).tolist()
     for run_id, level, row in zip(frame["run_id"].tolist(), frame["level"].tolist(), values):
         out[run_id]["levels"][int(level)] = dict(zip(fields, row))
-    envs = frame.groupby("run_id")["environment"].agg(lambda v: listed(_none(x) for x in v)) \
-        if "environment" in frame else {}
+    envs = (frame.groupby("run_id")["environment"].agg(lambda v: listed(_none(x) for x in v)).to_dict()
+            if "environment" in frame else {})  # a table from before lth recorded environments: none
     for run_id, trial in out.items():  # as the run's tag lth.environment holds them (store._log_levels)
-        trial["environments"] = envs.get(run_id) if len(envs) else None
+        trial["environments"] = envs.get(run_id)
     return list(out.values())
 
 
