@@ -87,7 +87,7 @@ def mnist_root(tmp: Path) -> Path | None:
     pixels = 28 * 28
     n = len(lab)
     raw = tmp / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+    raw.mkdir(parents=True, exist_ok=True)  # run again: the files are written anew
     for split, lo, hi in (("train", 0, N_TRAIN_MNIST), ("t10k", N_TRAIN_MNIST, n)):
         _write_idx(raw / f"{split}-images-idx3-ubyte", img_head, img[lo * pixels : hi * pixels], hi - lo, pixels)
         _write_idx(raw / f"{split}-labels-idx1-ubyte", lab_head, lab[lo:hi], hi - lo, 1)

@@ -1,0 +1,59 @@
+"""The `lth` that tests/test_readme.py puts first on PATH while it runs the README's shell
+blocks: the real command line (`lth.cli.main`), given the README's arguments as written
+plus the shrinking below, so a block that trains for hours on a GPU cluster runs in
+seconds here. Shrinking only appends `--set`s (the last one wins) and swaps the values of
+a few flags; it never drops an argument. Each call is logged (argv as run, exit status)
+to $LTH_README_LOG as a JSON line."""
+import json
+import os
+import sys
+
+# Appended to every `lth sweep run FILE`, by FILE's name: one seed, one pruned level,
+# short training (longer than the file's latest rewind point), no GPU (the README's own
+# instruction for a machine without one).
+SWEEP_RUN = {
+    "lenet_mnist_ablation.yaml": ["seeds=1", "base.prune.levels=1", "base.train.iterations=520",
+                                  "base.train.eval_interval=260", "resources.gpu=0", "max_concurrent=2"],
+    "demo_digits.yaml": ["seeds=1", "base.prune.levels=1", "base.train.iterations=60", "base.train.eval_interval=30"],
+    "stability_conv2_digits.yaml": ["seeds=1", "base.prune.levels=1", "base.stability.levels=[0, 1]",
+                                    "base.train.iterations=40", "base.train.eval_interval=20",
+                                    "space.rewind_iteration={grid: [0, 16]}"],
+}
+# Appended to `lth trial run` and `lth stability find`: short training, one pruned level
+# (unless the line asks for none).
+TRIAL = ["train.iterations=120", "train.eval_interval=60"]
+# Flag values swapped, by command: the README's level 7 / level 4 and rewind grid up to
+# 2000 become what the shrunk runs have.
+SWAP = {("tickets", "export"): {"--level": "1"},
+        ("stability", "find"): {"--level": "1", "--grid": "0,100"}}
+
+
+def shrink(argv: list[str]) -> list[str]:
+    argv = list(argv)
+    command = tuple(argv[:2])
+    for flag, value in SWAP.get(command, {}).items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+    if command == ("sweep", "run"):
+        argv += [x for s in SWEEP_RUN[os.path.basename(argv[2])] for x in ("--set", s)]
+    if command in (("trial", "run"), ("stability", "find")):
+        levels = [] if "prune.levels=0" in argv else ["prune.levels=1"]
+        argv += [x for s in TRIAL + levels for x in ("--set", s)]
+    if command == ("tickets", "export") and argv[2] == "RUN_ID":  # the README's placeholder
+        from orchestrator.tracking import tickets
+
+        argv[2] = tickets.best("lenet-mnist")[0]["run_id"]
+    return argv
+
+
+if __name__ == "__main__":
+    from lth.cli import main
+
+    argv = shrink(sys.argv[1:])
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    with open(os.environ["LTH_README_LOG"], "a") as log:
+        log.write(json.dumps({"argv": argv, "code": code}) + "\n")
+    sys.exit(code)
