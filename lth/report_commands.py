@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from lth import compact_commands
 from trials.errors import ConfigError
 
 
@@ -117,6 +118,7 @@ def add_tickets(commands) -> None:
     export.add_argument("--out", required=True)
     _tracking_flag(export)
     export.set_defaults(func=tickets_export)
+    compact_commands.add(tickets)
 
 
 def tickets_best(args) -> int:

@@ -87,3 +87,20 @@ def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
     (out / layout.RECORD).write_text(json.dumps(record.to_dict(), indent=1, sort_keys=True) + "\n")
     (out / layout.SOURCE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=1) + "\n")
     return out
+
+
+COMPACT = "compact"  # a trial run's artifact folder of compact networks: compact/level_XX/
+
+
+def compact(run_id: str, level: int, out, uri: Optional[str] = None):
+    """Export one level's ticket, compact it into `out` (trials.compact.compact_folder: the
+    compact network's files and report) and log that folder to the run as
+    compact/level_XX/. Returns trials.compact's Compacted."""
+    from trials.compact import compact_folder
+
+    uri, c = store.connect(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        ticket = export(run_id, level, Path(tmp) / "ticket", uri)
+        result = compact_folder(ticket, out)
+    c.log_artifacts(run_id, str(out), f"{COMPACT}/{layout.level_dir(level)}")
+    return result
