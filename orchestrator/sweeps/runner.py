@@ -14,7 +14,7 @@ import yaml
 from ray import tune
 
 from orchestrator.sweep_spec import Sweep, parse_sweep
-from orchestrator.sweeps import results
+from orchestrator.sweeps import cluster, results
 from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
 from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
 from orchestrator.sweeps.storage import (STUDY_FILE, SWEEP_FILE, check_usable, read_bytes, read_text, sweep_path,
@@ -62,36 +62,31 @@ def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
     return parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
 
 
-def check_local_resources(sweep: Sweep, address: str | None) -> None:
-    """On a local Ray (no --address, no RAY_ADDRESS) a Tune trial asking more CPUs or GPUs
-    than this machine has would wait forever: refuse it before anything starts. A cluster
-    (which may grow) is not judged here."""
+def ray_address(address: str | None) -> str | None:
+    """--address, else RAY_ADDRESS (set by `ray job submit`), else None: a local Ray."""
     import os
 
-    if address or os.environ.get("RAY_ADDRESS"):
-        return
-    import torch
+    return address or os.environ.get("RAY_ADDRESS")
 
-    have = {"cpu": float(os.cpu_count() or 1), "gpu": float(torch.cuda.device_count())}
-    for kind in ("gpu", "cpu"):
-        if sweep.resources[kind] > have[kind]:
-            raise ConfigError(f"resources.{kind}", sweep.resources[kind],
-                              f"this machine has {have['cpu']:g} CPUs and {have['gpu']:g} GPUs for a local Ray "
-                              f"(ask for at most those, e.g. --set resources.{kind}={have[kind]:g}, "
-                              "or run on a cluster with --address)")
+
+def connect(sweep: Sweep, address: str | None) -> None:
+    """Ray for the sweep, and a cluster judged once connected: by its alive nodes, else by
+    its autoscaler's answer (orchestrator/sweeps/cluster.py), before the sweep's folder,
+    MLflow run or broker exist. A local Ray was judged before (cluster.check_local)."""
+    init_ray(address)
+    if address:
+        cluster.check_cluster(sweep)
 
 
 def init_ray(address: str | None) -> None:
-    """An explicit address, or the cluster of `ray job submit` (RAY_ADDRESS), or a fresh
+    """An explicit address (--address, or RAY_ADDRESS under `ray job submit`), or a fresh
     local instance (never someone else's running cluster by accident)."""
-    import os
-
     import ray
 
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", include_dashboard=False)
 
@@ -106,11 +101,13 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
             raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
                               f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
         return resume(sweep.name, sweep.storage, address)
+    address = ray_address(address)
+    if not address:  # a local Ray is this machine: judged before Ray or MLflow start
+        cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
-    check_local_resources(sweep, address)
+    connect(sweep, address)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
-    init_ray(address)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)
     _tuner(sweep, study_name).fit()
@@ -120,9 +117,11 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
 def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
+    address = ray_address(address)
+    if not address:
+        cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)
-    check_local_resources(sweep, address)
-    init_ray(address)
+    connect(sweep, address)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
