@@ -8,7 +8,7 @@ masks re-applied; trials/training.py train_level), per variant:
     graph          fused, capturable, the whole step captured once as a CUDA graph and replayed
     compile        fused, torch.compile(model) (default mode); its compile time is printed apart
 
-and for a pack of K LeNet-300-100 members (trials/packed.py train_packed_level's step):
+and for a pack of K LeNet-300-100 members (trials/stacked.py Stacked's step):
 pack eager against pack graph (the engine replays both as graphs since: training.StepGraph). Median over windows of steps, timed with CUDA events, after
 warm-up; 50%-pruned masks so the masking does real work. No numbers of any trial depend on
 this script: it decides what the engine should adopt (ARCHITECTURE.md, "Speed and packs").
@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from trials import models  # noqa: E402
 from trials.datasets import DatasetInfo  # noqa: E402
-from trials.packed import PackedNet, PackedOptimizer  # noqa: E402
+from trials.optim import PackedOptimizer  # noqa: E402
+from trials.stacked import PackedNet  # noqa: E402
 from trials.spec import ModelSpec, TrainSpec  # noqa: E402
 from trials.training import cuda_numerics  # noqa: E402
 
@@ -189,7 +190,7 @@ def pack(args, device) -> None:
         params = list(pnet.params.values())
         masks = [(torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.5).to(device, p.dtype)
                  for p in params]
-        opt = PackedOptimizer(params, [t] * k)
+        opt = PackedOptimizer(params, [t] * k, apart=device.type != "cuda")
         idx = torch.zeros(k, batch, dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(0)
 

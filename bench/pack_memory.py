@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from orchestrator.plan import member_bytes
 from trials import datasets, models
-from trials.packed import PackedNet
+from trials.stacked import PackedNet
 from trials.spec import DatasetSpec, ModelSpec, TrainSpec, TrialSpec
 
 def status(key):

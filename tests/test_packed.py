@@ -22,7 +22,9 @@ from torch.utils._pytree import tree_leaves
 from trials import datasets, masks, models
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
-from trials.packed import Job, PackedBatchNorm, PackedNet, PackFailed, run_pack, train_packed_level, why_not_packable
+from trials.packed import PackFailed, run_pack, train_pack
+from trials.stacked import PackedBatchNorm, PackedNet, why_not_packable
+from trials.training import Job
 from trials.record import read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec
 from trials.store import load_tensors, state_of
@@ -376,7 +378,7 @@ class Calls(TorchDispatchMode):
 def test_a_member_alone_and_in_a_pack_calls_the_same_kernels(model, optimizer):
     """Why a member's numbers cannot depend on its co-members on any CPU: in a pack its
     arithmetic runs the kernels it runs alone, on tensors of the same shapes and strides
-    (per-member GEMMs, convolutions, norms, losses, optimizer steps: packed.apart), and
+    (per-member GEMMs, convolutions, norms, losses, optimizer steps: stacked.apart), and
     only per-element work sees the pack's stacked tensors. Checked on the ops themselves,
     not on this CPU's bits (a batched GEMM that happened to round alike here would pass a
     bit-for-bit test and fail on another CPU)."""
@@ -394,9 +396,9 @@ def test_a_member_alone_and_in_a_pack_calls_the_same_kernels(model, optimizer):
         jobs = []
         for s in specs:
             net = models.build(s.model, data.info, seed=s.seed)
-            jobs.append(Job(s, masks.ones(masks.Layers.of(net)), state_of(net), 0))
+            jobs.append(Job(s.train, s.seed, masks.ones(masks.Layers.of(net)), state_of(net), 0))
         with Calls() as seen:
-            results = train_packed_level(template, jobs, data)
+            results = train_pack(template, jobs, data)
         assert not any(isinstance(r, BaseException) for r in results)
         return seen.seen
 

@@ -159,9 +159,9 @@ class Lottery:
         net after that many steps (a shared dense run keeps several rewind points, and
         leaves instability to the trials: `measure` off)."""
         k = self.spec.rewind_iteration
-        keep = {**(points or {}), k: lambda net: self.trial.save_rewind(state_of(net))}
+        keep = {**(points or {}), k: self.trial.save_rewind}
         if points and k in points:
-            keep[k] = lambda net: (points[k](net), self.trial.save_rewind(state_of(net)))
+            keep[k] = lambda state: (points[k](state), self.trial.save_rewind(state))
         mask = masks.ones(self.layers)
         record, final = self.fit(0, mask, self.init, start=0, on_iteration=keep)
         return self.close(0, mask, final, record, measure)

@@ -7,9 +7,9 @@ are mostly exactly 0 (its gradients are masked). `ExactAdam` runs torch's single
 arithmetic op for op, the same ops on the same values, except that the square root is
 taken over the nonzero elements only (sqrt(0) is 0 either way), and each op runs once
 for all parameters (torch's _foreach_ ops): the same bits, which tests/test_golden.py
-checks, 1.40x torch's default on a whole LeNet IMP job. torch's foreach Adam gives the
-same bits too but no speed (its own square roots of zeros). The fused kernel is 1.75x
-but rounds differently (every golden case changes), so it is used on CUDA always (no
+checks, and faster (README, "Speed": `bench/trial_speed.py --mode optimizers`). torch's
+foreach Adam gives the same bits too but no speed (its own square roots of zeros). The
+fused kernel is faster still but rounds differently (every golden case changes), so it is used on CUDA always (no
 golden records there; `train.fused` changes CPU arithmetic only), in packs
 (trials/packed.py) and on CPU only when asked for (`fused=True`). On CPU none of these
 is a torch.optim.Optimizer (`Light`).
@@ -26,8 +26,8 @@ from torch.optim.sgd import sgd as sgd_step
 class Light:
     """What the training loop asks of an optimizer (`param_groups[0]["lr"]`, `zero_grad`,
     `step`), without torch.optim.Optimizer: its methods import torch._dynamo the first time
-    one runs (torch._disable_dynamo), 1.4 s of every CPU process that trains (measured by a
-    profile of `run_lottery`; a pack, with its own optimizer, never paid it). One group; the
+    one runs (torch._disable_dynamo), a cost every CPU process that trains would pay
+    (ARCHITECTURE.md, "Speed and packs"). One group; the
     state per parameter in `state`."""
 
     def __init__(self, params, **group):
@@ -160,3 +160,60 @@ def make(t, params, device: torch.device, fused: Optional[bool] = None):
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                **({"fused": True} if fused else {}))
     return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
+
+
+class PackedOptimizer:
+    """Each member's fresh Adam/SGD (torch's fused kernels) over its slices of the stacked
+    parameters. A member's state is reset when it starts (`start`); only started members
+    are stepped."""
+
+    def __init__(self, params: list, trains: list, apart: bool):
+        self.params, self.trains, self.apart = params, trains, apart
+        self.adam = trains[0].optimizer == "adam"
+        self.state = [torch.zeros_like(p) for p in params]  # SGD momentum / Adam first moment
+        self.second = [torch.zeros_like(p) for p in params] if self.adam else None
+        # members step together from their start on: those started at one iteration have one
+        # step count, which lives on the device (Adam's kernel reads it; a graph of the step adds to it)
+        self.started = [0] * len(trains)
+        self.counts = [torch.zeros((), device=params[0].device) for _ in trains]
+        self.cuts: dict = {}  # members stepped together -> (per parameter its slices, their state views)
+
+    def _cut(self, group: tuple) -> tuple:
+        """How `group`'s slices go to the kernel: on CPU each member's slice is a tensor of
+        its own (torch's CPU kernels take a tensor's last elements, how many depends on the
+        vector width, on a scalar path that rounds differently: a member inside a merged run
+        would get numbers that depend on its co-members and on the CPU). On CUDA every
+        element runs the same code, so a run of members goes in as one tensor."""
+        if group not in self.cuts:
+            run = list(group) == list(range(group[0], group[-1] + 1)) and not self.apart
+            at = [[slice(group[0], group[-1] + 1)] if run else list(group) for p in self.params]
+            views = lambda tensors: [x[i] for x, ix in zip(tensors, at) for i in ix]  # noqa: E731
+            self.cuts[group] = at, [views(t) for t in (self.params, self.state, self.second or [])]
+        return self.cuts[group]
+
+    def start(self, m: int, iteration: int) -> None:
+        for s in self.state + (self.second or []):
+            s[m].zero_()
+        self.counts[m].zero_()
+        self.started[m] = iteration
+
+    @torch.no_grad()
+    def step(self, members: list, lrs: list) -> None:
+        groups: dict = {}
+        for m in members:
+            t = self.trains[m]
+            groups.setdefault((lrs[m], t.weight_decay, t.momentum, self.started[m]), []).append(m)
+        for (lr, wd, momentum, _), group in groups.items():
+            at, (params, state, second) = self._cut(tuple(group))
+            grads = [p.grad[i] for p, ix in zip(self.params, at) for i in ix]
+            if self.adam:  # torch.optim.adam's fused call; the kernel only reads the step: one tensor serves all
+                # (counted on the device: a host value would be a constant in a CUDA graph, and
+                # torch.tensor(value, device=cuda) a copy that waits for the GPU every step)
+                counts = [self.counts[m] for m in group]
+                torch._foreach_add_(counts, 1.0)
+                steps = [counts[0]] * len(params)
+                torch._fused_adam_(params, grads, state, second, [], steps, lr=lr, beta1=0.9, beta2=0.999,
+                                   weight_decay=wd, eps=1e-8, amsgrad=False, maximize=False)
+            else:  # zero buffers: the first step's momentum*0 + grad is torch's clone of grad
+                sgd_step(params, grads, state, fused=True, lr=lr, momentum=momentum,
+                         weight_decay=wd, dampening=0.0, nesterov=False, maximize=False)

@@ -43,7 +43,7 @@ from trials import layout, masks, models, stability
 from trials.lottery import Control, Lottery, engine
 from trials.record import LevelRecord
 from trials.spec import non_default
-from trials.store import TrialDir, load_tensors, save_tensors, state_of, write_json
+from trials.store import TrialDir, load_tensors, save_tensors, write_json
 from trials.training import train_level
 
 # what cannot change level 0's training: left out of the dense key
@@ -164,7 +164,7 @@ def produce_dense(spec, dest: Path, data, device, points: set[int], progress=Non
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         run = Lottery(spec.replace(control="none"), Path(tmp) / "trial", data, device, progress)
         (dest / POINTS).mkdir(parents=True, exist_ok=True)
-        keep = {k: (lambda net, k=k: save_tensors(dest / POINTS / f"{k}{layout.TENSOR_SUFFIX}", state_of(net)))
+        keep = {k: (lambda state, k=k: save_tensors(dest / POINTS / f"{k}{layout.TENSOR_SUFFIX}", state))
                 for k in sorted(points)}
         record = run.train_dense(keep, measure=False)  # instability: the trials' own (module doc)
         shutil.copyfile(run.trial.level_dir(0) / layout.FINAL, dest / layout.FINAL)
@@ -177,8 +177,8 @@ def produce_point(spec, k: int, dest: Path, data, device) -> None:
     layers = masks.Layers.of(net)
     dest.mkdir(parents=True, exist_ok=True)
 
-    def keep(net):
-        save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state_of(net))
+    def keep(state):
+        save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state)
         raise Stop
 
     try:

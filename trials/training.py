@@ -9,6 +9,7 @@ On CUDA the step is replayed as a CUDA graph while the learning rate holds (Step
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Callable, Optional
 
@@ -103,93 +104,213 @@ def evaluate(net, x, y, autocast) -> tuple[float, float]:
     return (loss / len(x)).item(), (correct / len(x)).item()
 
 
+class Job:
+    """One member's level for the loop: train `start_weights` (None: as the network holds
+    them) under `mask` from iteration `start` with train spec `train`, the data order and
+    augmentation of `seed`, and the learning rate `schedule(iteration)` (default: the
+    spec's, learning_rate). `hooks` maps an iteration to a callback that receives the
+    member's state dict after that many steps."""
+
+    def __init__(self, train, seed: int, mask: dict, start_weights: Optional[dict], start: int,
+                 hooks: Optional[dict] = None, schedule: Optional[Callable[[int], float]] = None):
+        self.train, self.seed, self.mask, self.start_weights, self.start = train, seed, mask, start_weights, start
+        self.hooks = hooks or {}
+        self.schedule = schedule or (lambda iteration: learning_rate(train, iteration))
+
+
+class Alone:
+    """The arithmetic of one network trained by itself (K = 1): the model as built, the
+    optimizer of trials/optim.py (`fused` as make_optimizer's), one cross-entropy. This is
+    the default arithmetic of a trial, the one the golden records hold. A pack's is
+    trials/stacked.py's Stacked; train_members runs either (ARCHITECTURE.md, "The engine")."""
+
+    k = 1
+
+    def __init__(self, net, fused: Optional[bool] = None):
+        self.net, self.fused, self.lr = net, fused, None
+
+    def begin(self, jobs: list) -> None:
+        job, = jobs
+        if job.start_weights is not None:
+            self.net.load_state_dict(job.start_weights)
+        self.masker = Masker(self.net, job.mask)
+        self.masker.apply()
+        self.opt = make_optimizer(job.train, self.net.parameters(), self.fused)
+        self.best = None
+
+    def start(self, m: int, iteration: int, job: Job) -> None:
+        """Nothing to do: the optimizer is fresh and the network holds the start weights."""
+
+    def set_rates(self, members: list, lrs: list) -> None:
+        if lrs[0] != self.lr:
+            for group in self.opt.param_groups:
+                group["lr"] = lrs[0]
+            self.lr = lrs[0]
+
+    def step(self, x, y, members: list, lrs: list, autocast) -> torch.Tensor:
+        with autocast():
+            loss = F.cross_entropy(self.net(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.masker.mask_grads()
+        self.opt.step()
+        self.masker.apply()
+        return loss.detach()
+
+    def evaluate(self, x, y, autocast) -> tuple[list, list]:
+        loss, acc = evaluate(self.net, x, y, autocast)
+        return [loss], [acc]
+
+    def member(self, m: int) -> dict:
+        return _snapshot(self.net, None)
+
+    def keep_best(self, m: int) -> None:
+        self.best = _snapshot(self.net, self.best)
+
+    def fail(self, m: int, job: Job) -> None:
+        """Nothing to undo: the loop stops with its only member."""
+
+    def use_best(self) -> list:
+        """Each member's final state; the network then holds the best ones (early stopping)."""
+        final = _snapshot(self.net, None)
+        self.net.load_state_dict(self.best)
+        return [final]
+
+    def end(self, finals: list) -> None:
+        self.net.load_state_dict(finals[0])  # the caller's network ends with the final weights
+
+
+def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = None) -> list:
+    """The training loop, once for every trial: K >= 1 members' levels (Jobs) from the
+    smallest start on, each with its own batches (BatchOrder and augmentation of its seed),
+    learning rates, start iteration (before it a member's network is carried along
+    untouched), rewind-point hooks, divergence check and early stopping, under
+    `arithmetic`: Alone (K = 1, the default bits) or trials/stacked.py's Stacked (a pack).
+    Returns per job the level's result (the fields of a LevelRecord after the masks', plus
+    "final": the member's final state), or the exception that ended that member.
+    `progress(member, iteration, total, val_loss)` at every evaluation."""
+    started = time.perf_counter()
+    t0 = jobs[0].train  # the fields members share (trials/packed.py check_pack)
+    k, device = len(jobs), data.train_x.device
+    arithmetic.begin(jobs)
+    orders = [BatchOrder(len(data.train_x), t0.batch_size, job.seed, device) for job in jobs]
+    autocast = autocast_for(device, t0.precision)
+    running = [False] * k  # started and not failed
+    failed: dict = {}
+    best = [{"val_loss": float("inf"), "iteration": job.start} for job in jobs]
+    window_loss, window_steps = torch.zeros(k, device=device), [0] * k
+    last: list = [{} for _ in jobs]
+    now = {"members": [], "lrs": []}  # this iteration's, read by the step (and by a graph's capture)
+
+    def step(x, y):
+        window_loss.add_(arithmetic.step(x, y, now["members"], now["lrs"], autocast))
+
+    def rates(j: int) -> tuple:  # what a graph of the step depends on: who has started, at which rate
+        return tuple(j >= job.start for job in jobs), tuple(job.schedule(j) for job in jobs)
+
+    graph = StepGraph(step) if device.type == "cuda" and CUDA_GRAPHS else None
+    graph_key = None
+    arithmetic.net.train()
+    for it in range(min(job.start for job in jobs), t0.iterations):
+        for m, job in enumerate(jobs):
+            if job.start == it and m not in failed:
+                running[m] = True
+                arithmetic.start(m, it, job)
+                window_loss[m] = 0.0
+            if running[m] and it in job.hooks:
+                job.hooks[it](arithmetic.member(m))
+        members = [m for m in range(k) if running[m]]
+        lrs = [job.schedule(it) for job in jobs]
+        arithmetic.set_rates(members, lrs)
+        now.update(members=members, lrs=lrs)
+        x, y = batch(data, jobs, orders, it)
+        if graph is None:
+            step(x, y)
+        else:  # a graph of the step holds while the members and their rates do (StepGraph)
+            if (tuple(members), tuple(lrs)) != graph_key:
+                graph.drop()
+                graph_key = (tuple(members), tuple(lrs))
+            graph(x, y, lambda: steady(rates, it, t0.iterations))
+        for m in members:
+            window_steps[m] += 1
+
+        done = it + 1
+        if (done % t0.eval_interval == 0 or done == t0.iterations) and members:
+            train_loss = (window_loss / torch.tensor([max(s, 1) for s in window_steps], device=device)).tolist()
+            for m in members:
+                if not math.isfinite(train_loss[m]):
+                    failed[m] = TrainingDiverged(f"training loss became {train_loss[m]} at iteration {done}")
+                    running[m] = False
+                    arithmetic.fail(m, jobs[m])
+            if len(failed) == k:
+                return [failed[m] for m in range(k)]
+            members = [m for m in members if running[m]]
+            window_loss.zero_()
+            window_steps = [0] * k
+            val_loss, val_acc = arithmetic.evaluate(data.val_x, data.val_y, autocast)
+            for m in members:
+                last[m] = {"val_loss": val_loss[m], "val_acc": val_acc[m], "train_loss": train_loss[m]}
+                if val_loss[m] < best[m]["val_loss"]:
+                    best[m].update(val_loss=val_loss[m], iteration=done)
+                    arithmetic.keep_best(m)
+                if progress:
+                    progress(m, done, t0.iterations, val_loss[m])
+    # every member evaluated at the last iteration: last[m] holds its final validation numbers
+    _, test_acc = arithmetic.evaluate(data.test_x, data.test_y, autocast)
+    finals = arithmetic.use_best()
+    _, test_acc_best = arithmetic.evaluate(data.test_x, data.test_y, autocast)
+    arithmetic.end(finals)
+    seconds = time.perf_counter() - started
+    env = environment(device)
+    return [failed[m] if m in failed else {
+        "test_acc": test_acc[m],
+        "early_stop_iteration": best[m]["iteration"],
+        "test_acc_at_early_stop": test_acc_best[m],
+        "val_loss": last[m]["val_loss"],
+        "val_acc": last[m]["val_acc"],
+        "val_loss_at_early_stop": best[m]["val_loss"],
+        "train_loss": last[m]["train_loss"],
+        "start_iteration": job.start,
+        "iterations": t0.iterations - job.start,
+        "seconds": seconds,
+        "environment": env,
+        "final": finals[m],
+    } for m, job in enumerate(jobs)]
+
+
+def batch(data, jobs: list, orders: list, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iteration `it`'s examples: each member's own batch, member after member."""
+    if len(jobs) == 1:
+        idx = orders[0](it)
+        x = data.train_x[idx]
+        if data.augment is not None:
+            x = data.augment(x, rng(jobs[0].seed, "augment", it))
+        return x, data.train_y[idx]
+    idx = torch.stack([order(it) for order in orders]).flatten()  # [K * B]
+    x = data.train_x[idx]
+    if data.augment is not None:
+        x = torch.cat([data.augment(part, rng(job.seed, "augment", it)) for part, job in zip(x.chunk(len(jobs)), jobs)])
+    return x, data.train_y[idx]
+
+
 def train_level(net, mask, data, t, seed: int, start_iteration: int,
                 on_iteration: Optional[dict] = None,
                 progress: Optional[Callable[[int, int, float], None]] = None,
                 schedule: Optional[Callable[[int], float]] = None, fused: Optional[bool] = None) -> dict:
     """Train `net` (already holding its starting weights) under `mask` from
-    `start_iteration` to t.iterations. `on_iteration` maps an iteration count to a
-    callback that receives the net after that many steps (level 0 keeps its rewind
-    weights this way); `schedule` maps an iteration to its learning rate (default:
-    learning_rate(t, .); edge-popup's scores use a cosine); `fused` as make_optimizer's.
-    Returns the level's record;
-    `net` ends with the final weights."""
-    started = time.perf_counter()
-    device = data.train_x.device
-    masker = Masker(net, mask)
-    masker.apply()
-    opt = make_optimizer(t, net.parameters(), fused)
-    order = BatchOrder(len(data.train_x), t.batch_size, seed, device)
-    autocast = autocast_for(device, t.precision)
-    hooks = on_iteration or {}
-    best = {"val_loss": float("inf"), "iteration": start_iteration, "state": None}
-    window_loss, window_steps, lr_now = torch.zeros((), device=device), 0, None
-    lr_of = schedule or (lambda i: learning_rate(t, i))
-
-    def step(x, y):
-        with autocast():
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        masker.mask_grads()
-        opt.step()
-        masker.apply()
-        window_loss.add_(loss.detach())
-
-    graph = StepGraph(step) if device.type == "cuda" and CUDA_GRAPHS else None
-    net.train()
-    for it in range(start_iteration, t.iterations):
-        if it in hooks:
-            hooks[it](net)
-        lr = lr_of(it)
-        if lr != lr_now:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            lr_now = lr
-            if graph is not None:
-                graph.drop()  # it holds the old rate
-        idx = order(it)
-        x = data.train_x[idx]
-        if data.augment is not None:
-            x = data.augment(x, rng(seed, "augment", it))
-        if graph is not None:
-            graph(x, data.train_y[idx], lambda: steady(lr_of, it, t.iterations))
-        else:
-            step(x, data.train_y[idx])
-        window_steps += 1
-
-        done = it + 1
-        if done % t.eval_interval == 0 or done == t.iterations:
-            train_loss = (window_loss / window_steps).item()
-            if train_loss != train_loss or abs(train_loss) == float("inf"):
-                raise TrainingDiverged(f"training loss became {train_loss} at iteration {done}")
-            window_loss.zero_()
-            window_steps = 0
-            val_loss, val_acc = evaluate(net, data.val_x, data.val_y, autocast)
-            if val_loss < best["val_loss"]:
-                best.update(val_loss=val_loss, iteration=done, state=_snapshot(net, best["state"]))
-            if progress:
-                progress(done, t.iterations, val_loss)
-
-    # the loop always evaluated at the last iteration: val_loss/val_acc are the final ones
-    _, test_acc = evaluate(net, data.test_x, data.test_y, autocast)
-    final = _snapshot(net, None)
-    net.load_state_dict(best["state"])
-    _, test_acc_best = evaluate(net, data.test_x, data.test_y, autocast)
-    net.load_state_dict(final)
-    return {
-        "test_acc": test_acc,
-        "early_stop_iteration": best["iteration"],
-        "test_acc_at_early_stop": test_acc_best,
-        "val_loss": val_loss,
-        "val_acc": val_acc,
-        "val_loss_at_early_stop": best["val_loss"],
-        "train_loss": train_loss,
-        "start_iteration": start_iteration,
-        "iterations": t.iterations - start_iteration,
-        "seconds": time.perf_counter() - started,
-        "environment": environment(device),
-    }
+    `start_iteration` to t.iterations: train_members with one member, Alone.
+    `on_iteration` maps an iteration count to a callback that receives the net's state
+    dict after that many steps (level 0 keeps its rewind weights this way); `schedule`
+    maps an iteration to its learning rate (default: learning_rate(t, .); edge-popup's
+    scores use a cosine); `fused` as make_optimizer's. Returns the level's result (without
+    "final": `net` ends with the final weights); raises TrainingDiverged."""
+    job = Job(t, seed, mask, None, start_iteration, on_iteration, schedule)
+    tell = (lambda m, it, total, val: progress(it, total, val)) if progress else None
+    result, = train_members([job], data, Alone(net, fused), tell)
+    if isinstance(result, BaseException):
+        raise result
+    result.pop("final")
+    return result
 
 
 def steady(rates: Callable[[int], object], it: int, end: int) -> int:
@@ -202,8 +323,8 @@ def steady(rates: Callable[[int], object], it: int, end: int) -> int:
 class StepGraph:
     """A training step `step(x, y)` on CUDA, captured once as a CUDA graph and replayed while
     the learning rate holds (ARCHITECTURE.md, "Numerics"): the same kernels on the same
-    tensors, so the same bits as running it eagerly, without a launch per op (a LeNet-300-100
-    step: 6.7-7.8x; Conv-2 1.6-1.7x; ResNet-20 1.2-1.4x on an H200, bench/cuda_options.py). The rate is a
+    tensors, so the same bits as running it eagerly, without a launch per op (README, "Speed",
+    measures it: bench/cuda_options.py). The rate is a
     number inside the captured kernels: a new rate drops the graph, and a stretch shorter than
     RUN steps (a warmup ramp, a per-step schedule) runs eagerly. The first WARM steps run
     eagerly on a side stream (torch's advice before a capture: lazy state, such as the
