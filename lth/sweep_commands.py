@@ -60,13 +60,14 @@ def sweep_resume(args) -> int:
 
 
 def sweep_status(args) -> int:
-    from orchestrator.sweeps import results, runner
+    from orchestrator.sweeps import progress, results, runner
     from orchestrator.sweep_spec import resolve_storage
 
     sweep, _ = runner.load_saved(resolve_storage(args.storage, Path.cwd()), args.name)
     rows = results.collect(sweep)
     path = results.write_csv(sweep, rows)
     print(results.status_report(sweep, rows))
+    print(f"progress: {progress.of_rows(sweep, rows).line(elapsed=False)}")
     print(f"trials.csv: {path}")
     return 0
 

@@ -245,6 +245,11 @@ def test_autoscaled_gpu_workers_run_a_sweep_lose_one_and_go_idle(tmp_path, autos
         watch.wait("a worker running trials", lambda: cluster.busy_raylet(), 120)
         cluster.vanish(cluster.busy_raylet())  # a spot node vanishes mid-sweep
         timeline["killed_s"] = time.time() - start
+        status = subprocess.run([str(BIN / "lth"), "sweep", "status", "autoscale", "--storage", str(tmp_path / "runs")],
+                                cwd=tmp_path, env=cluster.env, text=True, capture_output=True, timeout=300)
+        counts = [s for s in status.stdout.splitlines() if s.startswith("progress: ")]  # from another shell
+        assert status.returncode == 0 and len(counts) == 1 and " of 4 trials | levels " in counts[0], status
+        timeline["status_while_running"] = counts[0]
         driver.wait(timeout=900)
         out = "".join(lines)
         timeline["sweep_s"] = time.time() - start
@@ -279,7 +284,8 @@ def test_autoscaled_gpu_workers_run_a_sweep_lose_one_and_go_idle(tmp_path, autos
     finally:
         watch.stop()
         timeline["test_s"] = time.time() - t0
-        print("autoscaler timeline:", json.dumps({k: round(v, 1) for k, v in timeline.items()}))
+        print("autoscaler timeline:", json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                                                  for k, v in timeline.items()}))
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

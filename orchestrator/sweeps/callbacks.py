@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ray import tune
 
-from orchestrator.sweeps import packs, results
+from orchestrator.sweeps import packs, progress, results
 from orchestrator.tracking import store
 from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps.storage import checkpoint_dirs
@@ -29,40 +30,101 @@ def trial_meta(sweep, config: dict) -> dict:
 
 
 class LevelProgress(tune.Callback):
-    """One line per finished level and per failed trial, on the driver's stderr."""
+    """Where the sweep is, on the driver's stderr (orchestrator/sweeps/progress.py). At a
+    terminal: one live status line, redrawn at most once a second, with failures printed
+    above it. Otherwise (a log): one line per finished level, per failed trial and per
+    finished trial, the last with the status line's counts."""
 
-    def __init__(self, sweep):
+    REDRAW_S, UNITS_S = 1.0, 5.0
+
+    def __init__(self, sweep, units_before: int = 0):
         self.sweep = sweep
+        self.units_before = units_before
         self.told: set = set()  # failed pack members already said
+        self.live = sys.stderr.isatty()
+        self.progress = None
+        self.seen: set = set()  # (trial id, level) counted
+        self.drawn = self.asked = 0.0
+
+    def setup(self, **info):
+        # a restored driver starts counting over (its callbacks come back unpickled, maybe from an older lth)
+        self.progress = progress.Progress.of(self.sweep, getattr(self, "units_before", 0))
+        self.seen, self.live, self.drawn, self.asked = set(), sys.stderr.isatty(), 0.0, 0.0
+
+    def _say(self, text: str) -> None:
+        print(("\r\x1b[K" if self.live else "") + text, file=sys.stderr, flush=True)
+        self.drawn = 0.0  # redraw the live line below it
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if packs.is_pack(trial.config):
             ids = packs.members(trial.trial_id, trial.config)
             for new in result.get("pack_new", ()):
                 trial_id, config, _ = ids[new["member"]]
-                self._line(trial_id, config, LevelRecord.from_flat(new))
+                self._level(trial_id, config, LevelRecord.from_flat(new))
             for (trial_id, _, _), state in zip(ids, packs.statuses(result, len(ids))):
                 if state.get("status") == packs.FAILED and trial_id not in self.told:
                     self.told.add(trial_id)
-                    print(f"[{trial_id}] failed: {state['error']}", file=sys.stderr, flush=True)
+                    self._say(f"[{trial_id}] failed: {state['error']}")
             return
-        self._line(trial.trial_id, trial.config, LevelRecord.from_flat(result))
+        self._level(trial.trial_id, trial.config, LevelRecord.from_flat(result))
 
-    def _line(self, trial_id: str, config: dict, r: LevelRecord) -> None:
+    def _level(self, trial_id: str, config: dict, r: LevelRecord) -> None:
+        if (trial_id, r.level) not in self.seen:
+            self.seen.add((trial_id, r.level))
+            self.progress.add_level(r.iterations)
+        if self.live:
+            return
         varied = " ".join(f"{p}={config.get(p)}" for p in self.sweep.varied)
-        print(f"[{trial_id}] {varied} seed={config.get('seed')} level {r.level}: "
-              f"density {r.density:.4f} test_acc {r.test_acc:.4f} "
-              f"(early stop {r.test_acc_at_early_stop:.4f})", file=sys.stderr, flush=True)
+        self._say(f"[{trial_id}] {varied} seed={config.get('seed')} level {r.level}: "
+                  f"density {r.density:.4f} test_acc {r.test_acc:.4f} "
+                  f"(early stop {r.test_acc_at_early_stop:.4f})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[{trial.trial_id}] failed: {results.error_line(trial)}", file=sys.stderr, flush=True)
+        self._say(f"[{trial.trial_id}] failed: {results.error_line(trial)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Tune calls this before it marks `trial` TERMINATED: it counts as done here
-        done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)
-        failed = sum(t.status == "ERROR" for t in trials if t is not trial)
-        print(f"[{trial.trial_id}] finished ({done} done, {failed} failed, {len(trials)} started)",
-              file=sys.stderr, flush=True)
+        self.asked = 0.0  # and the units published, now
+        self._count(trials, finished=trial)
+        if not self.live:
+            self._say(f"[{trial.trial_id}] finished ({self.progress.line()})")
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.live and time.monotonic() - self.drawn >= self.REDRAW_S:
+            self._count(trials)
+            print(f"\r\x1b[K{self.sweep.name}: {self.progress.line()}", end="", file=sys.stderr, flush=True)
+            self.drawn = time.monotonic()
+
+    def on_experiment_end(self, trials, **info):
+        self.asked = 0.0
+        self._count(trials)
+        if self.live:
+            print(f"\r\x1b[K{self.sweep.name}: {self.progress.line()}", file=sys.stderr, flush=True)
+
+    def _count(self, trials, finished=None) -> None:
+        states = []
+        for t in trials:
+            status = "TERMINATED" if t is finished else t.status
+            ids = packs.members(t.trial_id, t.config)
+            states += [progress.state_of(packs.member_status(state, status))
+                       for state in packs.statuses(t.last_result, len(ids))]
+        self.progress.count(states)
+        if self.progress.units and time.monotonic() - self.asked >= self.UNITS_S:
+            self.asked = time.monotonic()
+            self.progress.units_now = _published(self.sweep.name, self.progress.units_now)
+
+
+def _published(sweep_name: str, last: int) -> int:
+    """Units the sweep's broker knows as published (`last` when it does not answer soon)."""
+    import ray
+
+    from orchestrator.sweeps.units import find_broker
+
+    broker = find_broker(sweep_name)
+    try:
+        return ray.get(broker.state.remote(), timeout=2)["published"] if broker else last
+    except Exception:  # noqa: BLE001 - a progress line never fails the sweep
+        return last
 
 
 TRACKERS: dict = {}  # sweep name -> SweepTracker of this driver process (set by the runner)

@@ -85,6 +85,8 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # a notice at every start on a machine with ~/.ray/auth_token, not news; errors still show
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -109,8 +111,8 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
-    _share(sweep)
-    _tuner(sweep, study_name).fit()
+    reused = _share(sweep)
+    _tuner(sweep, study_name, reused).fit()
     return _finish(sweep)
 
 
@@ -123,12 +125,12 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
     store.check_reachable(sweep.tracking_uri)
     connect(sweep, address)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
-    _share(sweep)
+    reused = _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
     if sweep.search.algorithm != "grid":
         _study_file(sweep, study_name)  # the restored searcher reopens it: bring it back first
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
-        _tuner(sweep, study_name).fit()
+        _tuner(sweep, study_name, reused).fit()
     else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
         tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
                            resume_errored=False, restart_errored=False,
@@ -139,10 +141,11 @@ def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
 BROKERS: dict = {}  # sweep name -> its unit broker (a Ray actor lives while a handle does)
 
 
-def _share(sweep: Sweep) -> None:
-    """Start the sweep's unit broker with every planned unit (ARCHITECTURE.md, "Shared work")."""
+def _share(sweep: Sweep) -> int:
+    """Start the sweep's unit broker with every planned unit (ARCHITECTURE.md, "Shared
+    work"); how many of them are published already."""
     if not sweep.share:
-        return
+        return 0
     from orchestrator import plan
     from orchestrator.sweeps.units import UnitStore, start_broker
 
@@ -152,6 +155,7 @@ def _share(sweep: Sweep) -> None:
     BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p.units), published)  # alive while held
     print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
           file=sys.stderr, flush=True)
+    return len(published)
 
 
 def _trainable(sweep: Sweep):
@@ -163,7 +167,15 @@ def _trainable(sweep: Sweep):
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 
-def _tuner(sweep: Sweep, study_name: str):
+def _tuner(sweep: Sweep, study_name: str, reused: int = 0):
+    import os
+
+    # Tune's new output engine prints a configuration table, the results path and a
+    # TensorBoard hint to stdout (where lth's tables go) even at verbose=0; the legacy
+    # reporter prints nothing at verbose=0. Trial errors still reach LevelProgress and
+    # Ray's worker logs. A user's own setting wins.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
     if sweep.pack != 1:  # a pack's per-member lists in its results are no TensorBoard scalars
         logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
@@ -181,7 +193,7 @@ def _tuner(sweep: Sweep, study_name: str):
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # every level's tensors
-            callbacks=[LevelProgress(sweep), MlflowLogger(sweep)],
+            callbacks=[LevelProgress(sweep, reused), MlflowLogger(sweep)],
         ),
     )
 

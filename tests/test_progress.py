@@ -1,0 +1,57 @@
+"""Where a sweep is: the plan's counts, the live line at a terminal (a real sweep under a
+pseudo-terminal), and no Tune banners on stdout."""
+import os
+import pty
+import re
+import subprocess
+
+from orchestrator.sweep_spec import load_sweep
+from orchestrator.sweeps import progress
+from tests.conftest import LTH
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "sweeps", "demo_digits.yaml")
+
+
+def test_the_plan_counts_trials_levels_and_iterations():
+    sweep = load_sweep(DEMO, ["seeds=1", "base.prune.levels=2"])
+    p = progress.Progress.of(sweep)
+    # 4 trials x 3 levels; k=0: 300 + 2 x 300, k=30: 300 + 2 x 270
+    assert (p.trials, p.levels, p.iterations) == (4, 12, 2 * 900 + 2 * 840)
+    p.count(["done", "running"])
+    p.add_level(300)
+    line = p.line(elapsed=False)
+    assert line.startswith("1 done, 1 running, 2 pending, 0 failed of 4 trials | levels 1/12 | units 0 trained, 0 reused, of")
+    assert line.endswith(f"| {100 * 300 / 3480:.0f}% of 3,480 iterations")
+    assert progress.clock(3725) == "1h02m05s" and progress.clock(65) == "1m05s" and progress.clock(4) == "4s"
+
+
+def test_a_terminal_gets_one_live_line_and_stdout_no_banners(tmp_path):
+    args = [LTH, "sweep", "run", DEMO, "--set", "seeds=1", "--set", "base.prune.levels=1",
+            "--set", "space.rewind_iteration={grid: [0]}", "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AIR_NEW_OUTPUT")}
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=follower, env=env)
+    os.close(follower)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the sweep ended
+            break
+        if not chunk:
+            break
+        err += chunk
+    out = proc.stdout.read().decode()
+    assert proc.wait(timeout=300) == 0, err[-3000:]
+    text = err.decode(errors="replace")
+    lines = [s for s in re.split(r"[\r\n]+", text.replace("\x1b[K", "")) if s.strip()]
+    assert not any(" level " in s and "density" in s for s in lines), "per-level lines at a terminal"
+    live = [s for s in lines if s.startswith("demo-digits: ")]
+    assert live and live[-1].startswith("demo-digits: 2 done, 0 running, 0 pending, 0 failed of 2 trials | levels 4/4")
+    assert "100% of 1,200 iterations" in live[-1]
+    assert "Token authentication is enabled" not in text
+    assert "test accuracy at early stop" in out
+    for banner in ("Configuration for experiment", "tensorboard", "View detailed results"):
+        assert banner not in out and banner not in text, banner
