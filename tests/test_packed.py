@@ -99,6 +99,22 @@ def test_lenet_pack_matches_each_trial_alone(tmp_path, digits_cpu):
     assert packed[1][1].start_iteration == 20 and packed[2][2].start_iteration == 40
 
 
+def test_retraining_modes_pack(tmp_path, digits_cpu):
+    """lr_rewind and finetune start level L from level L-1's final weights (finetune at the
+    final rate): in a pack, beside a weight-rewinding member, as alone."""
+    t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=60, iterations=100, eval_interval=20, milestones=(60,))
+    specs = [lenet(seed=0, retrain="lr_rewind", rewind_iteration=20, train=t),
+             lenet(seed=1, retrain="finetune", rewind_iteration=40, train=t),
+             lenet(seed=2, rewind_iteration=20, train=t)]
+    alone, outs, packed, _ = run_alone_and_packed(tmp_path, specs, digits_cpu)
+    for i in range(len(specs)):
+        assert_close_to_alone(outs[i], tmp_path / f"alone{i}", packed[i], alone[i])
+        assert_masks_exact(outs[i], packed[i])
+    assert [r.start_iteration for r in packed[1]] == [0, 40, 40]
+    # the modes differ where they should: level 1 of lr_rewind starts from level 0's final weights
+    assert packed[0][1].test_acc != packed[2][1].test_acc
+
+
 def test_conv2_pack_matches_each_trial_alone(tmp_path):
     data = datasets.load(DatasetSpec(name="synthetic"), torch.device("cpu"))
     base = dict(model=ModelSpec(name="conv2"), dataset=DatasetSpec(name="synthetic"),

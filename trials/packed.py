@@ -31,8 +31,7 @@ process died). The unit log records `pack` (how many members trained together) a
 must produce alone goes through `PackOfOne`, so on CPU a unit's numbers do not depend on
 who trained it.
 
-Not packed yet (check_pack names the reason): controls, edge-popup, retraining other than
-weight_rewind, instability copies; and models with parameters or running state in a
+Not packed yet (check_pack names the reason): controls, edge-popup, instability copies; and models with parameters or running state in a
 module without a stacked layer (trials/stacked.py why_not_packable).
 """
 from __future__ import annotations
@@ -44,7 +43,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-from trials import datasets, layout, masks, models, pruning, shared
+from trials import datasets, layout, masks, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.lottery import resolve_device
 from trials.record import LevelRecord
@@ -79,10 +78,6 @@ def check_pack(specs: list, outs: list) -> None:
         if s.control != "none":
             raise ConfigError("control", s.control, "allowed in a pack: none (a control trains at its IMP "
                               "trunk's masks level by level: run controls as single trials)")
-        # fields other sessions are adding (read with getattr: absent in older specs)
-        if getattr(s, "retrain", "weight_rewind") != "weight_rewind":
-            raise ConfigError("retrain", s.retrain, "allowed in a pack: weight_rewind (lr_rewind and "
-                              "finetune start levels from level L-1's weights: not packed yet)")
         if getattr(getattr(s, "stability", None), "copies", 0):
             raise ConfigError("stability.copies", s.stability.copies, "allowed in a pack: 0 (instability "
                               "copies train beside a level: run such trials one per process)")
@@ -131,7 +126,9 @@ class Member:
     def job(self, level: int, keep: Optional[dict] = None) -> Job:
         """As trials.lottery.Lottery.level: level 0 from init keeping the rewind point at k
         (and handing the iterations in `keep` to their callbacks, as Lottery.train_dense);
-        level L prunes L-1's final weights and restarts the survivors from the rewind point."""
+        level L prunes L-1's final weights and starts where spec.retrain says
+        (Lottery.start_weights_of, stability.retraining): the survivors at the rewind
+        point, or L-1's final weights under the new mask (lr_rewind, finetune)."""
         k = self.spec.rewind_iteration
         if level == 0:
             hooks = {**(keep or {}), k: self.trial.save_rewind}
@@ -139,7 +136,9 @@ class Member:
                 hooks[k] = lambda state: (keep[k](state), self.trial.save_rewind(state))
             return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
         mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
-        return Job(self.spec.train, self.spec.seed, mask, self.trial.rewind(self.device), k)
+        start, schedule = stability.retraining(self.spec, level)
+        weights = self.trial.rewind(self.device) if self.spec.retrain == "weight_rewind" else self.trial.final(level - 1)
+        return Job(self.spec.train, self.spec.seed, mask, weights, start, schedule=schedule)
 
     def finish(self, level: int, job: Job, result: dict) -> LevelRecord:
         final = result.pop("final")
