@@ -2,8 +2,9 @@
 tickets of LeNet-300-100 (MNIST's 1x28x28), Conv-2 and ResNet-20 (CIFAR-10's 3x32x32) at
 about 50% and 20% of each layer's units (one structured pruning of random weights: latency
 does not depend on training), timed at batch sizes 1, 128 and 1024 through torch and
-through ONNX Runtime, the masked dense network against the compact one. One table: the
-median milliseconds per batch, the speedup and the MAC ratio; then the goal lines.
+through ONNX Runtime, the masked dense network against the compact one, taking turns
+(`timed`). One table: the best milliseconds per batch, the speedup and the MAC ratio; then
+the goal lines.
 
     .venv/bin/python bench/compact.py                      # CPU: every case (~3 min on 2 cores)
     .venv/bin/python bench/compact.py --device cuda        # torch on the GPU; ONNX Runtime where its CUDA provider is
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,16 +42,20 @@ def ticket(name: str, keep: float):
     return net
 
 
-def timed(run, repeats: int, least_s: float = 0.3) -> float:
-    """Median seconds of one call: two calls to warm up, then at least `repeats` calls and `least_s`."""
-    for _ in range(2):
+def timed(runs, repeats: int, least_s: float = 0.5) -> list:
+    """Seconds of one call of each runner, the best of at least `repeats` calls and `least_s`
+    each. The runners take turns, so load from other work on the machine falls on all of
+    them alike, and the best call is the one it disturbed least."""
+    for run in runs:
         run()
-    times, start = [], time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < least_s:
-        t = time.perf_counter()
         run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times, start = [[] for _ in runs], time.perf_counter()
+    while len(times[0]) < repeats or time.perf_counter() - start < least_s * len(runs):
+        for run, t in zip(runs, times):
+            begin = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - begin)
+    return [min(t) for t in times]
 
 
 def torch_runner(net, x, device):
@@ -81,7 +85,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.2], help="fraction of units per layer")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 128, 1024])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="calls per runner at least")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch's and ONNX Runtime's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,11 +105,11 @@ def main() -> None:
                 for batch in args.batches:
                     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
                     assert compact.exact(*compact.logit_difference(masked, c.model, x))
-                    t_masked = timed(torch_runner(masked, x, args.device), args.repeats)
-                    t_compact = timed(torch_runner(c.model, x, args.device), args.repeats)
+                    t_masked, t_compact = timed([torch_runner(masked, x, args.device),
+                                                 torch_runner(c.model, x, args.device)], args.repeats)
                     o_dense = onnx_runner(Path(tmp) / f"{name}-{keep}-masked.onnx", x, args.device, args.threads)
                     o_compact = onnx_runner(Path(tmp) / f"{name}-{keep}.onnx", x, args.device, args.threads)
-                    o = (timed(o_dense, args.repeats), timed(o_compact, args.repeats)) if o_dense else None
+                    o = timed([o_dense, o_compact], args.repeats) if o_dense else None
                     rows.append((name, units, r["mac_ratio"], batch, t_masked, t_compact, o))
                     print(_row(rows[-1]), flush=True)
                     if name in ("conv2", "resnet20") and units <= 0.25 and batch == 128:

@@ -129,6 +129,7 @@ def test_residual_channel_goes_only_when_removed_everywhere(inputs):
     assert worst <= compact.TOLERANCE
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_export_rebuilds_without_unpickling_and_runs_in_torchscript_and_onnx(tmp_path, inputs, monkeypatch):
     net, _, _ = ticket_net("resnet20", (1, 8, 8), STRUCTURED)
     x = inputs[(1, 8, 8)]
