@@ -39,14 +39,12 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     made = plan.packs(sweep, configs)
     members = [c for p in made for c in p]
     assert sorted(map(json.dumps, members)) == sorted(map(json.dumps, configs))  # each trial once
-    packed = [p for p in made if len(p) > 1]
-    assert [len(p) for p in packed] == [3, 3, 3]  # 9 tickets at K=4: three packs of 3, not 4+4+1
-    for p in packed:
+    assert sorted(len(p) for p in made) == [3, 3, 4, 4, 4]  # 18 trials at K=4: balanced, not 4+4+4+4+2
+    for p in made:
         specs = [config_spec(sweep.base, c) for c in p]
-        assert len({pack_key(s) for s in specs}) == 1 and all(s.control == "none" for s in specs)
-    # a seed's trials sit together: its dense run is trained once, inside one pack
-    assert sorted(sorted({c["seed"] for c in p}) for p in packed) == [[0], [1], [2]]
-    assert sum(len(p) == 1 for p in made) == 9  # the reinit controls run alone
+        assert len({pack_key(s) for s in specs}) == 1
+    # a seed's trials sit together (its dense run is trained once per pack)
+    assert sorted(len({c["seed"] for c in p}) for p in made) == [1, 1, 1, 2, 2]
 
     monkeypatch.setenv("LTH_PACK_MEMORY_GB", str(2.5 * plan.member_bytes(
         sweep.trial_spec({}, 0)) / 2**30))
@@ -60,7 +58,7 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     out = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=4, seeds=3, space=space))],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "packs: 18 trials in 12 Tune trials, 3 per pack at most; 9 alone: control=reinit" in out.stdout
+    assert "packs: 18 trials in 5 Tune trials, 4 per pack at most\n" in out.stdout  # controls pack too
     bad = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=0))], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "lth: error: pack: 0 is not allowed; an integer >= 1, or auto"
@@ -89,11 +87,12 @@ def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_pa
         assert (pairs[col] == pairs[f"{col}_alone"]).all(), col
     for col in ACCURACIES:
         assert (pairs[col] - pairs[f"{col}_alone"]).abs().max() <= 0.005, col
-    tickets = packed[packed.control == "none"]
-    assert tickets.trial_id.str.rsplit("_", n=1).str[0].nunique() == 1  # the four tickets: one pack
-    assert sorted(tickets.trial_id.unique()) == sorted(f"{tickets.trial_id.iloc[0][:-3]}_{i:02d}" for i in range(4))
+    packs = packed.trial_id.str.rsplit("_", n=1).str[0]
+    assert packs.nunique() == 2 and (packed.groupby(packs).seed.nunique() == 1).all()  # a seed's 4 trials, controls too
+    assert sorted(packed.trial_id.unique()) == sorted(f"{p}_{i:02d}" for p in packs.unique() for i in range(4))
 
-    # every unit once: 2 dense runs (one per seed) + 2 rates x 2 seeds x 2 levels
+    # every unit once: 2 dense runs (one per seed) + 2 rates x 2 seeds x 2 levels (a control's IMP run
+    # is its ticket's trunk, trained by one of them in their pack)
     counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))
     assert len(counts) == 10 and set(counts.values()) == {1}
     # a packed sweep's units are its own: the unpacked sweep trained its own, bit-exact ones

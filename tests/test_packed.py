@@ -25,8 +25,8 @@ from trials.lottery import run_lottery
 from trials.packed import PackFailed, run_pack, train_pack
 from trials.stacked import PackedBatchNorm, PackedNet, why_not_packable
 from trials.training import Job
-from trials.record import read_lines
-from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec
+from trials.record import STABILITY, read_lines
+from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec
 from trials.store import load_tensors, state_of
 from trials.training import TrainingDiverged
 
@@ -115,6 +115,67 @@ def test_retraining_modes_pack(tmp_path, digits_cpu):
     assert packed[0][1].test_acc != packed[2][1].test_acc
 
 
+def test_stability_copies_pack(tmp_path, digits_cpu):
+    """Members that measure instability (at level 0 from their rewind point, and at level 1)
+    train their copies together after the level; the fields agree with the trial alone
+    (the copies' accuracies within half a point, barriers within a point)."""
+    stab = StabilitySpec(copies=2, points=5, levels=(0, 1))
+    specs = [lenet(seed=0, stability=stab, rewind_iteration=20, prune=PruneSpec(rate=0.2, levels=1)),
+             lenet(seed=1, stability=stab, retrain="lr_rewind", prune=PruneSpec(rate=0.2, levels=1)),
+             lenet(seed=2, prune=PruneSpec(rate=0.2, levels=1))]
+    alone, outs, packed, _ = run_alone_and_packed(tmp_path, specs, digits_cpu)
+    for i in range(len(specs)):
+        assert_close_to_alone(outs[i], tmp_path / f"alone{i}", packed[i], alone[i])
+        for p, a in zip(packed[i], alone[i]):
+            for f in STABILITY:
+                if getattr(a, f) is None:
+                    assert getattr(p, f) is None, (i, p.level, f)
+                else:
+                    tolerance = 0.005 if f.startswith("stability_acc") else 0.01
+                    assert abs(getattr(p, f) - getattr(a, f)) <= tolerance, (i, p.level, f, getattr(p, f), getattr(a, f))
+    assert all(r.stability_error_barrier is not None for r in packed[0] + packed[1])
+
+
+def test_controls_pack(tmp_path, digits_cpu):
+    """A reinit and a random_prune control pack beside a ticket: each control's IMP run
+    trains in the pack (in its OUT/imp/, as alone), its level 0 is that run's, its masks
+    follow it (reinit: the same masks; random_prune: IMP's per-layer counts), and its
+    records agree with the control alone."""
+    specs = [lenet(seed=0, rewind_iteration=20),
+             lenet(seed=0, rewind_iteration=20, control="reinit"),
+             lenet(seed=1, control="random_prune", prune=PruneSpec(kind="structured", rate=0.3, levels=2))]
+    alone, outs, packed, reported = run_alone_and_packed(tmp_path, specs, digits_cpu)
+    for i in range(len(specs)):
+        assert_close_to_alone(outs[i], tmp_path / f"alone{i}", packed[i], alone[i])
+        assert_masks_exact(outs[i], packed[i])
+    assert sorted(reported) == sorted((o, lv) for o in outs for lv in range(3))  # controls' trunks not reported
+    for i in (1, 2):
+        imp = read_lines((outs[i] / "imp" / "levels.jsonl").read_text())
+        assert numbers(packed[i][:1]) == numbers(imp[:1])  # level 0 is IMP's
+        for lv in (1, 2):
+            own, theirs = (load_tensors(o / f"level_{lv:02d}" / "mask.safetensors") for o in (outs[i], outs[i] / "imp"))
+            if i == 1:
+                assert all(own[n].equal(theirs[n]) for n in theirs)
+            else:
+                assert packed[i][lv].layer_density == imp[lv].layer_density and not all(
+                    own[n].equal(theirs[n]) for n in theirs)
+    # the reinit control's network starts from its own init, not the ticket's
+    assert not load_tensors(outs[1] / "rewind.safetensors")["hidden.0.weight"].equal(
+        load_tensors(outs[0] / "rewind.safetensors")["hidden.0.weight"])
+
+
+def test_a_control_in_a_pack_on_units_takes_its_tickets_trunk(tmp_path, digits_cpu):
+    """On units, a control's IMP run is its ticket's trunk: trained once in the pack (by the
+    ticket member), the control's levels its own; the numbers are those without units."""
+    from tests.test_shared import store
+
+    specs = [lenet(seed=0), lenet(seed=0, control="reinit")]
+    on_units = run_pack(specs, [tmp_path / "u0", tmp_path / "u1"], data=digits_cpu, units=store(tmp_path / "storage"))
+    plain = run_pack(specs, [tmp_path / "p0", tmp_path / "p1"], data=digits_cpu)
+    assert [numbers(r) for r in on_units] == [numbers(r) for r in plain]
+    assert ledger(tmp_path / "u0")["trained"] == [0, 1, 2] and ledger(tmp_path / "u1")["reused"] == [0, 1, 2]
+
+
 def test_conv2_pack_matches_each_trial_alone(tmp_path):
     data = datasets.load(DatasetSpec(name="synthetic"), torch.device("cpu"))
     base = dict(model=ModelSpec(name="conv2"), dataset=DatasetSpec(name="synthetic"),
@@ -174,7 +235,7 @@ class LayerNormNet(nn.Module):
 
 @pytest.mark.parametrize("changes, key", [
     (dict(model=ModelSpec(name="layernorm_net")), "model.name"),
-    (dict(control="reinit"), "control"),
+    (dict(method="edge_popup"), "method"),
 ])
 def test_what_cannot_pack_is_refused_with_the_reason(tmp_path, changes, key):
     models.MODELS["layernorm_net"] = LayerNormNet  # every registered model packs
@@ -291,6 +352,25 @@ def test_a_second_pack_on_the_same_units_trains_nothing(shared_pack, tmp_path, d
             for name in ("mask.safetensors", "final.safetensors"):
                 a, b = (load_tensors(o / f"level_{lv:02d}" / name) for o in (first_outs[i], outs[i]))
                 assert all(a[n].equal(b[n]) for n in a)
+
+
+def test_instability_in_a_pack_on_units_is_each_members_own(tmp_path, digits_cpu):
+    """A dense unit never carries instability: the member that trained it measured its own
+    copies (from its own rewind point) and the unit's record leaves them out, so a member
+    that asks for none gets none, and the numbers are those of the same pack without units."""
+    from tests.test_shared import store
+
+    stab = StabilitySpec(copies=2, points=5, levels=(0, 1))
+    specs = [lenet(seed=0, prune=PruneSpec(rate=0.2, levels=1), stability=stab, rewind_iteration=20),
+             lenet(seed=0, prune=PruneSpec(rate=0.2, levels=1))]  # the same dense run
+    on_units = run_pack(specs, [tmp_path / "u0", tmp_path / "u1"], data=digits_cpu, units=store(tmp_path / "storage"))
+    plain = run_pack(specs, [tmp_path / "p0", tmp_path / "p1"], data=digits_cpu)
+    assert [numbers(r) for r in on_units] == [numbers(r) for r in plain]
+    assert on_units[0][0].stability_error_barrier is not None and on_units[0][1].stability_error_barrier is not None
+    assert all(getattr(r, f) is None for r in on_units[1] for f in STABILITY)
+    assert ledger(tmp_path / "u1")["reused"] == [0]
+    dense = [json.loads(p.read_text()) for p in (tmp_path / "storage").rglob("record.json") if "dense" in str(p)]
+    assert dense and not any(f in d for d in dense for f in STABILITY)
 
 
 def test_a_unit_trained_alone_in_a_packed_sweep_is_the_packs_unit_bit_for_bit(shared_pack, tmp_path, digits_cpu):

@@ -194,19 +194,28 @@ class Control(Lottery):
         return self.close(level, mask, final, record)
 
     def start_weights(self) -> dict:
-        """The control's rewind point: IMP's (random_prune) or a fresh init (reinit, which
-        spec validation allows with retrain=weight_rewind only)."""
-        if self.spec.control == "random_prune":
-            return self.imp.trial.rewind()
-        fresh_seed = rng(self.spec.seed, "reinit").initial_seed()
-        return state_of(models.build(self.spec.model, self.data.info, seed=fresh_seed, device="cpu"))
+        return control_start(self.spec, self.imp.trial, self.data.info)
 
     def mask(self, level: int):
-        imp_mask = self.imp.trial.mask(level)
-        if self.spec.control == "reinit":
-            return imp_mask
-        units = self.spec.prune.kind == "structured"
-        return pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1),
-                             self.layers, strategy="random",
-                             targets=pruning.counts(imp_mask, self.layers, units),
-                             generator=rng(self.spec.seed, "random_prune", level))
+        return control_mask(self.spec, level, self.imp.trial, self.trial, self.layers)
+
+
+def control_start(spec, imp: TrialDir, info) -> dict:
+    """A control's rewind point: its IMP run's (random_prune) or a fresh init (reinit, which
+    spec validation allows with retrain=weight_rewind only)."""
+    if spec.control == "random_prune":
+        return imp.rewind()
+    fresh_seed = rng(spec.seed, "reinit").initial_seed()
+    return state_of(models.build(spec.model, info, seed=fresh_seed, device="cpu"))
+
+
+def control_mask(spec, level: int, imp: TrialDir, trial: TrialDir, layers) -> dict:
+    """A control's level-L mask: IMP's (reinit), or random masks nested in the control's
+    level L-1 mask with exactly IMP's per-layer counts (random_prune)."""
+    imp_mask = imp.mask(level)
+    if spec.control == "reinit":
+        return imp_mask
+    units = spec.prune.kind == "structured"
+    return pruning.prune(spec.prune, trial.final(level - 1), trial.mask(level - 1), layers, strategy="random",
+                         targets=pruning.counts(imp_mask, layers, units),
+                         generator=rng(spec.seed, "random_prune", level))

@@ -31,7 +31,15 @@ process died). The unit log records `pack` (how many members trained together) a
 must produce alone goes through `PackOfOne`, so on CPU a unit's numbers do not depend on
 who trained it.
 
-Not packed yet (check_pack names the reason): controls, edge-popup, instability copies; and models with parameters or running state in a
+Instability copies (trials/stability.py) of every member that asks for them at a level
+train together after the level, as one pack (`instability`).
+
+Controls (reinit, random_prune) pack too: a control member's IMP run is a member of its
+own in OUT/imp/ (as trials.lottery.Control keeps it; not reported), trained or taken
+from units with the pack's IMP members at each level, before the controls' levels, which
+then train together.
+
+Not packed yet (check_pack names the reason): edge-popup; and models with parameters or running state in a
 module without a stacked layer (trials/stacked.py why_not_packable).
 """
 from __future__ import annotations
@@ -45,7 +53,7 @@ import torch.nn as nn
 
 from trials import datasets, layout, masks, models, pruning, shared, stability
 from trials.errors import ConfigError
-from trials.lottery import resolve_device
+from trials.lottery import control_mask, control_start, resolve_device
 from trials.record import LevelRecord
 from trials.store import TrialDir, load_tensors, save_tensors, state_of
 from trials.stacked import Stacked, why_not_packable
@@ -75,12 +83,6 @@ def check_pack(specs: list, outs: list) -> None:
     for i, s in enumerate(specs):
         if s.method != "imp":
             raise ConfigError("method", s.method, "allowed in a pack: imp (edge-popup trials run one per process)")
-        if s.control != "none":
-            raise ConfigError("control", s.control, "allowed in a pack: none (a control trains at its IMP "
-                              "trunk's masks level by level: run controls as single trials)")
-        if getattr(getattr(s, "stability", None), "copies", 0):
-            raise ConfigError("stability.copies", s.stability.copies, "allowed in a pack: 0 (instability "
-                              "copies train beside a level: run such trials one per process)")
         for path, a, b in (("model.name", s.model.name, first.model.name), ("model.width", s.model.width, first.model.width),
                            ("dataset", s.dataset, first.dataset), ("device", s.device, first.device),
                            *((f"train.{f}", getattr(s.train, f), getattr(first.train, f)) for f in SHARED_TRAIN)):
@@ -115,8 +117,10 @@ def pack_key(spec) -> Optional[tuple]:
 class Member:
     """One trial of a pack: its folder, init and layers; job(L) -> the Job of its level L."""
 
-    def __init__(self, spec, out: Path, data, device):
-        self.spec, self.device, self.out = spec, device, Path(out)
+    def __init__(self, spec, out: Path, data, device, ledger: Optional[Path] = None):
+        """`ledger`: its units.json (a control's IMP trunk member writes its control's)."""
+        self.spec, self.device, self.out, self.info = spec, device, Path(out), data.info
+        self.ledger = ledger or self.out / layout.UNITS
         self.trial = TrialDir(out, spec)
         self.trial.begin()
         self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
@@ -137,14 +141,67 @@ class Member:
             return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
         mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
         start, schedule = stability.retraining(self.spec, level)
-        weights = self.trial.rewind(self.device) if self.spec.retrain == "weight_rewind" else self.trial.final(level - 1)
-        return Job(self.spec.train, self.spec.seed, mask, weights, start, schedule=schedule)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
 
-    def finish(self, level: int, job: Job, result: dict) -> LevelRecord:
+    def control_job(self, level: int, imp: "Member") -> Job:
+        """A control's level L >= 1 (trials.lottery.Control.level): the control network at
+        control_mask(L) of its IMP run `imp`, from where spec.retrain starts in its own folder."""
+        mask = control_mask(self.spec, level, imp.trial, self.trial, self.layers)
+        start, schedule = stability.retraining(self.spec, level)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+
+    def control_dense(self, imp: "Member", record: LevelRecord) -> LevelRecord:
+        """A control's level 0: its IMP run's (record included), from its own rewind point."""
+        self.trial.save_rewind(control_start(self.spec, imp.trial, self.info))
+        self.trial.copy_level(imp.trial, 0, record)
+        return record
+
+    def start_weights_of(self, level: int) -> dict:
+        """As Lottery.start_weights_of: the rewind point (level 0's copies, weight_rewind), or
+        level L-1's final weights (lr_rewind, finetune)."""
+        if level == 0 or self.spec.retrain == "weight_rewind":
+            return self.trial.rewind(self.device)
+        return self.trial.final(level - 1)
+
+    def finish(self, level: int, job: Job, result: dict, fields: Optional[dict] = None) -> LevelRecord:
+        """Write the level; `fields`: its instability, measured before (the record is
+        complete before the level's files and DONE exist)."""
         final = result.pop("final")
-        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result)
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}))
         self.trial.finish(level, job.mask, final, record)
         return record
+
+
+def instability(members: list, template: nn.Module, data, todo: list) -> dict:
+    """The stability fields of the levels `todo` [(member, level, mask)] that ask for them:
+    every member's copies (trials/stability.py copy_jobs) train together, as one pack.
+    member -> fields, or the exception of a copy that failed (the member fails with it,
+    as a lone trial does)."""
+    todo = [(i, level, mask) for i, level, mask in todo if stability.asked(members[i].spec, level)]
+    jobs = {i: stability.copy_jobs(members[i].spec, level, members[i].start_weights_of(level), mask)
+            for i, level, mask in todo}
+    if not jobs:
+        return {}
+    results = iter(train_pack(template, [job for group in jobs.values() for job in group], data))
+    out = {}
+    for i, level, mask in todo:
+        copies = [next(results) for _ in jobs[i]]
+        failed = [r for r in copies if isinstance(r, BaseException)]
+        out[i] = failed[0] if failed else stability.measure(
+            members[i].spec, level, None, mask, data, members[i].device, finals=[r["final"] for r in copies])
+    return out
+
+
+def finish_all(members: list, template: nn.Module, data, level: int, work: dict, results: list) -> dict:
+    """Measure (instability) and write the trained levels: member -> record, or the
+    exception that ended it."""
+    ok = {i: (job, r) for (i, job), r in zip(work.items(), results) if not isinstance(r, BaseException)}
+    fields = instability(members, template, data, [(i, level, job.mask) for i, (job, _) in ok.items()])
+    out = {i: r for i, r in zip(work, results) if isinstance(r, BaseException)}
+    for i, (job, r) in ok.items():
+        f = fields.get(i)
+        out[i] = f if isinstance(f, BaseException) else members[i].finish(level, job, r, f)
+    return out
 
 
 class Shared:
@@ -152,10 +209,11 @@ class Shared:
     when published; trained in the pack by one of them when the lease is ours; waited for
     (the store helps elsewhere meanwhile) after the rest when another process holds it."""
 
-    def __init__(self, units, members: list, train: Callable, data, stage: Path):
+    def __init__(self, units, members: list, train: Callable, data, stage: Path, template: nn.Module):
         """`train(work, level)`: the pack's training of jobs {member: Job}; `stage`: a scratch
         folder for dense runs' rewind points until their unit is published."""
         self.units, self.members, self.train, self.data, self.stage = units, members, train, data, stage
+        self.template = template
 
     def level(self, todo: list, level: int) -> dict:
         """Level `level` of members `todo`: member -> its record, or the exception that ended it."""
@@ -202,7 +260,7 @@ class Shared:
             if e is not result:
                 raise
             return {i: result for i in group}
-        shared.note(self.members[group[0]].out / layout.UNITS, self.members[group[0]].spec, level, True)
+        shared.note(self.members[group[0]].ledger, self.members[group[0]].spec, level, True)
         return {group[0]: result, **self.take(group[1:], level, folder)}
 
     def wait(self, name: str, group: list, level: int) -> dict:
@@ -222,7 +280,7 @@ class Shared:
             return {i: e for i in group}
         if not mine:
             return self.take(group, level, folder)
-        shared.note(self.members[first].out / layout.UNITS, self.members[first].spec, level, True)
+        shared.note(self.members[first].ledger, self.members[first].spec, level, True)
         return {first: self.members[first].trial.record(level), **self.take(group[1:], level, folder)}
 
     def hand_over(self, i: int, level: int, dest: Path) -> None:
@@ -231,17 +289,30 @@ class Shared:
             shutil.move(self.stage / str(i), dest / shared.POINTS)
 
     def take(self, group: list, level: int, folder: Path) -> dict:
-        """Copy a published unit into members' folders, as trials.shared.Trunk does."""
+        """Copy a published unit into members' folders, as trials.shared.Trunk does (a dense
+        unit holds no instability: the members' own, from their own rewind points, is
+        measured first, their copies together)."""
+        record = shared.unit_record(folder)
+        fields: dict = {}
+        if level == 0:
+            for i in group:
+                m = self.members[i]
+                m.trial.save_rewind(shared.point(m.spec, folder, self.units, self.data, m.device, PACK_OF_ONE))
+            fields = instability(self.members, self.template, self.data,
+                                 [(i, 0, masks.ones(self.members[i].layers)) for i in group])
         out = {}
         for i in group:
-            m, record = self.members[i], shared.unit_record(folder)
+            m = self.members[i]
+            if isinstance(fields.get(i), BaseException):
+                out[i] = fields[i]
+                continue
             if level == 0:
-                m.trial.save_rewind(shared.point(m.spec, folder, self.units, self.data, m.device, PACK_OF_ONE))
-                m.trial.finish(0, masks.ones(m.layers), load_tensors(folder / layout.FINAL), record)
+                out[i] = record.replace(**fields.get(i, {}))
+                m.trial.finish(0, masks.ones(m.layers), load_tensors(folder / layout.FINAL), out[i])
             else:
+                out[i] = record
                 m.trial.copy_level_from(folder, level, record)
-            shared.note(m.out / layout.UNITS, m.spec, level, False)
-            out[i] = record
+            shared.note(m.ledger, m.spec, level, False)
         return out
 
 
@@ -262,7 +333,7 @@ class PackOfOne(shared.Trainer):
             return super().dense(spec, dest, data, device, points, progress)
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             member = Member(spec, Path(tmp) / "trial", data, device)
-            _alone(member, 0, data, keepers(dest / shared.POINTS, points))
+            _alone(member, 0, data, keepers(dest / shared.POINTS, points), measure=False)
             shared.hand_over(member.trial, 0, dest)
 
     def point(self, spec, k: int, dest: Path, data, device) -> None:
@@ -277,7 +348,7 @@ class PackOfOne(shared.Trainer):
 
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             try:
-                _alone(Member(spec, Path(tmp) / "trial", data, device), 0, data, {k: stop})
+                _alone(Member(spec, Path(tmp) / "trial", data, device), 0, data, {k: stop}, measure=False)
             except shared.Stop:
                 return
         raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
@@ -290,14 +361,20 @@ def keepers(folder: Path, points: set) -> dict:
     return {k: (lambda state, k=k: save_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}", state)) for k in sorted(points)}
 
 
-def _alone(member: Member, level: int, data, keep: Optional[dict] = None) -> LevelRecord:
-    """Train and write one member's level as a pack of one."""
+def _alone(member: Member, level: int, data, keep: Optional[dict] = None, measure: bool = True) -> LevelRecord:
+    """Train and write one member's level as a pack of one (its instability measured where
+    its spec asks, unless `measure` is off: a dense unit leaves that to its trials)."""
     template = models.build(member.spec.model, data.info, seed=0, device="cpu")
     job = member.job(level, keep)
-    result = train_pack(template, [job], data)[0]
+    if not measure:
+        result, = train_pack(template, [job], data)
+        if isinstance(result, BaseException):
+            raise result
+        return member.finish(level, job, result)
+    result, = finish_all([member], template, data, level, {0: job}, train_pack(template, [job], data))
     if isinstance(result, BaseException):
         raise result
-    return member.finish(level, job, result)
+    return result
 
 
 PACK_OF_ONE = PackOfOne()
@@ -328,20 +405,52 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     for spec, out in zip(specs, outs):
         TrialDir(out, spec).check()
     members = [Member(spec, out, data, device) for spec, out in zip(specs, outs)]
+    trunk: dict = {}  # a control member -> its IMP run, a member of its own in OUT/imp/ (not reported)
+    for i, spec in enumerate(specs):
+        if spec.control != "none":
+            trunk[i] = len(members)
+            members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
+                                  ledger=Path(outs[i]) / layout.UNITS))
+    shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
     template = models.build(specs[0].model, data.info, seed=0, device="cpu")
 
     def train(work: dict, level: int) -> dict:
         """Train jobs {member: Job} together and write their levels: member -> record or exception."""
-        tell = (lambda m, it, total, val: progress(list(work)[m], level, it, total, val)) if progress else None
-        results = train_pack(template, list(work.values()), data, tell)
-        return {i: r if isinstance(r, BaseException) else members[i].finish(level, job, r)
-                for (i, job), r in zip(work.items(), results)}
+        def tell(m, it, total, val):
+            i = list(work)[m]
+            progress(shown.get(i, i), level, it, total, val)
+
+        return finish_all(members, template, data, level, work,
+                          train_pack(template, list(work.values()), data, tell if progress else None))
+
+    def imp_levels(todo: list, level: int) -> dict:
+        """Level `level` of IMP members (tickets and controls' trunks): trained, or from units."""
+        if sharing:
+            return sharing.level(todo, level)
+        return train({i: members[i].job(level) for i in todo}, level) if todo else {}
+
+    def levels(todo: list, level: int) -> dict:
+        """Level `level` of members `todo`: the IMP members' first (a control follows its
+        trunk's masks), then the controls' (level 0 is their trunk's), trained together."""
+        controls = [i for i in todo if i in trunk]
+        needed = [trunk[i] for i in controls if not members[trunk[i]].trial.done(level)]
+        done = imp_levels([i for i in todo if i not in trunk] + needed, level)
+        work = {}
+        for i in controls:
+            imp = done.pop(trunk[i]) if trunk[i] in done else members[trunk[i]].trial.record(level)
+            if isinstance(imp, BaseException):
+                done[i] = imp
+            elif level == 0:
+                done[i] = members[i].control_dense(members[trunk[i]], imp)
+            else:
+                work[i] = members[i].control_job(level, members[trunk[i]])
+        return {**done, **(train(work, level) if work else {})}
 
     records: list = [[] for _ in specs]
     failures: dict = {}
     alive = list(range(len(specs)))
     with tempfile.TemporaryDirectory(prefix="lth-pack-") as stage:  # used with units only (Shared)
-        sharing = Shared(units, members, train, data, Path(stage)) if units is not None else None
+        sharing = Shared(units, members, train, data, Path(stage), template) if units is not None else None
         for level in range(max(s.last_level for s in specs) + 1):
             alive = [i for i in alive if level <= specs[i].last_level]
             if not alive:
@@ -352,11 +461,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
                     records[i].append(members[i].trial.record(level))
                 else:
                     todo.append(i)
-            if sharing:
-                done = sharing.level(todo, level)
-            else:
-                done = train({i: members[i].job(level) for i in todo}, level) if todo else {}
-            for i, result in done.items():
+            for i, result in levels(todo, level).items():
                 if isinstance(result, BaseException):
                     failures[i] = result
                 else:

@@ -41,7 +41,7 @@ from typing import Callable, Optional, Protocol
 
 from trials import layout, masks, models, stability
 from trials.lottery import Control, Lottery, engine
-from trials.record import LevelRecord
+from trials.record import STABILITY, LevelRecord
 from trials.spec import non_default
 from trials.store import TrialDir, load_tensors, save_tensors, write_json
 from trials.training import train_level
@@ -118,10 +118,14 @@ def point(spec, dense: Path, units: Units, data, device, trainer: Optional["Trai
 
 
 def hand_over(trial: TrialDir, level: int, dest: Path) -> None:
-    """A trained level's unit files from its trial folder: mask (trunk levels), final weights, record."""
+    """A trained level's unit files from its trial folder: mask (trunk levels), final weights,
+    record. A dense unit's record leaves out instability: each trial measures its own
+    from its own rewind point (module doc), whoever trained the unit."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (layout.MASK, layout.FINAL, layout.RECORD)[0 if level else 1:]:
+    for name in (layout.MASK, layout.FINAL)[0 if level else 1:]:
         shutil.copyfile(trial.level_dir(level) / name, dest / name)
+    record = trial.record(level)
+    write_json(dest / layout.RECORD, (record if level else record.replace(**dict.fromkeys(STABILITY))).to_dict())
 
 
 def note(ledger: Path, spec, level: int, mine: bool) -> None:

@@ -37,7 +37,7 @@ import torch.nn as nn
 from trials import models
 from trials.masks import Mask
 from trials.record import STABILITY
-from trials.training import autocast_for, evaluate, learning_rate, rng, train_level
+from trials.training import Job, autocast_for, evaluate, learning_rate, rng, train_level
 
 
 def asked(spec, level: int) -> bool:
@@ -63,13 +63,23 @@ def noise_seed(spec, copy: int) -> int:
     return rng(spec.seed, "stability", copy).initial_seed()
 
 
+def copy_jobs(spec, level: int, start_weights: dict, mask: Mask) -> list[Job]:
+    """The level's copies as jobs of the training loop (a pack trains its members' copies
+    together: trials/packed.py), each under its own noise seed."""
+    start, schedule = retraining(spec, level)
+    return [Job(spec.train, noise_seed(spec, c), mask, start_weights, start, schedule=schedule)
+            for c in range(spec.stability.copies)]
+
+
 def measure(spec, level: int, start_weights: dict, mask: Mask, data, device,
-            seeds: Optional[list] = None) -> dict:
+            seeds: Optional[list] = None, finals: Optional[list] = None) -> dict:
     """The stability fields of trials/record.py for one level (see module doc). `seeds`
-    overrides the copies' noise seeds (tests: equal seeds must give instability 0)."""
+    overrides the copies' noise seeds (tests: equal seeds must give instability 0);
+    `finals`: the copies' final states when they trained elsewhere (copy_jobs)."""
     seeds = list(seeds) if seeds is not None else [noise_seed(spec, c) for c in range(spec.stability.copies)]
     net = models.build(spec.model, data.info, seed=spec.seed, device=device)
-    finals = [train_copy(net, spec, level, start_weights, mask, data, seed)[0] for seed in seeds]
+    if finals is None:
+        finals = [train_copy(net, spec, level, start_weights, mask, data, seed)[0] for seed in seeds]
     curves = [interpolate(net, finals[a], finals[b], mask, data, spec)
               for a, b in itertools.combinations(range(len(finals)), 2)]
     fields = [barriers(curve) for curve in curves]
