@@ -150,12 +150,13 @@ class Watcher:
 
 
 class AutoscalingCluster(LocalCluster):
-    def start_autoscaling(self):
+    def start_autoscaling(self, v2: bool = True):
+        """The head with the autoscaler (v2 as `ray up` runs it; v1 with v2=False)."""
         config = Path(self.temp) / "autoscaling.yaml"
         config.write_text(yaml.safe_dump(fake_config(ROOT / "cluster.yaml", self.address)))
         head = yaml.safe_load(config.read_text())["available_node_types"]["ray.head.default"]
         self.env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                         "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
+                         "RAY_enable_autoscaler_v2": "1" if v2 else "0", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
                          "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID})
         self._ray("--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                   f"--num-cpus={head['resources'].get('CPU', 0)}", f"--num-gpus={head['resources'].get('GPU', 0)}",
@@ -300,3 +301,41 @@ def test_a_local_ray_refuses_a_gpu_this_machine_lacks(tmp_path):
         "lth: error: resources: {'cpu': 1.0, 'gpu': 1.0} is not allowed; allowed: a request one node can hold "
         "(this cluster offers one node, this machine: CPU "), done.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _first_lines(cluster, sweep_file, until: str, timeout: float = 300) -> tuple[int, str]:
+    """Run the sweep on the cluster until a line holds `until` (then stop it) or it exits."""
+    driver = subprocess.Popen([str(BIN / "lth"), "sweep", "run", str(sweep_file), "--address", cluster.address],
+                              cwd=sweep_file.parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**cluster.env, "PYTHONUNBUFFERED": "1"})
+    lines, deadline = [], time.time() + timeout
+    try:
+        for line in driver.stdout:
+            lines.append(line)
+            if until in line or time.time() > deadline:
+                break
+    finally:
+        driver.kill()
+    return driver.wait(), "".join(lines)
+
+
+def test_a_fixed_cluster_refuses_and_autoscaler_v1_is_waited_for(tmp_path):
+    """`ray start` by hand (no autoscaler): what no node holds is refused. Autoscaler v1
+    reports no verdict: the sweep says so and waits."""
+    fixed = LocalCluster()
+    try:
+        fixed.start(workers=1, gpus_per_worker=0, cpus_per_worker=1)
+        code, out = _first_lines(fixed, _sweep_file(tmp_path), "lth: error")
+        assert "lth: error: resources: {'cpu': 1.0, 'gpu': 0.5} is not allowed; allowed: a request one node can " \
+               "hold (this cluster offers 1 node with CPU 0, GPU 0; 1 node with CPU 1, GPU 0; no autoscaler)" in out, out
+        assert not (tmp_path / "runs").exists()
+    finally:
+        fixed.stop()
+    v1 = AutoscalingCluster()
+    try:
+        v1.start_autoscaling(v2=False)
+        code, out = _first_lines(v1, _sweep_file(tmp_path), "lth: waiting for nodes")
+        assert "this cluster's autoscaler (v1) does not report whether it can start one" in out, out
+    finally:
+        v1.stop()
+        assert not v1.pids(), "Ray processes survived the test"

@@ -17,8 +17,10 @@ repeats "No available node types can fulfill resource request" every 35 s. So:
   parses), either that the constraint is infeasible or which node type it is launching.
   The constraint is cleared again once answered (Tune's own pending trials then keep
   the demand); it replaces any other `request_resources` constraint on the cluster
-  meanwhile. A cluster without a v2 autoscaler (`ray start` by hand, or autoscaler v1,
-  which reports no verdict) is judged as fixed: its alive nodes are all it has.
+  meanwhile. Autoscaler v1 (`RAY_UP_enable_autoscaler_v2=0`) gives no verdict: the sweep
+  says it waits and cannot tell. A cluster without an autoscaler (`ray start` by hand:
+  v1's monitor in read-only mode, whose node types are "node_<node id>") is fixed: its
+  alive nodes are all it has.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def _offers(nodes: list) -> str:
     shapes: dict = {}
     for name, total in nodes:
         shapes.setdefault(_shape(total), []).append(name)
-    return "; ".join(f"{len(names)} node{'s' * (len(names) > 1)} with {shape}" for shape, names in shapes.items())
+    return "; ".join(f"{len(names)} node{'s' * (len(names) > 1)} with {shape}"
+                     for shape, names in sorted(shapes.items()))  # ray.nodes() has no fixed order
 
 
 def check_cluster(sweep, verdict_s: float = VERDICT_S) -> Optional[list]:
@@ -92,8 +95,13 @@ def check_cluster(sweep, verdict_s: float = VERDICT_S) -> Optional[list]:
         return None
     offers = _offers(nodes)
     answer = _ask_autoscaler(bundle, verdict_s)
+    if answer is None and _v1_autoscaling():
+        print(f"lth: waiting for nodes: no node has {bundle} yet; this cluster's autoscaler (v1) does not "
+              "report whether it can start one (if not, Ray repeats 'No available node types can fulfill')",
+              file=sys.stderr, flush=True)
+        return []
     if answer is None:
-        raise refusal(sweep, f"{offers}; no autoscaler that reports what it can start (autoscaler v2)")
+        raise refusal(sweep, f"{offers}; no autoscaler")
     if answer == "infeasible":
         raise refusal(sweep, f"{offers}; its autoscaler can start no node type that holds it")
     what = ", ".join(answer) or "nodes"
@@ -139,6 +147,20 @@ def _ask_autoscaler(bundle: dict, verdict_s: float):
         return []
     finally:
         request_resources(bundles=[])
+
+
+def _v1_autoscaling() -> bool:
+    """Whether autoscaler v1 runs with node types of a config: its status report (the
+    internal KV entry `ray status` reads) names node types other than the read-only
+    monitor's "node_<node id>"."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    report = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or "{}").get("autoscaler_report")
+    mapping = (report or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
 def _same(proto_bundle, bundle: dict) -> bool:
