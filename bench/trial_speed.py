@@ -25,7 +25,7 @@ Modes (`--mode`):
                 engine as committed at git HEAD (`git archive HEAD trials`; --head-ref
                 another commit) vs this tree,
                 both through the same few-line driver, and the trial as a pack of one
-                (trials.packed.run_pack: fused Adam, not bit-identical): ratios
+                (trials.lottery.run_pack: fused Adam, not bit-identical): ratios
                 lth/hand, tree/HEAD and pack1/HEAD
     optimizers  the engine's inner loop with each Adam: torch's default (single-tensor)
                 path, foreach, trials.optim.ExactAdam (the default on CPU) and fused
@@ -243,7 +243,7 @@ assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), tr
 records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))
 print(" ".join(f"{r.density:.3f}:{r.test_acc:.4f}" for r in records))
 """
-PACK_OF_ONE = DRIVER.replace("from trials.lottery import run_lottery", "from trials.packed import run_pack").replace(
+PACK_OF_ONE = DRIVER.replace("from trials.lottery import run_lottery", "from trials.lottery import run_pack").replace(
     "records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))",
     "records = run_pack([from_dict(json.loads(sys.argv[1]))], [Path(sys.argv[2])])[0]")
 

@@ -12,7 +12,7 @@ stop_when_not_matching, or a rerun after a failure, changes the real count):
 Grid sweeps are planned exactly. Random/Optuna searches pick their configurations as
 they run: the plan draws `num_samples` configurations at random from the space to estimate.
 
-Packs (`pack: K`, trials/packed.py): a grid's trials are grouped by packed.pack_key (what
+Packs (`pack: K`, trials/lottery.py run_pack): a grid's trials are grouped by packing.pack_key (what
 members must share); each group is cut into packs of at most K, balanced (20 trials at
 K=16: two packs of 10, which finish together), members that share a dense run side by
 side (it is then trained once inside the pack, and no pack waits for another's). Trials
@@ -120,7 +120,7 @@ def pack_of(sweep) -> int:
 
 def packs(sweep, configs: list) -> list[list[dict]]:
     """The trial configs as packs (module doc): packable groups first, then packs of one."""
-    from trials.packed import pack_key
+    from trials.packing import pack_key
 
     groups: dict = {}
     alone = []
@@ -209,7 +209,7 @@ def pack_line(sweep) -> str:
 
 def _why_alone(spec) -> str:
     """The spec key and value that keep a trial out of packs ("" when it can be packed)."""
-    from trials.packed import why_not_packed
+    from trials.packing import why_not_packed
 
     e = why_not_packed(spec)
     return f"{e.key}={e.value}" if e else ""

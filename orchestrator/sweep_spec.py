@@ -132,7 +132,7 @@ class Sweep:
     # train each dense run and IMP trunk once, in STORAGE/_units/, for every trial and every
     # later sweep on the same storage (orchestrator/plan.py); false: each trial trains its own
     share: bool = True
-    # K trials trained together in one process (trials/packed.py), one Tune trial per pack;
+    # K trials trained together in one process (trials/lottery.py run_pack), one Tune trial per pack;
     # "auto": as many as fit PACK_MEMORY_GB (orchestrator/plan.py pack_size); 1: no packs
     pack: Union[int, Literal["auto"]] = option(1, Rule(lambda v: v == "auto" or v >= 1,
                                                        "an integer >= 1, or auto"))

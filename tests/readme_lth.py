@@ -24,7 +24,7 @@ SWEEP_RUN = {
 TRIAL = ["train.iterations=120", "train.eval_interval=60"]
 # Flag values swapped, by command: the README's level 7 / level 4 and rewind grid up to
 # 2000 become what the shrunk runs have.
-SWAP = {("tickets", "export"): {"--level": "1"},
+SWAP = {("tickets", "export"): {"--level": "1"}, ("tickets", "compact"): {"--level": "1"},
         ("stability", "find"): {"--level": "1", "--grid": "0,100"}}
 
 
@@ -39,7 +39,7 @@ def shrink(argv: list[str]) -> list[str]:
     if command in (("trial", "run"), ("stability", "find")):
         levels = [] if "prune.levels=0" in argv else ["prune.levels=1"]
         argv += [x for s in TRIAL + levels for x in ("--set", s)]
-    if command == ("tickets", "export") and argv[2] == "RUN_ID":  # the README's placeholder
+    if command in (("tickets", "export"), ("tickets", "compact")) and argv[2] == "RUN_ID":  # the README's placeholder
         from orchestrator.tracking import tickets
 
         argv[2] = tickets.best("lenet-mnist")[0]["run_id"]

@@ -14,7 +14,7 @@ from tests.test_packed import (assert_bn_model_steps_as_alone, assert_bn_pack_ma
                                assert_masks_exact, bn_spec, lenet, run_alone_and_packed, smooth)  # noqa: F401
 from trials import datasets
 from trials.lottery import run_lottery
-from trials.packed import run_pack
+from trials.lottery import run_pack
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec
 from trials.store import load_tensors
 
@@ -165,7 +165,6 @@ PACKS_GRAPHED = {  # members starting at different iterations (rewind points), a
 def test_a_packs_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
     """A pack whose steps replay as CUDA graphs writes each member's records, weights and
     rewind point as the same pack stepped eagerly, bit for bit; graphs did replay."""
-    from trials import packed as packed_module
     from trials import training
 
     make, dataset = PACKS_GRAPHED[case]
@@ -178,7 +177,7 @@ def test_a_packs_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
             replays.append(self.graph is not None)
             super().__call__(x, y, run)
 
-    monkeypatch.setattr(packed_module, "StepGraph", Counted)
+    monkeypatch.setattr(training, "StepGraph", Counted)
     runs = {}
     for mode in ("graphed", "eager"):
         monkeypatch.setattr(training, "CUDA_GRAPHS", mode == "graphed")

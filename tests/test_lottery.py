@@ -8,7 +8,7 @@ import torch
 from tests.conftest import quick_spec
 from trials import datasets, masks, models
 from trials.errors import ConfigError
-from trials.lottery import Lottery, run_lottery
+from trials.lottery import run_lottery
 from trials.spec import PruneSpec, TrainSpec
 from trials.record import FIELDS, STABILITY, read_lines
 from trials.store import load_tensors
@@ -78,11 +78,15 @@ def test_masks_are_nested_and_survivors_restart_from_the_rewind_point(trial):
     # restart level 3 from its files and capture the weights it starts from
     from trials.datasets import load
 
-    lottery = Lottery(spec, out, load(spec.dataset, torch.device("cpu")), torch.device("cpu"))
+    from trials.lottery import Member, Training
+
+    data = load(spec.dataset, torch.device("cpu"))
+    member = Member(spec, out, data, torch.device("cpu"))
     rewind, captured = load_tensors(out / "rewind.safetensors"), {}
-    lottery.trial.reopen_from(3)
-    hook = {spec.rewind_iteration: captured.update}
-    lottery.fit(3, levels[3], rewind, on_iteration=hook)
+    job = member.job(3)  # level 3 again, from the folder's level 2
+    assert all(job.mask[n].equal(levels[3][n]) for n in levels[3])
+    job.hooks = {spec.rewind_iteration: captured.update}
+    Training(models.build(spec.model, data.info, seed=0), data, "alone").run([job])
     for k, v in rewind.items():
         m = levels[3].get(k)
         assert torch.equal(captured[k], v * m if m is not None else v)

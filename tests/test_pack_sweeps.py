@@ -31,7 +31,7 @@ def sweep_file(tmp_path, name="s", **fields):
 def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, monkeypatch):
     from orchestrator import plan
     from orchestrator.sweep_spec import config_spec, load_sweep
-    from trials.packed import pack_key
+    from trials.packing import pack_key
 
     space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
     sweep = load_sweep(sweep_file(tmp_path, pack=4, seeds=3, space=space))

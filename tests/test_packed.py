@@ -1,4 +1,4 @@
-"""Packs (trials/packed.py): K IMP trials trained together match the same trials run alone
+"""Packs (trials/lottery.py run_pack): K IMP trials trained together match the same trials run alone
 with trials.lottery.run_lottery (weights within 1e-5 after level 0, accuracies within half
 a point at every level, masks and densities exact), each in its own normal trial folder; a
 diverging member fails alone; what cannot be packed is refused with the reason. BatchNorm
@@ -8,6 +8,7 @@ activation and pooling are smooth (fixture `smooth` says why). On shared
 work units a pack trains each unit once, in the pack, and takes the rest from the store
 (even one another process holds); a member's numbers do not depend on its co-members."""
 import json
+import shutil
 import time
 
 import pytest
@@ -22,12 +23,12 @@ from torch.utils._pytree import tree_leaves
 from trials import datasets, masks, models
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
-from trials.packed import PackFailed, run_pack, train_pack
+from trials.lottery import PackFailed, run_pack, train_pack
 from trials.stacked import PackedBatchNorm, PackedNet, why_not_packable
 from trials.training import Job
 from trials.record import STABILITY, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec
-from trials.store import load_tensors, state_of
+from trials.store import TrialDir, load_tensors, state_of
 from trials.training import TrainingDiverged
 
 ACCURACIES = ("test_acc", "test_acc_at_early_stop", "val_acc")
@@ -274,13 +275,14 @@ def test_members_must_share_the_loop(tmp_path):
 
 
 def test_pack_key_groups_what_can_train_together():
-    from trials.packed import pack_key
+    from trials.packing import pack_key
 
     a = lenet()
     assert pack_key(a) == pack_key(a.replace(seed=3, rewind_iteration=20, prune=PruneSpec(kind="structured")))
     assert pack_key(a) != pack_key(lenet(train=TrainSpec(optimizer="adam", lr=1e-3, batch_size=30, iterations=100,
                                                           eval_interval=20)))
-    assert pack_key(a.replace(control="random_prune")) is None
+    assert pack_key(a.replace(control="random_prune")) == pack_key(a.replace(retrain="lr_rewind")) == pack_key(a)
+    assert pack_key(a.replace(method="edge_popup")) is None
     resnet = lenet(model=ModelSpec(name="resnet20"), dataset=DatasetSpec(name="synthetic"))
     assert pack_key(resnet) is not None and pack_key(resnet) != pack_key(a)  # BatchNorm packs
 
@@ -374,17 +376,15 @@ def test_instability_in_a_pack_on_units_is_each_members_own(tmp_path, digits_cpu
 
 
 def test_a_unit_trained_alone_in_a_packed_sweep_is_the_packs_unit_bit_for_bit(shared_pack, tmp_path, digits_cpu):
-    """Whoever trains a packed sweep's unit (a pack, a control's trunk, a helper: trials.packed
+    """Whoever trains a packed sweep's unit (a pack, a control's trunk, a helper: trials.lottery
     PACK_OF_ONE), it holds the same numbers, so no race decides a sweep's results."""
     from tests.test_shared import store
-    from trials import shared
-    from trials.packed import PACK_OF_ONE
+    from trials.lottery import PACK_OF_ONE
 
     root, first_outs, first, _ = shared_pack
     spec = SHARED[1]  # its dense run was trained in the pack by member 0, with this k kept too
     units = store(tmp_path / "storage")
-    trunk = shared.Trunk(spec, tmp_path / "trunk", digits_cpu, "cpu", units, trainer=PACK_OF_ONE)
-    alone = [trunk.level(lv) for lv in range(3)]
+    alone = run_lottery(spec, tmp_path / "trunk", data=digits_cpu, units=units, arithmetic="stacked")
     assert numbers(alone) == numbers(first[1])
     for lv in range(3):
         for name in ("mask.safetensors", "final.safetensors"):
@@ -423,7 +423,14 @@ def test_a_pack_trains_its_other_members_before_taking_a_held_unit(tmp_path, dig
         while not (outs[0] / "level_00" / "DONE").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         seen.append((outs[0] / "level_00" / "DONE").exists())
-        other.publish(held, lambda dest: shared.produce_dense(specs[1], dest, digits_cpu, "cpu", {0}))
+        other.publish(held, dense_unit)
+
+    def dense_unit(dest):  # what another process publishes: the dense run of a lone trial, its point 0 kept
+        lone = specs[1].replace(prune=PruneSpec(levels=0))
+        run_lottery(lone, tmp_path / "other", data=digits_cpu)
+        shared.hand_over(TrialDir(tmp_path / "other", lone), 0, dest)
+        (dest / shared.POINTS).mkdir()
+        shutil.copyfile(tmp_path / "other" / "rewind.safetensors", dest / shared.POINTS / "0.safetensors")
 
     thread = threading.Thread(target=holder)
     thread.start()

@@ -47,7 +47,7 @@ def test_shared_trials_equal_unshared_ones_and_each_unit_is_trained_once(tmp_pat
                               prune=PruneSpec(rate=0.2, output_rate=0.1, levels=2))
             alone = run_lottery(spec, tmp_path / f"alone-{k}-{control}", data=digits_cpu)
             out = tmp_path / f"shared-{k}-{control}"
-            together = run_lottery(spec, out, data=digits_cpu, runner=shared.runner(units))
+            together = run_lottery(spec, out, data=digits_cpu, units=units)
             assert numbers(together) == numbers(alone), (k, control)
             for level in range(3):  # the files too: masks and weights, bit for bit
                 for name in ("mask.safetensors", "final.safetensors"):
@@ -72,7 +72,7 @@ def test_retraining_modes_and_instability_share_too(tmp_path, digits_cpu):
         spec = quick_spec(train=TRAIN, rewind_iteration=20, retrain=retrain, control=control,
                           prune=PruneSpec(levels=1), stability=StabilitySpec(copies=2, points=3, levels=(0, 1)))
         alone = run_lottery(spec, tmp_path / f"alone-{retrain}", data=digits_cpu)
-        together = run_lottery(spec, tmp_path / f"shared-{retrain}", data=digits_cpu, runner=shared.runner(units))
+        together = run_lottery(spec, tmp_path / f"shared-{retrain}", data=digits_cpu, units=units)
         assert numbers(together) == numbers(alone), retrain
         assert together[0].stability_error_barrier is not None and together[1].stability_error_barrier is not None
     assert logged(tmp_path / "storage")[shared.dense_name(spec)] == 1  # one dense run for both modes
@@ -81,9 +81,9 @@ def test_retraining_modes_and_instability_share_too(tmp_path, digits_cpu):
 def test_a_rewind_point_the_dense_run_did_not_keep_is_trained_to_the_same_bits(tmp_path, digits_cpu):
     units = store(tmp_path / "storage")
     first = quick_spec(train=TRAIN, prune=PruneSpec(levels=1))
-    run_lottery(first, tmp_path / "k0", data=digits_cpu, runner=shared.runner(units))
+    run_lottery(first, tmp_path / "k0", data=digits_cpu, units=units)
     later = first.replace(rewind_iteration=40)  # a later sweep asks for another rewind point
-    run_lottery(later, tmp_path / "k40", data=digits_cpu, runner=shared.runner(units))
+    run_lottery(later, tmp_path / "k40", data=digits_cpu, units=units)
     alone = tmp_path / "alone"
     run_lottery(later, alone, data=digits_cpu)
     a, b = load_tensors(alone / "rewind.safetensors"), load_tensors(tmp_path / "k40" / "rewind.safetensors")
@@ -94,10 +94,10 @@ def test_a_rewind_point_the_dense_run_did_not_keep_is_trained_to_the_same_bits(t
 def test_a_longer_trunk_serves_a_shorter_trial(tmp_path, digits_cpu):
     units = store(tmp_path / "storage")
     long = quick_spec(train=TRAIN, prune=PruneSpec(levels=2))
-    run_lottery(long, tmp_path / "long", data=digits_cpu, runner=shared.runner(units))
+    run_lottery(long, tmp_path / "long", data=digits_cpu, units=units)
     before = logged(tmp_path / "storage")
     short = long.replace(prune=PruneSpec(levels=1))
-    records = run_lottery(short, tmp_path / "short", data=digits_cpu, runner=shared.runner(units))
+    records = run_lottery(short, tmp_path / "short", data=digits_cpu, units=units)
     assert logged(tmp_path / "storage") == before and len(records) == 2
     assert shared.trunk_name(short) == shared.trunk_name(long) and short.key != long.key
     assert json.loads((tmp_path / "short" / "units.json").read_text())["reused"] == [0, 1]

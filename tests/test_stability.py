@@ -16,7 +16,7 @@ from tests.conftest import digits_base, quick_spec
 from trials import lottery as lottery_module
 from trials import masks, models, stability
 from trials.errors import ConfigError
-from trials.lottery import Lottery, run_lottery
+from trials.lottery import run_lottery
 from trials.record import FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec, from_dict
 from trials.store import load_tensors
@@ -137,10 +137,12 @@ def test_measure_stability_on_a_written_level_repeats_the_record(measured):
     spec, out, records = measured
     from trials.datasets import load
 
-    lottery = Lottery(spec, out, load(spec.dataset, CPU), CPU)
-    plain = records[1].replace(**{f: None for f in STABILITY})
-    assert lottery.measure_stability(1, plain) == records[1]
-    assert lottery.measure_stability(2, records[2]) is records[2]  # level 2 is not asked: unchanged
+    data = load(spec.dataset, CPU)
+    member = lottery_module.Member(spec, out, data, CPU)
+    training = lottery_module.Training(models.build(spec.model, data.info, seed=0), data, "alone")
+    fields = lottery_module.instability([member], training, [(0, 1, member.trial.mask(1))])
+    assert records[1].replace(**{f: None for f in STABILITY}).replace(**fields[0]) == records[1]
+    assert lottery_module.instability([member], training, [(0, 2, member.trial.mask(2))]) == {}  # not asked
 
 
 def test_weight_rewind_and_stability_off_leave_the_content_key():
@@ -149,18 +151,19 @@ def test_weight_rewind_and_stability_off_leave_the_content_key():
 
 
 def _capture_levels(monkeypatch):
-    """Wrap train_level as trials/lottery.py calls it: each call's start weights (after
-    the mask), start iteration and learning rates."""
+    """Wrap the training loop as the level runner calls it (trials/lottery.py): each job's
+    start weights (after the mask), start iteration and learning rates."""
     calls = []
-    real = lottery_module.train_level
+    real = lottery_module.train_members
 
-    def spy(net, mask, data, t, seed, start, on_iteration=None, progress=None, schedule=None, **kw):
-        state = {k: v.clone() * (mask[k] if k in mask else 1) for k, v in net.state_dict().items()}
-        lrs = [schedule(i) if schedule else learning_rate(t, i) for i in range(start, t.iterations)]
-        calls.append({"state": state, "start": start, "lrs": lrs, "mask": mask})
-        return real(net, mask, data, t, seed, start, on_iteration, progress, schedule, **kw)
+    def spy(jobs, data, arithmetic, progress=None):
+        for job in jobs:
+            state = {k: v.clone() * (job.mask[k] if k in job.mask else 1) for k, v in job.start_weights.items()}
+            lrs = [job.schedule(i) for i in range(job.start, job.train.iterations)]
+            calls.append({"state": state, "start": job.start, "lrs": lrs, "mask": job.mask})
+        return real(jobs, data, arithmetic, progress)
 
-    monkeypatch.setattr(lottery_module, "train_level", spy)
+    monkeypatch.setattr(lottery_module, "train_members", spy)
     return calls
 
 

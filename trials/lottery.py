@@ -1,4 +1,6 @@
-"""Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+"""Running a trial's levels: iterative magnitude pruning with rewinding (Frankle & Carbin
+2019; Frankle et al. 2020), for one trial or a pack of K trials in one process, each in
+its own trial folder (ARCHITECTURE.md, "The engine").
 
     level 0: train the dense net from init; keep its weights after k iterations (the rewind point)
     level L: prune level L-1's final weights (nested masks), reset the survivors to the
@@ -9,36 +11,50 @@ spec.retrain (Renda et al. 2020) says where level L >= 1 starts; the mask is IMP
     weight_rewind  the above
     lr_rewind      level L-1's final weights under the new mask, schedule and data order from k
     finetune       the same weights, T-k iterations at the final learning rate
-spec.stability (Frankle et al. 2020): at the levels it names, trials/stability.py trains
-copies from the level's start with other SGD noise and records their error barrier in
-the level's record, before the level is written (Lottery.measure_stability).
+spec.stability (Frankle et al. 2020): at the levels it names, trials/stability.py's
+copies train from the level's start with other SGD noise and their error barrier goes
+into the level's record, before the level is written (`instability`).
 
 Controls record the control network's numbers at IMP's masks/densities. They run the
-IMP trajectory themselves in OUT/imp/ (a full trial folder) because their masks or
-densities come from it:
+IMP trajectory themselves in OUT/imp/ (a full trial folder, a member of its own here)
+because their masks or densities come from it:
     reinit        IMP's level-L mask on a fresh random init (one init per trial, from a
                   seed derived from `seed`), trained k..end like the ticket
     random_prune  random masks, nested across levels, with exactly IMP's per-layer counts
                   of weights (units when structured), on the ticket's rewind weights
 A control's level 0 is IMP's dense network: density 1 has no mask to control for.
 
-method=edge_popup runs trials/supermask.py's levels instead (a supermask per density on
-fixed random weights), in the same trial folder, records and files.
+One runner, `run_pack`: a trial is a pack of one (`run_lottery`). Each `Member` builds
+its level's Job; `Training` runs the level's jobs with the arithmetic the caller names:
+"alone", one after another with a single trial's default arithmetic (its bits: the golden
+records), or "stacked", all together (trials/stacked.py; close to alone, not bit for
+bit). Members share one loop from the smallest rewind point (a member is carried along
+untouched until its k); a member whose training loss becomes NaN/inf fails alone. On
+shared work units (trials/shared.py Shared) each level is claimed, trained and
+published, copied in, or waited for; a store's helper produces a unit by running the
+trial up to that level in a scratch folder (`produce`). method=edge_popup runs
+trials/supermask.py's levels instead (a supermask per density on fixed random weights),
+in the same trial folder, records and files.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 
-from trials import datasets, masks, models, pruning, stability
-from trials import layout
+from trials import datasets, layout, masks, models, pruning, shared, stability
 from trials.errors import ConfigError
+from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
-from trials.store import TrialDir, state_of
+from trials.stacked import Stacked
+from trials.store import TrialDir, save_tensors, state_of
 from trials.supermask import EdgePopup
-from trials.training import rng, train_level
+from trials.training import Alone, Job, rng, train_members
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,147 +73,6 @@ def prepare(spec, out, device=None):
     data = datasets.load(spec.dataset, device, spec.train.batch_size)
     TrialDir(out, spec).check()
     return data, device
-
-
-def run_lottery(spec, out, report: Callable = lambda record, out: None,
-                progress: Optional[Callable] = None, data=None,
-                runner: Optional[Callable] = None) -> list[LevelRecord]:
-    """Run (or resume) one trial in `out`; `report(record, out)` after every level.
-    A report that returns True ends the trial after that level (e.g. a sweep's
-    stop_when_not_matching); the finished levels stay on disk. `runner(spec, out, data,
-    device, progress)` builds what runs the levels (a sweep sharing work passes
-    trials.shared.runner(units)); default: the trial's own engine."""
-    if data is None:
-        data, device = prepare(spec, out)
-    else:
-        device = data.train_x.device
-    runner = runner or engine
-    run = runner(spec, Path(out), data, device, progress)
-    records = []
-    for level in range(spec.last_level + 1):
-        records.append(run.level(level))
-        if report(records[-1], out):
-            break
-    return records
-
-
-def engine(spec, out: Path, data, device, progress=None):
-    """What runs a trial's levels when nothing is shared."""
-    runner = EdgePopup if spec.method == "edge_popup" else Lottery if spec.control == "none" else Control
-    return runner(spec, out, data, device, progress)
-
-
-class Lottery:
-    """The ticket: IMP levels in one trial folder."""
-
-    def __init__(self, spec, out: Path, data, device, progress=None):
-        self.spec, self.data, self.device, self.progress = spec, data, device, progress
-        self.trial = TrialDir(out, spec)
-        self.trial.begin()
-        self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
-        self.net = models.build(spec.model, data.info, seed=spec.seed, device=device)
-        self.init = state_of(self.net)  # level 0 starts here (the net itself moves on)
-        self.layers = masks.Layers.of(self.net)
-
-    def level(self, level: int) -> LevelRecord:
-        """Train one level (spec.retrain picks its start; module doc), measure its
-        instability where the spec asks, then write it: the record is complete before the
-        level's files and DONE exist, so a killed trial never keeps a level without it."""
-        if self.trial.done(level):
-            return self.trial.record(level)
-        if level == 0:
-            return self.train_dense()
-        mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1),
-                             self.layers)
-        record, final = self.fit(level, mask, self.start_weights_of(level), schedule=self.schedule_of(level))
-        return self.close(level, mask, final, record)
-
-    def close(self, level: int, mask, final: dict, record: LevelRecord, measure: bool = True) -> LevelRecord:
-        """Measure the level's instability where the spec asks (unless `measure` is off),
-        then write the level: the record is complete before its files and DONE exist."""
-        if measure:
-            record = self.measure_stability(level, record, mask)
-        self.trial.finish(level, mask, final, record)
-        return record
-
-    def start_weights_of(self, level: int) -> dict:
-        """Where level L >= 1 starts (spec.retrain): the rewind point (weight_rewind), or this
-        trial's level L-1 final weights (lr_rewind, finetune; the new mask prunes them).
-        Level 0's copies (stability) start at the rewind point."""
-        if level == 0 or self.spec.retrain == "weight_rewind":
-            return self.trial.rewind(self.device)
-        return self.trial.final(level - 1)
-
-    def schedule_of(self, level: int):
-        """The learning rate of level `level` by iteration (None: the spec's schedule)."""
-        return stability.retraining(self.spec, level)[1]
-
-    def fit(self, level: int, mask, start_weights: dict, start: Optional[int] = None,
-            on_iteration: Optional[dict] = None, schedule=None) -> tuple[LevelRecord, dict]:
-        """Train a level without writing it: (record, final weights)."""
-        self.net.load_state_dict(start_weights)
-        start = self.spec.rewind_iteration if start is None else start
-        progress = (lambda it, total, val: self.progress(level, it, total, val)) if self.progress else None
-        result = train_level(self.net, mask, self.data, self.spec.train, self.spec.seed, start,
-                             on_iteration, progress, schedule)
-        return LevelRecord(level=level, **masks.describe(mask, self.layers), **result), state_of(self.net)
-
-    def measure_stability(self, level: int, record: LevelRecord, mask: Optional[dict] = None) -> LevelRecord:
-        """`record` with its stability fields measured (trials/stability.py), or unchanged
-        when the spec does not ask for this level. Reads the level's start from this trial
-        folder (the rewind point, or level L-1's final weights) and its mask from `mask` or
-        the folder's level_XX/mask, so a runner that copied the level rather than trained
-        it can measure it too (before writing the record, or rewriting it after)."""
-        if not stability.asked(self.spec, level):
-            return record
-        mask = self.trial.mask(level) if mask is None else mask
-        fields = stability.measure(self.spec, level, self.start_weights_of(level), mask, self.data, self.device)
-        return record.replace(**fields)
-
-    def train_dense(self, points: Optional[dict] = None, measure: bool = True) -> LevelRecord:
-        """Level 0 from init; `points` maps more iterations to callbacks that receive the
-        net after that many steps (a shared dense run keeps several rewind points, and
-        leaves instability to the trials: `measure` off)."""
-        k = self.spec.rewind_iteration
-        keep = {**(points or {}), k: self.trial.save_rewind}
-        if points and k in points:
-            keep[k] = lambda state: (points[k](state), self.trial.save_rewind(state))
-        mask = masks.ones(self.layers)
-        record, final = self.fit(0, mask, self.init, start=0, on_iteration=keep)
-        return self.close(0, mask, final, record, measure)
-
-
-class Control(Lottery):
-    """A control network trained at every level of the ticket's IMP run (see module doc)."""
-
-    def __init__(self, spec, out: Path, data, device, progress=None, imp=None):
-        """`imp`: the IMP run whose masks this control follows (default: a Lottery run
-        here in OUT/imp/; a sweep that shares work passes its trunk, trials/shared.py)."""
-        super().__init__(spec, out, data, device, progress)
-        self.imp = imp or Lottery(spec.replace(control="none"), out / layout.IMP, data, device, progress)
-
-    def level(self, level: int) -> LevelRecord:
-        """Level 0 is IMP's (its record, stability fields included). Level L >= 1 trains the
-        control network at mask(L) from where spec.retrain starts (Lottery.start_weights_of,
-        in this control's own folder: weight_rewind = this folder's rewind point, i.e. the
-        fresh init (reinit) or IMP's rewind weights (random_prune); lr_rewind/finetune =
-        this control's level L-1 final weights), measured and written as Lottery.level."""
-        imp_record = self.imp.level(level)
-        if self.trial.done(level):
-            return self.trial.record(level)
-        if level == 0:
-            self.trial.save_rewind(self.start_weights())
-            self.trial.copy_level(self.imp.trial, 0, imp_record)
-            return imp_record
-        mask = self.mask(level)
-        record, final = self.fit(level, mask, self.start_weights_of(level), schedule=self.schedule_of(level))
-        return self.close(level, mask, final, record)
-
-    def start_weights(self) -> dict:
-        return control_start(self.spec, self.imp.trial, self.data.info)
-
-    def mask(self, level: int):
-        return control_mask(self.spec, level, self.imp.trial, self.trial, self.layers)
 
 
 def control_start(spec, imp: TrialDir, info) -> dict:
@@ -219,3 +94,308 @@ def control_mask(spec, level: int, imp: TrialDir, trial: TrialDir, layers) -> di
     return pruning.prune(spec.prune, trial.final(level - 1), trial.mask(level - 1), layers, strategy="random",
                          targets=pruning.counts(imp_mask, layers, units),
                          generator=rng(spec.seed, "random_prune", level))
+
+
+class PackFailed(RuntimeError):
+    """Members of a pack failed; the others finished. `errors`: member index -> exception."""
+
+    def __init__(self, errors: dict, records: list):
+        self.errors, self.records = errors, records
+        super().__init__("; ".join(f"member {i}: {e}" for i, e in sorted(errors.items())))
+
+
+# ---------------------------------------------------------------- whole trials
+
+
+class Member:
+    """One trial of a pack: its folder, init and layers; job(L) -> the Job of its level L."""
+
+    def __init__(self, spec, out: Path, data, device, ledger: Optional[Path] = None):
+        """`ledger`: its units.json (a control's IMP trunk member writes its control's)."""
+        self.spec, self.device, self.out, self.info = spec, device, Path(out), data.info
+        self.ledger = ledger or self.out / layout.UNITS
+        self.trial = TrialDir(out, spec)
+        self.trial.begin()
+        self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
+        net = models.build(spec.model, data.info, seed=spec.seed, device=device)
+        self.init, self.layers = state_of(net), masks.Layers.of(net)
+
+    def job(self, level: int, keep: Optional[dict] = None) -> Job:
+        """Level 0 from init keeping the rewind point at k (and handing the iterations in
+        `keep` to their callbacks); level L prunes L-1's final weights and starts where
+        spec.retrain says (stability.retraining): the survivors at the rewind point, or
+        L-1's final weights under the new mask (lr_rewind, finetune)."""
+        k = self.spec.rewind_iteration
+        if level == 0:
+            hooks = {**(keep or {}), k: self.trial.save_rewind}
+            if keep and k in keep:
+                hooks[k] = lambda state: (keep[k](state), self.trial.save_rewind(state))
+            return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
+        mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
+        start, schedule = stability.retraining(self.spec, level)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+
+    def control_job(self, level: int, imp: "Member") -> Job:
+        """A control's level L >= 1: the control network at
+        control_mask(L) of its IMP run `imp`, from where spec.retrain starts in its own folder."""
+        mask = control_mask(self.spec, level, imp.trial, self.trial, self.layers)
+        start, schedule = stability.retraining(self.spec, level)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+
+    def control_dense(self, imp: "Member", record: LevelRecord) -> LevelRecord:
+        """A control's level 0: its IMP run's (record included), from its own rewind point."""
+        self.trial.save_rewind(control_start(self.spec, imp.trial, self.info))
+        self.trial.copy_level(imp.trial, 0, record)
+        return record
+
+    def start_weights_of(self, level: int) -> dict:
+        """Where level `level` starts: the rewind point (level 0's copies, weight_rewind), or
+        level L-1's final weights (lr_rewind, finetune)."""
+        if level == 0 or self.spec.retrain == "weight_rewind":
+            return self.trial.rewind(self.device)
+        return self.trial.final(level - 1)
+
+    def finish(self, level: int, job: Job, result: dict, fields: Optional[dict] = None) -> LevelRecord:
+        """Write the level; `fields`: its instability, measured before (the record is
+        complete before the level's files and DONE exist)."""
+        final = result.pop("final")
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}))
+        self.trial.finish(level, job.mask, final, record)
+        return record
+
+
+class Training:
+    """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` "stacked", all
+    together (trials/stacked.py Stacked), or "alone", one after another with the default
+    arithmetic of a single trial (trials/training.py Alone: the golden records' bits)."""
+
+    def __init__(self, template: nn.Module, data, arithmetic: str = "stacked"):
+        if arithmetic not in ("stacked", "alone"):
+            raise ValueError(f"arithmetic {arithmetic!r}: stacked or alone")
+        self.template, self.data, self.arithmetic = template, data, arithmetic
+
+    def run(self, jobs: list, progress: Optional[Callable] = None) -> list:
+        """Per job its result (train_members'), or the exception that ended it."""
+        device = self.data.train_x.device
+        if self.arithmetic == "stacked":
+            return train_members(jobs, self.data, Stacked(self.template, len(jobs), device), progress)
+        out = []
+        for m, job in enumerate(jobs):
+            tell = (lambda _, it, total, val, m=m: progress(m, it, total, val)) if progress else None
+            out += train_members([job], self.data, Alone(copy.deepcopy(self.template).to(device)), tell)
+        return out
+
+
+def instability(members: list, training: Training, todo: list) -> dict:
+    """The stability fields of the levels `todo` [(member, level, mask)] that ask for them:
+    every member's copies (trials/stability.py copy_jobs) train together, as one pack
+    (or one after another: Training). member -> fields, or the exception of a copy that
+    failed (the member fails with it, as a lone trial does)."""
+    todo = [(i, level, mask) for i, level, mask in todo if stability.asked(members[i].spec, level)]
+    jobs = {i: stability.copy_jobs(members[i].spec, level, members[i].start_weights_of(level), mask)
+            for i, level, mask in todo}
+    if not jobs:
+        return {}
+    results = iter(training.run([job for group in jobs.values() for job in group]))
+    out = {}
+    for i, level, mask in todo:
+        copies = [next(results) for _ in jobs[i]]
+        failed = [r for r in copies if isinstance(r, BaseException)]
+        out[i] = failed[0] if failed else stability.measure(
+            members[i].spec, level, None, mask, training.data, members[i].device, finals=[r["final"] for r in copies])
+    return out
+
+
+def finish_all(members: list, training: Training, level: int, work: dict, results: list,
+               measure: bool = True) -> dict:
+    """Measure (instability, unless `measure` is off) and write the trained levels: member ->
+    record, or the exception that ended it."""
+    ok = {i: (job, r) for (i, job), r in zip(work.items(), results) if not isinstance(r, BaseException)}
+    fields = instability(members, training, [(i, level, job.mask) for i, (job, _) in ok.items()]) if measure else {}
+    out = {i: r for i, r in zip(work, results) if isinstance(r, BaseException)}
+    for i, (job, r) in ok.items():
+        f = fields.get(i)
+        out[i] = f if isinstance(f, BaseException) else members[i].finish(level, job, r, f)
+    return out
+
+
+class Producer:
+    """The arithmetic of a sweep's units, so a unit has the same numbers whoever trains it
+    (ARCHITECTURE.md, "Packs in sweeps"): "alone" in sweeps without packs (a single trial's
+    bits), "stacked" in sweeps with packs; and what trains a rewind point one trial needs
+    alone, as a pack of one with that arithmetic."""
+
+    def __init__(self, arithmetic: str):
+        self.arithmetic = arithmetic
+
+    def of(self, spec) -> str:
+        """The arithmetic for `spec`: a model that cannot stack trains alone in any sweep."""
+        return self.arithmetic if pack_key(spec) is not None else "alone"
+
+    def point(self, spec, k: int, dest: Path, data, device) -> None:
+        """point/<D>-<k>: the dense run's first k iterations again, stopped at k."""
+        spec = spec.replace(control="none")
+        dest.mkdir(parents=True, exist_ok=True)
+
+        def stop(state):
+            save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state)
+            raise shared.Stop
+
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            try:
+                member = Member(spec, Path(tmp) / "trial", data, device)
+                job = member.job(0, {k: stop})
+                Training(models.build(spec.model, data.info, seed=0, device="cpu"), data, self.of(spec)).run([job])
+            except shared.Stop:
+                return
+        raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
+
+
+SINGLE, PACK_OF_ONE = Producer("alone"), Producer("stacked")
+
+
+def produce(name: str, spec, units, data, device, scratch: Path, producer: Producer) -> None:
+    """Produce unit `name`, one of `spec`'s (shared.plan), for the store's helpers: the
+    trial's IMP run up to that level in a scratch folder, its earlier levels from their
+    units (their instability at level 0, a trial's own, is not measured)."""
+    level = 0 if name.startswith("dense/") else layout.level_of(name.rsplit("/", 1)[1])
+    spec = spec.replace(control="none", prune=dataclasses.replace(spec.prune, levels=level))
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        run_pack([spec], [Path(tmp) / "trunk"], data=data, units=units, arithmetic=producer.of(spec),
+                 dense_instability=False)
+
+
+def train_pack(template: nn.Module, jobs: list, data, progress: Optional[Callable] = None) -> list:
+    """The jobs' members trained together: the training loop with the stacked arithmetic."""
+    return Training(template, data).run(jobs, progress)
+
+
+def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,
+             progress: Optional[Callable] = None, data=None, errors: Optional[dict] = None,
+             units: Optional[shared.Units] = None, after_level: Optional[Callable] = None,
+             arithmetic: str = "stacked", dense_instability: bool = True) -> list:
+    """Run (or resume) the IMP trials `specs` together, member i in folder outs[i]; returns
+    each member's level records, as trials.lottery.run_lottery would for it alone.
+    `report(record, out)` after every member's level (True ends that member, as in
+    run_lottery); `progress(member, level, iteration, total, val_loss)`. A member that
+    fails (divergence) stops alone: its exception goes into `errors` (index -> exception)
+    when given, else PackFailed is raised once the others have finished.
+    `units` (a trials.shared.Units store): every member's levels are shared work units, as
+    trials/shared.py Shared says. `after_level(level)`: once per
+    level that some member still ran (trained, took from a unit, or read back done),
+    after that level's `report` calls. `arithmetic`: Training's; "alone" trains each
+    member by itself with a single trial's default arithmetic (its bits).
+    `dense_instability` off: level 0's instability is not measured (a helper's scratch run)."""
+    check_pack(specs, outs)
+    device = data.train_x.device if data is not None else resolve_device(specs[0].device)
+    if data is None:
+        data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
+    for spec, out in zip(specs, outs):
+        TrialDir(out, spec).check()
+    members = [Member(spec, out, data, device) for spec, out in zip(specs, outs)]
+    trunk: dict = {}  # a control member -> its IMP run, a member of its own in OUT/imp/ (not reported)
+    for i, spec in enumerate(specs):
+        if spec.control != "none":
+            trunk[i] = len(members)
+            members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
+                                  ledger=Path(outs[i]) / layout.UNITS))
+    shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
+    training = Training(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)
+
+    def train(work: dict, level: int) -> dict:
+        """Train jobs {member: Job} together and write their levels: member -> record or exception."""
+        def tell(m, it, total, val):
+            i = list(work)[m]
+            progress(shown.get(i, i), level, it, total, val)
+
+        return finish_all(members, training, level, work, training.run(list(work.values()), tell if progress else None),
+                          measure=dense_instability or level > 0)
+
+    def imp_levels(todo: list, level: int) -> dict:
+        """Level `level` of IMP members (tickets and controls' trunks): trained, or from units."""
+        if sharing:
+            return sharing.level(todo, level)
+        return train({i: members[i].job(level) for i in todo}, level) if todo else {}
+
+    def levels(todo: list, level: int) -> dict:
+        """Level `level` of members `todo`: the IMP members' first (a control follows its
+        trunk's masks), then the controls' (level 0 is their trunk's), trained together."""
+        controls = [i for i in todo if i in trunk]
+        needed = [trunk[i] for i in controls if not members[trunk[i]].trial.done(level)]
+        done = imp_levels([i for i in todo if i not in trunk] + needed, level)
+        work = {}
+        for i in controls:
+            imp = done.pop(trunk[i]) if trunk[i] in done else members[trunk[i]].trial.record(level)
+            if isinstance(imp, BaseException):
+                done[i] = imp
+            elif level == 0:
+                done[i] = members[i].control_dense(members[trunk[i]], imp)
+            else:
+                work[i] = members[i].control_job(level, members[trunk[i]])
+        return {**done, **(train(work, level) if work else {})}
+
+    records: list = [[] for _ in specs]
+    failures: dict = {}
+    alive = list(range(len(specs)))
+    with tempfile.TemporaryDirectory(prefix="lth-pack-") as stage:  # used with units only (Shared)
+        measure = (lambda todo: instability(members, training, todo)) if dense_instability else None
+        sharing = (shared.Shared(units, members, train, measure, Producer(arithmetic), data, Path(stage))
+                   if units is not None else None)
+        for level in range(max(s.last_level for s in specs) + 1):
+            alive = [i for i in alive if level <= specs[i].last_level]
+            if not alive:
+                break
+            todo = []
+            for i in alive:
+                if members[i].trial.done(level):
+                    records[i].append(members[i].trial.record(level))
+                else:
+                    todo.append(i)
+            for i, result in levels(todo, level).items():
+                if isinstance(result, BaseException):
+                    failures[i] = result
+                else:
+                    records[i].append(result)
+            stopped = set(failures)
+            for i in alive:
+                if (i not in failures and records[i] and records[i][-1].level == level
+                        and report(records[i][-1], outs[i])):
+                    stopped.add(i)
+            alive = [i for i in alive if i not in stopped]
+            if after_level:
+                after_level(level)
+    if failures and errors is None:
+        raise PackFailed(failures, records)
+    if errors is not None:
+        errors.update(failures)
+    return records
+
+
+def run_lottery(spec, out, report: Callable = lambda record, out: None,
+                progress: Optional[Callable] = None, data=None, units=None,
+                arithmetic: str = "alone") -> list[LevelRecord]:
+    """Run (or resume) one trial in `out`; `report(record, out)` after every level.
+    A report that returns True ends the trial after that level (e.g. a sweep's
+    stop_when_not_matching); the finished levels stay on disk. `progress(level,
+    iteration, total, val_loss)`. An IMP trial is a pack of one (run_pack)
+    with `arithmetic` "alone" (the default: a single trial's bits) or "stacked" (a sweep
+    with packs), its levels taken from the shared work units `units` (trials.shared.Units)
+    where given; an edge-popup trial runs its own levels (trials/supermask.py)."""
+    if data is None:
+        data, device = prepare(spec, out)
+    else:
+        device = data.train_x.device
+    if spec.method == "imp":
+        tell = (lambda m, level, it, total, val: progress(level, it, total, val)) if progress else None
+        errors: dict = {}
+        records = run_pack([spec], [out], report, tell, data, errors, units=units, arithmetic=arithmetic)[0]
+        if errors:
+            raise errors[0]
+        return records
+    run = EdgePopup(spec, Path(out), data, device, progress)
+    records = []
+    for level in range(spec.last_level + 1):
+        records.append(run.level(level))
+        if report(records[-1], out):
+            break
+    return records

@@ -13,18 +13,16 @@ Work units, content-addressed by what decides their numbers:
                          serves a shorter trial: level XX does not depend on how many follow)
 
 A ticket trial (control none) *is* its trunk: its folder is filled level by level from the
-units (`Trunk`). A control gets a `Trunk` in OUT/imp/ (the same folder the unshared
-control fills by rerunning IMP) and trains only its own levels (trials/lottery.py Control).
+units. A control's IMP run in OUT/imp/ (the same folder the unshared control fills by
+rerunning IMP) is filled the same way, and the control trains only its own levels.
 
-Every unit is produced by the same engine code an unshared trial runs (Lottery.train_dense,
-Lottery.level on a trunk folder), so a trial's records are the unshared trial's, bit for bit.
-Instability copies (trials/stability.py) of a trunk level are part of its unit (its key holds
-the stability section); those of level 0 start at the trial's own rewind point and are
-measured in the trial's folder, not shared.
-
-A pack of trials (trials/packed.py run_pack) takes its members' levels from the same units,
-through the same helpers (unit_record, point, hand_over, note) and the store's non-blocking
-`claim`: a unit the pack holds is trained there, beside the pack's other members.
+Every trial, alone or in a pack, runs its levels through trials/lottery.py run_pack, and
+on units through its `Shared`: per level, a published unit is copied in, one this process
+claims is trained there (by the same code an unshared trial runs, so a trial's records
+are the unshared trial's, bit for bit) and published, one another process holds is
+waited for. Instability copies (trials/stability.py) of a trunk level are part of its
+unit (its key holds the stability section); those of level 0 start at the trial's own
+rewind point and are measured in the trial's folder, never in a dense unit.
 
 `Units` is the store's side: the sweep's (orchestrator/sweeps/units.py) finds a published
 unit, or makes sure one process produces it while the others help elsewhere, and publishes
@@ -35,16 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from trials import layout, masks, models, stability
-from trials.lottery import Control, Lottery, engine
+from trials import layout, masks
 from trials.record import STABILITY, LevelRecord
 from trials.spec import non_default
 from trials.store import TrialDir, load_tensors, save_tensors, write_json
-from trials.training import train_level
+from trials.training import Job, TrainingDiverged
 
 # what cannot change level 0's training: left out of the dense key
 DENSE_FREE = ("prune", "rewind_iteration", "control", "retrain", "stability")
@@ -106,14 +102,14 @@ def unit_record(folder: Path) -> LevelRecord:
     return LevelRecord.from_dict(json.loads((folder / layout.RECORD).read_text()))
 
 
-def point(spec, dense: Path, units: Units, data, device, trainer: Optional["Trainer"] = None) -> dict:
-    """The dense run's weights at spec's rewind point: kept in unit folder `dense`, else its point unit."""
+def point(spec, dense: Path, units: Units, data, device, producer) -> dict:
+    """The dense run's weights at spec's rewind point: kept in unit folder `dense`, else its
+    point unit (trained by `producer.point`: trials/lottery.py Producer)."""
     k = spec.rewind_iteration
     kept = dense / POINTS / f"{k}{layout.TENSOR_SUFFIX}"
     if kept.exists():
         return load_tensors(kept)
-    trainer = trainer or SINGLE
-    folder, _ = units.obtain(point_name(spec, k), lambda dest: trainer.point(spec, k, dest, data, device))
+    folder, _ = units.obtain(point_name(spec, k), lambda dest: producer.point(spec, k, dest, data, device))
     return load_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}")
 
 
@@ -163,131 +159,124 @@ class Stop(Exception):
     """Ends a partial dense run once it has reached its rewind point."""
 
 
-def produce_dense(spec, dest: Path, data, device, points: set[int], progress=None) -> None:
-    """dense/<D>: level 0 exactly as Lottery.train_dense trains it, keeping every point."""
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        run = Lottery(spec.replace(control="none"), Path(tmp) / "trial", data, device, progress)
-        (dest / POINTS).mkdir(parents=True, exist_ok=True)
-        keep = {k: (lambda state, k=k: save_tensors(dest / POINTS / f"{k}{layout.TENSOR_SUFFIX}", state))
-                for k in sorted(points)}
-        record = run.train_dense(keep, measure=False)  # instability: the trials' own (module doc)
-        shutil.copyfile(run.trial.level_dir(0) / layout.FINAL, dest / layout.FINAL)
-        write_json(dest / layout.RECORD, record.to_dict())
+def keepers(folder: Path, points: set) -> dict:
+    """Job hooks that save a dense run's weights at each rewind point in `points` to
+    folder/<k>.safetensors (a dense unit's points/)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {k: (lambda state, k=k: save_tensors(folder / f"{k}{layout.TENSOR_SUFFIX}", state)) for k in sorted(points)}
 
 
-def produce_point(spec, k: int, dest: Path, data, device) -> None:
-    """point/<D>-<k>: the dense run's first k iterations again, stopped at k."""
-    net = models.build(spec.model, data.info, seed=spec.seed, device=device)
-    layers = masks.Layers.of(net)
-    dest.mkdir(parents=True, exist_ok=True)
+class Shared:
+    """A trial's or a pack's levels as shared work units (module doc): per unit its members need, taken
+    when published; trained in the pack by one of them when the lease is ours; waited for
+    (the store helps elsewhere meanwhile) after the rest when another process holds it."""
 
-    def keep(state):
-        save_tensors(dest / f"{k}{layout.TENSOR_SUFFIX}", state)
-        raise Stop
+    def __init__(self, units: Units, members: list, train: Callable, measure: Optional[Callable], producer,
+                 data, stage: Path):
+        """`members`: the level runner's (trials/lottery.py Member); `train(work, level)`: its
+        training of jobs {member: Job}, writing their levels; `measure(todo)`: the
+        instability fields of [(member, level, mask)] (None: members taking a dense unit do
+        not measure their own); `producer`: what trains a rewind point (point); `stage`: a
+        scratch folder for dense runs' rewind points until their unit is published."""
+        self.units, self.members, self.train, self.measure = units, members, train, measure
+        self.producer, self.data, self.stage = producer, data, stage
 
-    try:
-        train_level(net, masks.ones(layers), data, spec.train, spec.seed, 0, {k: keep})
-    except Stop:
-        return
-    raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
+    def level(self, todo: list, level: int) -> dict:
+        """Level `level` of members `todo`: member -> its record, or the exception that ended it."""
+        needs: dict = {}
+        for i in todo:
+            spec = self.members[i].spec
+            needs.setdefault(level_name(spec, level) if level else dense_name(spec), []).append(i)
+        out, work, held = {}, {}, []
+        for name, group in needs.items():  # one member trains a unit; the others take it after
+            verdict, folder = self.units.claim(name)
+            if verdict == "published":
+                out.update(self.take(group, level, folder))
+            elif verdict == "held":
+                held.append((name, group))
+            else:
+                work[group[0]] = (name, group, self.job(name, group, level))
+        trained = self.train({i: job for i, (_, _, job) in work.items()}, level) if work else {}
+        for i, result in trained.items():
+            name, group, _ = work[i]
+            out.update(self.publish(name, group, level, result, len(work)))
+        for name, group in held:
+            out.update(self.wait(name, group, level))
+        return out
 
+    def job(self, name: str, group: list, level: int) -> Job:
+        """group[0]'s job; a dense run keeps every rewind point the store and the group ask for."""
+        if level:
+            return self.members[group[0]].job(level)
+        points = self.units.points(name) | {self.members[i].spec.rewind_iteration for i in group}
+        return self.members[group[0]].job(0, keepers(self.stage / str(group[0]), points))
 
-class Trainer:
-    """How a trial that must produce a unit trains it: the single-trial engine (this class),
-    or, in a sweep with packs, trials/packed.py's pack of one, so that every unit of such
-    a sweep has the numbers a pack gives it, whoever trains it (ARCHITECTURE.md, "Packs in
-    sweeps")."""
+    def publish(self, name: str, group: list, level: int, result, pack: int) -> dict:
+        """Publish the unit group[0] trained in a pack of `pack` (its failure: release the
+        lease, and the group fails with it: the same work would fail the same way)."""
+        def files(dest: Path) -> None:
+            if isinstance(result, BaseException):
+                raise result
+            self.hand_over(group[0], level, dest)
 
-    def level(self, spec, out: Path, level: int, data, device, progress=None) -> None:
-        """Train and write level `level` >= 1 of the trial in `out` (its earlier levels are there)."""
-        Lottery(spec, out, data, device, progress).level(level)
+        try:
+            folder = self.units.publish(name, files, pack, None if isinstance(result, BaseException)
+                                        else result.seconds / pack)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the member's own failure
+            if e is not result:
+                raise
+            return {i: result for i in group}
+        note(self.members[group[0]].ledger, self.members[group[0]].spec, level, True)
+        return {group[0]: result, **self.take(group[1:], level, folder)}
 
-    def dense(self, spec, dest: Path, data, device, points: set, progress=None) -> None:
-        produce_dense(spec, dest, data, device, points, progress)
+    def wait(self, name: str, group: list, level: int) -> dict:
+        """A unit another process holds: blocks (helping elsewhere); if that process died, the
+        lease passes to us and group[0] trains it here alone."""
+        first = group[0]
 
-    def point(self, spec, k: int, dest: Path, data, device) -> None:
-        produce_point(spec, k, dest, data, device)
+        def alone(dest: Path) -> None:
+            result = self.train({first: self.job(name, group, level)}, level)[first]
+            if isinstance(result, BaseException):
+                raise result
+            self.hand_over(first, level, dest)
 
-
-SINGLE = Trainer()
-
-
-class Trunk:
-    """The ticket's IMP levels in folder `out`, filled from shared units (module doc).
-    Same interface as trials.lottery.Lottery: `level(n) -> LevelRecord` and `.trial`."""
-
-    def __init__(self, spec, out: Path, data, device, units: Units, progress=None,
-                 ledger: Optional[Path] = None, measure: bool = True, trainer: Trainer = SINGLE):
-        """`measure`: level 0's instability too, where the spec asks (a helper's scratch
-        trunk, which only produces a unit, skips it). `trainer`: what trains a unit this
-        trunk must produce."""
-        self.trainer = trainer
-        self.spec = spec.replace(control="none")
-        self.data, self.device, self.units, self.progress = data, device, units, progress
-        self.trial = TrialDir(out, self.spec)
-        self.trial.begin()
-        self.trial.reopen_from(self.trial.first_missing(self.spec.prune.levels))
-        self.ledger = ledger or Path(out) / layout.UNITS
-        self.measure = measure
-
-    def level(self, level: int) -> LevelRecord:
-        if self.trial.done(level):
-            return self.trial.record(level)
-        if level == 0:
-            return self._dense()
-        self.level(level - 1)
-        name = level_name(self.spec, level)
-        folder, mine = self.units.obtain(name, lambda dest: self._train(level, dest))
+        try:
+            folder, mine = self.units.obtain(name, alone)
+        except TrainingDiverged as e:
+            return {i: e for i in group}
         if not mine:
-            self.trial.copy_level_from(folder, level, unit_record(folder))
-        note(self.ledger, self.spec, level, mine)
-        return self.trial.record(level)
+            return self.take(group, level, folder)
+        note(self.members[first].ledger, self.members[first].spec, level, True)
+        return {first: self.members[first].trial.record(level), **self.take(group[1:], level, folder)}
 
-    def _train(self, level: int, dest: Path) -> None:
-        """Train trunk level `level` in this folder (levels before it are here), then hand
-        its files to the store."""
-        self.trainer.level(self.spec, self.trial.path, level, self.data, self.device, self.progress)
-        hand_over(self.trial, level, dest)
+    def hand_over(self, i: int, level: int, dest: Path) -> None:
+        hand_over(self.members[i].trial, level, dest)
+        if level == 0:
+            shutil.move(self.stage / str(i), dest / POINTS)
 
-    def _dense(self) -> LevelRecord:
-        name = dense_name(self.spec)
-        folder, mine = self.units.obtain(
-            name, lambda dest: self.trainer.dense(self.spec, dest, self.data, self.device,
-                                                  self.units.points(name) | {self.spec.rewind_iteration},
-                                                  self.progress))
-        self.trial.save_rewind(point(self.spec, folder, self.units, self.data, self.device, self.trainer))
+    def take(self, group: list, level: int, folder: Path) -> dict:
+        """Copy a published unit into members' folders, as a trial alone would (a dense
+        unit holds no instability: the members' own, from their own rewind points, is
+        measured first, their copies together)."""
         record = unit_record(folder)
-        info, m = self.data.info, self.spec.model
-        layers = masks.Layers.of(models.shell(m.name, info.shape, info.num_classes, m.width))
-        ones = masks.ones(layers)
-        if self.measure and stability.asked(self.spec, 0):  # copies from this trial's rewind point: its own work
-            record = Lottery(self.spec, self.trial.path, self.data, self.device).measure_stability(0, record, ones)
-        self.trial.finish(0, ones, load_tensors(folder / layout.FINAL), record)
-        note(self.ledger, self.spec, 0, mine)
-        return record
-
-
-def runner(units: Units, trainer: Trainer = SINGLE) -> Callable:
-    """run_lottery's `runner` for a trial whose IMP work comes from `units`."""
-    def build(spec, out: Path, data, device, progress=None):
-        if not shareable(spec):
-            return engine(spec, out, data, device, progress)
-        if spec.control == "none":
-            return Trunk(spec, out, data, device, units, progress, trainer=trainer)
-        trunk = Trunk(spec, out / layout.IMP, data, device, units, progress, ledger=out / layout.UNITS,
-                      trainer=trainer)
-        return Control(spec, out, data, device, progress, imp=trunk)
-
-    return build
-
-
-def produce(name: str, spec, units: Units, data, device, scratch: Path, trainer: Trainer = SINGLE) -> None:
-    """Produce unit `name`, one of `spec`'s (plan(spec)), for the store's helpers: a trunk
-    level through a Trunk in a scratch folder (its earlier levels are fetched)."""
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        trunk = Trunk(spec, Path(tmp) / "trunk", data, device, units, ledger=Path(tmp) / layout.UNITS,
-                      measure=False, trainer=trainer)
-        if name.startswith("dense/"):
-            trunk.level(0)
-        else:
-            trunk.level(layout.level_of(name.rsplit("/", 1)[1]))
+        fields: dict = {}
+        if level == 0:
+            for i in group:
+                m = self.members[i]
+                m.trial.save_rewind(point(m.spec, folder, self.units, self.data, m.device, self.producer))
+            if self.measure:
+                fields = self.measure([(i, 0, masks.ones(self.members[i].layers)) for i in group])
+        out = {}
+        for i in group:
+            m = self.members[i]
+            if isinstance(fields.get(i), BaseException):
+                out[i] = fields[i]
+                continue
+            if level == 0:
+                out[i] = record.replace(**fields.get(i, {}))
+                m.trial.finish(0, masks.ones(m.layers), load_tensors(folder / layout.FINAL), out[i])
+            else:
+                out[i] = record
+                m.trial.copy_level_from(folder, level, record)
+            note(m.ledger, m.spec, level, False)
+        return out

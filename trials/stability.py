@@ -23,7 +23,7 @@ the first pair (copies 0 and 1).
   later work on interpolating networks).
   Models without BatchNorm are evaluated as they are (the ends then equal the copies'
   own test accuracies exactly). ARCHITECTURE.md, "Instability and retraining modes".
-- Nothing here writes files: the caller (trials/lottery.py, Lottery.measure_stability)
+- Nothing here writes files: the caller (trials/lottery.py, instability)
   puts the fields into the level's record before the level is written.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def noise_seed(spec, copy: int) -> int:
 
 def copy_jobs(spec, level: int, start_weights: dict, mask: Mask) -> list[Job]:
     """The level's copies as jobs of the training loop (a pack trains its members' copies
-    together: trials/packed.py), each under its own noise seed."""
+    together: trials/lottery.py instability), each under its own noise seed."""
     start, schedule = retraining(spec, level)
     return [Job(spec.train, noise_seed(spec, c), mask, start_weights, start, schedule=schedule)
             for c in range(spec.stability.copies)]

@@ -1,5 +1,5 @@
 """Stacked layers: K networks of one architecture as one network of K-times-wider layers,
-for packs (trials/packed.py). Every nn.Linear / nn.Conv2d / nn.BatchNorm1d/2d becomes one
+for packs (trials/lottery.py run_pack). Every nn.Linear / nn.Conv2d / nn.BatchNorm1d/2d becomes one
 stacked layer over the K members: Linear weights [K, in, out], Conv2d weights [K, out, in,
 kh, kw], BatchNorm over K*C channels (weight, bias, running_mean, running_var [K, C],
 num_batches_tracked [K]). The batch stays the first dimension, K*B examples member after

@@ -190,7 +190,7 @@ def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = N
     "final": the member's final state), or the exception that ended that member.
     `progress(member, iteration, total, val_loss)` at every evaluation."""
     started = time.perf_counter()
-    t0 = jobs[0].train  # the fields members share (trials/packed.py check_pack)
+    t0 = jobs[0].train  # the fields members share (trials/packing.py check_pack)
     k, device = len(jobs), data.train_x.device
     arithmetic.begin(jobs)
     orders = [BatchOrder(len(data.train_x), t0.batch_size, job.seed, device) for job in jobs]

@@ -2,7 +2,7 @@
 
 A sweep with `pack: 1` runs one trial per Tune trial, its config the trial's (varied
 paths and seed). With packs, a Tune trial's config is {"pack": [member config, ...]}: the
-trainable runs its members together (trials/packed.py) in folders m00, m01, ... of one
+trainable runs its members together (trials/lottery.py run_pack) in folders m00, m01, ... of one
 working folder and checkpoints them together, and everything downstream stays per
 trial: each member is a trial with its own id `<tune trial id>_<index>`, MLflow run,
 trials.csv rows and ticket. What the driver needs per member travels in each result:

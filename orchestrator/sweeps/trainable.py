@@ -24,7 +24,7 @@ from orchestrator.objectives import STOPPED, matches, summarise
 from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps import packs
 from orchestrator.sweeps.storage import checkpoint_dirs
-from trials import layout, shared
+from trials import layout
 from trials.record import LevelRecord, read_lines
 
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
@@ -64,16 +64,18 @@ def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         return stop
 
-    run_lottery(spec, work, report=report, data=data, runner=shared.runner(store, store.trainer) if store else None)
+    run_lottery(spec, work, report=report, data=data, units=store,
+                arithmetic=store.producer.arithmetic if store else "alone")
 
 
 def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool,
              share: dict | None = None) -> None:
     """One Tune trial = a pack of trials (orchestrator/sweeps/packs.py). Members sharing a
-    packed.pack_key train together through trials.packed.run_pack, the others alone through
+    packing.pack_key train together through trials.lottery.run_pack, the others alone through
     run_lottery, one group after the other, in this process."""
     from trials.lottery import run_lottery
-    from trials.packed import pack_key, run_pack
+    from trials.lottery import run_pack
+    from trials.packing import pack_key
     from trials.training import TrainingDiverged
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -93,8 +95,7 @@ def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching:
         if isinstance(key, int):
             i = group[0]
             try:
-                run_lottery(specs[i], pack.outs[i], data=data,
-                            runner=shared.runner(pack.store, pack.store.trainer) if pack.store else None,
+                run_lottery(specs[i], pack.outs[i], data=data, units=pack.store,
                             report=lambda record, out, i=i: pack.report(i, record, flush=True))
             except TrainingDiverged as e:
                 pack.fail(i, e)
@@ -201,8 +202,10 @@ def _unit_store(share: dict, specs: list, data):
         _STORES[key] = UnitStore(share["storage"], find_broker(share["sweep"]), packed=share["packed"])
     store = _STORES[key]
     store.data = data_key(specs[0])
-    store.helper = lambda name, unit_spec: shared.produce(name, from_dict(unit_spec), store, data,
-                                                          data.train_x.device, store.scratch, store.trainer)
+    from trials.lottery import produce
+
+    store.helper = lambda name, unit_spec: produce(name, from_dict(unit_spec), store, data,
+                                                   data.train_x.device, store.scratch, store.producer)
     store.register(registrations(work_units(specs)))  # a searched configuration's units
     return store
 

@@ -195,12 +195,10 @@ class UnitStore:
     def __init__(self, storage: str, broker=None, scratch: Optional[Path] = None, packed: bool = False):
         self.root = units_root(storage, packed)
         self.fs, self.base = filesystem(self.root)
-        # what trains a unit a trial must produce: its folder's kind of numbers (units_root)
-        if packed:
-            from trials.packed import PACK_OF_ONE as trainer
-        else:
-            from trials.shared import SINGLE as trainer
-        self.trainer = trainer
+        # the arithmetic of its units: its folder's kind of numbers (units_root)
+        from trials.lottery import PACK_OF_ONE, SINGLE
+
+        self.producer = PACK_OF_ONE if packed else SINGLE
         self.broker = broker
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if scratch is None:

@@ -1,0 +1,61 @@
+"""Packing rules: which trials can train together in one pack (ARCHITECTURE.md, "Speed and
+packs"), beside validation, so a planner decides without importing the engine. A pack's
+members share the model architecture (`model.name`, `width`), the dataset,
+`train.batch_size`, `iterations`, `eval_interval`, `precision`, `optimizer` and the
+device; everything else may differ: seed, `model.init`, the learning-rate schedule,
+weight decay, momentum, `prune.*`, `rewind_iteration`, `control`, `retrain`,
+`stability`. Edge-popup trials do not pack (their scores do not stack yet), nor models
+with parameters or running state in a module without a stacked layer
+(trials/stacked.py why_not_packable).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from trials import datasets, models
+from trials.errors import ConfigError
+from trials.stacked import why_not_packable
+
+SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
+
+
+def check_pack(specs: list, outs: list) -> None:
+    """Refuse a pack that cannot train together, before anything is written."""
+    if not specs or len(specs) != len(outs):
+        raise ConfigError("pack", len(specs), f"allowed: one or more specs, one folder each (got {len(outs)} folders)")
+    if len({str(Path(o).resolve()) for o in outs}) != len(outs):
+        raise ConfigError("pack", [str(o) for o in outs], "allowed: a distinct folder per member")
+    first = specs[0]
+    for i, s in enumerate(specs):
+        if s.method != "imp":
+            raise ConfigError("method", s.method, "allowed in a pack: imp (edge-popup trials run one per process)")
+        for path, a, b in (("model.name", s.model.name, first.model.name), ("model.width", s.model.width, first.model.width),
+                           ("dataset", s.dataset, first.dataset), ("device", s.device, first.device),
+                           *((f"train.{f}", getattr(s.train, f), getattr(first.train, f)) for f in SHARED_TRAIN)):
+            if a != b:
+                raise ConfigError(path, a, f"allowed in this pack: {b!r} (member 0's); a pack's members share "
+                                  "model architecture, dataset, device and train." + "/".join(SHARED_TRAIN))
+    template = models.shell(first.model.name, datasets.info(first.dataset).shape,
+                            datasets.info(first.dataset).num_classes, first.model.width)
+    reason = why_not_packable(template)
+    if reason:
+        raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
+
+
+def why_not_packed(spec) -> Optional[ConfigError]:
+    """Why this trial cannot be packed (check_pack's error, naming the key), or None."""
+    try:
+        check_pack([spec], [Path(".")])
+    except ConfigError as e:
+        return e
+    return None
+
+
+def pack_key(spec) -> Optional[tuple]:
+    """What members of one pack must share (None: this trial cannot be packed): a planner
+    groups trials by it and packs each group's trials K at a time."""
+    if why_not_packed(spec) is not None:
+        return None
+    return (spec.model.name, spec.model.width, spec.dataset, spec.device,
+            *(getattr(spec.train, f) for f in SHARED_TRAIN))
