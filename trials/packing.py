@@ -10,6 +10,7 @@ with parameters or running state in a module without a stacked layer
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -36,11 +37,17 @@ def check_pack(specs: list, outs: list) -> None:
             if a != b:
                 raise ConfigError(path, a, f"allowed in this pack: {b!r} (member 0's); a pack's members share "
                                   "model architecture, dataset, device and train." + "/".join(SHARED_TRAIN))
-    template = models.shell(first.model.name, datasets.info(first.dataset).shape,
-                            datasets.info(first.dataset).num_classes, first.model.width)
-    reason = why_not_packable(template)
+    reason = model_reason(first.model.name, models.MODELS.get(first.model.name), first.dataset, first.model.width)
     if reason:
         raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
+
+
+@functools.lru_cache(maxsize=256)
+def model_reason(name: str, builder, dataset, width: float) -> Optional[str]:
+    """why_not_packable of the model as built for `dataset`, once per (model, builder,
+    dataset, width): a planner asks for every trial, and each answer builds a model shell."""
+    info = datasets.info(dataset)
+    return why_not_packable(models.shell(name, info.shape, info.num_classes, width))
 
 
 def why_not_packed(spec) -> Optional[ConfigError]:
