@@ -120,25 +120,22 @@ class Member:
         net = models.build(spec.model, data.info, seed=spec.seed, device=device)
         self.init, self.layers = state_of(net), masks.Layers.of(net)
 
-    def job(self, level: int, keep: Optional[dict] = None) -> Job:
+    def job(self, level: int, keep: Optional[dict] = None, imp: Optional["Member"] = None) -> Job:
         """Level 0 from init keeping the rewind point at k (and handing the iterations in
-        `keep` to their callbacks); level L prunes L-1's final weights and starts where
-        spec.retrain says (stability.retraining): the survivors at the rewind point, or
-        L-1's final weights under the new mask (lr_rewind, finetune)."""
+        `keep` to their callbacks); level L prunes L-1's final weights (a control: takes
+        control_mask(L) of its IMP run `imp`) and starts where spec.retrain says
+        (stability.retraining): the survivors at the rewind point, or L-1's final weights
+        under the new mask (lr_rewind, finetune), in this member's own folder."""
         k = self.spec.rewind_iteration
         if level == 0:
             hooks = {**(keep or {}), k: self.trial.save_rewind}
             if keep and k in keep:
                 hooks[k] = lambda state: (keep[k](state), self.trial.save_rewind(state))
             return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
-        mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
-        start, schedule = stability.retraining(self.spec, level)
-        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
-
-    def control_job(self, level: int, imp: "Member") -> Job:
-        """A control's level L >= 1: the control network at
-        control_mask(L) of its IMP run `imp`, from where spec.retrain starts in its own folder."""
-        mask = control_mask(self.spec, level, imp.trial, self.trial, self.layers)
+        if imp is None:
+            mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
+        else:
+            mask = control_mask(self.spec, level, imp.trial, self.trial, self.layers)
         start, schedule = stability.retraining(self.spec, level)
         return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
 
@@ -304,9 +301,10 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
 
     def train(work: dict, level: int) -> dict:
         """Train jobs {member: Job} together and write their levels: member -> record or exception."""
+        who = [shown.get(i, i) for i in work]  # a trunk's progress is its control's
+
         def tell(m, it, total, val):
-            i = list(work)[m]
-            progress(shown.get(i, i), level, it, total, val)
+            progress(who[m], level, it, total, val)
 
         return finish_all(members, training, level, work, training.run(list(work.values()), tell if progress else None),
                           measure=dense_instability or level > 0)
@@ -331,7 +329,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
             elif level == 0:
                 done[i] = members[i].control_dense(members[trunk[i]], imp)
             else:
-                work[i] = members[i].control_job(level, members[trunk[i]])
+                work[i] = members[i].job(level, imp=members[trunk[i]])
         return {**done, **(train(work, level) if work else {})}
 
     records: list = [[] for _ in specs]
