@@ -7,6 +7,7 @@ packed norm layer is the members' own arithmetic, and whole trials match alone w
 activation and pooling are smooth (fixture `smooth` says why). On shared
 work units a pack trains each unit once, in the pack, and takes the rest from the store
 (even one another process holds); a member's numbers do not depend on its co-members."""
+import dataclasses
 import json
 import shutil
 import time
@@ -242,8 +243,9 @@ def test_what_cannot_pack_is_refused_with_the_reason(tmp_path, changes, key):
     models.MODELS["layernorm_net"] = LayerNormNet  # every registered model packs
     try:
         spec = lenet(**changes)
+        other = lenet(seed=1) if key == "method" else spec.replace(seed=1)  # edge-popup packs with edge-popup only
         with pytest.raises(ConfigError, match=rf"^{key}") as e:
-            run_pack([spec, spec.replace(seed=1)], [tmp_path / "a", tmp_path / "b"])
+            run_pack([spec, other], [tmp_path / "a", tmp_path / "b"])
     finally:
         del models.MODELS["layernorm_net"]
     if key == "model.name":
@@ -282,7 +284,9 @@ def test_pack_key_groups_what_can_train_together():
     assert pack_key(a) != pack_key(lenet(train=TrainSpec(optimizer="adam", lr=1e-3, batch_size=30, iterations=100,
                                                           eval_interval=20)))
     assert pack_key(a.replace(control="random_prune")) == pack_key(a.replace(retrain="lr_rewind")) == pack_key(a)
-    assert pack_key(a.replace(method="edge_popup")) is None
+    ep = a.replace(method="edge_popup")
+    assert pack_key(ep) is not None and pack_key(ep) != pack_key(a)  # scores pack with scores only
+    assert pack_key(ep) == pack_key(ep.replace(train=dataclasses.replace(a.train, optimizer="adam", momentum=0.0)))
     resnet = lenet(model=ModelSpec(name="resnet20"), dataset=DatasetSpec(name="synthetic"))
     assert pack_key(resnet) is not None and pack_key(resnet) != pack_key(a)  # BatchNorm packs
 

@@ -95,7 +95,7 @@ def supermask_on_digits(k=0.5, scope="layerwise", seed=0):
     spec = ep_spec(seed=seed, supermask=SupermaskSpec(densities=(k,), scope=scope))
     net = fixed_network(spec, datasets.info(spec.dataset), "cpu")
     layers = masks.Layers.of(net)
-    scores = initial_scores(net, layers, "kaiming_uniform", rng(seed, "scores"))
+    scores = initial_scores(layers, "kaiming_uniform", rng(seed, "scores"), "cpu")
     return Supermask(net, layers, k, scope, scores), layers
 
 
@@ -192,6 +192,55 @@ def test_a_missing_level_is_redone_alone(tmp_path):
     trained = []
     run_lottery(spec, tmp_path, progress=lambda level, *a: trained.append(level))
     assert set(trained) == {0} and numbers(tmp_path) == before  # levels are independent searches
+
+
+def test_a_pack_of_searches_matches_each_search_alone(tmp_path, digits_cpu):
+    """Edge-popup trials pack (trials/supermask.py StackedSearch): members differ in seed,
+    densities (and so in their number of levels), scope, scaled weights, score init,
+    rates and schedule, and one is the random_prune control. Each matches the same trial
+    alone within the pack tolerance (accuracies within half a point, densities exact,
+    masks differing in at most 0.1% of the weights: a top-k is discontinuous in the
+    scores), in a normal trial folder of its own; each is reported at its own levels."""
+    from trials.lottery import run_pack
+
+    specs = [ep_spec(),
+             ep_spec(seed=1, supermask=SupermaskSpec(densities=(0.5, 0.1, 0.05), scope="global", scaled=True)),
+             ep_spec(seed=2, supermask=SupermaskSpec(densities=(0.3,), score_init="kaiming_normal", lr=0.05,
+                                                     schedule="constant")),
+             ep_spec(seed=3, control="random_prune")]
+    alone = [run_lottery(s, tmp_path / f"alone{i}", data=digits_cpu) for i, s in enumerate(specs)]
+    outs = [tmp_path / f"packed{i}" for i in range(len(specs))]
+    reported = []
+    packed = run_pack(specs, outs, report=lambda r, o: reported.append((o, r.level)), data=digits_cpu)
+    assert sorted(reported) == sorted((outs[i], r.level) for i in range(len(specs)) for r in alone[i])
+    for i, spec in enumerate(specs):
+        assert [r.level for r in packed[i]] == list(range(len(spec.supermask.densities)))
+        assert numbers(outs[i]) == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in packed[i]]
+        assert torch.equal(*(load_tensors(o / "rewind.safetensors")["fc.weight"] for o in (outs[i], tmp_path / f"alone{i}")))
+        for p, a in zip(packed[i], alone[i]):
+            assert (p.density, p.layer_density, p.remaining_params, p.iterations) == \
+                   (a.density, a.layer_density, a.remaining_params, a.iterations)
+            for f in ("test_acc", "test_acc_at_early_stop", "val_acc"):
+                assert abs(getattr(p, f) - getattr(a, f)) <= 0.005, (i, p.level, f)
+            got, want = level_files(outs[i], p.level)[0], level_files(tmp_path / f"alone{i}", p.level)[0]
+            assert sum(int((got[k] != want[k]).sum()) for k in want) <= 1e-3 * sum(SIZES.values())
+    assert all(r.iterations == 0 for r in packed[3])  # the control trains nothing, in a pack as alone
+
+
+def test_a_pack_of_resnet_searches_keeps_each_members_norm_statistics(tmp_path, digits_cpu):
+    """BatchNorm models pack too: each member's running statistics are its own (as alone)."""
+    from trials.lottery import run_pack
+
+    t = TrainSpec(batch_size=60, iterations=10, eval_interval=5)
+    specs = [ep_spec(model=ModelSpec(name="resnet20", width=0.5), train=t, seed=s, supermask=SupermaskSpec(densities=(0.5,)))
+             for s in (0, 1)]
+    alone = [run_lottery(s, tmp_path / f"alone{i}", data=digits_cpu)[0] for i, s in enumerate(specs)]
+    packed = run_pack(specs, [tmp_path / f"packed{i}" for i in (0, 1)], data=digits_cpu)
+    for i in (0, 1):
+        assert abs(packed[i][0].test_acc - alone[i].test_acc) <= 0.005
+        got, want = (level_files(tmp_path / f"{kind}{i}", 0)[1]["bn.running_mean"] for kind in ("packed", "alone"))
+        assert got.shape == (8,)
+        assert float((got - want).norm() / want.norm()) <= 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -32,9 +32,10 @@ bit). Members share one loop from the smallest rewind point (a member is carried
 untouched until its k); a member whose training loss becomes NaN/inf fails alone. On
 shared work units (trials/shared.py Shared) each level is claimed, trained and
 published, copied in, or waited for; a store's helper produces a unit by running the
-trial up to that level in a scratch folder (`produce`). method=edge_popup runs
-trials/supermask.py's levels instead (a supermask per density on fixed random weights),
-in the same trial folder, records and files.
+trial up to that level in a scratch folder (`produce`). An edge-popup trial
+(method=edge_popup: a supermask per density on fixed random weights) is a member of the
+same runner (trials/supermask.py Searcher): its levels are Search jobs of the same loop,
+alone or stacked (StackedSearch), in the same trial folder, records and files.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
 from trials.stacked import Stacked
 from trials.store import TrialDir, save_tensors, state_of
-from trials.supermask import EdgePopup
+from trials.supermask import Search, Searcher, StackedSearch, Supermask
 from trials.training import Alone, Job, rng, train_members
 
 
@@ -163,24 +164,37 @@ class Member:
 
 class Training:
     """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` "stacked", all
-    together (trials/stacked.py Stacked), or "alone", one after another with the default
-    arithmetic of a single trial (trials/training.py Alone: the golden records' bits)."""
+    together (trials/stacked.py Stacked; StackedSearch for edge-popup's Search jobs), or
+    "alone", one after another with the default arithmetic of a single trial
+    (trials/training.py Alone: the golden records' bits)."""
 
     def __init__(self, template: nn.Module, data, arithmetic: str = "stacked"):
         if arithmetic not in ("stacked", "alone"):
             raise ValueError(f"arithmetic {arithmetic!r}: stacked or alone")
         self.template, self.data, self.arithmetic = template, data, arithmetic
+        self.layers = None  # the template's (a Supermask's), once
 
     def run(self, jobs: list, progress: Optional[Callable] = None) -> list:
         """Per job its result (train_members'), or the exception that ended it."""
         device = self.data.train_x.device
         if self.arithmetic == "stacked":
-            return train_members(jobs, self.data, Stacked(self.template, len(jobs), device), progress)
+            kind = StackedSearch if isinstance(jobs[0], Search) else Stacked
+            return train_members(jobs, self.data, kind(self.template, len(jobs), device), progress)
         out = []
         for m, job in enumerate(jobs):
             tell = (lambda _, it, total, val, m=m: progress(m, it, total, val)) if progress else None
-            out += train_members([job], self.data, Alone(copy.deepcopy(self.template).to(device)), tell)
+            out += train_members([job], self.data, Alone(self.alone(job, device)), tell)
         return out
+
+    def alone(self, job: Job, device) -> nn.Module:
+        """What trains a job alone: the model, or for a Search a Supermask over the frozen model."""
+        net = copy.deepcopy(self.template).to(device)
+        if not isinstance(job, Search):
+            return net
+        if self.layers is None:
+            self.layers = masks.Layers.of(self.template)
+        scores = {w: job.start_weights[f"scores.{j}"] for j, w in enumerate(self.layers.shapes)}
+        return Supermask(net.requires_grad_(False), self.layers, job.density, job.scope, scores)
 
 
 def instability(members: list, training: Training, todo: list) -> dict:
@@ -289,10 +303,11 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
     for spec, out in zip(specs, outs):
         TrialDir(out, spec).check()
-    members = [Member(spec, out, data, device) for spec, out in zip(specs, outs)]
+    members = [(Searcher if spec.method == "edge_popup" else Member)(spec, out, data, device)
+               for spec, out in zip(specs, outs)]
     trunk: dict = {}  # a control member -> its IMP run, a member of its own in OUT/imp/ (not reported)
     for i, spec in enumerate(specs):
-        if spec.control != "none":
+        if spec.control != "none" and spec.method == "imp":
             trunk[i] = len(members)
             members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
                                   ledger=Path(outs[i]) / layout.UNITS))
@@ -315,9 +330,17 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
             return sharing.level(todo, level)
         return train({i: members[i].job(level) for i in todo}, level) if todo else {}
 
+    def searches(todo: list, level: int) -> dict:
+        """Level `level` of edge-popup members: searched together (the random_prune control: untrained)."""
+        work = {i: members[i].job(level) for i in todo if specs[i].control == "none"}
+        return {**{i: members[i].untrained(level) for i in todo if i not in work}, **(train(work, level) if work else {})}
+
     def levels(todo: list, level: int) -> dict:
         """Level `level` of members `todo`: the IMP members' first (a control follows its
-        trunk's masks), then the controls' (level 0 is their trunk's), trained together."""
+        trunk's masks), then the controls' (level 0 is their trunk's), trained together;
+        edge-popup members search theirs (a pack holds one kind or the other: check_pack)."""
+        if any(isinstance(members[i], Searcher) for i in todo):
+            return searches(todo, level)
         controls = [i for i in todo if i in trunk]
         needed = [trunk[i] for i in controls if not members[trunk[i]].trial.done(level)]
         done = imp_levels([i for i in todo if i not in trunk] + needed, level)
@@ -375,25 +398,15 @@ def run_lottery(spec, out, report: Callable = lambda record, out: None,
     """Run (or resume) one trial in `out`; `report(record, out)` after every level.
     A report that returns True ends the trial after that level (e.g. a sweep's
     stop_when_not_matching); the finished levels stay on disk. `progress(level,
-    iteration, total, val_loss)`. An IMP trial is a pack of one (run_pack)
-    with `arithmetic` "alone" (the default: a single trial's bits) or "stacked" (a sweep
-    with packs), its levels taken from the shared work units `units` (trials.shared.Units)
-    where given; an edge-popup trial runs its own levels (trials/supermask.py)."""
+    iteration, total, val_loss)`. A trial is a pack of one (run_pack) with `arithmetic`
+    "alone" (the default: a single trial's bits) or "stacked" (a sweep with packs); an
+    IMP trial's levels are taken from the shared work units `units` (trials.shared.Units)
+    where given."""
     if data is None:
-        data, device = prepare(spec, out)
-    else:
-        device = data.train_x.device
-    if spec.method == "imp":
-        tell = (lambda m, level, it, total, val: progress(level, it, total, val)) if progress else None
-        errors: dict = {}
-        records = run_pack([spec], [out], report, tell, data, errors, units=units, arithmetic=arithmetic)[0]
-        if errors:
-            raise errors[0]
-        return records
-    run = EdgePopup(spec, Path(out), data, device, progress)
-    records = []
-    for level in range(spec.last_level + 1):
-        records.append(run.level(level))
-        if report(records[-1], out):
-            break
+        data, _ = prepare(spec, out)
+    tell = (lambda m, level, it, total, val: progress(level, it, total, val)) if progress else None
+    errors: dict = {}
+    records = run_pack([spec], [out], report, tell, data, errors, units=units, arithmetic=arithmetic)[0]
+    if errors:
+        raise errors[0]
     return records

@@ -4,9 +4,10 @@ members share the model architecture (`model.name`, `width`), the dataset,
 `train.batch_size`, `iterations`, `eval_interval`, `precision`, `optimizer` and the
 device; everything else may differ: seed, `model.init`, the learning-rate schedule,
 weight decay, momentum, `prune.*`, `rewind_iteration`, `control`, `retrain`,
-`stability`. Edge-popup trials do not pack (their scores do not stack yet), nor models
-with parameters or running state in a module without a stacked layer
-(trials/stacked.py why_not_packable).
+`stability`. Edge-popup trials pack with edge-popup trials (they train scores, not
+weights; their `train.optimizer` is unused, and every `supermask.*` field may differ).
+Models with parameters or running state in a module without a stacked layer do not
+pack (trials/stacked.py why_not_packable).
 """
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ from trials.stacked import why_not_packable
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
 
 
+def trains(spec) -> str:
+    """What a trial's levels train: "scores" (edge-popup's supermasks) or "weights"; a
+    pack holds one kind (trials/lottery.py run_pack)."""
+    return "scores" if spec.method == "edge_popup" else "weights"
+
+
+def shared_train(spec) -> tuple:
+    """The train.* fields a pack's members share (edge-popup's scores use supermask's optimizer)."""
+    return SHARED_TRAIN[1:] if trains(spec) == "scores" else SHARED_TRAIN
+
+
 def check_pack(specs: list, outs: list) -> None:
     """Refuse a pack that cannot train together, before anything is written."""
     if not specs or len(specs) != len(outs):
@@ -29,14 +41,15 @@ def check_pack(specs: list, outs: list) -> None:
         raise ConfigError("pack", [str(o) for o in outs], "allowed: a distinct folder per member")
     first = specs[0]
     for i, s in enumerate(specs):
-        if s.method != "imp":
-            raise ConfigError("method", s.method, "allowed in a pack: imp (edge-popup trials run one per process)")
+        if trains(s) != trains(first):
+            raise ConfigError("method", s.method, f"allowed in this pack: a method that trains {trains(first)} "
+                              f"as member 0's ({first.method}); edge-popup trials pack with edge-popup trials")
         for path, a, b in (("model.name", s.model.name, first.model.name), ("model.width", s.model.width, first.model.width),
                            ("dataset", s.dataset, first.dataset), ("device", s.device, first.device),
-                           *((f"train.{f}", getattr(s.train, f), getattr(first.train, f)) for f in SHARED_TRAIN)):
+                           *((f"train.{f}", getattr(s.train, f), getattr(first.train, f)) for f in shared_train(s))):
             if a != b:
                 raise ConfigError(path, a, f"allowed in this pack: {b!r} (member 0's); a pack's members share "
-                                  "model architecture, dataset, device and train." + "/".join(SHARED_TRAIN))
+                                  "model architecture, dataset, device and train." + "/".join(shared_train(s)))
     reason = model_reason(first.model.name, models.MODELS.get(first.model.name), first.dataset, first.model.width)
     if reason:
         raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
@@ -64,5 +77,5 @@ def pack_key(spec) -> Optional[tuple]:
     groups trials by it and packs each group's trials K at a time."""
     if why_not_packed(spec) is not None:
         return None
-    return (spec.model.name, spec.model.width, spec.dataset, spec.device,
-            *(getattr(spec.train, f) for f in SHARED_TRAIN))
+    return (trains(spec), spec.model.name, spec.model.width, spec.dataset, spec.device,
+            *(getattr(spec.train, f) for f in shared_train(spec)))

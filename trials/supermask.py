@@ -12,8 +12,12 @@ fraction k of them to keep (a supermask).
                    and the same initial scores: the forward pass uses w * [|score| in the
                    top k], the gradient reaches the scores straight through the top-k (the
                    reference's GetSubnet), SGD with momentum on the scores, cosine
-                   schedule. The loop, early stopping and record are IMP's
-                   (trials/training.py). Levels do not depend on each other.
+                   schedule. Levels do not depend on each other.
+    engine         a trial is a member (Searcher) of trials/lottery.py's level runner, and
+                   a level a Job (Search) of the one training loop, so loop, early
+                   stopping, record and packs are IMP's: alone, a Supermask module trains
+                   under training.Alone; in a pack, StackedSearch trains the members'
+                   scores together over their stacked fixed weights.
     files          the IMP trial folder: mask = the supermask at the last iteration,
                    final = the fixed weights under it (zeros elsewhere) with the norm
                    layers' running statistics, rewind = the fixed weights.
@@ -26,6 +30,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -35,63 +40,89 @@ from trials import layout, masks, models, pruning
 from trials.environment import environment
 from trials.record import LevelRecord
 from trials.spec import PruneSpec
+from trials.stacked import PackedNet, apart, evaluate_packed, member_losses
+from trials.optim import PackedOptimizer
 from trials.store import TrialDir, state_of
-from trials.training import BatchOrder, autocast_for, evaluate, rng, train_level
+from trials.training import BatchOrder, Job, autocast_for, evaluate, rng
 
 GAIN = math.sqrt(2.0)  # Kaiming's gain for ReLU: std = GAIN / sqrt(fan_in)
 CALIBRATION_BATCHES = 50  # training batches that set an untrained network's norm statistics
 
 
-class EdgePopup:
-    """Edge-popup levels in one trial folder (see module doc); level(i) as Lottery's."""
+class Searcher:
+    """An edge-popup trial as a level runner's member (trials/lottery.py run_pack): its
+    folder, fixed weights and layers; job(i) -> level i's Search, finish() writes it, and
+    untrained(i) is the random_prune control's level (see module doc)."""
 
-    def __init__(self, spec, out: Path, data, device, progress=None):
-        self.spec, self.data, self.device, self.progress = spec, data, device, progress
+    def __init__(self, spec, out: Path, data, device):
+        self.spec, self.data, self.device, self.out = spec, data, device, Path(out)
         self.trial = TrialDir(out, spec)
-        self.trial.begin()
-        self.net = fixed_network(spec, data.info, device)
-        self.layers = masks.Layers.of(self.net)
-        self.fixed = state_of(self.net)  # every level starts here
+        self.trial.begin()  # levels are independent searches: a missing one is redone alone
+        net = fixed_network(spec, data.info, device)
+        self.layers = masks.Layers.of(net)
+        self.names = [self.layers.weight(n) for n in self.layers.names]
+        self.fixed = state_of(net)  # every level starts here
         if not (self.trial.path / layout.REWIND).exists():
             self.trial.save_rewind(self.fixed)
 
-    def level(self, level: int) -> LevelRecord:
-        if self.trial.done(level):
-            return self.trial.record(level)
+    def weights(self, level: int) -> dict:
+        """Level `level`'s fixed weights: scaled by 1/sqrt(k) where supermask.scaled says."""
         k = self.spec.supermask.densities[level]
-        self.net.load_state_dict(self.fixed)
-        if self.spec.supermask.scaled:
-            scale_weights(self.net, self.layers, 1 / math.sqrt(k))
-        if self.spec.control == "random_prune":
-            mask, result = self.random_mask(level, k)
-        else:
-            mask, result = self.search(level, k)
-        record = LevelRecord(level=level, **masks.describe(mask, self.layers), **result)
-        final = {name: v * mask[name].to(v.device) if name in mask else v
-                 for name, v in state_of(self.net).items()}  # zeros where not chosen, as IMP's
-        self.trial.finish(level, mask, final, record)
-        return record
+        if not self.spec.supermask.scaled:
+            return dict(self.fixed)
+        return {n: v * (1 / math.sqrt(k)) if n in self.names else v for n, v in self.fixed.items()}
 
-    def search(self, level: int, k: float) -> tuple[dict, dict]:
+    def job(self, level: int) -> "Search":
+        """Level `level`'s search: the initial scores (one draw per trial) over its fixed weights,
+        SGD on the scores with train's loop settings (batch_size, iterations, eval_interval,
+        precision) and supermask's rates."""
         s = self.spec.supermask
-        scores = initial_scores(self.net, self.layers, s.score_init, rng(self.spec.seed, "scores"))
-        model = Supermask(self.net, self.layers, k, s.scope, scores)
-        # train's loop settings (batch_size, iterations, eval_interval, precision); SGD on the scores
+        scores = initial_scores(self.layers, s.score_init, rng(self.spec.seed, "scores"), self.device)
+        state = {**{f"net.{n}": v for n, v in self.weights(level).items()},
+                 **{f"scores.{j}": scores[w] for j, w in enumerate(self.names)}}
         t = dataclasses.replace(self.spec.train, optimizer="sgd", lr=s.lr, momentum=s.momentum,
                                 weight_decay=s.weight_decay)
-        progress = (lambda it, total, val: self.progress(level, it, total, val)) if self.progress else None
-        result = train_level(model, {}, self.data, t, self.spec.seed, 0, progress=progress,
-                             schedule=schedule(s, t.iterations))
-        return model.mask(), result
+        return Search(t, self.spec.seed, state, s.densities[level], s.scope, schedule(s, t.iterations))
 
-    def random_mask(self, level: int, k: float) -> tuple[dict, dict]:
+    def finish(self, level: int, job: "Search", result: dict, fields: Optional[dict] = None) -> LevelRecord:
+        """Write the level: the supermask of the last iteration's scores, the fixed weights
+        under it (zeros elsewhere, as IMP's) with the norm layers' running statistics."""
+        final = result.pop("final")
+        sizes = [final[f"scores.{j}"].abs() for j in range(len(self.names))]
+        mask = {w: keep.cpu() for w, keep in zip(self.names, choose(sizes, self.layers, job.density, job.scope))}
+        weights = {n[len("net."):]: v for n, v in final.items() if n.startswith("net.")}
+        weights = {n: v * mask[n].to(v.device) if n in mask else v for n, v in weights.items()}
+        record = LevelRecord(level=level, **masks.describe(mask, self.layers), **result, **(fields or {}))
+        self.trial.finish(level, mask, weights, record)
+        return record
+
+    def untrained(self, level: int) -> LevelRecord:
+        """The random_prune control's level: a random mask with the supermask's per-layer
+        counts on the same fixed weights, evaluated without training."""
         started = time.perf_counter()
+        k = self.spec.supermask.densities[level]
+        net = fixed_network(self.spec, self.data.info, self.device)
+        net.load_state_dict(self.weights(level))
         mask = pruning.prune(PruneSpec(), self.fixed, masks.ones(self.layers), self.layers,
                              strategy="random", targets=layer_counts(self.layers, k),
                              generator=rng(self.spec.seed, "random_prune", level))
-        masks.Masker(self.net, mask).apply()
-        return mask, {**evaluated(self.net, self.data, self.spec), "seconds": time.perf_counter() - started,
-                      "environment": environment(self.device)}
+        masks.Masker(net, mask).apply()
+        result = {**evaluated(net, self.data, self.spec), "seconds": time.perf_counter() - started,
+                  "environment": environment(self.device)}
+        record = LevelRecord(level=level, **masks.describe(mask, self.layers), **result)
+        self.trial.finish(level, mask, state_of(net), record)
+        return record
+
+
+class Search(Job):
+    """A supermask level for the training loop (trials/training.py train_members): what
+    trains is a Supermask's scores (start_weights: its state dict, "net.*" the fixed
+    weights and "scores.<j>" the initial scores), kept at `density` per layer or of all
+    weights (`scope`); no weight mask."""
+
+    def __init__(self, train, seed: int, state: dict, density: float, scope: str, schedule: Callable):
+        super().__init__(train, seed, {}, state, 0, schedule=schedule)
+        self.density, self.scope = density, scope
 
 
 # ---------------------------------------------------------------- the network
@@ -103,31 +134,33 @@ class Supermask(nn.Module):
 
     def __init__(self, net: nn.Module, layers: masks.Layers, k: float, scope: str, scores: dict):
         super().__init__()
-        self.net, self.scope = net, scope
+        self.net, self.layers, self.k, self.scope = net, layers, k, scope
         self.names = [layers.weight(n) for n in layers.names]
         self.scores = nn.ParameterList(nn.Parameter(scores[w].clone()) for w in self.names)
-        counts = layer_counts(layers, k)
-        self.counts = [counts[n] for n in layers.names]
-        self.total = max(1, round(k * sum(s.numel() for s in self.scores)))  # scope=global
-
-    def chosen(self, sizes: list) -> list[torch.Tensor]:
-        """Per weight tensor, True where its |score| (`sizes`) is in the top k (of the layer, or of all)."""
-        flat = [z.detach().flatten() for z in sizes]
-        if self.scope == "global":
-            picks = _top(torch.cat(flat), self.total).split([f.numel() for f in flat])
-        else:
-            picks = [_top(f, c) for f, c in zip(flat, self.counts)]
-        return [p.view_as(z) for p, z in zip(picks, sizes)]
 
     def forward(self, x):
         sizes = [score.abs() for score in self.scores]
+        keeps = choose([z.detach() for z in sizes], self.layers, self.k, self.scope)
         weights = {name: self.net.get_parameter(name) * _StraightThrough.apply(size, keep)
-                   for name, size, keep in zip(self.names, sizes, self.chosen(sizes))}
+                   for name, size, keep in zip(self.names, sizes, keeps)}
         return functional_call(self.net, weights, (x,))
 
     def mask(self) -> dict:
-        keeps = self.chosen([score.detach().abs() for score in self.scores])
+        keeps = choose([score.detach().abs() for score in self.scores], self.layers, self.k, self.scope)
         return {name: keep.cpu() for name, keep in zip(self.names, keeps)}
+
+
+def choose(sizes: list, layers: masks.Layers, k: float, scope: str) -> list[torch.Tensor]:
+    """Per weight tensor, True where its |score| (`sizes`, in the layers' order) is in the
+    top k of its layer (layerwise: layer_counts) or of all weights (global)."""
+    flat = [z.flatten() for z in sizes]
+    if scope == "global":
+        total = max(1, round(k * sum(f.numel() for f in flat)))
+        picks = _top(torch.cat(flat), total).split([f.numel() for f in flat])
+    else:
+        counts = layer_counts(layers, k)
+        picks = [_top(f, counts[n]) for f, n in zip(flat, layers.names)]
+    return [p.view_as(z) for p, z in zip(picks, sizes)]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -148,6 +181,113 @@ def _top(values: torch.Tensor, k: int) -> torch.Tensor:
     return keep.scatter_(0, torch.topk(values, k, sorted=False).indices, True)
 
 
+# ---------------------------------------------------------------- packs of searches
+
+
+class StackedSearch:
+    """Edge-popup's arithmetic for a pack of K searches (train_members; trials/stacked.py
+    Stacked is IMP's): the members' fixed weights stacked and frozen (PackedNet), their
+    scores [K, ...] in the stacked layers' layout, each member's top-k of its own |scores|
+    at its own density and scope, SGD with momentum on each member's slices
+    (PackedOptimizer). A member's numbers are close to its search alone, not bit for bit."""
+
+    def __init__(self, template: nn.Module, k: int, device):
+        self.pnet, self.k = PackedNet(template, k, device), k
+        self.pnet.net.requires_grad_(False)
+        self.layers = masks.Layers.of(template)
+        self.names = [self.layers.weight(n) for n in self.layers.names]
+        self.net = _Searching(self)
+
+    def begin(self, jobs: list) -> None:
+        pnet = self.pnet
+        self.scores = [nn.Parameter(torch.zeros_like(pnet.params[w])) for w in self.names]
+        for m, job in enumerate(jobs):
+            self.load(m, job.start_weights)
+        self.rules = [(job.density, job.scope) for job in jobs]
+        self.opt = PackedOptimizer(self.scores, [job.train for job in jobs], apart(self.scores[0]))
+        self.live = self.scores + [pnet.tensors[n] for n in pnet.buffers]
+        self.best = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def load(self, m: int, state: dict) -> None:
+        self.pnet.load(m, {n[len("net."):]: v for n, v in state.items() if n.startswith("net.")})
+        for j, (w, score) in enumerate(zip(self.names, self.scores)):
+            mod, p = self.pnet.layers[w]
+            score[m].copy_(mod.layout(p, state[f"scores.{j}"]))
+
+    def keeps(self, sizes: list) -> list:
+        """Per layer [K, ...]: each member's choose() of its own |scores| (`sizes`)."""
+        picks = [torch.zeros_like(z, dtype=torch.bool) for z in sizes]
+        for m, (density, scope) in enumerate(self.rules):
+            for pick, keep in zip(picks, choose([z[m] for z in sizes], self.layers, density, scope)):
+                pick[m] = keep
+        return picks
+
+    def forward(self, x):
+        sizes = [score.abs() for score in self.scores]
+        weights = {w: self.pnet.params[w] * _StraightThrough.apply(size, keep)
+                   for w, size, keep in zip(self.names, sizes, self.keeps([z.detach() for z in sizes]))}
+        return functional_call(self.pnet.net, weights, (x,))
+
+    def start(self, m: int, iteration: int, job) -> None:
+        self.opt.start(m, iteration)
+
+    def set_rates(self, members: list, lrs: list) -> None:
+        """Nothing to do: the step hands each member's rate to the optimizer."""
+
+    def step(self, x, y, members: list, lrs: list, autocast) -> torch.Tensor:
+        with autocast():
+            losses = member_losses(self.net(x), y, self.k, torch.mean)
+        for s in self.scores:
+            s.grad = None
+        losses.sum().backward()  # members are independent: each slice gets its own loss's gradient
+        self.opt.step(members, lrs)
+        return losses.detach()
+
+    def evaluate(self, x, y, autocast) -> tuple[list, list]:
+        return evaluate_packed(self, x, y, autocast)
+
+    def member(self, m: int) -> dict:
+        """Member m's Supermask state dict (as Alone(Supermask(...)) gives it)."""
+        with torch.no_grad():
+            state = {f"net.{n}": v for n, v in self.pnet.member(m).items()}
+            for j, (w, score) in enumerate(zip(self.names, self.scores)):
+                mod, p = self.pnet.layers[w]
+                state[f"scores.{j}"] = mod.unlayout(p, score[m]).clone(memory_format=torch.contiguous_format)
+        return state
+
+    @torch.no_grad()
+    def keep_best(self, m: int) -> None:
+        for b, t in zip(self.best, self.live):
+            b[m].copy_(t[m])
+
+    def fail(self, m: int, job) -> None:
+        """A failed member goes back to its start (finite numbers; the others' evaluation runs it along)."""
+        self.load(m, job.start_weights)
+
+    @torch.no_grad()
+    def use_best(self) -> list:
+        finals = [self.member(m) for m in range(self.k)]
+        for b, t in zip(self.best, self.live):
+            t.copy_(b)
+        return finals
+
+    def end(self, finals: list) -> None:
+        """Nothing to do: the stacked network is the loop's own."""
+
+
+class _Searching(nn.Module):
+    """StackedSearch's network for the loop and evaluate_packed: train()/eval() reach the
+    stacked layers, a call is the masked forward."""
+
+    def __init__(self, search: StackedSearch):
+        super().__init__()
+        self.stacked, self.search = search.pnet.net, [search]  # a list: no second registration
+
+    def forward(self, x):
+        return self.search[0].forward(x)
+
+
 def layer_counts(layers: masks.Layers, k: float) -> dict:
     """Weights a layerwise supermask (and the random control) keeps per layer: k of each, at least 1."""
     return {n: max(1, round(k * math.prod(layers.shapes[layers.weight(n)]))) for n in layers.names}
@@ -164,13 +304,7 @@ def fixed_network(spec, info, device) -> nn.Module:
     return net.requires_grad_(False).to(device)
 
 
-def scale_weights(net: nn.Module, layers: masks.Layers, factor: float) -> None:
-    with torch.no_grad():
-        for n in layers.names:
-            net.get_parameter(layers.weight(n)).mul_(factor)
-
-
-def initial_scores(net: nn.Module, layers: masks.Layers, init: str, g: torch.Generator) -> dict:
+def initial_scores(layers: masks.Layers, init: str, g: torch.Generator, device) -> dict:
     """kaiming_uniform: U(+-1/sqrt(fan_in)) (torch's default layer init, a = sqrt 5, as the
     reference code); kaiming_normal: N(0, 2/fan_in). Drawn on the CPU: the same on every device."""
     out = {}
@@ -180,7 +314,7 @@ def initial_scores(net: nn.Module, layers: masks.Layers, init: str, g: torch.Gen
             nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
         else:
             nn.init.kaiming_normal_(w, generator=g)
-        out[layers.weight(n)] = w.to(net.get_parameter(layers.weight(n)).device)
+        out[layers.weight(n)] = w.to(device)
     return out
 
 
