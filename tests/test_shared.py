@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 
 from tests.conftest import LTH, digits_base, quick_spec

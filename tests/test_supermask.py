@@ -21,7 +21,7 @@ from trials.lottery import run_lottery
 from trials.record import FIELDS, STABILITY
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, SupermaskSpec, TrainSpec, TrialSpec, from_dict
 from trials.store import load_tensors
-from trials.supermask import Supermask, fixed_network, initial_scores, layer_counts
+from trials.supermask import Supermask, fixed_network, initial_scores
 from trials.training import evaluate, rng
 
 LOOP = TrainSpec(batch_size=60, iterations=150, eval_interval=30)  # train's loop; the scores use supermask.*
