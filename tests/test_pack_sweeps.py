@@ -192,3 +192,36 @@ def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
             assert sorted(seen_records) == [0, 1, 2, 3]
             for r in (n for result in reported for n in result["pack_new"] if n["member"] == int(member[1:])):
                 assert r["seconds"] == seen_records[r["level"]]["seconds"], "a level reported from two trainings"
+
+
+def test_edge_popup_trials_pack_in_a_sweep(tmp_path, ray_local):
+    """Edge-popup trials (seeds and the random_prune control) pack with each other: `lth
+    sweep plan` shows one pack, and the packed sweep records each trial with its own rows,
+    levels and MLflow run, as the same sweep without packs (densities exact, accuracies
+    within half a point)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+
+    base = {**digits_base(), "method": "edge_popup", "supermask": {"densities": [0.5, 0.1]}}
+    base.pop("prune")
+    space = {"control": {"grid": ["none", "random_prune"]}}
+    path = sweep_file(tmp_path, "ep", base=base, pack=4, seeds=2, space=space)
+    out = subprocess.run([LTH, "sweep", "plan", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "packs: 4 trials in 1 Tune trials, 4 per pack at most\n" in out.stdout
+    runner.run(load_sweep(path))
+    runner.run(load_sweep(sweep_file(tmp_path, "alone", base=base, seeds=2, space=space)))
+    packed, alone = csv(tmp_path, "ep"), csv(tmp_path, "alone")
+    assert len(packed) == 4 * 2 and set(packed.status) == {"TERMINATED"}
+    assert packed.trial_id.str.rsplit("_", n=1).str[0].nunique() == 1  # one Tune trial
+    pairs = packed.merge(alone, on=["trial_key", "level"], suffixes=("", "_alone"))
+    assert len(pairs) == 8 and (pairs.density == pairs.density_alone).all()
+    assert (pairs.test_acc - pairs.test_acc_alone).abs().max() <= 0.005
+    controls = packed[packed.control == "random_prune"]
+    assert len(controls) == 4 and (controls.iterations == 0).all()
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("packs").experiment_id],
+                         "tags.`lth.kind` = 'trial' and tags.`lth.sweep` = 'ep'")
+    assert len(runs) == 4 and {r.data.tags["lth.trial_key"] for r in runs} == set(packed.trial_key)
