@@ -86,6 +86,7 @@ def train(pack: "_Pack", todo: list, data, arithmetic: str) -> dict:
 
 class _Pack:
     """The trainable's bookkeeping: the members' records and statuses, and the reports to Tune."""
+
     def __init__(self, specs: list, work: Path, registered, tolerance: float, stop_when_not_matching: bool):
         self.specs, self.work, self.tolerance, self.stop_when = specs, work, tolerance, stop_when_not_matching
         self.outs = [work / packs.member_dir(i) for i in range(len(specs))]
