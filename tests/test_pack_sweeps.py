@@ -188,6 +188,29 @@ def test_a_diverging_member_fails_alone_and_its_pack_goes_on(tmp_path, ray_local
     assert trial.status == "TERMINATED" and trial.run_metadata.num_failures == 0  # not retried for one member
 
 
+def test_a_trial_that_cannot_pack_runs_alone_with_a_single_trials_numbers(tmp_path, ray_local):
+    """Edge-popup trials in a packed sweep: Tune trials of one (the Tune trial's id is the
+    trial's), trained as `lth trial run` would, bit for bit; the IMP trials beside them pack."""
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+    from trials.lottery import run_lottery
+
+    base = {**digits_base(levels=1), "supermask": {"densities": [0.5, 0.3]}}
+    sweep = load_sweep(sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"method": {"grid": ["imp", "edge_popup"]}}))
+    runner.run(sweep)
+    df = csv(tmp_path)
+    assert len(df) == 4 * 2 and set(df.status) == {"TERMINATED"}
+    popup, imp = df[df.method == "edge_popup"], df[df.method == "imp"]
+    assert list(popup.density) == [0.5, 0.3] * 2 and popup.trial_id.nunique() == 2
+    assert imp.trial_id.str.rsplit("_", n=1).str[0].nunique() == 1  # one pack of the two IMP trials
+    assert set(popup.trial_id).isdisjoint(imp.trial_id.str.rsplit("_", n=1).str[0])  # Tune trials of their own
+    seed = int(popup.seed.iloc[0])
+    alone = run_lottery(sweep.trial_spec({"method": "edge_popup"}, seed), tmp_path / "alone")
+    mine = popup[popup.seed == seed]
+    for col in EXACT + ACCURACIES:
+        assert [r.flat()[col] for r in alone] == list(mine[col]), col
+
+
 def test_optuna_is_asked_for_a_pack_of_configurations_and_told_each_seed_mean(tmp_path, ray_local):
     import optuna
 
