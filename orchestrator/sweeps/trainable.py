@@ -54,6 +54,7 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
             continue
         data = _data(specs[todo[0]], work)
         pack.store = _unit_store(share, [specs[i] for i in todo], data) if share else None
+        pack.waited = pack.store.waited if pack.store and pack.waited is None else pack.waited
         for i, e in train(pack, todo, data, group["arithmetic"]).items():
             pack.fail(i, e)
             errors.append(e)
@@ -107,7 +108,7 @@ class _Pack:
         self.new: list = []
         self.changed = False
         self.store = None
-        self.waited = 0.0
+        self.waited = None  # the process's store's seconds waited when this trial first used it
 
     def report(self, i: int, record: LevelRecord, flush: bool = False) -> bool:
         records = self.records[i]
@@ -145,10 +146,9 @@ class _Pack:
             summary = summarise(self.records[i], self.tolerance) if self.records[i] else {}
             members.append({"trial_key": spec.key, "seed": spec.seed, **self.status[i],
                             STOPPED: self.status[i]["status"] == packs.STOPPED, **summary})
-        waited = self.store.waited if self.store else 0.0
+        waited = self.store.waited - self.waited if self.store else 0.0  # in this trial so far
         metrics = {"pack_members": members, "pack_new": self.new, "pack_reports": self.reports,
-                   "node_id": self.node, "unit_wait_s": max(0.0, waited - self.waited)}
-        self.waited = waited
+                   "node_id": self.node, "unit_wait_s": waited}
         with tempfile.TemporaryDirectory() as tmp:
             files = []
             for i, out in enumerate(self.outs):
