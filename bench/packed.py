@@ -9,7 +9,8 @@ one trial per process against packs of K trials per process (trials/lottery.py r
 Every path is whole processes (imports and data loading included), run one after another
 with the same thread count, each trial writing its normal trial folder. --model runs
 another registered model on the same data (e.g. conv2); --pack-ref REV runs the packs
-with the engine of commit REV (with --skip head), to compare a change of the pack code:
+with the engine of commit REV (with --skip head), to compare a change of the pack code;
+--method edge_popup times supermask searches (3 densities) instead of IMP trials:
 
     .venv/bin/python bench/packed.py --skip head single --packs 4 16 --pack-ref HEAD~1
 
@@ -72,12 +73,15 @@ print(" ".join(f"{r[-1].test_acc:.4f}" for r in records))
 """
 
 
-def spec_data(root: Path, seed: int, iterations: int, device: str = "cpu", model: str = "lenet_300_100") -> dict:
+def spec_data(root: Path, seed: int, iterations: int, device: str = "cpu", model: str = "lenet_300_100",
+              method: str = "imp") -> dict:
+    """An IMP trial of 3 levels, or (method edge_popup) a supermask search at 3 densities."""
+    levels = ({"prune": {"kind": "unstructured", "scope": "layerwise", "rate": 0.2, "levels": 2}} if method == "imp"
+              else {"method": method, "supermask": {"densities": [0.5, 0.2, 0.05]}})
     return {"model": model, "dataset": {"name": "mnist", "data_dir": str(root), "validation": 1000},
             "train": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "iterations": iterations,
                       "eval_interval": 100},
-            "prune": {"kind": "unstructured", "scope": "layerwise", "rate": 0.2, "levels": 2},
-            "seed": seed, "device": device}
+            **levels, "seed": seed, "device": device}
 
 
 def run(cmd: list, trials_dir: Path, env: dict) -> str:
@@ -100,6 +104,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="the trials' device: cpu, cuda")
     ap.add_argument("--sample", type=int, default=0, help="time only the first N processes of each path")
     ap.add_argument("--model", default="lenet_300_100", help="any registered model that runs on MNIST, e.g. conv2")
+    ap.add_argument("--method", default="imp", help="imp, or edge_popup: supermask searches at 3 densities")
     ap.add_argument("--pack-ref", default=None, help="packs run the engine of this commit (as head), not this tree's")
     args = ap.parse_args()
     if args.sweep:
@@ -118,11 +123,12 @@ def main() -> None:
                                      check=True,
                                      capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
-        specs = [spec_data(root, seed, args.iterations, args.device, args.model) for seed in range(args.trials)]
+        specs = [spec_data(root, seed, args.iterations, args.device, args.model, args.method)
+                 for seed in range(args.trials)]
         if args.pack_ref and "head" not in args.skip and args.pack_ref != args.head_ref:
             sys.exit("--pack-ref: give --skip head (head and the packs would need two engines)")
         print(f"packs: the engine at {args.pack_ref}" if args.pack_ref else "packs: this tree's engine")
-        print(f"{args.trials} trials: {args.model}, real MNIST 8k, 3 levels x {args.iterations} iterations, "
+        print(f"{args.trials} {args.method} trials: {args.model}, real MNIST 8k, 3 levels x {args.iterations} iterations, "
               f"batch 60, adam, {args.device}; {args.threads} threads per process; "
               f"load average {os.getloadavg()[0]:.1f}")
 

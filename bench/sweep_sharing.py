@@ -67,9 +67,11 @@ def run(folder: Path, name: str, share: bool, args) -> dict:
     else:
         units = 0
         for trial in (folder / "runs" / name).iterdir():
-            levels = sorted(trial.glob("checkpoint_*/imp/levels.jsonl"))
-            if levels:
-                reran = [json.loads(line) for line in levels[-1].read_text().splitlines()]
+            newest = {}  # a Tune trial's member folder -> its control's IMP rerun, in its newest checkpoint
+            for levels in sorted(trial.glob("checkpoint_*/m*/imp/levels.jsonl")):
+                newest[levels.parent.parent.name] = levels
+            for levels in newest.values():
+                reran = [json.loads(line) for line in levels.read_text().splitlines()]
                 iterations += sum(r["iterations"] for r in reran if r["level"] >= 1)
                 seconds += sum(r["seconds"] for r in reran if r["level"] >= 1)
     waited = sum((t.last_result or {}).get("unit_wait_s", 0.0)

@@ -174,6 +174,16 @@ def apply_overrides(data: dict, overrides) -> dict:
     return _long_form(data)
 
 
+def spec_at(base: dict, values: dict) -> TrialSpec:
+    """The TrialSpec of `base` (a spec mapping) with each spec path in `values` set to its
+    value as it is (a sweep's typed values: no text on the way), validated."""
+    data = _long_form(copy.deepcopy(base))
+    known = field_paths()
+    for path, value in values.items():
+        set_path(data, path, value, known)
+    return from_dict(_long_form(data))
+
+
 def trial_spec(config=None, preset_name: str | None = None, overrides=()) -> TrialSpec:
     """The TrialSpec of a config file and/or preset plus overrides (validated)."""
     data = {"preset": preset_name} if preset_name else {}

@@ -14,9 +14,13 @@ they run: the plan draws `num_samples` configurations at random from the space t
 
 Packs (`pack: K`, trials/lottery.py run_pack): a grid's trials are grouped by packing.pack_key (what
 members must share); each group is cut into packs of at most K, balanced (20 trials at
-K=16: two packs of 10, which finish together), members that share a dense run side by
-side (it is then trained once inside the pack, and no pack waits for another's). Trials
-that cannot be packed (controls, edge-popup, instability copies...) run as packs of one.
+K=16: two packs of 10, which finish together), members that share an IMP trunk, then a
+dense run, side by side and cut apart only where balance leaves no choice (a unit is then
+trained once inside the pack, and no pack waits for another's). Trials that cannot be
+packed (a model without stacked layers) run as packs of one, and so does every trial of a
+sweep without packs.
+Each pack becomes a Tune trial's config once, here (tune_config): its members' typed
+specs and how they train.
 `pack: auto` sizes K from an estimate of a member's memory (member_bytes) and
 LTH_PACK_MEMORY_GB (default 4) of the trial's device, at most PACK_LIMIT (32 on CPU, 128 on CUDA).
 """
@@ -28,7 +32,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from orchestrator.sweep_spec import config_spec
+from orchestrator.config import spec_at
+from orchestrator.sweeps.packs import PACK
 from trials import layout, shared
 from trials.errors import env_number
 from trials.spec import flatten
@@ -71,7 +76,7 @@ def trial_configs(sweep) -> tuple[list, bool]:
 
 def trial_specs(sweep) -> tuple[list, bool]:
     configs, estimated = trial_configs(sweep)
-    return [config_spec(sweep.base, c) for c in configs], estimated
+    return [spec_at(sweep.base, c) for c in configs], estimated
 
 
 # members of a `pack: auto` pack at most (bench/packed.py): on CPU 16 gave 7x on 2 cores; on
@@ -115,29 +120,77 @@ def pack_of(sweep) -> int:
     """Trials per Tune trial of a searched sweep (its base spec sizes `pack: auto`)."""
     from trials.spec import from_dict
 
-    return 1 if sweep.pack == 1 else pack_size(sweep, from_dict(sweep.base))
+    return pack_size(sweep, from_dict(sweep.base)) if sweep.packed else 1
 
 
-def packs(sweep, configs: list) -> list[list[dict]]:
-    """The trial configs as packs (module doc): packable groups first, then packs of one."""
+def packs(sweep, configs: list) -> list[dict]:
+    """The grid's trials (their configs) as Tune trials' configs (module doc, tune_config):
+    packable groups first, cut into balanced packs, then packs of one."""
     from trials.packing import pack_key
 
     groups: dict = {}
     alone = []
     for c in configs:
-        spec = config_spec(sweep.base, c)
+        spec = spec_at(sweep.base, c)
         key = pack_key(spec)
         if key is None:
-            alone.append([c])
+            alone.append([(c, spec, key)])
         else:
-            groups.setdefault(key, (spec, []))[1].append((shared.dense_name(spec), c))
+            groups.setdefault(key, []).append((c, spec, key))
     out = []
-    for spec, members in groups.values():
-        members.sort(key=lambda m: m[0])  # stable: grid order within a dense run
-        n = math.ceil(len(members) / pack_size(sweep, spec))
-        cuts = [round(i * len(members) / n) for i in range(n + 1)]
-        out += [[c for _, c in members[a:b]] for a, b in zip(cuts, cuts[1:])]
-    return out + alone
+    for key, members in groups.items():
+        # stable: grid order within a dense run, and within it a trunk (a control beside its ticket)
+        members.sort(key=lambda m: (shared.dense_name(m[1]), shared.trunk_name(m[1])))
+        out += cut(members, pack_size(sweep, members[0][1]), lambda m: shared.trunk_name(m[1]),
+                   lambda m: shared.dense_name(m[1]))
+    return [tune_config(sweep, p) for p in out + alone]
+
+
+def cut(members: list, k: int, *runs) -> list[list]:
+    """`members` (sorted) in ceil(n / k) balanced packs (their sizes differ by one at most:
+    20 at k=16 make two of 10, which finish together). Where a pack may end one member
+    earlier or later, it ends where fewer runs are split: `runs` are functions of a
+    member, most important first (a trunk, then a dense run), members in a run side by side."""
+    n = math.ceil(len(members) / k)
+    low, high = len(members) // n, -(-len(members) // n)
+    out, start = [], 0
+    for i in range(1, n):
+        left = n - i  # packs after this one
+
+        def score(end):
+            split = [run(members[end - 1]) == run(members[end]) for run in runs]
+            return (*split, abs(end - round(i * len(members) / n)))
+
+        ends = [start + size for size in sorted({low, high})
+                if left * low <= len(members) - start - size <= left * high]
+        end = min(ends, key=score)
+        out.append(members[start:end])
+        start = end
+    return out + [members[start:]]
+
+
+def tune_config(sweep, members: list) -> dict:
+    """A Tune trial's config (ARCHITECTURE.md, "Packs in sweeps"): {PACK: {"trials": each
+    member's config (varied values and seed), spec (TrialSpec.to_dict) and key, "groups":
+    the members that train together and their arithmetic}}, from (config, TrialSpec,
+    packing.pack_key) triples: built once here, never again on a worker. Members sharing a
+    pack key train together, "stacked" in sweeps with packs; the others (and every trial of
+    a sweep without packs) alone, with a single trial's arithmetic."""
+    groups: dict = {}
+    for i, (_, _, key) in enumerate(members):
+        groups.setdefault(i if key is None else key, []).append(i)
+    return {PACK: {
+        "trials": [{"config": c, "spec": spec.to_dict(), "key": spec.key} for c, spec, _ in members],
+        "groups": [{"members": ids, "arithmetic": "stacked" if sweep.packed and not isinstance(key, int)
+                    else "alone"} for key, ids in groups.items()]}}
+
+
+def searched_pack(sweep, configs: list) -> dict:
+    """The Tune config of a pack a search proposed (its configurations may not all train together)."""
+    from trials.packing import pack_key
+
+    specs = [spec_at(sweep.base, c) for c in configs]
+    return tune_config(sweep, [(c, spec, pack_key(spec)) for c, spec in zip(configs, specs)])
 
 
 def _draw(d, draw: random.Random):
@@ -196,10 +249,10 @@ def pack_line(sweep) -> str:
     if sweep.search.algorithm != "grid":
         return f"  packs: {pack_of(sweep)} trials per Tune trial, as the search proposes them"
     configs = trial_configs(sweep)[0]
-    made = packs(sweep, configs)
+    made = [c[PACK]["trials"] for c in packs(sweep, configs)]
     reasons: dict = {}
-    for c in (p[0] for p in made if len(p) == 1):
-        why = _why_alone(config_spec(sweep.base, c))
+    for trial in (p[0] for p in made if len(p) == 1):
+        why = _why_alone(spec_at(sweep.base, trial["config"]))
         if why:
             reasons[why] = reasons.get(why, 0) + 1
     line = (f"  packs: {len(configs)} trials in {len(made)} Tune trials, "
@@ -251,7 +304,7 @@ def describe(sweep, p: Plan) -> str:
         lines.append(f"  {name:<36} {total:>10,} {max(u.users for u in levels):>6}  {what}")
     if p.own:
         lines.append(f"  {'levels trained by their own trial':<36} {p.own:>10,}")
-    if sweep.pack != 1:
+    if sweep.packed:
         lines.append(pack_line(sweep))
     saved = 100 * (1 - p.shared / p.unshared) if p.unshared else 0.0
     lines.append(f"plan: {p.shared:,} iterations to train, {p.unshared:,} without sharing ({saved:.0f}% fewer)")

@@ -20,7 +20,7 @@ from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from orchestrator.config import apply_overrides, expand, parse_override, read_yaml, unknown_key
+from orchestrator.config import apply_overrides, expand, parse_override, read_yaml, spec_at, unknown_key
 from orchestrator.objectives import MINIMISED, NEEDS_STABILITY, OBJECTIVES
 from trials.errors import ConfigError, check, shown
 from trials.spec import field_paths, from_dict
@@ -158,16 +158,14 @@ class Sweep:
             del d["search"]["num_samples"]  # grid runs every combination; the key is refused there
         return d
 
+    @property
+    def packed(self) -> bool:
+        """Whether trials train in packs of more than one (their arithmetic: ARCHITECTURE.md, "Packs in sweeps")."""
+        return self.pack != 1
+
     def trial_spec(self, values: dict, seed: int):
-        """The TrialSpec of one configuration: base + varied values + seed."""
-        return config_spec(self.base, {**values, "seed": seed})
-
-
-def config_spec(base: dict, config: dict):
-    """The TrialSpec of a Tune trial's config (spec paths -> values) on top of `base`;
-    keys starting with "__" are Tune's own and ignored."""
-    overrides = [f"{path}={_yaml_scalar(v)}" for path, v in config.items() if not path.startswith("__")]
-    return from_dict(apply_overrides(base, overrides))
+        """The TrialSpec of one configuration: base + varied values + seed, set by path."""
+        return spec_at(self.base, {**values, "seed": seed})
 
 
 def _yaml_scalar(value) -> str:

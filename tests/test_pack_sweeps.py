@@ -1,5 +1,5 @@
 """Sweeps with packs (`pack: K`; orchestrator/plan.py packs, orchestrator/sweeps/packs.py,
-trainable.imp_pack): one Tune trial trains a pack, and everything downstream stays per
+trainable.lottery): one Tune trial trains a pack, and everything downstream stays per
 trial: trials.csv rows, MLflow runs, statuses, Optuna's told values. Packed members
 record what the same trials record alone (masks and densities exact, accuracies within
 half a point); a member that diverges fails alone; a killed driver's packs resume at
@@ -11,7 +11,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from tests.conftest import LTH, digits_base
+from tests.conftest import LTH, assert_each_level_trained_once, digits_base
 from tests.test_sweeps import csv, kill_mid_sweep_then_resume
 from tests.test_sweeps import sweep_file as sweeps_file
 
@@ -30,27 +30,48 @@ def sweep_file(tmp_path, name="s", **fields):
 
 def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, monkeypatch):
     from orchestrator import plan
-    from orchestrator.sweep_spec import config_spec, load_sweep
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps.packs import PACK
+    from trials import shared
     from trials.packing import pack_key
+    from trials.spec import from_dict
 
     space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
     sweep = load_sweep(sweep_file(tmp_path, pack=4, seeds=3, space=space))
     configs = plan.trial_configs(sweep)[0]
-    made = plan.packs(sweep, configs)
-    members = [c for p in made for c in p]
+    made = [c[PACK] for c in plan.packs(sweep, configs)]
+    members = [t["config"] for p in made for t in p["trials"]]
     assert sorted(map(json.dumps, members)) == sorted(map(json.dumps, configs))  # each trial once
-    assert sorted(len(p) for p in made) == [3, 3, 4, 4, 4]  # 18 trials at K=4: balanced, not 4+4+4+4+2
-    for p in made:
-        specs = [config_spec(sweep.base, c) for c in p]
+    assert sorted(len(p["trials"]) for p in made) == [3, 3, 4, 4, 4]  # 18 trials at K=4: balanced, not 4+4+4+4+2
+    for p in made:  # the driver's typed specs, their keys, and one group that trains stacked
+        specs = [from_dict(t["spec"]) for t in p["trials"]]
+        assert specs == [sweep.trial_spec({k: v for k, v in t["config"].items() if k != "seed"},
+                                          t["config"]["seed"]) for t in p["trials"]]
+        assert [t["key"] for t in p["trials"]] == [s.key for s in specs]
         assert len({pack_key(s) for s in specs}) == 1
-    # a seed's trials sit together (its dense run is trained once per pack)
-    assert sorted(len({c["seed"] for c in p}) for p in made) == [1, 1, 1, 2, 2]
+        assert p["groups"] == [{"members": list(range(len(specs))), "arithmetic": "stacked"}]
+    # a seed's trials sit together (its dense run is trained once per pack), and a control beside its
+    # ticket (their IMP trunk is trained once, in their pack): 18 in 3-4s splits one trunk at least
+    seeds = [{t["config"]["seed"] for t in p["trials"]} for p in made]
+    assert sorted(map(len, seeds)) == [1, 1, 1, 1, 2]
+    trunks = Counter(shared.trunk_name(from_dict(t["spec"])) for p in made
+                     for t in {shared.trunk_name(from_dict(t["spec"])): t for t in p["trials"]}.values())
+    assert len(trunks) == 9 and sorted(trunks.values()) == [1] * 8 + [2]
+
+    # without packs: a Tune trial per trial, alone (a single trial's arithmetic: the golden records' bits)
+    alone = load_sweep(sweep_file(tmp_path, seeds=3, space=space))
+    made = [c[PACK] for c in plan.packs(alone, configs)]
+    assert len(made) == 18 and all(p["groups"] == [{"members": [0], "arithmetic": "alone"}] for p in made)
+    assert sorted(json.dumps(p["trials"][0]["config"]) for p in made) == sorted(map(json.dumps, configs))
 
     monkeypatch.setenv("LTH_PACK_MEMORY_GB", str(2.5 * plan.member_bytes(
         sweep.trial_spec({}, 0)) / 2**30))
-    auto = load_sweep(sweep_file(tmp_path, pack="auto", seeds=3, space=space))
+    controls_first = {"control": space["control"], "prune.rate": space["prune.rate"]}  # grid order: no pairs
+    auto = load_sweep(sweep_file(tmp_path, pack="auto", seeds=3, space=controls_first))
     assert plan.pack_size(auto, auto.trial_spec({}, 0)) == 2
-    assert max(len(p) for p in plan.packs(auto, configs)) == 2
+    made = [c[PACK]["trials"] for c in plan.packs(auto, plan.trial_configs(auto)[0])]
+    assert [len(p) for p in made] == [2] * 9  # each a control and its ticket, sharing their trunk
+    assert all(len({shared.trunk_name(from_dict(t["spec"])) for t in p}) == 1 for p in made)
     monkeypatch.setenv("LTH_PACK_MEMORY_GB", "1000")  # then the limit sizes it: more members on a GPU
     assert plan.pack_size(auto, auto.trial_spec({}, 0)) == plan.PACK_LIMIT["cpu"] == 32
     assert plan.pack_size(auto, auto.trial_spec({}, 0).replace(device="cuda")) == plan.PACK_LIMIT["cuda"] == 128
@@ -62,6 +83,35 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     bad = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=0))], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "lth: error: pack: 0 is not allowed; an integer >= 1, or auto"
+
+
+def test_a_trial_spec_is_built_by_path_from_typed_values_never_through_text(tmp_path, monkeypatch):
+    """The driver sets each varied value at its path on the base spec (config.spec_at): the
+    same spec the `--set PATH=TEXT` route gives, with no YAML on the way, for a grid's packs."""
+    import yaml
+
+    from orchestrator import plan
+    from orchestrator.config import apply_overrides, spec_at
+    from orchestrator.sweep_spec import load_sweep
+    from trials.spec import from_dict
+
+    base = digits_base(levels=2)
+    values = {"train.lr": 1.0e6, "prune.rate": 0.25, "prune.layer_rates.hidden.0": 0.5, "model": "lenet_300_100",
+              "control": "reinit", "stability.levels": [1, 2], "stability.copies": 2, "seed": 3}
+    texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in values.items()]
+    assert spec_at(base, values) == from_dict(apply_overrides(base, texts))
+
+    space = {"prune.rate": {"grid": [0.2, 0.5]}, "control": {"grid": ["none", "reinit"]}}
+    sweep = load_sweep(sweep_file(tmp_path, pack=4, seeds=2, space=space))
+
+    def no_text(*args, **kwargs):
+        raise AssertionError("a trial's values went through YAML text")
+
+    monkeypatch.setattr(yaml, "safe_load", no_text)
+    monkeypatch.setattr(yaml, "safe_dump", no_text)
+    made = plan.packs(sweep, plan.trial_configs(sweep)[0])
+    assert sum(len(c["pack"]["trials"]) for c in made) == 8
 
 
 # ---------------------------------------------------------------- real packed sweeps
@@ -138,6 +188,33 @@ def test_a_diverging_member_fails_alone_and_its_pack_goes_on(tmp_path, ray_local
     assert trial.status == "TERMINATED" and trial.run_metadata.num_failures == 0  # not retried for one member
 
 
+def test_imp_and_edge_popup_trials_pack_apart_in_one_sweep(tmp_path, ray_local):
+    """A sweep over `method`: the edge-popup trials pack with each other and the IMP trials
+    with each other (a pack trains weights or scores: packing.trains), each trial with the
+    numbers of `lth trial run` within the pack tolerance (densities exact)."""
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import runner
+    from trials.lottery import run_lottery
+
+    base = {**digits_base(levels=1), "supermask": {"densities": [0.5, 0.3]}}
+    sweep = load_sweep(sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"method": {"grid": ["imp", "edge_popup"]}}))
+    runner.run(sweep)
+    df = csv(tmp_path)
+    assert len(df) == 4 * 2 and set(df.status) == {"TERMINATED"}
+    packs = df.trial_id.str.rsplit("_", n=1).str[0]
+    popup, imp = df[df.method == "edge_popup"], df[df.method == "imp"]
+    assert list(popup.density) == [0.5, 0.3] * 2
+    assert packs[popup.index].nunique() == packs[imp.index].nunique() == 1  # one pack each
+    assert set(packs[popup.index]).isdisjoint(packs[imp.index])
+    for seed in (0, 1):
+        alone = run_lottery(sweep.trial_spec({"method": "edge_popup"}, seed), tmp_path / f"alone{seed}")
+        mine = popup[popup.seed == seed]
+        for col in EXACT:
+            assert [r.flat()[col] for r in alone] == list(mine[col]), col
+        for col in ACCURACIES:
+            assert max(abs(r.flat()[col] - v) for r, v in zip(alone, mine[col])) <= 0.005, col
+
+
 def test_optuna_is_asked_for_a_pack_of_configurations_and_told_each_seed_mean(tmp_path, ray_local):
     import optuna
 
@@ -181,17 +258,7 @@ def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
     pack_dirs = [d for d in (tmp_path / "runs" / "s").iterdir() if list(d.glob("checkpoint_*"))]
     assert len(pack_dirs) == 2
     for pack_dir in pack_dirs:
-        reported = [json.loads(line) for line in (pack_dir / "result.json").read_text().splitlines()]
-        for member in ("m00", "m01"):
-            seen_records: dict = {}
-            for ckpt in sorted(pack_dir.glob("checkpoint_*")):
-                levels = ckpt / member / "levels.jsonl"
-                for line in levels.read_text().splitlines() if levels.exists() else ():
-                    record = json.loads(line)
-                    assert seen_records.setdefault(record["level"], record) == record, "a level trained twice"
-            assert sorted(seen_records) == [0, 1, 2, 3]
-            for r in (n for result in reported for n in result["pack_new"] if n["member"] == int(member[1:])):
-                assert r["seconds"] == seen_records[r["level"]]["seconds"], "a level reported from two trainings"
+        assert_each_level_trained_once(pack_dir, levels=3, members=2)
 
 
 def test_edge_popup_trials_pack_in_a_sweep(tmp_path, ray_local):

@@ -65,7 +65,9 @@ def test_the_table_holds_every_record_and_both_paths_agree(swept):
     assert set(rows["status"]) == {"FINISHED"}
     by_key = {key: [LevelRecord.from_flat(row) for row in part.sort_values("level").to_dict("records")]
               for key, part in rows.groupby("trial_key", observed=True)}
-    for trial in (tmp / "runs" / "read").glob("*/checkpoint_*"):  # the records the trials wrote
+    folders = list((tmp / "runs" / "read").glob("*/checkpoint_*/m*"))  # the records the trials wrote
+    assert len({json.loads((f / "spec.json").read_text())["key"] for f in folders}) == N_TRIALS
+    for trial in folders:
         key = json.loads((trial / "spec.json").read_text())["key"]
         for record in read_lines((trial / "levels.jsonl").read_text()):
             assert by_key[key][record.level] == record

@@ -191,7 +191,7 @@ def test_an_optuna_study_on_s3_is_mirrored_and_a_resume_elsewhere_starts_from_it
         assert mirror == f"s3://{BUCKET}/sweeps/tpe/optuna.db" and str(study).startswith(str(tmp_path / "machine-a"))
         searcher = make_searcher(sweep, "tpe-study", study, mirror)
         searcher.suggest("t1")
-        searcher.on_trial_complete("t1", {"final_test_acc": 0.9})
+        searcher.on_trial_complete("t1", {"pack_members": [{"status": "done", "final_test_acc": 0.9}]})  # a pack of one
         searcher.save(str(tmp_path / "searcher.pkl"))
         assert f"sweeps/tpe/{'optuna.db'}" in s3.keys("sweeps/tpe/")
 

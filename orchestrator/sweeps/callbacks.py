@@ -14,7 +14,6 @@ from ray import tune
 
 from orchestrator.sweeps import packs, progress, results
 from orchestrator.tracking import store
-from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps.storage import checkpoint_dirs
 from trials import layout
 from trials.record import LevelRecord
@@ -23,10 +22,9 @@ from trials.version import code_version
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
 
 
-def trial_meta(sweep, config: dict) -> dict:
-    """What a trial's spec.json holds, computed on the driver from the trial's config."""
-    spec = config_spec(sweep.base, config)
-    return {"key": spec.key, "spec": spec.to_dict(), **code_version()}
+def trial_meta(member: dict) -> dict:
+    """What a trial's spec.json holds, from the member's part of its Tune config (packs.py)."""
+    return {"key": member["key"], "spec": member["spec"], **code_version()}
 
 
 class LevelProgress(tune.Callback):
@@ -56,17 +54,14 @@ class LevelProgress(tune.Callback):
         self.drawn = 0.0  # redraw the live line below it
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if packs.is_pack(trial.config):
-            ids = packs.members(trial.trial_id, trial.config)
-            for new in result.get("pack_new", ()):
-                trial_id, config, _ = ids[new["member"]]
-                self._level(trial_id, config, LevelRecord.from_flat(new))
-            for (trial_id, _, _), state in zip(ids, packs.statuses(result, len(ids))):
-                if state.get("status") == packs.FAILED and trial_id not in self.told:
-                    self.told.add(trial_id)
-                    self._say(f"[{trial_id}] failed: {state['error']}")
-            return
-        self._level(trial.trial_id, trial.config, LevelRecord.from_flat(result))
+        ids = packs.members(trial.trial_id, trial.config)
+        for new in result.get("pack_new", ()):
+            trial_id, member, _ = ids[new["member"]]
+            self._level(trial_id, member["config"], LevelRecord.from_flat(new))
+        for (trial_id, _, _), state in zip(ids, packs.statuses(result, len(ids))):
+            if state.get("status") == packs.FAILED and trial_id not in self.told:
+                self.told.add(trial_id)
+                self._say(f"[{trial_id}] failed: {state['error']}")
 
     def _level(self, trial_id: str, config: dict, r: LevelRecord) -> None:
         if (trial_id, r.level) not in self.seen:
@@ -155,15 +150,15 @@ class MlflowLogger(tune.Callback):
             self.failed = True
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        for trial_id, config, _ in packs.members(trial.trial_id, trial.config):
-            self._try("trial start", lambda: self.tracker.child(trial_meta(self.sweep, config), trial_id))
+        for trial_id, member, _ in packs.members(trial.trial_id, trial.config):
+            self._try("trial start", lambda: self.tracker.child(trial_meta(member), trial_id))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         def log():
             with checkpoint.as_directory() as folder:
                 for trial_id, _, sub in packs.members(trial.trial_id, trial.config):
-                    if (Path(folder) / (sub or "") / layout.SPEC).exists():  # a pack's member not started yet: none
-                        self.tracker.log_checkpoint(Path(folder) / (sub or ""), trial_id)
+                    if (Path(folder) / sub / layout.SPEC).exists():  # a member not started yet: none
+                        self.tracker.log_checkpoint(Path(folder) / sub, trial_id)
 
         self._try("checkpoint", log)
 
@@ -175,10 +170,9 @@ class MlflowLogger(tune.Callback):
 
     def _status(self, trial, status):
         ids = packs.members(trial.trial_id, trial.config)
-        for (_, config, _), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
-            key = trial_meta(self.sweep, config)["key"]
-            mine = RUN_STATUS.get(packs.member_status(state, ""))  # a pack member's own end, if any
-            self._try("status", lambda: self.tracker.set_status(key, mine or status))
+        for (_, member, _), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+            mine = RUN_STATUS.get(packs.member_status(state, ""))  # a member's own end, if any
+            self._try("status", lambda: self.tracker.set_status(member["key"], mine or status))
 
 
 def replay(sweep, tracker_factory, experiment_path: str) -> bool:
@@ -200,8 +194,8 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
                 folders = [Path(tune.Checkpoint(d, filesystem=fs).to_directory(f"{tmp}/{trial.trial_id}/{i}"))
                            for i, d in enumerate(dirs)]
             ids = packs.members(trial.trial_id, trial.config)
-            for (trial_id, config, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+            for (trial_id, member, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
                 status = RUN_STATUS.get(packs.member_status(state, trial.status), "KILLED")
-                mine = [f / (sub or "") for f in folders if (f / (sub or "") / layout.SPEC).exists()]
-                plan.append((trial_id, trial_meta(sweep, config), status, mine))
+                mine = [f / sub for f in folders if (f / sub / layout.SPEC).exists()]
+                plan.append((trial_id, trial_meta(member), status, mine))
         return store.sync(tracker_factory, plan)

@@ -1,11 +1,17 @@
 """A Tune trial's member trials (ARCHITECTURE.md, "Packs in sweeps").
 
-A sweep with `pack: 1` runs one trial per Tune trial, its config the trial's (varied
-paths and seed). With packs, a Tune trial's config is {"pack": [member config, ...]}: the
-trainable runs its members together (trials/lottery.py run_pack) in folders m00, m01, ... of one
-working folder and checkpoints them together, and everything downstream stays per
-trial: each member is a trial with its own id `<tune trial id>_<index>`, MLflow run,
-trials.csv rows and ticket. What the driver needs per member travels in each result:
+Every Tune trial runs a pack of one or more trials, and its config says everything the
+worker needs (orchestrator/plan.py tune_config builds it on the driver, once):
+
+    {"pack": {"trials": [{"config": varied values and seed, "spec": TrialSpec.to_dict(),
+                          "key": the spec's key}, ...],
+              "groups": [{"members": [index, ...], "arithmetic": "alone" | "stacked"}, ...]}}
+
+The trainable (trainable.py) runs each group's members together, in folders m00, m01, ...
+of one working folder, and checkpoints them together; everything downstream stays per
+trial: each member is a trial with its own id (the Tune trial's when it is alone,
+`<tune trial id>_<index>` in a pack of several), MLflow run, trials.csv rows and ticket.
+What the driver needs per member travels in each result:
 
     pack_members   per member: trial_key, seed, status (running / done / stopped /
                    failed), error, stopped_not_matching and its objectives so far
@@ -19,26 +25,23 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-PACK = "pack"  # the Tune config key of a pack's member configs
+PACK = "pack"  # the Tune config key of a pack
 PACK_FILE = "pack.json"
 RUNNING, DONE, STOPPED, FAILED = "running", "done", "stopped", "failed"
 TUNE_STATUS = {DONE: "TERMINATED", STOPPED: "TERMINATED", FAILED: "ERROR"}  # member -> trials.csv status
-
-
-def is_pack(config: dict) -> bool:
-    return PACK in config
 
 
 def member_dir(i: int) -> str:
     return f"m{i:02d}"
 
 
-def members(trial_id: str, config: dict) -> list[tuple[str, dict, Optional[str]]]:
-    """(trial id, trial config, folder in the Tune trial's checkpoints or None = the
-    checkpoint itself) of each trial a Tune trial runs."""
-    if not is_pack(config):
-        return [(trial_id, config, None)]
-    return [(f"{trial_id}_{i:02d}", c, member_dir(i)) for i, c in enumerate(config[PACK])]
+def members(trial_id: str, config: dict) -> list[tuple[str, dict, str]]:
+    """(trial id, the member's {"config", "spec", "key"}, its folder in the Tune trial's
+    checkpoints) of each trial a Tune trial runs."""
+    trials = config[PACK]["trials"]
+    if len(trials) == 1:
+        return [(trial_id, trials[0], member_dir(0))]
+    return [(f"{trial_id}_{i:02d}", t, member_dir(i)) for i, t in enumerate(trials)]
 
 
 def statuses(result: Optional[dict], n: int) -> list[dict]:

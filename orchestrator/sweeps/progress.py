@@ -111,5 +111,5 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
     p.count([state_of(s) if state_of(s) != "pending" or t not in started else "running" for t, s in last.items()])
     if p.units:
         planned = plan.plan(sweep).units
-        p.units_now = len(planned.keys() & UnitStore(sweep.storage, packed=sweep.pack != 1).published_names())
+        p.units_now = len(planned.keys() & UnitStore(sweep.storage, packed=sweep.packed).published_names())
     return p

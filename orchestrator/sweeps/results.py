@@ -1,5 +1,5 @@
 """A sweep's results as rows: one per trial x level, read from Tune's experiment folder
-(a pack's members are trials of their own: orchestrator/sweeps/packs.py).
+(a Tune trial's members are trials of their own: orchestrator/sweeps/packs.py).
 
 Works on a local folder or s3:// / gs:// storage (through pyarrow's filesystems), and
 needs no running Ray instance, so `lth sweep status` is cheap.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Optional
 
 import pandas as pd
 
@@ -30,13 +29,13 @@ def error_line(trial) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
-def stored_records(trial, sub: Optional[str] = None) -> tuple[list[LevelRecord], dict]:
-    """(level records, level -> node id) from the trial's newest checkpoint (`sub`: a pack
-    member's folder in it): the authoritative record (Tune's own result log of a trial
-    that failed over may miss rows)."""
+def stored_records(trial, sub: str) -> tuple[list[LevelRecord], dict]:
+    """(level records, level -> node id) of the member in folder `sub` of the Tune trial's
+    newest checkpoint: the authoritative record (Tune's own result log of a trial that
+    failed over may miss rows)."""
     fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
     for d in reversed(checkpoint_dirs(fs, base)):
-        folder = f"{d}/{sub}" if sub else d
+        folder = f"{d}/{sub}"
         try:
             with fs.open_input_stream(f"{folder}/{layout.LEVELS}") as f:
                 records = read_lines(f.readall().decode())
@@ -58,7 +57,8 @@ def collect(sweep) -> list[dict]:
     for trial in analysis.trials:
         ids = packs.members(trial.trial_id, trial.config)
         trial_error = error_line(trial) if trial.status == "ERROR" else ""
-        for (trial_id, config, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+        for (trial_id, member, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
+            config = member["config"]
             status = packs.member_status(state, trial.status)
             error = state.get("error") or trial_error
             head = {"trial_id": trial_id, "status": status, "error": error if status == "ERROR" else "",
@@ -67,11 +67,9 @@ def collect(sweep) -> list[dict]:
             if not records:
                 rows.append(head)
                 continue
-            result = state if sub else (trial.last_result or {})
-            key = result.get("trial_key")
-            stopped = bool(result.get(STOPPED))  # only a trial's last level can stop it
+            stopped = bool(state.get(STOPPED))  # only a trial's last level can stop it
             for i, record in enumerate(records):
-                row = {**head, "trial_key": key, **record.flat()}
+                row = {**head, "trial_key": member["key"], **record.flat()}
                 row.update(summarise(records[: i + 1], sweep.tolerance))
                 row.update({STOPPED: stopped and i == len(records) - 1, NODE_ID: nodes.get(str(record.level))})
                 rows.append(row)

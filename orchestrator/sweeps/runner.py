@@ -1,5 +1,5 @@
-"""The sweep runner: Ray Tune drives one trainable per IMP run, or per pack of them
-(orchestrator/sweeps/trainable.py, packs.py); the driver's callbacks log progress and MLflow. STORAGE/NAME/ is Tune's
+"""The sweep runner: Ray Tune drives one trainable, each Tune trial a pack of one or more
+trials (orchestrator/sweeps/trainable.py, packs.py); the driver's callbacks log progress and MLflow. STORAGE/NAME/ is Tune's
 experiment folder, with lth's own files beside its state (see storage.py).
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def _share(sweep: Sweep) -> int:
     from orchestrator.sweeps.units import UnitStore, start_broker
 
     p = plan.plan(sweep)
-    on_storage = UnitStore(sweep.storage, packed=sweep.pack != 1).published_names()
+    on_storage = UnitStore(sweep.storage, packed=sweep.packed).published_names()
     published = [name for name in p.units if name in on_storage]
     BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p.units), published)  # alive while held
     print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
@@ -159,11 +159,11 @@ def _share(sweep: Sweep) -> int:
 
 
 def _trainable(sweep: Sweep):
-    from orchestrator.sweeps.trainable import imp_pack, imp_trial
+    from orchestrator.sweeps.trainable import lottery
 
-    share = dict(storage=sweep.storage, sweep=sweep.name, packed=sweep.pack != 1) if sweep.share else None
-    fn = tune.with_parameters(imp_trial if sweep.pack == 1 else imp_pack, base=sweep.base,
-                              tolerance=sweep.tolerance, stop_when_not_matching=sweep.stop_when_not_matching, share=share)
+    share = dict(storage=sweep.storage, sweep=sweep.name, packed=sweep.packed) if sweep.share else None
+    fn = tune.with_parameters(lottery, tolerance=sweep.tolerance,
+                              stop_when_not_matching=sweep.stop_when_not_matching, share=share)
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 
@@ -176,8 +176,8 @@ def _tuner(sweep: Sweep, study_name: str, reused: int = 0):
     # Ray's worker logs. A user's own setting wins.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
-    if sweep.pack != 1:  # a pack's per-member lists in its results are no TensorBoard scalars
-        logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+    # a pack's per-member lists in its results are no TensorBoard scalars
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
     searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
     return tune.Tuner(

@@ -10,8 +10,9 @@ Seeds replicate a configuration: `Replicate` asks the sampler once per configura
 runs it under every seed, and tells the sampler the seed-mean of each objective. A
 configuration stopped by `stop_when_not_matching` is told as PRUNED (no value), one
 whose every seed failed as FAIL. With packs (orchestrator/sweeps/packs.py) a Tune trial
-runs `pack` of these trials (configurations x seeds, in order): the sampler is asked for
-configurations until the pack is full, K at a time when there is one seed.
+runs `pack` of these trials (configurations x seeds, in order; one without packs): the
+sampler is asked for configurations until the pack is full, K at a time when there is one
+seed. The driver builds the pack's typed specs and groups here, as it does a grid's.
 """
 from __future__ import annotations
 
@@ -28,12 +29,10 @@ from orchestrator.sweeps.packs import FAILED, PACK, statuses
 
 
 def grid_space(sweep) -> dict:
-    if sweep.pack != 1:  # one Tune trial per pack (orchestrator/plan.py packs)
-        from orchestrator.plan import packs, trial_configs
+    """One Tune trial per pack (orchestrator/plan.py packs; packs of one without `pack`)."""
+    from orchestrator.plan import packs, trial_configs
 
-        return {PACK: tune.grid_search(packs(sweep, trial_configs(sweep)[0]))}
-    space = {d.path: tune.grid_search(list(d.values)) for d in sweep.space}
-    return {**space, "seed": tune.grid_search(list(sweep.seeds))}
+    return {PACK: tune.grid_search([c[PACK] for c in packs(sweep, trial_configs(sweep)[0])])}
 
 
 def optuna_distributions(sweep) -> dict:
@@ -74,8 +73,7 @@ def make_searcher(sweep, study_name: str, study_path: Optional[Path],
     )
     from orchestrator.plan import pack_of
 
-    return Replicate(inner, list(sweep.seeds), metric, (str(study_path), mirror) if mirror else None,
-                     pack=pack_of(sweep), limit=sweep.search.num_samples)
+    return Replicate(inner, sweep, metric, (str(study_path), mirror) if mirror else None, pack=pack_of(sweep))
 
 
 def num_trials(sweep) -> int:
@@ -112,28 +110,28 @@ def _number(value) -> float:
 
 
 class Replicate(Searcher):
-    def __init__(self, inner: Searcher, seeds: list, metrics: list, mirror: Optional[tuple] = None,
-                 pack: int = 1, limit: Optional[int] = None):
+    def __init__(self, inner: Searcher, sweep, metrics: list, mirror: Optional[tuple] = None, pack: int = 1):
         """`mirror`: (the study's SQLite file, a storage path to copy it to at every save).
         `pack`: trials per Tune trial (orchestrator/sweeps/packs.py): the sampler is asked
-        for configurations until a pack is full. `limit`: configurations to ask for at most."""
+        for configurations until a pack is full, at most the sweep's num_samples in all."""
         super().__init__(metric=None, mode=None)
-        self.inner, self.seeds, self.metrics, self.mirror = inner, seeds, metrics, mirror
-        self.pack, self.limit, self.asked = pack, limit, 0
+        self.inner, self.sweep, self.seeds, self.metrics, self.mirror = inner, sweep, list(sweep.seeds), metrics, mirror
+        self.pack, self.limit, self.asked = pack, sweep.search.num_samples, 0
         self.groups: dict = {}  # primary trial id -> {"config", "members": {trial_id: result|None}}
         self.member_of: dict = {}  # trial id -> primary trial id
         self.open: Optional[str] = None  # the group still handing out seeds
-        self.packs: dict = {}  # pack's Tune trial id -> its members' trial ids
+        self.packs: dict = {}  # pack's Tune trial id -> its members' ids here (the sampler's trials' own)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the inner searcher was configured at construction
 
     def suggest(self, trial_id: str) -> Optional[dict]:
-        if self.pack == 1:
-            return self._trial(trial_id)
+        """A Tune trial's config: a pack of the next trials (orchestrator/plan.py searched_pack)."""
+        from orchestrator.plan import searched_pack
+
         configs, ids = [], []
         for j in range(self.pack):
-            config = self._trial(f"{trial_id}_{j:02d}")  # the member's id (packs.members)
+            config = self._trial(f"{trial_id}_{j:02d}")
             if config is None or config == Searcher.FINISHED:
                 break
             configs.append(config)
@@ -141,7 +139,7 @@ class Replicate(Searcher):
         if not configs:
             return config
         self.packs[trial_id] = ids
-        return {PACK: configs}
+        return searched_pack(self.sweep, configs)
 
     def _trial(self, trial_id: str) -> Optional[dict]:
         if self.open is None or len(self.groups[self.open]["members"]) == len(self.seeds):
@@ -163,9 +161,7 @@ class Replicate(Searcher):
         pass  # the sampler sees one aggregated result per configuration
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if trial_id not in self.packs:
-            return self._complete(trial_id, result, error)
-        ids = self.packs[trial_id]
+        ids = self.packs.get(trial_id, [])
         for member, state in zip(ids, statuses(result, len(ids))):
             failed = error or not state or state.get("status") == FAILED
             self._complete(member, None if failed else state, failed)

@@ -1,11 +1,17 @@
-"""One Tune trial = one IMP run (trials.run_lottery), reporting once per level.
+"""The sweep's one Tune trainable: a Tune trial runs a pack of one or more trials
+(orchestrator/sweeps/packs.py), reporting their new levels and a checkpoint of their
+folders as they go.
 
-Each report carries the level's record, the trial's running summaries and a checkpoint
-of the trial folder as it stands: spec, levels.jsonl, rewind weights and the newest
-level's tensors (earlier levels keep only their record and DONE marker, their tensors
-are in earlier checkpoints). A trial restarted from a checkpoint, on any node, copies it
-back into its working folder and continues at the next level (see persisted_after for
-which checkpoints); levels Tune already has are not reported again.
+The driver built each member's TrialSpec and decided how the members train (which
+together, with which arithmetic) once, in the trial's config (orchestrator/plan.py
+tune_config); this worker runs each group through the engine and decides nothing again.
+Each checkpoint holds the members' folders as they stand: spec, levels.jsonl, rewind
+weights and the tensors of the levels new since the last checkpoint (earlier levels keep
+only their record and DONE marker). A trial restarted from a checkpoint, on any node,
+copies it back (see persisted_after for which checkpoints) and its members go on at their
+next level; levels Tune already has are not reported again. A member that diverges fails
+alone while the others go on; when every member failed, the Tune trial fails (Tune
+retries it, up to the sweep's max_failures).
 """
 from __future__ import annotations
 
@@ -21,7 +27,6 @@ import ray
 from ray import tune
 
 from orchestrator.objectives import STOPPED, matches, summarise
-from orchestrator.sweep_spec import config_spec
 from orchestrator.sweeps import packs
 from orchestrator.sweeps.storage import checkpoint_dirs
 from trials import layout
@@ -30,88 +35,58 @@ from trials.record import LevelRecord, read_lines
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
 
 
-def imp_trial(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool,
-              share: dict | None = None) -> None:
-    """`share`: {"storage", "sweep", "packed"} when the sweep shares work units (units.py), else None."""
-    from trials.lottery import run_lottery
+def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share: dict | None = None) -> None:
+    """Run the Tune trial's pack. `share`: {"storage", "sweep", "packed"} when the sweep
+    shares work units (units.py), else None."""
+    from trials.spec import from_dict
 
-    # one "checkpoint created" line per level per trial drowns the driver's progress lines
+    # one "checkpoint created" line per checkpoint drowns the driver's progress lines
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-
-    spec = config_spec(base, config)
-    node = ray.get_runtime_context().get_node_id()  # which node trained each level (clusters)
-    work = Path(os.getcwd()) / "lottery"
-    registered = tune.get_checkpoint()
-    done_before = _level(registered)  # levels after Tune's checkpoint are reported (again: never lost)
-    restore([registered] + persisted_after(done_before) if registered else persisted_after(-1), work)
-    data = _data(spec, work)
-    store = _unit_store(share, [spec], data) if share else None
-    waited = store.waited if store else 0.0
-    records: list[LevelRecord] = []
-    nodes_file = work / layout.NODES  # level -> Ray node id that trained it, kept in the checkpoints
-
-    def report(record: LevelRecord, out) -> bool:
-        records.append(record)
-        summary = summarise(records, tolerance)
-        stop = stop_when_not_matching and not matches(record, records[0], tolerance)
-        trained_on = note_node(nodes_file, record.level, node)
-        if record.level > done_before:
-            metrics = {**record.flat(), **summary, "trial_key": spec.key, "seed": spec.seed,
-                       STOPPED: stop, "node_id": trained_on,
-                       "unit_wait_s": store.waited - waited if store else 0.0}
-            with tempfile.TemporaryDirectory() as tmp:
-                snapshot(work, Path(tmp), record.level)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        return stop
-
-    run_lottery(spec, work, report=report, data=data, units=store,
-                arithmetic=store.producer.arithmetic if store else "alone")
-
-
-def imp_pack(config: dict, base: dict, tolerance: float, stop_when_not_matching: bool,
-             share: dict | None = None) -> None:
-    """One Tune trial = a pack of trials (orchestrator/sweeps/packs.py). Members sharing a
-    packing.pack_key train together through trials.lottery.run_pack, the others alone through
-    run_lottery, one group after the other, in this process."""
-    from trials.lottery import run_lottery
-    from trials.lottery import run_pack
-    from trials.packing import pack_key
-    from trials.training import TrainingDiverged
-
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    specs = [config_spec(base, c) for c in config[packs.PACK]]
+    specs = [from_dict(t["spec"]) for t in config[packs.PACK]["trials"]]
     work = Path(os.getcwd()) / "lottery"
     registered = tune.get_checkpoint()
     restore([registered] + persisted_after(_level(registered)) if registered else persisted_after(-1), work)
     pack = _Pack(specs, work, registered, tolerance, stop_when_not_matching)
-    groups: dict = {}
-    for i, spec in enumerate(specs):
-        if pack.status[i]["status"] == packs.RUNNING:
-            key = pack_key(spec)
-            groups.setdefault(i if key is None else key, []).append(i)  # an int: a trial that runs alone
-    for key, group in groups.items():
-        data = _data(specs[group[0]], work)
-        pack.store = _unit_store(share, [specs[i] for i in group], data) if share else None
-        if isinstance(key, int):
-            i = group[0]
-            try:
-                run_lottery(specs[i], pack.outs[i], data=data, units=pack.store,
-                            report=lambda record, out, i=i: pack.report(i, record, flush=True))
-            except TrainingDiverged as e:
-                pack.fail(i, e)
-        else:
-            errors: dict = {}
-            run_pack([specs[i] for i in group], [pack.outs[i] for i in group], data=data, errors=errors,
-                     units=pack.store, after_level=lambda level: pack.flush(),
-                     report=lambda record, out: pack.report(pack.outs.index(Path(out)), record))
-            for j, e in errors.items():
-                pack.fail(group[j], e)
-        pack.finish(group)
+    errors: list = []
+    for group in config[packs.PACK]["groups"]:
+        todo = [i for i in group["members"] if pack.status[i]["status"] == packs.RUNNING]
+        if not todo:
+            continue
+        data = _data(specs[todo[0]], work)
+        pack.store = _unit_store(share, [specs[i] for i in todo], data) if share else None
+        pack.waited = pack.store.waited if pack.store and pack.waited is None else pack.waited
+        for i, e in train(pack, todo, data, group["arithmetic"]).items():
+            pack.fail(i, e)
+            errors.append(e)
+        pack.finish(todo)
+    if errors and all(state["status"] == packs.FAILED for state in pack.status):
+        raise errors[0]  # nothing of the pack went on: the Tune trial fails (its checkpoint: members running)
     pack.flush()
 
 
+def train(pack: "_Pack", todo: list, data, arithmetic: str) -> dict:
+    """Members `todo` of the pack trained together through the engine (trials/lottery.py:
+    run_lottery for one, run_pack for several); member -> the exception of each that failed."""
+    from trials.lottery import run_lottery, run_pack
+    from trials.training import TrainingDiverged
+
+    if len(todo) > 1:
+        errors: dict = {}
+        run_pack([pack.specs[i] for i in todo], [pack.outs[i] for i in todo], data=data, errors=errors,
+                 units=pack.store, after_level=lambda level: pack.flush(), arithmetic=arithmetic,
+                 report=lambda record, out: pack.report(pack.outs.index(Path(out)), record))
+        return {todo[j]: e for j, e in errors.items()}
+    (i,) = todo
+    try:
+        run_lottery(pack.specs[i], pack.outs[i], data=data, units=pack.store, arithmetic=arithmetic,
+                    report=lambda record, out: pack.report(i, record, flush=True))
+    except TrainingDiverged as e:
+        return {i: e}
+    return {}
+
+
 class _Pack:
-    """imp_pack's bookkeeping: the members' records and statuses, and the reports to Tune."""
+    """The trainable's bookkeeping: the members' records and statuses, and the reports to Tune."""
 
     def __init__(self, specs: list, work: Path, registered, tolerance: float, stop_when_not_matching: bool):
         self.specs, self.work, self.tolerance, self.stop_when = specs, work, tolerance, stop_when_not_matching
@@ -133,7 +108,7 @@ class _Pack:
         self.new: list = []
         self.changed = False
         self.store = None
-        self.waited = 0.0
+        self.waited = None  # the process's store's seconds waited when this trial first used it
 
     def report(self, i: int, record: LevelRecord, flush: bool = False) -> bool:
         records = self.records[i]
@@ -171,10 +146,9 @@ class _Pack:
             summary = summarise(self.records[i], self.tolerance) if self.records[i] else {}
             members.append({"trial_key": spec.key, "seed": spec.seed, **self.status[i],
                             STOPPED: self.status[i]["status"] == packs.STOPPED, **summary})
-        waited = self.store.waited if self.store else 0.0
+        waited = self.store.waited - self.waited if self.store else 0.0  # in this trial so far
         metrics = {"pack_members": members, "pack_new": self.new, "pack_reports": self.reports,
-                   "node_id": self.node, "unit_wait_s": max(0.0, waited - self.waited)}
-        self.waited = waited
+                   "node_id": self.node, "unit_wait_s": waited}
         with tempfile.TemporaryDirectory() as tmp:
             files = []
             for i, out in enumerate(self.outs):
@@ -241,8 +215,7 @@ def snapshot(work: Path, dest: Path, level: int, root: Optional[Path] = None) ->
 
 
 def _level(checkpoint) -> int:
-    """How far a checkpoint is (-1: no checkpoint): a trial's last level, a pack's count of
-    reports (orchestrator/sweeps/packs.py)."""
+    """How far a checkpoint is (-1: no checkpoint): its count of reports (packs.PACK_FILE)."""
     if checkpoint is None:
         return -1
     return _progress(checkpoint.filesystem, checkpoint.path)[0]
@@ -259,14 +232,10 @@ def note_node(nodes_file: Path, level: int, node: str) -> str:
 
 def _progress(fs, path: str) -> tuple[int, bool]:
     """(_level of the checkpoint in storage at `path`, whether all its files are there)."""
-    import pyarrow.fs
-
     pack = packs.read_pack_file(fs, path)
-    if pack is not None:
-        return pack["reports"], packs.complete(fs, path, pack)
-    newest = _member_level(fs, path)
-    done = fs.get_file_info(f"{path}/{layout.level_dir(newest)}/{layout.DONE}").type == pyarrow.fs.FileType.File
-    return newest, done
+    if pack is None:
+        raise ValueError(f"no {packs.PACK_FILE} in {path}")
+    return pack["reports"], packs.complete(fs, path, pack)
 
 
 def _member_level(fs, path: str) -> int:
