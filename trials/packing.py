@@ -29,8 +29,9 @@ def check_pack(specs: list, outs: list) -> None:
         raise ConfigError("pack", [str(o) for o in outs], "allowed: a distinct folder per member")
     first = specs[0]
     for i, s in enumerate(specs):
-        if s.method != "imp":
-            raise ConfigError("method", s.method, "allowed in a pack: imp (edge-popup trials run one per process)")
+        if s.method == "edge_popup":
+            raise ConfigError("method", s.method, "allowed in a pack: every method but edge_popup "
+                              "(edge-popup trials run one per process)")
         for path, a, b in (("model.name", s.model.name, first.model.name), ("model.width", s.model.width, first.model.width),
                            ("dataset", s.dataset, first.dataset), ("device", s.device, first.device),
                            *((f"train.{f}", getattr(s.train, f), getattr(first.train, f)) for f in SHARED_TRAIN)):
