@@ -222,6 +222,10 @@ def test_same_seed_same_numbers_and_reinit_differs(tmp_path):
     assert not (tmp_path / "r" / "imp").exists()  # an at-init control needs no IMP run
     ma, mr = (load_tensors(p / "level_01" / "mask.safetensors") for p in (tmp_path / "a", tmp_path / "r"))
     assert all(torch.equal(ma[k], mr[k]) for k in ma) and r[1].test_acc != a[1].test_acc
+    # its ticket starts from the fresh init (rewind.safetensors); its method scored the trial's init
+    ra, rr, scored = (load_tensors(p) for p in (tmp_path / "a" / "rewind.safetensors",
+                                                tmp_path / "r" / "rewind.safetensors", tmp_path / "r" / "scored.safetensors"))
+    assert all(torch.equal(ra[k], scored[k]) for k in ra) and not torch.equal(ra["hidden.0.weight"], rr["hidden.0.weight"])
 
 
 def test_a_pack_agrees_with_alone(tmp_path):
@@ -286,7 +290,7 @@ def test_sweep_of_methods_and_controls_gives_one_table_and_plot(tmp_path, ray_lo
     base = tiny("imp")
     sweep = {"name": "pai", "experiment": "pai", "base": base, "resources": {"cpu": 1}, "max_concurrent": 2,
              "storage": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-             "space": {"method": {"grid": ["imp", "snip", "synflow"]}, "control": {"grid": ["none", "shuffle"]}},
+             "space": {"method": {"grid": ["imp", "snip", "synflow"]}, "control": {"grid": ["none", "shuffle", "reinit"]}},
              "seeds": 1, "pack": 3}
     path = tmp_path / "pai.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -294,16 +298,34 @@ def test_sweep_of_methods_and_controls_gives_one_table_and_plot(tmp_path, ray_lo
 
     runner.run(load_sweep(path))
     df = pd.read_csv(tmp_path / "runs" / "pai" / "trials.csv")
-    assert len(df) == 6 * 3 and set(df.status) == {"TERMINATED"}
+    assert len(df) == 9 * 3 and set(df.status) == {"TERMINATED"}
     dense = df[df.level == 0]
     assert dense.test_acc.nunique() == 1  # one dense run, shared by every method and control
     runs = analysis.runs("pai", f"sqlite:///{tmp_path}/mlflow.db")
     table = analysis.ablation(runs, ["method", "control"])
-    assert table.rows == ["method", "control"] and len(table.groups()) == 6 and table.dense["n"] == 1
+    assert table.rows == ["method", "control"] and len(table.groups()) == 9 and table.dense["n"] == 1
     text = analysis.to_markdown(table)
     assert "| synflow | shuffle |" in text and "| imp | none |" in text
     out = analysis.imp_curves(runs, ["method", "control"], tmp_path / "p.png")
     assert out.exists()
+    # a ticket of each at-init trial exports and gives its recorded accuracy; reinit's starts fresh
+    from orchestrator.tracking import tickets
+    from trials.tickets import load_ticket
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = tickets.best("pai", uri, top=100)
+    chosen = {}
+    for r in rows:
+        run = runs[(runs.run_id == r["run_id"]) & (runs.level == r["level"])].iloc[0]
+        if r["level"] == 2 and run["method"] != "imp":
+            chosen.setdefault((run["method"], run["control"]), r)
+    assert len(chosen) == 6
+    for (method, control), r in chosen.items():
+        folder = tickets.export(r["run_id"], 2, tmp_path / f"t_{method}_{control}", uri)
+        ticket = load_ticket(folder)
+        assert ticket.spec.method == method and ticket.evaluate()[1] == ticket.record.test_acc
+        rewind = load_ticket(folder, weights="rewind")
+        assert ticket.record.density == pytest.approx(masks.density(rewind.mask, masks.Layers.of(rewind.model)))
 
 
 def test_example_sweep_is_valid():

@@ -58,7 +58,3 @@ def needs_imp(spec) -> bool:
     """Whether the trial runs an IMP trajectory in OUT/imp/ beside its own levels."""
     return spec.control != "none" and not at_init.applies(spec)
 
-
-def to(state: dict, device) -> dict:
-    return {k: v.to(device) for k, v in state.items()}
-

@@ -48,7 +48,7 @@ from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
 from trials.stacked import Stacked
-from trials.store import TrialDir, save_tensors, state_of
+from trials.store import TrialDir, load_tensors, save_tensors, state_of
 from trials.supermask import EdgePopup
 from trials.training import Alone, Job, train_members
 
@@ -104,18 +104,28 @@ class Member:
         prunes at init scores its rewind point instead (at_init.level_mask)."""
         k = self.spec.rewind_iteration
         if level == 0:
-            hooks = {**(keep or {}), k: self.trial.save_rewind}
+            hooks = {**(keep or {}), k: self.save_rewind}
             if keep and k in keep:
-                hooks[k] = lambda state: (keep[k](state), self.trial.save_rewind(state))
+                hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
             return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
         if at_init.applies(self.spec):
-            mask = at_init.level_mask(self.spec, level, self.trial.rewind(self.device), self.layers, self.data)
+            scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
+            weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
+            mask = at_init.level_mask(self.spec, level, weights, self.layers, self.data)
         elif imp is None:
             mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
         else:
             mask = controls.mask(self.spec, level, imp.trial, self.trial, self.layers)
         start, schedule = stability.retraining(self.spec, level)
         return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+
+    def save_rewind(self, state: dict) -> None:
+        """The rewind point; a reinit control at init keeps it as the point its method scores
+        and starts from a fresh init (ARCHITECTURE.md, "Pruning at initialization")."""
+        if at_init.applies(self.spec) and self.spec.control == "reinit":
+            save_tensors(self.out / layout.SCORED, state)
+            state = controls.fresh(self.spec, self.info)
+        self.trial.save_rewind(state)
 
     def control_dense(self, imp: "Member", record: LevelRecord) -> LevelRecord:
         """A control's level 0: its IMP run's (record included), from its own rewind point."""
@@ -125,9 +135,7 @@ class Member:
 
     def start_weights_of(self, level: int) -> dict:
         """Where level `level` starts: the rewind point (level 0's copies, weight_rewind), or
-        level L-1's final weights (lr_rewind, finetune); reinit at init: a fresh init."""
-        if level and at_init.applies(self.spec) and self.spec.control == "reinit":
-            return controls.to(controls.fresh(self.spec, self.info), self.device)
+        level L-1's final weights (lr_rewind, finetune)."""
         if level == 0 or self.spec.retrain == "weight_rewind":
             return self.trial.rewind(self.device)
         return self.trial.final(level - 1)

@@ -270,7 +270,7 @@ class Shared:
         if level == 0:
             for i in group:
                 m = self.members[i]
-                m.trial.save_rewind(point(m.spec, folder, self.units, self.data, m.device, self.producer))
+                m.save_rewind(point(m.spec, folder, self.units, self.data, m.device, self.producer))
             if self.measure:
                 fields = self.measure([(i, 0, masks.ones(self.members[i].layers)) for i in group])
         out = {}
