@@ -27,10 +27,10 @@ METHODS = at_init.METHODS
 
 def chain(*sizes, bias=False, relu=True):
     """Linear layers d -> h -> ... -> c, ReLU between (a LeNet without its flatten)."""
+    torch.manual_seed(0)
     layers = []
     for a, b in zip(sizes, sizes[1:]):
         layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
-    torch.manual_seed(0)
     net = nn.Sequential(*(layers[:-1] if relu else layers[::2])).double()
     return net, masks.Layers.of(net)
 
@@ -55,7 +55,32 @@ def test_synflow_on_a_chain_of_linear_layers_is_its_closed_form():
     assert (net[0].weight >= 0).all()
 
 
-def test_synflow_counts_per_round_follow_the_exponential_schedule_and_end_exact():
+def test_synflow_linearises_batchnorm_buffers_too_and_runs_in_eval_mode():
+    """With BatchNorm in eval mode, y = γ(x - μ)/√(σ² + ε) + β: after |·| of every parameter
+    and buffer, R on a chain Linear -> BN -> Linear is |W2| diag(|γ|/√(|σ²|+ε)) (|W1|1 - |μ|) + ... ."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False)).double()
+    with torch.no_grad():
+        net[1].running_mean.copy_(-torch.rand(4).double() * 0.1)
+        net[1].running_var.copy_(torch.rand(4).double() + 0.5)
+        net[1].weight.copy_(-torch.rand(4).double())
+        net[1].bias.copy_(-torch.rand(4).double())
+    layers = masks.Layers.of(net)
+    w1, w2 = net[0].weight.detach().abs(), net[2].weight.detach().abs()
+    mu, var = net[1].running_mean.abs(), net[1].running_var.abs()
+    gamma, beta = net[1].weight.detach().abs(), net[1].bias.detach().abs()
+    keep = {n: torch.ones(math.prod(layers.shapes[layers.weight(n)]), dtype=torch.bool) for n in layers.names}
+    lin = at_init.synflow_net(net)
+    assert not lin.training and all((b >= 0).all() for b in lin.buffers() if b.is_floating_point())
+    scores = at_init.synflow_scores(lin, layers, (3,), keep)
+    scale = gamma / torch.sqrt(var + net[1].eps)
+    x = torch.ones(3, dtype=torch.float64)
+    h = scale * (w1 @ x - mu) + beta
+    assert torch.allclose(scores["2"], (w2 * torch.outer(torch.ones(2, dtype=torch.float64), h)).flatten())
+    assert torch.allclose(scores["0"], (w1 * torch.outer(scale * (w2.T @ torch.ones(2, dtype=torch.float64)), x)).flatten())
+
+
+def test_synflow_rounds_end_at_the_exact_count_and_one_round_is_the_top_k():
     net, layers = chain(6, 5, 4)
     alone, pool, count = {}, list(layers.names), 7
     keep, first = at_init.synflow(net, layers, (6,), 3, alone, pool, count)

@@ -1,5 +1,6 @@
-"""TrialSpec: a frozen, typed, validated description of one trial: an IMP run, or an
-edge-popup supermask search (`method`, trials/supermask.py).
+"""TrialSpec: a frozen, typed, validated description of one trial: an IMP run, an
+edge-popup supermask search (`method`, trials/supermask.py), or pruning at initialization
+(trials/at_init.py).
 
 Groups follow open_lth's hyperparameter groups. Help text lives with each field
 (``metadata["help"]``). A field marked ``key=False`` says where the run happens, not
@@ -152,7 +153,8 @@ class TrialSpec:
     model: ModelSpec = _f(ModelSpec(), "the network", shorthand="name")
     dataset: DatasetSpec = _f(DatasetSpec(), "the data", shorthand="name")
     train: TrainSpec = _f(TrainSpec(), "how each level trains")
-    prune: PruneSpec = _f(PruneSpec(), "how each level prunes (method=imp)")
+    prune: PruneSpec = _f(PruneSpec(), "how each level prunes (method=imp); its counts per level (rate, "
+                                       "layer_rates, output_rate, levels) are also those of pruning at init")
     supermask: SupermaskSpec = _f(SupermaskSpec(), "what each level searches (method=edge_popup)")
     at_init: AtInitSpec = _f(AtInitSpec(), "how a method that prunes at initialization scores (snip, grasp, "
                                            "synflow, magnitude_init, random_init)")
@@ -162,7 +164,7 @@ class TrialSpec:
         "from level 0's weights at k, schedule from k; lr_rewind = from level L-1's final weights, "
         "learning-rate schedule and data order replayed from k; finetune = from level L-1's final "
         "weights at the final learning rate, for the same T-k iterations. control=reinit needs "
-        "weight_rewind, and so does method=edge_popup"
+        "weight_rewind, and so do method=edge_popup and the methods that prune at init"
     )
     stability: StabilitySpec = _f(StabilitySpec(), "instability analysis of chosen levels (method=imp only)")
     control: Literal["none", "reinit", "random_prune", "shuffle", "invert"] = _f(
