@@ -13,7 +13,8 @@ import pandas as pd
 
 from trials.errors import ConfigError
 
-MARKERS = {"imp": "o", "edge_popup": "s"}  # matplotlib markers by method
+MARKERS = {"imp": "o", "edge_popup": "s", "snip": "^", "grasp": "v", "synflow": "D", "magnitude_init": "P",
+           "random_init": "x"}  # matplotlib markers by method
 PANELS = (("test_acc_at_early_stop", "test accuracy at early stop (%)", 100),
           ("early_stop_iteration", "early-stop iteration", 1))
 

@@ -7,6 +7,10 @@ A cell is the mean ± sample std over the group's trials (seeds) with n; a cell 
 trial is missing, never zero. Marks: the best cell per column, and cells that match the
 dense network by the rule in `MATCH_RULE`.
 
+Methods that prune at initialization (snip, grasp, ...) keep IMP's count at every level, so
+they share IMP's columns, levels or densities, as rows of their own (`method` joins the rows
+whenever runs mix methods), each matched against its own row's dense level 0.
+
 Supermasks (method=edge_popup) have no dense level: their level 0 is their densest
 supermask. They are grouped apart from IMP (`method` joins the rows), their columns must
 be target densities when methods are mixed, and the dense baseline, which they are
@@ -67,8 +71,8 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
         raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
     df = df.copy()
     df["method"] = methods(df)
-    if "method" not in rows and (df["method"] == "edge_popup").any():
-        rows = ["method", *rows]  # supermasks and tickets are never averaged together
+    if "method" not in rows and df["method"].nunique() > 1:
+        rows = ["method", *rows]  # methods (supermasks, tickets, pruning at init) are never averaged together
     df[rows] = df[rows].astype(str)
     extra = {"instability": ("stability_error_barrier", "mean")} if has_instability(df) else {}
     stats = (df.groupby(rows + ["level"], dropna=False)
@@ -78,9 +82,10 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     stats["std"] = stats["std"].fillna(0.0)  # n = 1: no spread to report
     if densities is None:
         rates = df["prune.rate"].nunique() if "prune.rate" in df else 1
-        if rates > 1 or df["method"].nunique() > 1:
-            raise ConfigError("--density", None, "these rows use different prune rates or methods, so a level "
-                              "is not a density; give target densities, e.g. --density 1,0.5,0.2,0.1")
+        if rates > 1 or (df["method"] == "edge_popup").any() and df["method"].nunique() > 1:
+            raise ConfigError("--density", None, "these rows use different prune rates, or supermasks beside "
+                              "other methods, so a level is not a density; give target densities, e.g. "
+                              "--density 1,0.5,0.2,0.1")
         cells = stats.assign(column=stats["level"].map(lambda lv: f"L{lv}"))
         columns = [f"L{lv}" for lv in sorted(stats["level"].unique())]
     else:

@@ -7,7 +7,8 @@ stop_when_not_matching, or a rerun after a failure, changes the real count):
     without sharing  each IMP trial: T (dense) + L x (T - k); a control also reruns IMP
     with sharing     each dense run once per dense key (all its rewind points kept in one
                      run), each trunk level once per trunk key, and each control's own
-                     L x (T - k); edge-popup trials are never shared
+                     L x (T - k); edge-popup trials are never shared; a trial that prunes
+                     at init shares its dense run and trains its own L x (T - k)
 
 Grid sweeps are planned exactly. Random/Optuna searches pick their configurations as
 they run: the plan draws `num_samples` configurations at random from the space to estimate.
@@ -211,8 +212,11 @@ def trial_cost(spec) -> tuple[int, int]:
     t = spec.train.iterations
     if not shared.shareable(spec):
         return 0, t * (spec.last_level + 1)
-    trunk = t + spec.prune.levels * (t - spec.rewind_iteration)
-    own = 0 if spec.control == "none" else spec.prune.levels * (t - spec.rewind_iteration)
+    levels = spec.prune.levels * (t - spec.rewind_iteration)
+    if not shared.shares_levels(spec):  # pruning at init: the dense run is shared, its levels are its own
+        return t, levels
+    trunk = t + levels
+    own = 0 if spec.control == "none" else levels
     return trunk, own
 
 

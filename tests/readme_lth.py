@@ -15,6 +15,8 @@ SWEEP_RUN = {
     "lenet_mnist_ablation.yaml": ["seeds=1", "base.prune.levels=1", "base.train.iterations=520",
                                   "base.train.eval_interval=260", "resources.gpu=0", "max_concurrent=2"],
     "demo_digits.yaml": ["seeds=1", "base.prune.levels=1", "base.train.iterations=60", "base.train.eval_interval=30"],
+    "prune_at_init.yaml": ["seeds=1", "base.prune.levels=1", "base.train.iterations=60", "base.train.eval_interval=30",
+                           "space.control={grid: [none, shuffle]}", "max_concurrent=1"],
     "stability_conv2_digits.yaml": ["seeds=1", "base.prune.levels=1", "base.stability.levels=[0, 1]",
                                     "base.train.iterations=40", "base.train.eval_interval=20",
                                     "space.rewind_iteration={grid: [0, 16]}"],

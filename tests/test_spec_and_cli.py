@@ -99,7 +99,7 @@ BAD = [
     (with_(QUICK, "train.batch_size", "big"), "train.batch_size"),
     (with_(QUICK, "train.milestones", [40, 20]), "train.milestones"),
     (with_(QUICK, "dataset.name", "mnist1d") | {"model": "conv2"}, "model.name"),
-    ({**QUICK, "control": "shuffle"}, "control"),
+    ({**QUICK, "control": "scramble"}, "control"),
     ({**QUICK, "device": "tpu"}, "device"),
     (with_(QUICK, "train.batch_size", 5000), "train.batch_size"),  # larger than digits' train split
 ]

@@ -9,6 +9,8 @@ the sweep runner's checkpoints, MLflow artifacts, tickets and analysis. ARCHITEC
     OUT/level_XX/final.safetensors trained weights at the end of level XX
     OUT/level_XX/record.json       that level's record
     OUT/level_XX/DONE              written last
+    OUT/scored.safetensors         control=reinit of a method that prunes at init: the rewind
+                                   point its method scores (its rewind.safetensors is the fresh init)
     OUT/imp/                       a control's IMP trajectory (a trial folder of its own)
     OUT/nodes.json                 sweeps only: level -> Ray node that trained it
     OUT/units.json                 shared sweeps only: the work units it used (trials/shared.py)
@@ -24,6 +26,7 @@ from typing import Optional
 SPEC = "spec.json"
 LEVELS = "levels.jsonl"
 REWIND = "rewind.safetensors"
+SCORED = "scored.safetensors"
 MASK = "mask.safetensors"
 FINAL = "final.safetensors"
 RECORD = "record.json"

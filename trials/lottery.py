@@ -15,14 +15,10 @@ spec.stability (Frankle et al. 2020): at the levels it names, trials/stability.p
 copies train from the level's start with other SGD noise and their error barrier goes
 into the level's record, before the level is written (`instability`).
 
-Controls record the control network's numbers at IMP's masks/densities. They run the
-IMP trajectory themselves in OUT/imp/ (a full trial folder, a member of its own here)
-because their masks or densities come from it:
-    reinit        IMP's level-L mask on a fresh random init (one init per trial, from a
-                  seed derived from `seed`), trained k..end like the ticket
-    random_prune  random masks, nested across levels, with exactly IMP's per-layer counts
-                  of weights (units when structured), on the ticket's rewind weights
-A control's level 0 is IMP's dense network: density 1 has no mask to control for.
+Controls (trials/controls.py) record the control network's numbers at the method's masks
+or densities; an IMP control runs the IMP trajectory itself in OUT/imp/ (a member of its own).
+A method that prunes at initialization (trials/at_init.py: snip, grasp, synflow, ...) runs
+level 0 as IMP does, and at level L scores its rewind point to IMP's level-L counts.
 
 One runner, `run_pack`: a trial is a pack of one (`run_lottery`). Each `Member` builds
 its level's Job; `Training` runs the level's jobs with the arithmetic the caller names:
@@ -48,14 +44,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import datasets, layout, masks, models, pruning, shared, stability
+from trials import at_init, controls, datasets, layout, masks, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
 from trials.stacked import Stacked
-from trials.store import TrialDir, save_tensors, state_of
+from trials.store import TrialDir, load_tensors, save_tensors, state_of
 from trials.supermask import Search, Searcher, StackedSearch, Supermask
-from trials.training import Alone, Job, rng, train_members
+from trials.training import Alone, Job, train_members
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,27 +72,6 @@ def prepare(spec, out, device=None):
     return data, device
 
 
-def control_start(spec, imp: TrialDir, info) -> dict:
-    """A control's rewind point: its IMP run's (random_prune) or a fresh init (reinit, which
-    spec validation allows with retrain=weight_rewind only)."""
-    if spec.control == "random_prune":
-        return imp.rewind()
-    fresh_seed = rng(spec.seed, "reinit").initial_seed()
-    return state_of(models.build(spec.model, info, seed=fresh_seed, device="cpu"))
-
-
-def control_mask(spec, level: int, imp: TrialDir, trial: TrialDir, layers) -> dict:
-    """A control's level-L mask: IMP's (reinit), or random masks nested in the control's
-    level L-1 mask with exactly IMP's per-layer counts (random_prune)."""
-    imp_mask = imp.mask(level)
-    if spec.control == "reinit":
-        return imp_mask
-    units = spec.prune.kind == "structured"
-    return pruning.prune(spec.prune, trial.final(level - 1), trial.mask(level - 1), layers, strategy="random",
-                         targets=pruning.counts(imp_mask, layers, units),
-                         generator=rng(spec.seed, "random_prune", level))
-
-
 class PackFailed(RuntimeError):
     """Members of a pack failed; the others finished. `errors`: member index -> exception."""
 
@@ -113,7 +88,7 @@ class Member:
 
     def __init__(self, spec, out: Path, data, device, ledger: Optional[Path] = None):
         """`ledger`: its units.json (a control's IMP trunk member writes its control's)."""
-        self.spec, self.device, self.out, self.info = spec, device, Path(out), data.info
+        self.spec, self.device, self.out, self.info, self.data = spec, device, Path(out), data.info, data
         self.ledger = ledger or self.out / layout.UNITS
         self.trial = TrialDir(out, spec)
         self.trial.begin()
@@ -124,25 +99,38 @@ class Member:
     def job(self, level: int, keep: Optional[dict] = None, imp: Optional["Member"] = None) -> Job:
         """Level 0 from init keeping the rewind point at k (and handing the iterations in
         `keep` to their callbacks); level L prunes L-1's final weights (a control: takes
-        control_mask(L) of its IMP run `imp`) and starts where spec.retrain says
+        controls.mask(L) of its IMP run `imp`) and starts where spec.retrain says
         (stability.retraining): the survivors at the rewind point, or L-1's final weights
-        under the new mask (lr_rewind, finetune), in this member's own folder."""
+        under the new mask (lr_rewind, finetune), in this member's own folder. A method that
+        prunes at init scores its rewind point instead (at_init.level_mask)."""
         k = self.spec.rewind_iteration
         if level == 0:
-            hooks = {**(keep or {}), k: self.trial.save_rewind}
+            hooks = {**(keep or {}), k: self.save_rewind}
             if keep and k in keep:
-                hooks[k] = lambda state: (keep[k](state), self.trial.save_rewind(state))
+                hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
             return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
-        if imp is None:
+        if at_init.applies(self.spec):
+            scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
+            weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
+            mask = at_init.level_mask(self.spec, level, weights, self.layers, self.data)
+        elif imp is None:
             mask = pruning.prune(self.spec.prune, self.trial.final(level - 1), self.trial.mask(level - 1), self.layers)
         else:
-            mask = control_mask(self.spec, level, imp.trial, self.trial, self.layers)
+            mask = controls.mask(self.spec, level, imp.trial, self.trial, self.layers)
         start, schedule = stability.retraining(self.spec, level)
         return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
 
+    def save_rewind(self, state: dict) -> None:
+        """The rewind point; a reinit control at init keeps it as the point its method scores
+        and starts from a fresh init (ARCHITECTURE.md, "Pruning at initialization")."""
+        if at_init.applies(self.spec) and self.spec.control == "reinit":
+            save_tensors(self.out / layout.SCORED, state)
+            state = controls.fresh(self.spec, self.info)
+        self.trial.save_rewind(state)
+
     def control_dense(self, imp: "Member", record: LevelRecord) -> LevelRecord:
         """A control's level 0: its IMP run's (record included), from its own rewind point."""
-        self.trial.save_rewind(control_start(self.spec, imp.trial, self.info))
+        self.trial.save_rewind(controls.start(self.spec, imp.trial, self.info))
         self.trial.copy_level(imp.trial, 0, record)
         return record
 
@@ -307,7 +295,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
                for spec, out in zip(specs, outs)]
     trunk: dict = {}  # a control member -> its IMP run, a member of its own in OUT/imp/ (not reported)
     for i, spec in enumerate(specs):
-        if spec.control != "none" and spec.method == "imp":
+        if controls.needs_imp(spec):
             trunk[i] = len(members)
             members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
                                   ledger=Path(outs[i]) / layout.UNITS))
@@ -325,10 +313,12 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
                           measure=dense_instability or level > 0)
 
     def imp_levels(todo: list, level: int) -> dict:
-        """Level `level` of IMP members (tickets and controls' trunks): trained, or from units."""
-        if sharing:
-            return sharing.level(todo, level)
-        return train({i: members[i].job(level) for i in todo}, level) if todo else {}
+        """Level `level` of members with no trunk: trained, or from units (IMP's levels, every
+        dense level; an at-init level is its trial's own)."""
+        units = [i for i in todo if sharing and (level == 0 or shared.shares_levels(members[i].spec))]
+        own = [i for i in todo if i not in units]
+        out = sharing.level(units, level) if units else {}
+        return {**out, **(train({i: members[i].job(level) for i in own}, level) if own else {})}
 
     def searches(todo: list, level: int) -> dict:
         """Level `level` of edge-popup members: searched together (the random_prune control: untrained)."""

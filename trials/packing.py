@@ -4,7 +4,8 @@ members share the model architecture (`model.name`, `width`), the dataset,
 `train.batch_size`, `iterations`, `eval_interval`, `precision`, `optimizer` and the
 device; everything else may differ: seed, `model.init`, the learning-rate schedule,
 weight decay, momentum, `prune.*`, `rewind_iteration`, `control`, `retrain`,
-`stability`. Edge-popup trials pack with edge-popup trials (they train scores, not
+`stability`, and the method among those that train weights (IMP and the methods that
+prune at initialization, trials/at_init.py). Edge-popup trials pack with edge-popup trials (they train scores, not
 weights; their `train.optimizer` is unused, and every `supermask.*` field may differ).
 Models with parameters or running state in a module without a stacked layer do not
 pack (trials/stacked.py why_not_packable).

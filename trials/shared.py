@@ -5,7 +5,8 @@ Work units, content-addressed by what decides their numbers:
     dense/<D>            level 0: the dense net trained from init (final weights, its level-0
                          record) and its weights at each rewind point asked for when it ran
                          (points/<k>.safetensors). D: the spec without prune.*, the rewind
-                         point, the control and the retraining/stability settings
+                         point, the control, the retraining/stability settings, the method
+                         and at_init.* (IMP and pruning at init train the same dense run)
     point/<D>-<k>        the dense run's weights after k iterations, for a k that dense/<D> did
                          not keep: trained again from init to k (bit-identical), never guessed
     trunk/<T>/level_XX   IMP level XX >= 1 of the ticket: mask, final weights, record.
@@ -43,7 +44,7 @@ from trials.store import TrialDir, load_tensors, save_tensors, write_json
 from trials.training import Job, TrainingDiverged
 
 # what cannot change level 0's training: left out of the dense key
-DENSE_FREE = ("prune", "rewind_iteration", "control", "retrain", "stability")
+DENSE_FREE = ("prune", "rewind_iteration", "control", "retrain", "stability", "method", "at_init")
 TRUNK_FREE = ("control", "prune.levels")  # what a trunk level does not depend on
 POINTS = "points"  # a dense unit's folder of rewind points: points/<k>.safetensors
 
@@ -127,7 +128,7 @@ def hand_over(trial: TrialDir, level: int, dest: Path) -> None:
 def note(ledger: Path, spec, level: int, mine: bool) -> None:
     """units.json: which units a trial used, and which levels someone else trained."""
     entries = json.loads(ledger.read_text()) if ledger.exists() else {"trained": [], "reused": []}
-    entries.update(dense=dense_name(spec), trunk=trunk_name(spec))
+    entries.update(dense=dense_name(spec), **({"trunk": trunk_name(spec)} if shares_levels(spec) else {}))
     kind, other = ("trained", "reused") if mine else ("reused", "trained")
     entries[other] = [lv for lv in entries[other] if lv != level]
     entries[kind] = sorted({*entries[kind], level})
@@ -135,7 +136,13 @@ def note(ledger: Path, spec, level: int, mine: bool) -> None:
 
 
 def shareable(spec) -> bool:
-    """IMP trials share; edge-popup levels are independent searches (each is its own work)."""
+    """IMP trials share; so does an at-init trial's dense level (IMP's); edge-popup levels are
+    independent searches (each is its own work)."""
+    return spec.method != "edge_popup"
+
+
+def shares_levels(spec) -> bool:
+    """Whether levels >= 1 are trunk units: IMP's; an at-init level is its trial's own."""
     return spec.method == "imp"
 
 
@@ -145,7 +152,7 @@ def plan(spec) -> list[dict]:
     t = spec.train
     units = [{"name": dense_name(spec), "deps": [], "iterations": t.iterations}]
     previous = units[0]["name"]
-    for level in range(1, spec.prune.levels + 1):
+    for level in range(1, spec.prune.levels + 1 if shares_levels(spec) else 1):
         name = level_name(spec, level)
         units.append({"name": name, "deps": [previous], "iterations": t.iterations - spec.rewind_iteration})
         previous = name
@@ -263,7 +270,7 @@ class Shared:
         if level == 0:
             for i in group:
                 m = self.members[i]
-                m.trial.save_rewind(point(m.spec, folder, self.units, self.data, m.device, self.producer))
+                m.save_rewind(point(m.spec, folder, self.units, self.data, m.device, self.producer))
             if self.measure:
                 fields = self.measure([(i, 0, masks.ones(self.members[i].layers)) for i in group])
         out = {}

@@ -1,5 +1,6 @@
-"""TrialSpec: a frozen, typed, validated description of one trial: an IMP run, or an
-edge-popup supermask search (`method`, trials/supermask.py).
+"""TrialSpec: a frozen, typed, validated description of one trial: an IMP run, an
+edge-popup supermask search (`method`, trials/supermask.py), or pruning at initialization
+(trials/at_init.py).
 
 Groups follow open_lth's hyperparameter groups. Help text lives with each field
 (``metadata["help"]``). A field marked ``key=False`` says where the run happens, not
@@ -111,6 +112,20 @@ class SupermaskSpec:
 
 
 @dataclass(frozen=True)
+class AtInitSpec:
+    """Pruning at initialization (trials/at_init.py): how the methods other than imp and
+    edge_popup score the network at its rewind point; each reads only its own fields."""
+
+    scope: Literal["global", "layerwise"] = _f(
+        "global", "global = one ranking over the layers without an explicit rate, at IMP's level-L "
+        "count of them (the papers'); layerwise = each layer at IMP's level-L count of its own"
+    )
+    batches: int = _f(1, "training batches (train.batch_size) whose gradients score the weights (snip, grasp)")
+    temperature: float = _f(200.0, "grasp: logits are divided by it (the paper's T = 200)")
+    rounds: int = _f(100, "synflow: scoring rounds, at densities d^(r/rounds) (the paper's 100)")
+
+
+@dataclass(frozen=True)
 class StabilitySpec:
     """Instability analysis (Frankle et al. 2020; trials/stability.py): at the chosen levels,
     train `copies` more networks from the level's start with different SGD noise and
@@ -127,29 +142,36 @@ class StabilitySpec:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    method: Literal["imp", "edge_popup"] = _f(
+    method: Literal["imp", "edge_popup", "snip", "grasp", "synflow", "magnitude_init", "random_init"] = _f(
         "imp", "imp = train weights and prune them (prune.*); edge_popup = learn a supermask on fixed "
         "random weights (supermask.*). edge_popup ignores prune.*, rewind_iteration, model.init and "
         "train's optimizer fields (it uses train's batch_size, iterations, eval_interval, precision); "
-        "imp ignores supermask.*"
+        "imp ignores supermask.*. snip, grasp, synflow, magnitude_init, random_init = prune at "
+        "initialization (at_init.*) to IMP's level-L counts (prune.rate, layer_rates, output_rate, "
+        "levels) and train like a weight-rewind ticket"
     )
     model: ModelSpec = _f(ModelSpec(), "the network", shorthand="name")
     dataset: DatasetSpec = _f(DatasetSpec(), "the data", shorthand="name")
     train: TrainSpec = _f(TrainSpec(), "how each level trains")
-    prune: PruneSpec = _f(PruneSpec(), "how each level prunes (method=imp)")
+    prune: PruneSpec = _f(PruneSpec(), "how each level prunes (method=imp); its counts per level (rate, "
+                                       "layer_rates, output_rate, levels) are also those of pruning at init")
     supermask: SupermaskSpec = _f(SupermaskSpec(), "what each level searches (method=edge_popup)")
+    at_init: AtInitSpec = _f(AtInitSpec(), "how a method that prunes at initialization scores (snip, grasp, "
+                                           "synflow, magnitude_init, random_init)")
     rewind_iteration: int = _f(0, "k: survivors restart from level 0's weights after k iterations")
     retrain: Literal["weight_rewind", "lr_rewind", "finetune"] = _f(
         "weight_rewind", "how level L >= 1 retrains its survivors (Renda et al. 2020): weight_rewind = "
         "from level 0's weights at k, schedule from k; lr_rewind = from level L-1's final weights, "
         "learning-rate schedule and data order replayed from k; finetune = from level L-1's final "
         "weights at the final learning rate, for the same T-k iterations. control=reinit needs "
-        "weight_rewind, and so does method=edge_popup"
+        "weight_rewind, and so do method=edge_popup and the methods that prune at init"
     )
     stability: StabilitySpec = _f(StabilitySpec(), "instability analysis of chosen levels (method=imp only)")
-    control: Literal["none", "reinit", "random_prune"] = _f(
-        "none", "reinit = IMP's masks on a fresh init; random_prune = random masks at IMP's densities "
-        "(edge_popup: at each level's per-layer density on the fixed weights, evaluated, not trained)"
+    control: Literal["none", "reinit", "random_prune", "shuffle", "invert"] = _f(
+        "none", "reinit = the method's masks on a fresh init; random_prune = random masks at IMP's densities "
+        "(edge_popup: at each level's per-layer density on the fixed weights, evaluated, not trained); "
+        "shuffle = each layer's mask permuted within the layer, same start; invert = per layer the same "
+        "count of the lowest scores (Frankle et al. 2021; not edge_popup)"
     )
     seed: int = _f(0, "init, data order and augmentation seed")
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N", key=False)
@@ -160,7 +182,7 @@ class TrialSpec:
     @property
     def last_level(self) -> int:
         """Levels run 0..last_level: IMP's prunings, or one per supermask density."""
-        return self.prune.levels if self.method == "imp" else len(self.supermask.densities) - 1
+        return len(self.supermask.densities) - 1 if self.method == "edge_popup" else self.prune.levels
 
     @property
     def key(self) -> str:

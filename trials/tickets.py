@@ -53,7 +53,7 @@ class Ticket:
         edge-popup ticket's weights stay fixed (its accuracy is its supermask's): evaluate it."""
         from trials.training import train_level
 
-        if self.spec.method != "imp":
+        if self.spec.method == "edge_popup":
             raise ValueError(f"a {self.spec.method} ticket is not retrained: its weights stay fixed and its "
                              "accuracy is the supermask's (use evaluate())")
         data = data or datasets.load(self.spec.dataset, next(self.model.parameters()).device)

@@ -21,7 +21,7 @@ STATES = ("done", "running", "pending", "failed")
 def level_iterations(spec) -> list[int]:
     """The iterations of each of a trial's levels, as planned (module doc)."""
     t = spec.train.iterations
-    if spec.method != "imp":
+    if spec.method == "edge_popup":
         return [t] * (spec.last_level + 1)
     return [t] + [t - spec.rewind_iteration] * spec.last_level
 

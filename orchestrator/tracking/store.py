@@ -231,11 +231,12 @@ class SweepTracker:
 
     def _tag_units(self, run: dict, ledger: Path) -> None:
         """A shared sweep's trial run names the work units it used (trials/shared.py):
-        lth.unit.dense, lth.unit.trunk, and lth.unit.reused = the levels another trial trained."""
+        lth.unit.dense, lth.unit.trunk (IMP's; a trial that prunes at init has none), and
+        lth.unit.reused = the levels another trial trained."""
         if not ledger.exists():
             return
         used = json.loads(ledger.read_text())
-        tags = {UNIT_DENSE: used["dense"], UNIT_TRUNK: used["trunk"],
+        tags = {UNIT_DENSE: used["dense"], **({UNIT_TRUNK: used["trunk"]} if "trunk" in used else {}),
                 UNIT_REUSED: ",".join(map(str, used["reused"])) or "none"}
         for tag, value in tags.items():
             if run.setdefault("unit_tags", {}).get(tag) != value:
