@@ -80,8 +80,8 @@ def trial_specs(sweep) -> tuple[list, bool]:
     return [spec_at(sweep.base, c) for c in configs], estimated
 
 
-# members of a `pack: auto` pack at most (bench/packed.py): on CPU 16 gave 7x on 2 cores; on
-# a GPU 128 LeNet-300-100 members gave 55-93x the trials per GPU-hour of one per process, 64 41-58x
+# members of a `pack: auto` pack at most: where bench/packed.py found packs still paying
+# (README, "Speed")
 PACK_LIMIT = {"cpu": 32, "cuda": 128}
 
 

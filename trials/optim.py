@@ -1,8 +1,9 @@
 """Optimizers of the training loop, chosen for speed where the numbers stay what they were.
 
-On CPU, torch.optim.Adam takes its single-tensor path, and ~40% of a LeNet-300-100 step
+On CPU, torch.optim.Adam takes its single-tensor path, and much of a LeNet-300-100 step
 went to one op in it: `exp_avg_sq.sqrt()`. ATen hands sqrt to MKL (vsSqrt), which is
-about 20x slower on elements that are exactly 0, and a pruned network's second moments
+much slower on elements that are exactly 0 (ARCHITECTURE.md, "Speed and packs", has the
+profile), and a pruned network's second moments
 are mostly exactly 0 (its gradients are masked). `ExactAdam` runs torch's single-tensor
 arithmetic op for op, the same ops on the same values, except that the square root is
 taken over the nonzero elements only (sqrt(0) is 0 either way), and each op runs once
@@ -92,8 +93,7 @@ class ExactAdam(Light):
     """torch.optim.Adam (coupled weight decay, no amsgrad), bit for bit its single-tensor CPU
     path: the same ops on the same values, each over all parameters at once (torch's
     _foreach_ ops, on CPU a loop of the same kernels in C++), grouped by step count (torch
-    keeps one per parameter). In a profile of a LeNet-300-100 trial its step went from 0.78
-    to 0.55 ms with the foreach ops and the foreach square roots."""
+    keeps one per parameter)."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=1e-8, betas=(0.9, 0.999))

@@ -98,8 +98,8 @@ def prune(spec, weights: dict, mask: Mask, layers: Layers, strategy: str = "magn
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest scores, ties going to the lower index: the first k of a stable
-    descending sort, found by selection (kthvalue, ~10x faster than the sort for a 235k-weight
-    layer; a pack of 128 LeNets spent half its time sorting)."""
+    descending sort, found by selection (kthvalue: a large layer's sort was most of a big
+    pack's pruning time)."""
     n = scores.numel()
     if k <= 0 or k >= n:
         return torch.full_like(scores, k > 0, dtype=torch.bool)

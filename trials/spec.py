@@ -61,7 +61,7 @@ class TrainSpec:
     gamma: float = _f(0.1, "learning-rate factor at each milestone")
     eval_interval: int = _f(100, "iterations between validation evaluations (early stopping)")
     precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 = autocast matmuls/convs to bfloat16")
-    fused: bool = _f(False, "torch's fused Adam/SGD kernels: ~1.7x faster LeNet trials on CPU, but they round "
+    fused: bool = _f(False, "torch's fused Adam/SGD kernels: faster on CPU (README, 'Speed'), but they round "
                             "differently, so records differ slightly from the default path's (CUDA uses "
                             "fused Adam either way)")
 
