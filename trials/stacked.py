@@ -225,8 +225,9 @@ def member_losses(out: torch.Tensor, y: torch.Tensor, k: int, reduce: Callable) 
 
 
 @torch.no_grad()
-def evaluate_packed(pnet: PackedNet, x, y, autocast) -> tuple[list, list]:
-    """Per member (mean cross-entropy, accuracy) on the same examples; one sync."""
+def evaluate_packed(pnet, x, y, autocast) -> tuple[list, list]:
+    """Per member (mean cross-entropy, accuracy) on the same examples; one sync. `pnet`: a
+    PackedNet, or anything with its `net` (the K members' forward) and `k`."""
     net, k = pnet.net, pnet.k
     net.eval()
     loss = torch.zeros(k, device=x.device)
@@ -292,7 +293,7 @@ class Stacked:
         return losses.detach()
 
     def evaluate(self, x, y, autocast) -> tuple[list, list]:
-        return evaluate_packed(self.pnet, x, y, autocast)
+        return evaluate_packed(self, x, y, autocast)
 
     def member(self, m: int) -> dict:
         return self.pnet.member(m)
@@ -312,7 +313,7 @@ class Stacked:
 
     @torch.no_grad()
     def use_best(self) -> list:
-        finals = [self.pnet.member(m) for m in range(self.k)]
+        finals = [self.member(m) for m in range(self.k)]
         for b, t in zip(self.best, self.snapshot):
             t.copy_(b)
         return finals

@@ -40,7 +40,7 @@ from trials import layout, masks, models, pruning
 from trials.environment import environment
 from trials.record import LevelRecord
 from trials.spec import PruneSpec
-from trials.stacked import PackedNet, apart, evaluate_packed, member_losses
+from trials.stacked import Stacked, apart
 from trials.optim import PackedOptimizer
 from trials.store import TrialDir, state_of
 from trials.training import BatchOrder, Job, autocast_for, evaluate, rng
@@ -184,15 +184,16 @@ def _top(values: torch.Tensor, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------- packs of searches
 
 
-class StackedSearch:
-    """Edge-popup's arithmetic for a pack of K searches (train_members; trials/stacked.py
-    Stacked is IMP's): the members' fixed weights stacked and frozen (PackedNet), their
-    scores [K, ...] in the stacked layers' layout, each member's top-k of its own |scores|
-    at its own density and scope, SGD with momentum on each member's slices
-    (PackedOptimizer). A member's numbers are close to its search alone, not bit for bit."""
+class StackedSearch(Stacked):
+    """Edge-popup's arithmetic for a pack of K searches (train_members): Stacked's loop
+    arithmetic (its step, best-state keeping, evaluation) over other parameters: the
+    members' fixed weights stacked and frozen (PackedNet), their scores [K, ...] in the
+    stacked layers' layout, each member's top-k of its own |scores| at its own density and
+    scope, SGD with momentum on each member's slices (PackedOptimizer). A member's numbers
+    are close to its search alone, not bit for bit."""
 
     def __init__(self, template: nn.Module, k: int, device):
-        self.pnet, self.k = PackedNet(template, k, device), k
+        super().__init__(template, k, device)
         self.pnet.net.requires_grad_(False)
         self.layers = masks.Layers.of(template)
         self.names = [self.layers.weight(n) for n in self.layers.names]
@@ -204,12 +205,14 @@ class StackedSearch:
         for m, job in enumerate(jobs):
             self.load(m, job.start_weights)
         self.rules = [(job.density, job.scope) for job in jobs]
+        self.params, self.mask_params, self.mask_values = self.scores, [], []  # what Stacked.step steps
         self.opt = PackedOptimizer(self.scores, [job.train for job in jobs], apart(self.scores[0]))
-        self.live = self.scores + [pnet.tensors[n] for n in pnet.buffers]
-        self.best = [t.detach().clone() for t in self.live]
+        self.snapshot = self.scores + [pnet.tensors[n] for n in pnet.buffers]  # a member's best state
+        self.best = [t.detach().clone() for t in self.snapshot]
 
     @torch.no_grad()
     def load(self, m: int, state: dict) -> None:
+        """Member m's Supermask state dict ("net.*": fixed weights and buffers, "scores.<j>")."""
         self.pnet.load(m, {n[len("net."):]: v for n, v in state.items() if n.startswith("net.")})
         for j, (w, score) in enumerate(zip(self.names, self.scores)):
             mod, p = self.pnet.layers[w]
@@ -230,22 +233,8 @@ class StackedSearch:
         return functional_call(self.pnet.net, weights, (x,))
 
     def start(self, m: int, iteration: int, job) -> None:
+        """A fresh optimizer state (searches start at 0: begin() loaded the rest)."""
         self.opt.start(m, iteration)
-
-    def set_rates(self, members: list, lrs: list) -> None:
-        """Nothing to do: the step hands each member's rate to the optimizer."""
-
-    def step(self, x, y, members: list, lrs: list, autocast) -> torch.Tensor:
-        with autocast():
-            losses = member_losses(self.net(x), y, self.k, torch.mean)
-        for s in self.scores:
-            s.grad = None
-        losses.sum().backward()  # members are independent: each slice gets its own loss's gradient
-        self.opt.step(members, lrs)
-        return losses.detach()
-
-    def evaluate(self, x, y, autocast) -> tuple[list, list]:
-        return evaluate_packed(self, x, y, autocast)
 
     def member(self, m: int) -> dict:
         """Member m's Supermask state dict (as Alone(Supermask(...)) gives it)."""
@@ -256,24 +245,9 @@ class StackedSearch:
                 state[f"scores.{j}"] = mod.unlayout(p, score[m]).clone(memory_format=torch.contiguous_format)
         return state
 
-    @torch.no_grad()
-    def keep_best(self, m: int) -> None:
-        for b, t in zip(self.best, self.live):
-            b[m].copy_(t[m])
-
     def fail(self, m: int, job) -> None:
         """A failed member goes back to its start (finite numbers; the others' evaluation runs it along)."""
         self.load(m, job.start_weights)
-
-    @torch.no_grad()
-    def use_best(self) -> list:
-        finals = [self.member(m) for m in range(self.k)]
-        for b, t in zip(self.best, self.live):
-            t.copy_(b)
-        return finals
-
-    def end(self, finals: list) -> None:
-        """Nothing to do: the stacked network is the loop's own."""
 
 
 class _Searching(nn.Module):
