@@ -315,10 +315,11 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     def imp_levels(todo: list, level: int) -> dict:
         """Level `level` of members with no trunk: trained, or from units (IMP's levels, every
         dense level; an at-init level is its trial's own)."""
-        units = [i for i in todo if sharing and (level == 0 or shared.shares_levels(members[i].spec))]
-        own = [i for i in todo if i not in units]
-        out = sharing.level(units, level) if units else {}
-        return {**out, **(train({i: members[i].job(level) for i in own}, level) if own else {})}
+        own = {i: members[i].job(level) for i in todo
+               if not sharing or (level and not shared.shares_levels(members[i].spec))}
+        if sharing:
+            return sharing.level([i for i in todo if i not in own], level, own)
+        return train(own, level) if own else {}
 
     def searches(todo: list, level: int) -> dict:
         """Level `level` of edge-popup members: searched together (the random_prune control: untrained)."""

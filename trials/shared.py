@@ -188,8 +188,11 @@ class Shared:
         self.units, self.members, self.train, self.measure = units, members, train, measure
         self.producer, self.data, self.stage = producer, data, stage
 
-    def level(self, todo: list, level: int) -> dict:
-        """Level `level` of members `todo`: member -> its record, or the exception that ended it."""
+    def level(self, todo: list, level: int, own: Optional[dict] = None) -> dict:
+        """Level `level` of members `todo`: member -> its record, or the exception that ended it.
+        `own` {member: Job}: levels that are no unit (a method's own, trials/at_init.py), trained
+        in the same pass as the units this pack trains."""
+        own = own or {}
         needs: dict = {}
         for i in todo:
             spec = self.members[i].spec
@@ -203,10 +206,13 @@ class Shared:
                 held.append((name, group))
             else:
                 work[group[0]] = (name, group, self.job(name, group, level))
-        trained = self.train({i: job for i, (_, _, job) in work.items()}, level) if work else {}
+        trained = self.train({**{i: job for i, (_, _, job) in work.items()}, **own}, level) if work or own else {}
         for i, result in trained.items():
+            if i in own:
+                out[i] = result
+                continue
             name, group, _ = work[i]
-            out.update(self.publish(name, group, level, result, len(work)))
+            out.update(self.publish(name, group, level, result, len(work) + len(own)))
         for name, group in held:
             out.update(self.wait(name, group, level))
         return out
