@@ -65,24 +65,16 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
 
 
 def train(pack: "_Pack", todo: list, data, arithmetic: str) -> dict:
-    """Members `todo` of the pack trained together through the engine (trials/lottery.py:
-    run_lottery for one, run_pack for several); member -> the exception of each that failed."""
-    from trials.lottery import run_lottery, run_pack
-    from trials.training import TrainingDiverged
+    """Members `todo` of the pack trained together through the engine's one level runner
+    (trials/lottery.py run_pack; a single trial is a pack of one); member -> the exception
+    of each that failed. Each level's reports are flushed to Tune once it is written."""
+    from trials.lottery import run_pack
 
-    if len(todo) > 1:
-        errors: dict = {}
-        run_pack([pack.specs[i] for i in todo], [pack.outs[i] for i in todo], data=data, errors=errors,
-                 units=pack.store, after_level=lambda level: pack.flush(), arithmetic=arithmetic,
-                 report=lambda record, out: pack.report(pack.outs.index(Path(out)), record))
-        return {todo[j]: e for j, e in errors.items()}
-    (i,) = todo
-    try:
-        run_lottery(pack.specs[i], pack.outs[i], data=data, units=pack.store, arithmetic=arithmetic,
-                    report=lambda record, out: pack.report(i, record, flush=True))
-    except TrainingDiverged as e:
-        return {i: e}
-    return {}
+    errors: dict = {}
+    run_pack([pack.specs[i] for i in todo], [pack.outs[i] for i in todo], data=data, errors=errors,
+             units=pack.store, after_level=lambda level: pack.flush(), arithmetic=arithmetic,
+             report=lambda record, out: pack.report(pack.outs.index(Path(out)), record))
+    return {todo[j]: e for j, e in errors.items()}
 
 
 class _Pack:
@@ -110,7 +102,7 @@ class _Pack:
         self.store = None
         self.waited = None  # the process's store's seconds waited when this trial first used it
 
-    def report(self, i: int, record: LevelRecord, flush: bool = False) -> bool:
+    def report(self, i: int, record: LevelRecord) -> bool:
         records = self.records[i]
         records.append(record)
         stop = self.stop_when and not matches(record, records[0], self.tolerance)
@@ -120,8 +112,6 @@ class _Pack:
         if record.level > self.reported[i]:
             self.new.append({**record.flat(), "member": i, "node_id": trained_on})
             self.reported[i] = record.level
-        if flush:
-            self.flush()
         return stop
 
     def fail(self, i: int, error: BaseException) -> None:
