@@ -58,11 +58,9 @@ def counts(spec, layers: Layers, level: int) -> tuple[dict, list, int]:
     """(layer -> count of each layer ranked alone, the pooled layers, the pool's count) at
     level `level`: IMP's counts with prune.scope = at_init.scope."""
     prune = dataclasses.replace(spec.prune, scope=spec.at_init.scope)
-    names = pruning.candidates(prune, layers)
-    pool = pruning.global_pool(prune, layers, names)
-    size = {n: math.prod(layers.shapes[layers.weight(n)]) for n in names}
-    alone = {n: _iterate(size[n], pruning.resolved_rate(prune, layers, n), level) for n in names if n not in pool}
-    return alone, pool, _iterate(sum(size[n] for n in pool), prune.rate, level)
+    alone, pool, pooled = pruning.counters(prune, layers)
+    return {n: _iterate(items, rate, level) for n, (items, rate) in alone.items()}, pool, \
+        _iterate(pooled, prune.rate, level)
 
 
 def select(scores: dict, alone: dict, pool: list, pool_count: int) -> dict:

@@ -12,6 +12,7 @@ of a unit's incoming weights per unit (Li et al. 2016); `random` draws uniform s
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -67,6 +68,19 @@ def candidates(spec, layers: Layers) -> list[str]:
 def global_pool(spec, layers: Layers, names: list) -> list[str]:
     """Layers ranked together at prune.rate (scope=global): those without an explicit rate."""
     return [n for n in names if spec.scope == "global" and layer_rate(spec, layers, n) is None]
+
+
+def counters(prune, layers: Layers) -> tuple[dict, list, int]:
+    """What a level's counts start from (weights, or output units when structured): layer ->
+    (items at level 0, its rate) of each layer counted alone, the layers pooled under
+    scope=global, and the pool's items at level 0 (the pool loses prune.rate per level)."""
+    units = prune.kind == "structured"
+    shape = {n: layers.shapes[layers.weight(n)] for n in layers.names}
+    size = {n: shape[n][0] if units else math.prod(shape[n]) for n in layers.names}
+    names = candidates(prune, layers)
+    pool = global_pool(prune, layers, names)
+    alone = {n: (size[n], resolved_rate(prune, layers, n)) for n in names if n not in pool}
+    return alone, pool, sum(size[n] for n in pool)
 
 
 def keep_count(n_alive: int, rate: float) -> int:

@@ -213,13 +213,8 @@ def _counters(prune, layers) -> list[tuple[int, float]]:
     """(items at level 0, rate per level) of every independent counter, as pruning.prune counts."""
     from trials import pruning
 
-    units = prune.kind == "structured"
-    shape = {n: layers.shapes[layers.weight(n)] for n in layers.names}
-    size = {n: shape[n][0] if units else math.prod(shape[n]) for n in layers.names}  # items
-    names = pruning.candidates(prune, layers)
-    pool = pruning.global_pool(prune, layers, names)
-    alone = [(size[n], pruning.resolved_rate(prune, layers, n)) for n in names if n not in pool]
-    return alone + ([(sum(size[n] for n in pool), prune.rate)] if pool else [])
+    alone, pool, pooled = pruning.counters(prune, layers)
+    return list(alone.values()) + ([(pooled, prune.rate)] if pool else [])
 
 
 @functools.lru_cache(maxsize=4096)
