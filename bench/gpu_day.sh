@@ -4,17 +4,20 @@
 # kit built here by `make gpu-kit` and carried along:
 #     bash bench/gpu_day.sh                  # writes $OUT/gpu_day.json, prints a summary
 # Steps, most valuable first, each under `timeout` and all under GPU_DAY_S (default 510 s):
-# a step that would not fit in what is left is skipped and says so.
-#   install    the kit's wheels into $PYTHON's environment (pip --no-index --no-deps), pip check
-#   data       MNIST-shaped IDX files (the kit's t10k copy, else generated)
-#   sweep-*    `lth sweep run` through Ray on the GPU, LeNet-300-100, 3 levels x 300 iterations,
-#              shared units, MLflow on a local SQLite store: packs of 128 and of 64 at
-#              resources.gpu 0.25 (four packs share the GPU), and one trial per Tune trial
-#              (gpu 1/16, 16 at a time); each timed by phase (bench/gpu_day.py sweep)
-#   memory     a real pack's torch.cuda.max_memory_allocated against the planner's estimate
-#   cuda-tests bench/gpu_check.sh's CUDA tests (tests/test_cuda.py and the CUDA trials)
-#   cpu-tests  tests/test_golden.py, test_packed.py, test_shared.py on the machine's CPU
-#   packed     bench/gpu_check.sh's in-process packs (trials per GPU-hour without Ray)
+# a step that would not fit in what is left is cut to it or skipped, and says so.
+#   install      the kit's wheels into $PYTHON's environment (pip --no-index --no-deps), pip check
+#   data         MNIST-shaped IDX files (the kit's t10k copy, else generated)
+#   sweep-pack128  `lth sweep run` through Ray on the GPU: LeNet-300-100, 3 levels x 300
+#                iterations, TRIALS (256) trials as packs of 128 at resources.gpu 0.25 (up to
+#                four packs share the GPU), shared units, MLflow on a local SQLite store,
+#                timed by phase (bench/gpu_day.py sweep)
+#   sweep-single the same job, SINGLE (32) trials one per Tune trial (gpu 1/16, 16 at a time)
+#   cuda-tests   bench/gpu_check.sh's CUDA tests (tests/test_cuda.py and the CUDA trials)
+#   sweep-pack64 as sweep-pack128 with packs of 64
+#   memory       a real pack's torch.cuda.max_memory_allocated against the planner's estimate
+#   cpu-tests    tests/test_golden.py, test_packed.py, test_shared.py on the machine's CPU
+#   packed       bench/gpu_check.sh's in-process packs (trials per GPU-hour without Ray)
+# STEPS="install sweep-pack128" runs some steps only (a fresh machine needs install first).
 # GPU_DAY_CPU=1 runs the same on a machine without a GPU, smaller and with 5x the time
 # limits (GPU_DAY_SCALE), the CUDA steps left out (bench/gpu_kit_check.sh does so here to
 # prove the script and the kit). It exits 1 when a step failed or timed out. KIT (default .kit/cp312), PYTHON (python3),
@@ -89,13 +92,13 @@ if [[ $CPU == 1 ]]; then  # a proof of the script on a CPU: small sweeps, no CUD
     CPU_TESTS=${CPU_TESTS:-tests/test_golden.py tests/test_shared.py::test_two_trials_needing_one_unit_train_it_once
         tests/test_packed.py::test_lenet_pack_matches_each_trial_alone}
     PACK_A=${PACK_A:-8} PACK_B=${PACK_B:-4}
-    STEPS=" ${STEPS:-install data sweep-pack$PACK_A sweep-pack$PACK_B sweep-single cpu-tests} "
+    STEPS=" ${STEPS:-install data sweep-pack$PACK_A sweep-single sweep-pack$PACK_B cpu-tests} "
 else
-    DEVICE=cuda TRIALS=${TRIALS:-512} SINGLE=${SINGLE:-64} ITER=${ITER:-300} GPU=0.25 NC=4
+    DEVICE=cuda TRIALS=${TRIALS:-256} SINGLE=${SINGLE:-32} ITER=${ITER:-300} GPU=0.25 NC=4
     GPU_ONE=0.0625 SINGLE_NC=16 PACK_CPU=2
     CPU_TESTS=${CPU_TESTS:-tests/test_golden.py tests/test_packed.py tests/test_shared.py}
     PACK_A=${PACK_A:-128} PACK_B=${PACK_B:-64}
-    STEPS=" ${STEPS:-install data sweep-pack$PACK_A sweep-pack$PACK_B sweep-single memory cuda-tests cpu-tests packed} "
+    STEPS=" ${STEPS:-install data sweep-pack$PACK_A sweep-single cuda-tests sweep-pack$PACK_B memory cpu-tests packed} "
 fi
 [[ -z ${LTH_MNIST_T10K:-} && -d $KIT/mnist-t10k ]] && export LTH_MNIST_T10K=$KIT/mnist-t10k
 XDIST=""
@@ -111,13 +114,13 @@ export WORK KIT PY DEVICE ITER PACK_CPU
 step install 150 install_kit || { echo "gpu_day: the kit did not install; nothing else can run"; }
 machine
 step data 60 $PY bench/gpu_day.py data "$WORK/data"
-step sweep-pack$PACK_A 150 sweep pack$PACK_A "$PACK_A" "$TRIALS" $GPU $NC
-step sweep-pack$PACK_B 120 sweep pack$PACK_B "$PACK_B" "$TRIALS" $GPU $NC
-PACK_CPU=1 step sweep-single 120 sweep single 1 "$SINGLE" $GPU_ONE $SINGLE_NC
-step memory 60 $PY bench/gpu_day.py memory --packs "$PACK_B" "$PACK_A" --data "$WORK/data" --out "$WORK/memory.json"
-step cuda-tests 170 env OUT="$WORK/logs" PYTHON="$PY" PARTS=tests TESTS_S=160 bash bench/gpu_check.sh
-step cpu-tests 150 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider -o addopts= $XDIST $CPU_TESTS
-step packed 100 env OUT="$WORK/logs" PYTHON="$PY" PARTS=packed PACKED_S=90 PACKS="1 128" SAMPLE=2 bash bench/gpu_check.sh
+step sweep-pack$PACK_A 130 sweep pack$PACK_A "$PACK_A" "$TRIALS" $GPU $NC
+PACK_CPU=1 step sweep-single 90 sweep single 1 "$SINGLE" $GPU_ONE $SINGLE_NC
+step cuda-tests 150 env OUT="$WORK/logs" PYTHON="$PY" PARTS=tests TESTS_S=140 bash bench/gpu_check.sh
+step sweep-pack$PACK_B 110 sweep pack$PACK_B "$PACK_B" "$TRIALS" $GPU $NC
+step memory 40 $PY bench/gpu_day.py memory --packs "$PACK_B" "$PACK_A" --data "$WORK/data" --out "$WORK/memory.json"
+step cpu-tests 120 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider -o addopts= $XDIST $CPU_TESTS
+step packed 90 env OUT="$WORK/logs" PYTHON="$PY" PARTS=packed PACKED_S=80 PACKS="1 128" SAMPLE=2 bash bench/gpu_check.sh
 $PY bench/gpu_day.py report "$WORK" "$RESULTS"
 failed=$(awk -F'\t' '$2 != 0 && $2 != -1' "$WORK/steps.tsv" | cut -f1 | tr '\n' ' ')
 echo "gpu_day: done in ${SECONDS}s${failed:+; failed: $failed}"

@@ -233,7 +233,8 @@ def main() -> None:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         if MNIST_T10K.is_dir():  # real digits for the device's sweeps (bench/gpu_day.sh), else it makes some
-            shutil.copytree(MNIST_T10K, out / "mnist-t10k")
+            shutil.copytree(MNIST_T10K, out / "mnist-t10k", copy_function=shutil.copyfile)
+            (out / "mnist-t10k").chmod(0o755)  # the shared copy is read-only; a rebuild removes this one
             lines.append(f"mnist-t10k/: the MNIST t10k files from {MNIST_T10K} (1.6 MiB)")
         archive = out / "kit.tar.xz"
         env = dict(os.environ, XZ_OPT=f"{args.xz} -T2")
