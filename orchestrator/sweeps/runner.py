@@ -8,6 +8,7 @@ import logging
 import sys
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -69,18 +70,19 @@ def ray_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS")
 
 
-def connect(sweep: Sweep, address: str | None) -> None:
+def connect(sweep: Sweep, address: str | None, dashboard: bool = False) -> None:
     """Ray for the sweep, and a cluster judged once connected: by its alive nodes, else by
     its autoscaler's answer (orchestrator/sweeps/cluster.py), before the sweep's folder,
     MLflow run or broker exist. A local Ray was judged before (cluster.check_local)."""
-    init_ray(address)
+    init_ray(address, dashboard)
     if address:
         cluster.check_cluster(sweep)
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, dashboard: bool = False) -> None:
     """An explicit address (--address, or RAY_ADDRESS under `ray job submit`), or a fresh
-    local instance (never someone else's running cluster by accident)."""
+    local instance (never someone else's running cluster by accident), started lean unless
+    `dashboard` (lean_start)."""
     import ray
 
     if ray.is_initialized():
@@ -89,12 +91,43 @@ def init_ray(address: str | None) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address:
         ray.init(address=address, log_to_driver=True)
+    elif dashboard:
+        ray.init(address="local", include_dashboard=True)
     else:
-        ray.init(address="local", include_dashboard=False)
+        with lean_start():
+            ray.init(address="local", include_dashboard=False)
 
 
-def run(sweep: Sweep, address: str | None = None) -> list[dict]:
-    """Start a sweep, or continue it when the same sweep already exists under its name."""
+@contextmanager
+def lean_start():
+    """A local Ray without the head processes a one-machine sweep never uses
+    (ARCHITECTURE.md, "The sweep runner"): the dashboard's head process, which Ray 2.60
+    starts even with include_dashboard=False (with its usage-stats module only) and waits
+    for on the way, and the autoscaler's monitor (a local Ray cannot grow). Ray's public
+    `ray.init` offers no switch for either, so its head-node start is adjusted while
+    ray.init runs; the node's own processes (raylet, its agents, the log monitor) are as
+    Ray starts them."""
+    from ray._private.node import Node
+
+    start_api_server, start_head_processes = Node.start_api_server, Node.start_head_processes
+
+    def no_api_server(self, **_):
+        self._webui_url = ""  # what Ray records when it starts no dashboard
+
+    def head_processes(self):
+        self._ray_params.no_monitor = True
+        return start_head_processes(self)
+
+    Node.start_api_server, Node.start_head_processes = no_api_server, head_processes
+    try:
+        yield
+    finally:
+        Node.start_api_server, Node.start_head_processes = start_api_server, start_head_processes
+
+
+def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> list[dict]:
+    """Start a sweep, or continue it when the same sweep already exists under its name.
+    `dashboard`: a local Ray starts its dashboard too (a cluster's is the cluster's)."""
     check_usable(sweep.storage, write=True)  # before the MLflow store or anything else is made
     existing = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
     if existing is not None:
@@ -102,12 +135,12 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
         if saved.to_dict() != sweep.to_dict():
             raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
                               f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
-        return resume(sweep.name, sweep.storage, address)
+        return resume(sweep.name, sweep.storage, address, dashboard)
     address = ray_address(address)
     if not address:  # a local Ray is this machine: judged before Ray or MLflow start
         cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
-    connect(sweep, address)
+    connect(sweep, address, dashboard)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
@@ -116,14 +149,14 @@ def run(sweep: Sweep, address: str | None = None) -> list[dict]:
     return _finish(sweep)
 
 
-def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
+def resume(name: str, storage: str, address: str | None = None, dashboard: bool = False) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
     address = ray_address(address)
     if not address:
         cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)
-    connect(sweep, address)
+    connect(sweep, address, dashboard)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     reused = _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
