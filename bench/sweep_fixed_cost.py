@@ -137,6 +137,8 @@ def run_once(kind: str, code_path: Path | None, store: Path, name: str) -> dict:
         out = {"wall": wall}
         if kind == "sweep":
             data = json.loads((Path(tmp) / "phases.json").read_text())
+            if data["code"] != 0 or data["levels"] == 0:
+                raise SystemExit(f"sweep failed ({data}):\n{proc.stderr[-3000:]}")
             out["phases"] = {**data["phases"], "exit": t0 + wall - data["main_end"]}
         return out
 
@@ -170,7 +172,7 @@ def main() -> None:
         for r in range(args.repeats):  # alternate, so that the machine's load falls on all alike
             for name, path in codes.items():
                 for kind in ("sweep", "trial"):
-                    runs[name, kind].append(run_once(kind, path, store, f"one-{len(runs[name, kind])}-{name}"))
+                    runs[name, kind].append(run_once(kind, path, store, f"one-{list(codes).index(name)}-{r}"))
                     print(f"# {r + 1}/{args.repeats} {name} {kind}: {runs[name, kind][-1]['wall']:.1f} s",
                           file=sys.stderr, flush=True)
     print(f"one-trial sweep vs `lth trial run` ({os.cpu_count()} CPUs), median of {args.repeats}, seconds")

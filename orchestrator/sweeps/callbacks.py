@@ -144,6 +144,8 @@ class MlflowLogger(tune.Callback):
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - logging must never fail the sweep
+            if self.sweep.name in TRACKERS:
+                self.tracker.doubt()  # what failed may have reached the store: read it back first
             if not self.failed:
                 print(f"lth: MLflow unavailable ({what}: {str(e).splitlines()[0][:160] if str(e) else e!r}); "
                       "the sweep goes on and replays the record at the end", file=sys.stderr, flush=True)
