@@ -23,6 +23,11 @@ def add(commands) -> None:
     plan.add_argument("file", help="sweep YAML (see sweeps/)")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a sweep key, as for `lth sweep run`")
+    plan.add_argument("--address", help="the Ray cluster `sweep run` will use (default: RAY_ADDRESS, else a local "
+                      "instance, whose size the plan checks); plan connects to nothing")
+    plan.add_argument("--name", help="override the sweep's name, as for `lth sweep run`")
+    plan.add_argument("--storage", help="override where results go, as for `lth sweep run`")
+    plan.add_argument("--tracking-uri", help="MLflow store, as for `lth sweep run`")
     plan.set_defaults(func=sweep_plan)
     for name, func, text in (("resume", sweep_resume, "finish a sweep whose driver stopped"),
                              ("status", sweep_status, "trials done/running/failed, best so far")):
@@ -48,8 +53,12 @@ def sweep_run(args) -> int:
 def sweep_plan(args) -> int:
     from orchestrator import plan
     from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import preflight
 
-    sweep = load_sweep(args.file, args.overrides)
+    overrides = args.overrides + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage)
+    preflight.check(sweep, args.address)  # what `sweep run` would refuse before Ray starts
+    preflight.check_tracking(sweep.tracking_uri)
     print(plan.describe(sweep, plan.plan(sweep)))
     return 0
 

@@ -15,8 +15,9 @@ import yaml
 from ray import tune
 
 from orchestrator.sweep_spec import Sweep, parse_sweep
-from orchestrator.sweeps import cluster, results
+from orchestrator.sweeps import cluster, preflight, results
 from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
+from orchestrator.sweeps.preflight import ray_address
 from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
 from orchestrator.sweeps.storage import (STUDY_FILE, SWEEP_FILE, check_usable, read_bytes, read_text, sweep_path,
                                          write_text)
@@ -54,6 +55,10 @@ def save_sweep(sweep: Sweep, study_name: str) -> None:
 
 
 def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
+    from orchestrator.sweep_spec import NAME
+
+    if not NAME.ok(name):
+        raise ConfigError("NAME", name, NAME.allowed)
     check_usable(storage, write=False)
     path = sweep_path(storage, name) + "/" + SWEEP_FILE
     text = read_text(path)
@@ -61,13 +66,6 @@ def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
         raise ConfigError("NAME", name, f"no sweep of that name under {storage} (looked for {path})")
     saved = yaml.safe_load(text)
     return parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
-
-
-def ray_address(address: str | None) -> str | None:
-    """--address, else RAY_ADDRESS (set by `ray job submit`), else None: a local Ray."""
-    import os
-
-    return address or os.environ.get("RAY_ADDRESS")
 
 
 def connect(sweep: Sweep, address: str | None, dashboard: bool = False) -> None:
@@ -128,17 +126,9 @@ def lean_start():
 def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> list[dict]:
     """Start a sweep, or continue it when the same sweep already exists under its name.
     `dashboard`: a local Ray starts its dashboard too (a cluster's is the cluster's)."""
-    check_usable(sweep.storage, write=True)  # before the MLflow store or anything else is made
-    existing = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
-    if existing is not None:
-        saved, _ = load_saved(sweep.storage, sweep.name)
-        if saved.to_dict() != sweep.to_dict():
-            raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
-                              f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
+    if preflight.check(sweep, address):  # storage, name, a local Ray's size: before MLflow or Ray start
         return resume(sweep.name, sweep.storage, address, dashboard)
     address = ray_address(address)
-    if not address:  # a local Ray is this machine: judged before Ray or MLflow start
-        cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
     connect(sweep, address, dashboard)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
