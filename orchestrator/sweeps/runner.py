@@ -89,11 +89,27 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address:
         ray.init(address=address, log_to_driver=True)
-    elif dashboard:
-        ray.init(address="local", include_dashboard=True)
     else:
-        with lean_start():
-            ray.init(address="local", include_dashboard=False)
+        if dashboard:
+            ray.init(address="local", include_dashboard=True)
+        else:
+            with lean_start():
+                ray.init(address="local", include_dashboard=False)
+        _reap_agents()
+
+
+def _reap_agents() -> None:
+    """The local Ray's agents end with this process, even when it is killed (reaper.py)."""
+    import ray
+    from ray._private import ray_constants
+
+    from orchestrator.sweeps import reaper
+
+    try:
+        node = ray._private.worker._global_node
+        reaper.watch(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    except Exception as e:  # noqa: BLE001 - a sweep never fails for want of its reaper
+        logging.getLogger(__name__).debug("no reaper for Ray's agents: %s", e)
 
 
 @contextmanager
