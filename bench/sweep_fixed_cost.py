@@ -20,7 +20,7 @@ the functions of each phase (wrapped before `lth.cli.main` runs; nothing in lth 
     sync             the end-of-sweep replay into MLflow (runner.replay)
     tables           trials.csv and the end-of-sweep tables (results.collect, write_csv,
                      summary_table, status_report)
-    exit             main()'s return to the process's end (Ray's shutdown)
+    exit             main()'s return to the process's end (Ray's shutdown, the interpreter's end)
 
 `--ref REF` runs the same against the code of a commit (`git archive REF` of lth,
 orchestrator and trials, first on PYTHONPATH; default: none), alternating with this tree.
@@ -101,20 +101,33 @@ def child(sweep_file: str, out: str, t0: float) -> None:
         return on_result(self, iteration, trials, trial, result, **info)
 
     callbacks.LevelProgress.on_trial_result = result
-    code = main(["sweep", "run", sweep_file])
-    end = time.time()
-    fit_start = marks.get("fit:start", end)
-    first = marks.get("first level start", fit_start) - fit_start
-    phases = {"process start": marks["main"] - t0,
-              "ray start": spent.get("ray start", 0.0), "broker": spent.get("broker", 0.0),
-              "first trial": first, "training": sum(seconds),
-              "tune rest": spent.get("fit", 0.0) - first - sum(seconds) - spent.get("tracking live", 0.0),
-              "tracking": spent.get("tracking", 0.0) + spent.get("tracking live", 0.0),
-              "sync": spent.get("sync", 0.0), "tables": spent.get("tables", 0.0)}
-    before_ray = marks.get("ray start:start", end) - marks["main"]
-    phases["checks"] = before_ray - spent.get("tracking", 0.0) * (marks.get("tracking:start", end) < marks.get(
-        "ray start:start", end))  # check_reachable runs before Ray; the tracker after
-    Path(out).write_text(json.dumps({"code": code, "phases": phases, "main_end": end, "levels": len(seconds)}))
+
+    def record(argv=None):
+        code = main(argv)
+        write(code, time.time())
+        return code
+
+    def write(code: int, end: float) -> None:
+        fit_start = marks.get("fit:start", end)
+        first = marks.get("first level start", fit_start) - fit_start
+        phases = {"process start": marks["main"] - t0,
+                  "ray start": spent.get("ray start", 0.0), "broker": spent.get("broker", 0.0),
+                  "first trial": first, "training": sum(seconds),
+                  "tune rest": spent.get("fit", 0.0) - first - sum(seconds) - spent.get("tracking live", 0.0),
+                  "tracking": spent.get("tracking", 0.0) + spent.get("tracking live", 0.0),
+                  "sync": spent.get("sync", 0.0), "tables": spent.get("tables", 0.0)}
+        before_ray = marks.get("ray start:start", end) - marks["main"]
+        phases["checks"] = before_ray - spent.get("tracking", 0.0) * (marks.get("tracking:start", end) < marks.get(
+            "ray start:start", end))  # check_reachable runs before Ray; the tracker after
+        Path(out).write_text(json.dumps({"code": code, "phases": phases, "main_end": end, "levels": len(seconds)}))
+
+    import lth.cli
+
+    lth.cli.main = record  # then the program's own end, as `lth` ends (lth.cli.entry where it exists)
+    sys.argv = ["lth", "sweep", "run", sweep_file]
+    if hasattr(lth.cli, "entry"):
+        lth.cli.entry()
+    sys.exit(record())
 
 
 def run_once(kind: str, code_path: Path | None, store: Path, name: str) -> dict:
