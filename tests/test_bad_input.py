@@ -84,6 +84,8 @@ def test_a_sweep_file_and_its_sets_are_loaded_or_refused_in_one_line(tmp_path, s
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "train.lr=.inf"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "seed=18446744073709551616"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "model.width=.inf"],
+    ["trial", "show", "--preset", "lenet_digits_quick", "--set", "model.width=8767066"],  # torch cannot count it
+    ["sweep", "plan", "SWEEP", "--set", "space.model.width={grid: [30744573456182587]}"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "train.nonsense=1"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "stability=3"],
     ["trial", "run", "--preset", "lenet_digits_quick", "--set", "dataset={name: mnist, data_dir: /nonexistent/x}"],
