@@ -1,7 +1,6 @@
 """`lth sweep ...`: run, resume and inspect sweeps on Ray Tune."""
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def sweep_status(args) -> int:
     rows = results.collect(sweep)
     path = results.write_csv(sweep, rows)
     print(results.status_report(sweep, rows))
-    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    width = progress.columns(sys.stdout) if sys.stdout.isatty() else None
     print(progress.of_rows(sweep, rows).line(elapsed=False, trials=False, width=width, prefix="progress: "))
     print(f"trials.csv: {path}")
     return 0

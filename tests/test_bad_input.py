@@ -139,7 +139,7 @@ def test_sweep_plan_takes_a_data_dir_this_machine_lacks(tmp_path, monkeypatch, c
     (tmp_path / "s.yaml").write_text("name: s\nexperiment: e\nbase: {model: lenet_300_100, dataset: {name: mnist, "
                                      "data_dir: /nonexistent/x}}\n")
     assert main(["sweep", "plan", "s.yaml"]) == 0
-    assert capsys.readouterr().out.splitlines()[-2].startswith("plan: 1 trial, 3 levels, ")
+    assert capsys.readouterr().out.splitlines()[-2].startswith("plan: 1 trial, 6 levels, ")
     assert sorted(os.listdir(tmp_path)) == ["s.yaml"]
 
 

@@ -5,7 +5,6 @@ never write to MLflow (ARCHITECTURE.md, "Tracking", says why).
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 import time
@@ -107,7 +106,7 @@ class LevelProgress(tune.Callback):
     def _live_line(self) -> str:
         """The status line in the terminal's width less one column (a line that fills the
         last column wraps on some terminals, and \\r then redraws only the new row)."""
-        width = shutil.get_terminal_size().columns - 1
+        width = progress.columns(sys.stderr) - 1
         return self.progress.line(width=width, prefix=f"{self.sweep.name}: ")
 
     def _count(self, trials, finished=None) -> None:

@@ -123,6 +123,21 @@ def fit(prefix: str, fields: list[tuple[str, str, int]], width: Optional[int] = 
     return line[: max(0, width - 3)] + "..." if width >= 3 else line[:width]
 
 
+def columns(stream) -> int:
+    """The width of the terminal `stream` writes to: COLUMNS where set (as shutil reads
+    it), else the terminal's own, else 80 (a terminal that reports no size, or none)."""
+    import os
+
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
 def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
