@@ -80,7 +80,9 @@ def test_optuna_sweep_replicates_seeds_and_keeps_its_study(tmp_path, ray_local, 
     (tmp_path / "runs" / "s" / "trials.csv").unlink()
     assert main(["sweep", "status", "s", "--storage", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert "6 terminated" in out and "Pareto front of final_test_acc (max) x final_density (min)" in out
+    assert "sweep s (optuna): 6 done, 0 running, 0 pending of 6 trials" in out
+    assert "Pareto front of final_test_acc (max) x final_density (min)" in out
+    assert "progress: levels 12/12 | units 12/12 | 100% of 720 iterations" in out  # 6 x (60 + 60)
     assert len(csv(tmp_path)) == len(df)
 
 

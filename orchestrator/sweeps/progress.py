@@ -178,6 +178,12 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
             p.add_level(int(r["iterations"]))
     p.count(row_states(rows))
     if p.units:
-        planned = plan.plan(sweep).units
-        p.units_now = len(planned.keys() & UnitStore(sweep.storage, packed=sweep.packed).published_names())
+        planned = plan.plan(sweep)
+        names = set(planned.units)
+        if planned.estimated:  # a search's units are those of the configurations it made, not of the draw
+            from orchestrator.config import spec_at
+
+            made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
+            names = set(plan.work_units([spec_at(sweep.base, c) for c in made.values()]))
+        p.units_now = len(names & UnitStore(sweep.storage, packed=sweep.packed).published_names())
     return p
