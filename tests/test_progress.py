@@ -6,6 +6,7 @@ import pty
 import re
 import struct
 import subprocess
+import sys
 import termios
 
 from orchestrator import plan
@@ -93,3 +94,25 @@ def test_a_terminal_gets_one_live_line_and_stdout_no_banners(tmp_path):
     assert "test accuracy at early stop" in out
     for banner in ("Configuration for experiment", "tensorboard", "View detailed results"):
         assert banner not in out and banner not in text, banner
+
+
+def test_worker_lines_copied_to_a_log_carry_no_colour_codes(tmp_path):
+    """Ray copies a worker's output to the driver behind a coloured "(name pid=...)"
+    prefix; a sweep whose output is no terminal (runner.quiet) gets it plain."""
+    script = (
+        "import time, ray\n"
+        "from orchestrator.sweeps import runner\n"
+        "runner.quiet()\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+        "@ray.remote\n"
+        "def hello():\n"
+        "    print('hello from a worker', flush=True)\n"
+        "ray.get(hello.remote())\n"
+        "time.sleep(3)  # the log monitor's copy arrives\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_COLOR_PREFIX")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "pid=" in text and "hello from a worker" in text, text[-3000:]  # the line did come through
+    assert "\x1b[" not in text, text[-3000:]
