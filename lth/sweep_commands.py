@@ -46,7 +46,7 @@ def sweep_plan(args) -> int:
     from orchestrator import plan
     from orchestrator.sweep_spec import load_sweep
 
-    sweep = load_sweep(args.file, args.overrides)
+    sweep = load_sweep(args.file, args.overrides, here=False)  # plans for wherever it will run
     print(plan.describe(sweep, plan.plan(sweep)))
     return 0
 
@@ -67,7 +67,8 @@ def sweep_status(args) -> int:
     rows = results.collect(sweep)
     path = results.write_csv(sweep, rows)
     print(results.status_report(sweep, rows))
-    print(f"progress: {progress.of_rows(sweep, rows).line(elapsed=False)}")
+    width = progress.columns(sys.stdout) if sys.stdout.isatty() else None
+    print(progress.of_rows(sweep, rows).line(elapsed=False, trials=False, width=width, prefix="progress: "))
     print(f"trials.csv: {path}")
     return 0
 

@@ -92,7 +92,7 @@ def test_a_sweep_file_and_its_sets_are_loaded_or_refused_in_one_line(tmp_path, s
     ["sweep", "plan", "SWEEP", "--set", "seeds=100000000"],
     ["sweep", "plan", "SWEEP", "--set", "search.algorithm=random", "--set", "search.num_samples=1000000000000"],
     ["sweep", "plan", "SWEEP", "--set", "base.device=cuda"],
-    ["sweep", "plan", "SWEEP", "--set", "base.dataset.data_dir=/nonexistent/x"],
+    ["sweep", "run", "SWEEP", "--set", "base.dataset.data_dir=/nonexistent/x"],  # `sweep plan` takes it
     ["sweep", "plan", "DUPLICATE"],
     ["sweep", "plan", "LATIN1"],
     ["sweep", "plan", "ALIASES"],
@@ -128,6 +128,19 @@ def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path, monke
     assert len(lines[0]) < 400, lines[0]
     assert sorted(os.listdir(tmp_path)) == before  # nothing written: no folder, no mlflow.db
     assert not Path("runs").exists()
+
+
+def test_sweep_plan_takes_a_data_dir_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    """Planning trains nothing: a data folder that exists only on the cluster is no error
+    here (`sweep run` still refuses it, above)."""
+    from lth.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("name: s\nexperiment: e\nbase: {model: lenet_300_100, dataset: {name: mnist, "
+                                     "data_dir: /nonexistent/x}}\n")
+    assert main(["sweep", "plan", "s.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith("plan: 1 trial, 6 levels, ")
+    assert sorted(os.listdir(tmp_path)) == ["s.yaml"]
 
 
 def test_a_config_error_crosses_process_boundaries_intact():

@@ -232,6 +232,9 @@ def test_cli_compacts_a_ticket_folder(trial, tmp_path, capsys):
     assert compact.exact(report["max_logit_diff_fp64"], report["max_abs_logit"])
     assert report["examples"] == 360 and report["level"] == 1
     assert report["units"]["after"] < report["units"]["before"]
+    # every file as readable as its neighbours (safetensors alone wrote 0600), the trial's tensors too
+    modes = {f.name: f.stat().st_mode & 0o777 for f in [*(tmp_path / "c").iterdir(), *out.rglob("*.safetensors")]}
+    assert compact.WEIGHTS in modes and set(modes.values()) == {modes[compact.ARCH]}, modes
     ticket = load_ticket(folder)
     data = datasets.load(spec.dataset, torch.device("cpu"))
     net = compact.load_compact(tmp_path / "c")
