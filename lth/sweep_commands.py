@@ -56,7 +56,8 @@ def sweep_plan(args) -> int:
     from orchestrator.sweeps import preflight
 
     overrides = args.overrides + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
-    sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage)
+    sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage,
+                       here=False)  # plans for wherever it will run
     preflight.check(sweep, args.address)  # what `sweep run` would refuse before Ray starts
     preflight.check_tracking(sweep.tracking_uri)
     print(plan.describe(sweep, plan.plan(sweep)))
@@ -79,7 +80,8 @@ def sweep_status(args) -> int:
     rows = results.collect(sweep)
     path = results.write_csv(sweep, rows)
     print(results.status_report(sweep, rows))
-    print(f"progress: {progress.of_rows(sweep, rows).line(elapsed=False)}")
+    width = progress.columns(sys.stdout) if sys.stdout.isatty() else None
+    print(progress.of_rows(sweep, rows).line(elapsed=False, trials=False, width=width, prefix="progress: "))
     print(f"trials.csv: {path}")
     return 0
 

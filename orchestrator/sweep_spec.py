@@ -184,7 +184,9 @@ def _yaml_scalar(value) -> str:
 
 
 def load_sweep(path, overrides=(), name: str | None = None, storage: str | None = None,
-               cwd: Path | None = None) -> Sweep:
+               cwd: Path | None = None, here: bool = True) -> Sweep:
+    """The sweep file, validated; `here` off (`lth sweep plan`, which trains nothing): what
+    only matters to a run on this machine is not checked (a data_dir that exists)."""
     data = read_yaml(path, "sweep")
     for text in overrides:
         key, value = parse_override(text)
@@ -193,7 +195,7 @@ def load_sweep(path, overrides=(), name: str | None = None, storage: str | None 
         data["name"] = name
     if storage:
         data["storage"] = storage
-    return parse_sweep(data, cwd or Path.cwd())
+    return parse_sweep(data, cwd or Path.cwd(), here)
 
 
 def _set(data: dict, key: str, value) -> None:
@@ -213,7 +215,7 @@ def _set(data: dict, key: str, value) -> None:
     node[last] = value
 
 
-def parse_sweep(data: dict, cwd: Path) -> Sweep:
+def parse_sweep(data: dict, cwd: Path, here: bool = True) -> Sweep:
     """A validated Sweep from the file's mapping; relative paths are resolved against `cwd`."""
     check(isinstance(data, dict), "sweep", data, "a YAML mapping")
     sweep = build(Sweep, data)
@@ -225,7 +227,7 @@ def parse_sweep(data: dict, cwd: Path) -> Sweep:
         continuous = [d.path for d in sweep.space if not d.discrete]
         check(not continuous, f"space.{continuous[0]}" if continuous else "", None,
               "grid search needs grid/choice values here; use search.algorithm random or optuna")
-    _check_combinations(sweep)
+    _check_combinations(sweep, here)
     return sweep
 
 
@@ -302,20 +304,20 @@ def _check_measured(sweep: Sweep, spec) -> None:
               f"{' and stability.levels holding 0 (or [])' if level == 0 else ''}")
 
 
-def _check_where(sweep: Sweep, spec) -> None:
+def _check_where(sweep: Sweep, spec, here: bool = True) -> None:
     """What a trial would refuse on a worker about where it runs, checked on the driver
     before Ray starts (a worker's refusal would fail every trial, one by one): a data
     folder that does not exist (on a cluster it must be a path every node sees, the
     driver's included), and CUDA without a GPU in the trial's resources."""
     d = spec.dataset.data_dir
-    if d:
+    if d and here:
         check(Path(d).expanduser().is_dir(), "dataset.data_dir", d,
               "an existing folder (seen from where lth runs; on a cluster, a path every node shares)")
     check(not spec.device.startswith("cuda") or sweep.resources["gpu"] > 0, "device", spec.device,
           "cpu or auto while resources.gpu is 0 (a trial on CUDA needs resources.gpu > 0)")
 
 
-def _check_combinations(sweep: Sweep) -> None:
+def _check_combinations(sweep: Sweep, here: bool = True) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
     grid = sweep.search.algorithm == "grid"
@@ -332,7 +334,7 @@ def _check_combinations(sweep: Sweep) -> None:
             try:
                 spec = sweep.trial_spec(values, sweep.seeds[0])
                 _check_measured(sweep, spec)
-                _check_where(sweep, spec)
+                _check_where(sweep, spec, here)
             except ConfigError as e:
                 varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
                 where = f"space.{e.key}" if varied else f"base.{e.key}"

@@ -94,7 +94,7 @@ def test_a_sweep_file_and_its_sets_are_loaded_or_refused_in_one_line(tmp_path, s
     ["sweep", "plan", "SWEEP", "--set", "seeds=100000000"],
     ["sweep", "plan", "SWEEP", "--set", "search.algorithm=random", "--set", "search.num_samples=1000000000000"],
     ["sweep", "plan", "SWEEP", "--set", "base.device=cuda"],
-    ["sweep", "plan", "SWEEP", "--set", "base.dataset.data_dir=/nonexistent/x"],
+    ["sweep", "run", "SWEEP", "--set", "base.dataset.data_dir=/nonexistent/x"],  # `sweep plan` takes it
     ["sweep", "plan", "DUPLICATE"],
     ["sweep", "plan", "LATIN1"],
     ["sweep", "plan", "ALIASES"],
@@ -198,6 +198,19 @@ def test_what_sweep_plan_accepts_the_sweep_can_start_with(tmp_path, monkeypatch,
         (folder / "runs" / name / SWEEP_FILE).write_text("")
         (folder / "runs" / name / f"{name}-0123abcd.db").write_text("")
         (folder / "mlartifacts" / experiment).mkdir(parents=True)
+
+
+def test_sweep_plan_takes_a_data_dir_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    """Planning trains nothing: a data folder that exists only on the cluster is no error
+    here (`sweep run` still refuses it, above)."""
+    from lth.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("name: s\nexperiment: e\nbase: {model: lenet_300_100, dataset: {name: mnist, "
+                                     "data_dir: /nonexistent/x}}\n")
+    assert main(["sweep", "plan", "s.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith("plan: 1 trial, 6 levels, ")
+    assert sorted(os.listdir(tmp_path)) == ["s.yaml"]
 
 
 def test_a_config_error_crosses_process_boundaries_intact():

@@ -144,32 +144,34 @@ def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> li
     `dashboard`: a local Ray starts its dashboard too (a cluster's is the cluster's)."""
     if preflight.check(sweep, address):  # storage, name, a local Ray's size: before MLflow or Ray start
         return resume(sweep.name, sweep.storage, address, dashboard)
+    quiet()
     address = ray_address(address)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
     connect(sweep, address, dashboard)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
-    reused = _share(sweep)
-    _tuner(sweep, study_name, reused).fit()
+    _share(sweep)
+    _tuner(sweep, study_name).fit()
     return _finish(sweep)
 
 
 def resume(name: str, storage: str, address: str | None = None, dashboard: bool = False) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
+    quiet()
     address = ray_address(address)
     if not address:
         cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)
     connect(sweep, address, dashboard)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
-    reused = _share(sweep)
+    _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
     if sweep.search.algorithm != "grid":
         _study_file(sweep, study_name)  # the restored searcher reopens it: bring it back first
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
-        _tuner(sweep, study_name, reused).fit()
+        _tuner(sweep, study_name).fit()
     else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
         tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
                            resume_errored=False, restart_errored=False,
@@ -206,17 +208,32 @@ def _trainable(sweep: Sweep):
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 
-def _tuner(sweep: Sweep, study_name: str, reused: int = 0):
+def quiet() -> None:
+    """What a sweep that goes well prints is lth's own (README, "What a sweep prints"):
+    set before a first run and before a resume alike (a restored Tuner is no `_tuner`).
+    A user's own environment settings win."""
     import os
 
     # Tune's new output engine prints a configuration table, the results path and a
     # TensorBoard hint to stdout (where lth's tables go) even at verbose=0; the legacy
     # reporter prints nothing at verbose=0. Trial errors still reach LevelProgress and
-    # Ray's worker logs. A user's own setting wins.
+    # Ray's worker logs.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
-    # a pack's per-member lists in its results are no TensorBoard scalars
-    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+    # the "(lottery pid=...)" prefix of worker lines Ray copies to the driver is coloured
+    # unless RAY_COLOR_PREFIX=0 (read by Ray at every line): colour codes only at a terminal
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for name, level in (
+            ("ray.tune.tune", logging.WARNING),  # "Wrote the latest version of all result files"
+            ("ray.tune.execution.tune_controller", logging.WARNING),  # "Restoring the run from ..."
+            # a restored run's trials that had reported nothing yet (results.collect reads checkpoints)
+            ("ray.tune.analysis.experiment_analysis", logging.ERROR),
+            # a pack's per-member lists in its results are no TensorBoard scalars
+            ("ray.tune.logger.tensorboardx", logging.ERROR)):
+        logging.getLogger(name).setLevel(level)
+
+
+def _tuner(sweep: Sweep, study_name: str):
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
     searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
     return tune.Tuner(
@@ -232,7 +249,7 @@ def _tuner(sweep: Sweep, study_name: str, reused: int = 0):
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # every level's tensors
-            callbacks=[LevelProgress(sweep, reused), MlflowLogger(sweep)],
+            callbacks=[LevelProgress(sweep), MlflowLogger(sweep)],
         ),
     )
 
