@@ -53,6 +53,7 @@ class LevelProgress(tune.Callback):
             rows = []
         self.progress = progress.of_rows(self.sweep, rows)
         self.progress.units_before = self.progress.units_now  # reused by this run
+        self.progress.iterations_before = self.progress.iterations_done
         self.seen = {(r["trial_id"], r["level"]) for r in rows if r.get("level") is not None}
         self.live, self.drawn, self.asked = sys.stderr.isatty(), 0.0, 0.0
 

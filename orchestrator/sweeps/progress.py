@@ -10,8 +10,8 @@ iterations and each later level T - k (edge-popup: T per density), whether the t
 trained the level or took it from a shared unit. Optimizer steps actually run are fewer
 with sharing and more for a control that retrains IMP (`lth sweep plan`'s "to train").
 The share done is the iterations of the levels recorded over that total, levels recorded
-before a resume included, and the time left scales the time this driver has run by what
-is not done yet. With shared units later levels often arrive faster (copied, not
+before a resume included, and the time left is what is not done yet at the pace of this
+driver (the iterations recorded since it started, over its time). With shared units later levels often arrive faster (copied, not
 trained), so the estimate errs long.
 
 A line fits a width (the terminal's at a terminal): fields shorten first, from the
@@ -55,6 +55,7 @@ class Progress:
     states: dict = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     levels_done: int = 0
     iterations_done: int = 0
+    iterations_before: int = 0  # done before this driver started (a resume): not in its pace
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -91,8 +92,9 @@ class Progress:
         out.append((f"{pct} of {self.iterations:,} iterations", pct, 1))
         if elapsed:
             spent = time.time() - self.started
-            share = self.share
-            left = f"~{clock(spent * (1 - share) / share)} left" if 0 < share < 1 else ""
+            new = self.iterations_done - self.iterations_before  # at this driver's pace
+            todo = self.iterations - self.iterations_done
+            left = f"~{clock(spent * todo / new)} left" if new > 0 and todo > 0 else ""
             out.append((clock(spent) + (f", {left}" if left else ""), left or clock(spent), 2))
         return out
 
