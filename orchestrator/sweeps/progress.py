@@ -70,6 +70,14 @@ class Progress:
         self.levels_done += 1
         self.iterations_done += iterations
 
+    def stopped(self, planned: list[int], recorded: int) -> None:
+        """A trial that stop_when_not_matching ended after `recorded` of its `planned` levels
+        (their iterations): the levels it will never run leave the totals, so a finished
+        sweep reads 100%."""
+        for iterations in planned[recorded:]:
+            self.levels -= 1
+            self.iterations -= iterations
+
     def count(self, states: list[str]) -> None:
         """Each trial's state (done / running / pending / failed): tally."""
         self.states = tally(states, self.trials)
@@ -174,18 +182,24 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
     from orchestrator import plan
     from orchestrator.sweeps.units import UnitStore
 
+    from orchestrator.config import spec_at
+    from orchestrator.objectives import STOPPED
+
     p = Progress.of(sweep, units_before=None)
+    recorded: dict = {}
     for r in rows:
         if r.get("level") is not None and r.get("iterations") is not None:
             p.add_level(int(r["iterations"]))
+            recorded[r["trial_id"]] = recorded.get(r["trial_id"], 0) + 1
     p.count(row_states(rows))
+    made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
+    for trial_id, r in {r["trial_id"]: r for r in rows}.items():  # each trial's last row
+        if r.get(STOPPED) is True:
+            p.stopped(plan.level_iterations(spec_at(sweep.base, made[trial_id])), recorded.get(trial_id, 0))
     if p.units:
         planned = plan.plan(sweep)
         names = set(planned.units)
         if planned.estimated:  # a search's units are those of the configurations it made, not of the draw
-            from orchestrator.config import spec_at
-
-            made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
             names = set(plan.work_units([spec_at(sweep.base, c) for c in made.values()]))
         p.units_now = len(names & UnitStore(sweep.storage, packed=sweep.packed).published_names())
     return p
