@@ -73,6 +73,7 @@ def test_the_table_holds_every_record_and_both_paths_agree(swept):
             assert by_key[key][record.level] == record
     df = assert_paths_agree(uri)
     assert len(df) == N_TRIALS * (LEVELS + 1)
+    assert (df["effective_density"] > 0).all() and (df["effective_density"] <= df["density"]).all()  # for analysis
 
 
 def test_rerun_and_resume_keep_one_row_per_level(swept):

@@ -49,8 +49,8 @@ def assert_complete(uri, n_trials, levels):
     for r in children:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert r.info.run_name == r.data.tags["lth.trial_key"] and r.info.status == "FINISHED"
-        for metric in ("density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop", "val_loss",
-                       "seconds"):
+        for metric in ("density", "effective_density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop",
+                       "val_loss", "seconds"):
             steps = [m.step for m in c.get_metric_history(r.info.run_id, metric)]
             assert sorted(steps) == list(range(levels + 1)), (metric, steps)
         files = {f.path for f in c.list_artifacts(r.info.run_id, "ticket")}
