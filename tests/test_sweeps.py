@@ -113,7 +113,7 @@ def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray
     assert trial.run_metadata.num_failures == 2  # first attempt + one retry (max_failures: 1)
 
 
-def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local):
+def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local, capsys):
     import optuna
 
     base = {**BASE, "prune": {**BASE["prune"], "levels": 3, "rate": 0.9}}
@@ -132,6 +132,11 @@ def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_pa
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(stopped)
+    # the levels a stopped trial never runs leave the totals: the live line and status end at 100%
+    live = [ln for ln in capsys.readouterr().err.splitlines() if " finished (" in ln][-1]
+    assert f"| levels {len(df)}/{len(df)} |" in live and "| 100% of " in live, live
+    assert main(["sweep", "status", "s", "--storage", str(tmp_path / "runs")]) == 0
+    assert f"progress: levels {len(df)}/{len(df)} | " in capsys.readouterr().out
 
 
 def kill_mid_sweep_then_resume(tmp_path, path, levels: int) -> tuple[str, subprocess.CompletedProcess]:

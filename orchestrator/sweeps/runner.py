@@ -209,9 +209,9 @@ def _trainable(sweep: Sweep):
 
 
 def quiet() -> None:
-    """What a sweep that goes well prints is lth's own (README, "What a sweep prints"):
-    set before a first run and before a resume alike (a restored Tuner is no `_tuner`).
-    A user's own environment settings win."""
+    """Only lth's own output when a sweep goes well (README, "What a sweep that goes well
+    prints"): set before a first run and before a resume alike (a restored Tuner is built
+    by Tune, not by `_tuner`). A user's own environment settings win."""
     import os
 
     # Tune's new output engine prints a configuration table, the results path and a
