@@ -11,19 +11,23 @@ import pandas as pd
 from orchestrator.tracking import levels_table, read, store
 from trials.record import COUNTS, TRACKED
 from trials.spec import field_paths
+from trials.errors import ConfigError
 from trials.typed import from_logged, non_null
 
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
 HEAD = levels_table.NAMES
 
 
-def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = True) -> pd.DataFrame:
-    """Every logged level of every trial of `experiment`: spec fields (typed as the spec
-    types them), seed, level, density, accuracies, early-stop iteration, run status.
-    `tables=False` reads every run's metric histories instead of the sweeps' tables."""
+def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = True, sweeps=None) -> pd.DataFrame:
+    """Every logged level of every trial of `experiment` (of the named `sweeps` only, when
+    given), each trial once (read.select): spec fields (typed as the spec types them),
+    seed, level, density, accuracies, early-stop iteration, run status. `df.attrs["read"]`
+    says what was read (read.describe). `tables=False` reads every run's metric histories
+    instead of the sweeps' tables."""
     uri, c = store.connect(tracking_uri)
     heads, levels = [], []
-    for trial in read.trials(c, experiment, uri, TRACKED, tables):
+    trials, what = read.select(read.trials(c, experiment, uri, TRACKED, tables), experiment, sweeps)
+    for trial in trials:
         heads.append({**{k: trial[k] for k in HEAD}, "environments": trial.get("environments"), **trial["params"]})
         levels += [{"run_id": trial["run_id"], "level": level, **{m: values.get(m) for m in TRACKED}}
                    for level, values in sorted(trial["levels"].items())]
@@ -31,7 +35,31 @@ def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = Tru
         return pd.DataFrame()
     # spec columns are parsed once per run, not per level (thousands of runs x levels)
     per_run = spec_typed(_spec_order(pd.DataFrame(heads)))
-    return tidy(per_run.merge(pd.DataFrame(levels), on="run_id", validate="one_to_many"))
+    df = tidy(per_run.merge(pd.DataFrame(levels), on="run_id", validate="one_to_many"))
+    df.attrs["read"] = what
+    return df
+
+
+DENSITIES = {"nominal": "density", "effective": "effective_density"}
+
+
+def with_density(df: pd.DataFrame, kind: str = "nominal") -> pd.DataFrame:
+    """`df` with its `density` column the chosen kind: nominal (the mask's fraction of
+    weights) or effective (the fraction on some input-to-output path, `effective_density`
+    in records that carry it). Refused when a trial's records lack it (older sweeps)."""
+    if kind not in DENSITIES:
+        raise ConfigError("--density-kind", kind, f"allowed: {', '.join(DENSITIES)}")
+    if kind == "nominal":
+        return df
+    column = DENSITIES[kind]
+    lacking = df[df[column].isna()] if column in df else df
+    if not lacking.empty:
+        sweeps = sorted(set(lacking["sweep"].dropna().astype(str)))
+        raise ConfigError("--density-kind", kind, f"allowed: nominal (the records of sweep(s) {', '.join(sweeps) or '?'} "
+                          f"have no {column}: written by an lth before it was recorded)")
+    out = df.assign(density=df[column].astype(float))
+    out.attrs = dict(df.attrs)
+    return out
 
 
 def _spec_order(df: pd.DataFrame) -> pd.DataFrame:

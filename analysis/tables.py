@@ -22,7 +22,7 @@ of its trials (`instability`; CSV column, and "inst." in Markdown and LaTeX cell
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import pandas as pd
@@ -30,6 +30,8 @@ import pandas as pd
 from analysis.data import dense_key
 from analysis.plots import has_instability, methods
 from trials.errors import ConfigError
+from trials.labels import labels
+from trials.spec import field_paths
 
 DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
 MATCH_RULE = ("matches the dense network: its mean is at least the same row's dense (level 0) mean "
@@ -48,9 +50,16 @@ class Table:
     dense: dict  # the dense baseline: mean, std, n over distinct dense networks
     metric: str
     by_level: bool
+    order: dict = field(default_factory=dict)  # row field -> its labels in value order
+    split: list = field(default_factory=list)  # fields added to the rows because trials differ in them
+    read: dict = field(default_factory=dict)  # what was read (orchestrator.tracking.read.select)
 
     def groups(self) -> list[tuple]:
-        return sorted({tuple(r) for r in self.cells[self.rows].itertuples(index=False, name=None)}, key=str)
+        """The row groups, sorted by value field by field (numbers as numbers, `none` and
+        `imp` first)."""
+        groups = {tuple(r) for r in self.cells[self.rows].itertuples(index=False, name=None)}
+        rank = {f: {label: i for i, label in enumerate(self.order.get(f, []))} for f in self.rows}
+        return sorted(groups, key=lambda g: tuple((rank[f].get(v, len(rank[f])), v) for f, v in zip(self.rows, g)))
 
     def cell(self, group: tuple, column: str) -> Optional[pd.Series]:
         hit = self.cells[(self.cells["column"] == column)
@@ -58,22 +67,60 @@ class Table:
         return None if hit.empty else hit.iloc[0]
 
 
+# Spec fields that never split a row: the seed (a row pools seeds), and where a trial ran
+# or read its data from (not what it computed).
+NOT_CONFIGURATION = ("seed", "device", "dataset.data_dir", "train.fused")
+
+
+def configuration_fields(df: pd.DataFrame) -> list:
+    """The spec fields in `df` that describe what a trial computed (all but NOT_CONFIGURATION)."""
+    return [p for p in field_paths() if p in df and p not in NOT_CONFIGURATION]
+
+
+def differing(df: pd.DataFrame, rows: list, axis=()) -> list:
+    """Configuration fields (not `rows`, nor a figure's `axis`) in which two trials of one
+    row differ."""
+    per_run = df.drop_duplicates("run_id")
+    rest = [f for f in configuration_fields(per_run) if f not in rows and f not in axis]
+    if not rest:
+        return []
+    text = per_run[rest].astype(object).map(str)
+    grouped = text.groupby([per_run[r].astype(object).map(str) for r in rows]) if rows else text.groupby(
+        pd.Series(0, index=text.index))
+    counts = grouped.nunique()
+    return [f for f in rest if (counts[f] > 1).any()]
+
+
+def row_fields(df: pd.DataFrame, rows: list, axis=()) -> tuple[list, list]:
+    """(the rows a table or figure groups by, the fields added to the asked ones). Added:
+    `method` and `control` when trials differ in them (a control is never averaged into
+    its ticket's row, nor one method into another), then every other configuration field
+    in which the trials of a row differ: a row pools seeds, never configurations."""
+    rows = list(rows)
+    added = [f for f in ("method", "control") if f not in rows and f in df and df[f].astype(str).nunique() > 1]
+    rows = [*added[:1], *rows, *added[1:]] if added[:1] == ["method"] else [*rows, *added]
+    extra = differing(df, rows, axis)
+    return [*rows, *extra], [*added, *extra]
+
+
 def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
              metric: str = "test_acc_at_early_stop") -> Table:
     if df.empty:
         raise ConfigError("runs", "empty", "a DataFrame with logged trial levels (analysis.runs of an "
                           "experiment that has run)")
-    for field in rows:
-        if field not in df:
+    for name in rows:
+        if name not in df:
             known = ", ".join(c for c in df.columns if "." in c or c in ("control", "seed", "rewind_iteration"))
-            raise ConfigError("--rows", field, f"a column of the runs; known: {known}")
+            raise ConfigError("--rows", name, f"a column of the runs; known: {known}")
     if metric not in df:
         raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
+    read = dict(df.attrs.get("read", {}))
     df = df.copy()
     df["method"] = methods(df)
-    if "method" not in rows and df["method"].nunique() > 1:
-        rows = ["method", *rows]  # methods (supermasks, tickets, pruning at init) are never averaged together
-    df[rows] = df[rows].astype(str)
+    rows, split = row_fields(df, rows)
+    order = {}
+    for name in rows:
+        df[name], order[name] = labels(df[name])
     extra = {"instability": ("stability_error_barrier", "mean")} if has_instability(df) else {}
     stats = (df.groupby(rows + ["level"], dropna=False)
              .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"),
@@ -92,7 +139,7 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
         cells, columns = _match_densities(stats, rows, densities)
     dense = _dense(df, metric)
     cells = _mark(cells, stats, rows, dense)
-    return Table(rows, columns, cells, dense, metric, densities is None)
+    return Table(rows, columns, cells, dense, metric, densities is None, order, split, read)
 
 
 def _match_densities(stats: pd.DataFrame, rows: list, densities: list):
@@ -142,13 +189,15 @@ def _dense(df: pd.DataFrame, metric: str) -> dict:
 
 def _fmt(mean, std, n, percent=True) -> str:
     scale = 100 if percent else 1
+    if n == 1:  # one trial: no spread to report (not ± 0)
+        return f"{mean * scale:.2f} (n=1)"
     return f"{mean * scale:.2f} ± {std * scale:.2f} (n={n})"
 
 
 def _shared_density(table: Table, col: str) -> bool:
     """All groups reach the same density in this column (so the header can say it)."""
     d = table.cells.loc[table.cells["column"] == col, "density"]
-    return table.by_level and not d.empty and (d.max() - d.min()) <= 0.005 * d.max()
+    return table.by_level and not d.empty and (100 * d).round(1).nunique() == 1  # one density as printed
 
 
 def _cell_text(table: Table, c) -> str:
@@ -190,7 +239,18 @@ def _dense_row(table: Table, fmt) -> list:
 
 def _title(table: Table) -> str:
     what = "level (weights remaining)" if table.by_level else "target density (density reached per cell)"
-    return f"{table.metric} in %, mean ± std over the trials of each row (seeds, and fields not shown), by {what}"
+    return f"{table.metric} in %, mean ± std over the trials (seeds) of each row, by {what}"
+
+
+def provenance(table: Table) -> list:
+    """What the table read, and the fields that split its rows (one line each)."""
+    from orchestrator.tracking.read import describe
+
+    lines = [describe(table.read)] if table.read else []
+    if table.split:
+        lines.append(f"rows split by {', '.join(table.split)}: the trials differ in "
+                     f"{'it' if len(table.split) == 1 else 'them'} (a row pools seeds, never configurations)")
+    return lines
 
 
 def to_markdown(table: Table) -> str:
@@ -200,7 +260,7 @@ def to_markdown(table: Table) -> str:
     for group in table.groups():
         texts = [_markdown_cell(table, table.cell(group, col)) for col in table.columns]
         lines.append("| " + " | ".join([*group, *texts]) + " |")
-    return "\n".join([_title(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
+    return "\n".join([_title(table), *provenance(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
                                                      f"{_INST if 'instability' in table.cells else ''}"
                                                      f"‡ {MATCH_RULE}."])
 
@@ -217,7 +277,7 @@ def _tex(text: str) -> str:
 
 def to_latex(table: Table) -> str:
     ncol = len(table.rows) + len(table.columns)
-    lines = [f"% {_title(table)}; generated by lth (analysis.tables)",
+    lines = [f"% {_title(table)}; generated by lth (analysis.tables)", *(f"% {p}" for p in provenance(table)),
              r"\begin{tabular}{" + "l" * len(table.rows) + "r" * len(table.columns) + "}", r"\toprule",
              " & ".join(_tex(h) for h in [*table.rows, *(_header(table, c) for c in table.columns)]) + r" \\",
              r"\midrule"]
