@@ -108,3 +108,39 @@ def dense_key(df: pd.DataFrame) -> pd.Series:
     for col in cols[1:]:  # column by column: a row-wise join takes seconds on 50,000 rows
         key = key + "|" + df[col].astype(object).map(str)
     return key.rename(None)
+
+
+# Spec fields that never split a row: the seed (a row pools seeds), and where a trial ran
+# or read its data from (not what it computed).
+NOT_CONFIGURATION = ("seed", "device", "dataset.data_dir", "train.fused")
+
+
+def configuration_fields(df: pd.DataFrame) -> list:
+    """The spec fields in `df` that describe what a trial computed (all but NOT_CONFIGURATION)."""
+    return [p for p in field_paths() if p in df and p not in NOT_CONFIGURATION]
+
+
+def differing(df: pd.DataFrame, rows: list, axis=()) -> list:
+    """Configuration fields (not `rows`, nor a figure's `axis`) in which two trials of one
+    row differ."""
+    per_run = df.drop_duplicates("run_id")
+    rest = [f for f in configuration_fields(per_run) if f not in rows and f not in axis]
+    if not rest:
+        return []
+    text = per_run[rest].astype(object).map(str)
+    grouped = text.groupby([per_run[r].astype(object).map(str) for r in rows]) if rows else text.groupby(
+        pd.Series(0, index=text.index))
+    counts = grouped.nunique()
+    return [f for f in rest if (counts[f] > 1).any()]
+
+
+def row_fields(df: pd.DataFrame, rows: list, axis=()) -> tuple[list, list]:
+    """(the rows a table or figure groups by, the fields added to the asked ones). Added:
+    `method` and `control` when trials differ in them (a control is never averaged into
+    its ticket's row, nor one method into another), then every other configuration field
+    in which the trials of a row differ: a row pools seeds, never configurations."""
+    rows = list(rows)
+    added = [f for f in ("method", "control") if f not in rows and f in df and df[f].astype(str).nunique() > 1]
+    rows = [*added[:1], *rows, *added[1:]] if added[:1] == ["method"] else [*rows, *added]
+    extra = differing(df, rows, axis)
+    return [*rows, *extra], [*added, *extra]

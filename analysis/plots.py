@@ -41,7 +41,7 @@ def imp_curves(df: pd.DataFrame, rows: list, out, panels=PANELS):
 
 def imp_figure(df: pd.DataFrame, rows: list, panels=PANELS):
     """The IMP figure (a matplotlib Figure of its own, no pyplot: the caller's backend, e.g.
-    a notebook's inline one, stays). Lines are the row groups (analysis.tables.row_fields:
+    a notebook's inline one, stays). Lines are the row groups (analysis.data.row_fields:
     method and control join the rows when they vary, and any field in which a row's trials
     differ), each at its own mean density per level. Colour encodes the first varying row
     field, line style and marker the others; beyond HANDFUL lines with two or more fields,
@@ -120,9 +120,10 @@ def imp_figure(df: pd.DataFrame, rows: list, panels=PANELS):
 
 
 def _grouped(df: pd.DataFrame, rows: list, axis=()):
-    """The runs with `method` set and every row field as labels (analysis.tables.labels);
-    the rows after row_fields; each field's labels in value order."""
-    from analysis.tables import labels, row_fields
+    """The runs with `method` set and every row field as labels (trials/labels.py); the
+    rows after analysis.data.row_fields; each field's labels in value order."""
+    from analysis.data import row_fields
+    from trials.labels import labels
 
     df = df.copy()
     df["method"] = methods(df)

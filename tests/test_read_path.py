@@ -12,6 +12,7 @@ import analysis
 from orchestrator.sweep_spec import load_sweep
 from orchestrator.sweeps import runner
 from orchestrator.tracking import levels_table, read, tickets
+from tests.test_analysis import layout_problems
 from tests.test_tracking import sweep_file
 from trials.environment import cpu_model, mixed
 from trials.record import TRACKED, LevelRecord, read_lines
@@ -73,6 +74,11 @@ def test_the_table_holds_every_record_and_both_paths_agree(swept):
             assert by_key[key][record.level] == record
     df = assert_paths_agree(uri)
     assert len(df) == N_TRIALS * (LEVELS + 1)
+    # a real sweep's output drawn: every legend entry and tick inside the figure, no two lines alike
+    fig = analysis.plots.imp_figure(df, ["prune.kind"])
+    assert layout_problems(fig) == [] and len(fig.axes[0].get_lines()) == 2
+    table = analysis.ablation(df, ["prune.kind"])
+    assert table.read["trials"] == N_TRIALS and table.split == [] and {int(n) for n in table.cells["n"]} == {2}
 
 
 def test_rerun_and_resume_keep_one_row_per_level(swept):
