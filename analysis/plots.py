@@ -1,7 +1,8 @@
 """IMP curves as in Frankle & Carbin: a metric against percent of weights remaining (log x,
-dense on the left), one line per group, shaded ± std over seeds, controls dashed.
-Supermasks (method=edge_popup) share the axes: each method is its own group, drawn with
-its own marker (IMP tickets circles, supermasks squares) and colour.
+dense on the left), one line per row group (analysis.data.row_fields), shaded ± std over
+seeds. Colour encodes one row field, line style and marker the others; many lines facet
+by the first field (a method) so a panel holds its controls. Legends sit in the figure,
+outside the axes; a panel with nothing to say says so (imp_figure).
 
 Instability as in Frankle et al. 2020 (`instability_curves`): the error barrier against
 the rewind iteration k, one line per group and level, the 2% "stable" threshold dashed."""

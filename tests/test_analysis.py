@@ -354,3 +354,19 @@ def test_tickets_best_says_what_it_read_and_fits_80_columns(pooled, capsys):
     assert main(["tickets", "best", "--experiment", "pooled", "--columns", "seed,colour",
                  "--tracking-uri", pooled]) == 2
     assert capsys.readouterr().err.startswith("lth: error: --columns: 'colour' is not allowed; allowed: all, or")
+
+
+def test_the_instability_figure_fits_and_encodes_group_and_level(tmp_path):
+    import pandas as pd
+
+    rows = [{"run_id": f"{kind}-{k}-{seed}", "seed": seed, "prune.kind": kind, "rewind_iteration": k, "level": level,
+             "density": 0.5 ** level, "test_acc_at_early_stop": 0.9,
+             "stability_error_barrier": 0.1 / (1 + k) + 0.01 * level + 0.001 * seed, "stability_loss_barrier": 0.5 / (1 + k)}
+            for kind in ("unstructured", "structured") for k in (0, 4, 16, 64) for seed in (0, 1) for level in (0, 2)]
+    fig = analysis.plots.instability_figure(pd.DataFrame(rows), ["prune.kind"])
+    assert layout_problems(fig) == []
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:4] == ["level 0 (100%), structured", "level 2 (25%), structured", "level 0 (100%), unstructured",
+                          "level 2 (25%), unstructured"] and labels[-1] == "stable below 2%"
+    out = analysis.instability_curves(pd.DataFrame(rows), ["prune.kind"], tmp_path / "inst.png")
+    assert out.stat().st_size > 10_000

@@ -77,8 +77,8 @@ def test_the_table_holds_every_record_and_both_paths_agree(swept):
     # a real sweep's output drawn: every legend entry and tick inside the figure, no two lines alike
     fig = analysis.plots.imp_figure(df, ["prune.kind"])
     assert layout_problems(fig) == [] and len(fig.axes[0].get_lines()) == 2
-    table = analysis.ablation(df, ["prune.kind"])
-    assert table.read["trials"] == N_TRIALS and table.split == [] and {int(n) for n in table.cells["n"]} == {2}
+    ablation = analysis.ablation(df, ["prune.kind"])
+    assert ablation.read["trials"] == N_TRIALS and ablation.split == [] and set(ablation.cells["n"]) == {2}
 
 
 def test_rerun_and_resume_keep_one_row_per_level(swept):
