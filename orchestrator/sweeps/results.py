@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pandas as pd
 
@@ -49,6 +50,9 @@ def stored_records(trial, sub: str) -> tuple[list[LevelRecord], dict]:
 def collect(sweep) -> list[dict]:
     from ray.tune import ExperimentAnalysis
 
+    # its "Failed to fetch metrics" for trials that reported nothing yet (a stopped
+    # driver's): the rows come from the checkpoints, not from Tune's result logs
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
         analysis = ExperimentAnalysis(sweep_path(sweep.storage, sweep.name))
     except ValueError:  # no experiment state yet
@@ -130,15 +134,13 @@ def configurations(sweep, trials: list[dict]) -> list[dict]:
 
 
 def status_report(sweep, rows: list[dict], top: int = 5) -> str:
+    """Trials per state, counted as the live line counts them (progress.py), failures, a
+    mixed-machines warning, and the best configurations so far."""
+    from orchestrator.sweeps import progress
+
     trials = per_trial(rows)
-    counts: dict = {}
-    for t in trials:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
-    unmade = sweep.trial_count - len(trials)  # not created yet when the driver last saved
-    if unmade > 0:
-        counts["NOT STARTED"] = unmade
-    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}, {sweep.trial_count} trials): "
-             + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none started")]
+    counts = progress.tally(progress.row_states(rows), sweep.trial_count)
+    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}): {progress.trials_field(counts, sweep.trial_count)}"]
     lines += [f"  failed {t['trial_id']}: {t['error']}" for t in trials if t["status"] == "ERROR"]
     warning = mixed(r.get("environment") for r in rows if r.get("level") is not None)
     if warning:
