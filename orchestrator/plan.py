@@ -310,6 +310,14 @@ def registrations(units: dict) -> list[dict]:
              "points": sorted(u.points)} for u in units.values()]
 
 
+def _shown(values: dict, path: str):
+    """A varied path's value in a flattened spec; a whole section (`model`) by its name."""
+    if path in values:
+        return values[path]
+    inner = {k[len(path) + 1:]: v for k, v in values.items() if k.startswith(path + ".")}
+    return inner.get("name", inner)
+
+
 def describe(sweep, p: Plan) -> str:
     """`lth sweep plan`: the units, who uses them, and what sharing saves (last line)."""
     varied = sweep.varied
@@ -328,7 +336,7 @@ def describe(sweep, p: Plan) -> str:
     for name, levels in trunks.items():
         spec = levels[0].spec
         values = flatten(spec.to_dict())
-        what = " ".join(f"{path}={values[path]}" for path in varied if path != "control")
+        what = " ".join(f"{path}={_shown(values, path)}" for path in varied if path != "control")
         what = f"IMP levels 1-{len(levels)}, seed {spec.seed}" + (f", {what}" if what else "")
         total = sum(u.iterations for u in levels)
         lines.append(f"  {name:<36} {total:>10,} {max(u.users for u in levels):>6}  {what}")

@@ -30,8 +30,11 @@ Objective = Literal[OBJECTIVES]  # the keys of orchestrator.objectives.summarise
 Mode = Literal["max", "min"]
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 GRID_CHECK_LIMIT = 20000  # combinations constructed at validation; beyond it, a sample is checked
-NAME = Rule(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None,
-            "a name of letters, digits, '.', '_' or '-'")
+# A name is a folder (STORAGE/NAME, mlartifacts/EXPERIMENT) and part of file names (the
+# study's NAME-xxxxxxxx.db): one path component, 255 bytes on common file systems, with room left.
+NAME_MAX = 200
+NAME = Rule(lambda v: len(v) <= NAME_MAX and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None,
+            f"a name of letters, digits, '.', '_' or '-', at most {NAME_MAX} characters")
 SLOT = Rule(lambda v: v <= 1 or float(v).is_integer(), "a fraction <= 1 or a whole number")  # Ray's rule
 
 
@@ -49,7 +52,7 @@ class Dimension:
 # A sweep's size is bounded before anything is built: every trial's spec is made at load
 # (so a bad one is named), and 10^8 seeds or 10^12 samples would exhaust memory first.
 MAX_SEEDS = 10_000
-MAX_TRIALS = 1_000_000
+MAX_TRIALS = 10_000  # what `lth sweep plan` answers in about 10 s on 2 cores (README, "Sweeps")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Search:
         check(len(mode) == len(metric), "mode", list(mode),
               f"max or min for each of the {len(metric)} metric(s)")
         check(len(metric) in (1, 2), "metric", list(metric), "one objective, or two (a Pareto front)")
+        check(len(set(metric)) == len(metric), "metric", list(metric), "two different objectives (a Pareto front)")
         if self.algorithm == "grid":
             check(self.num_samples is None, "num_samples", self.num_samples,
                   "not used by grid search (every combination runs once per seed)")
@@ -103,7 +107,12 @@ def _seeds(key: str, value) -> tuple:
 
 def _space(key: str, value) -> tuple:
     entries = coerce(key, {} if value is None else value, dict)
-    return tuple(_dimension(f"{key}.{path}", path, entry) for path, entry in entries.items())
+    dims = tuple(_dimension(f"{key}.{path}", path, entry) for path, entry in entries.items())
+    for d in dims:  # `model` and `model.name` would each set the model's name: which wins?
+        outer = next((o.path for o in dims if d.path.startswith(o.path + ".")), None)
+        check(outer is None, f"{key}.{d.path}", entries[d.path],
+              f"not varied together with {key}.{outer}, which sets it too (vary one of them)")
+    return dims
 
 
 def _resources(key: str, value) -> dict:
@@ -311,9 +320,10 @@ def _check_where(sweep: Sweep, spec, here: bool = True) -> None:
 def _check_combinations(sweep: Sweep, here: bool = True) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
-    if sweep.search.algorithm == "grid":
-        check(sweep.trial_count <= MAX_TRIALS, "space", f"{sweep.trial_count:,} trials (grid combinations x seeds)",
-              f"at most {MAX_TRIALS:,} trials in one sweep")
+    grid = sweep.search.algorithm == "grid"
+    check(sweep.trial_count <= MAX_TRIALS, "space" if grid else "search.num_samples",
+          f"{sweep.trial_count:,} trials ({'grid combinations' if grid else 'num_samples'} x seeds)",
+          f"at most {MAX_TRIALS:,} trials in one sweep")
     continuous = [d for d in sweep.space if not d.discrete]
     ends = [{d.path: d.values[0] for d in continuous}]
     ends += [{**ends[0], d.path: d.values[1]} for d in continuous]

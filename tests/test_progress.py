@@ -35,10 +35,11 @@ def test_the_plan_counts_trials_levels_and_iterations():
     assert progress.clock(3725) == "1h02m05s" and progress.clock(65) == "1m05s" and progress.clock(4) == "4s"
 
 
-def test_the_status_line_fits_any_width_shortening_then_dropping_fields_from_the_right():
+def test_the_status_line_fits_any_width_shortening_then_dropping_fields_from_the_right(monkeypatch):
     sweep = load_sweep(os.path.join(ROOT, "sweeps", "prune_at_init.yaml"), [])
     p = progress.Progress.of(sweep, units_before=3)
-    p.started -= 75
+    now = p.started + 75  # 1m15s into the sweep
+    monkeypatch.setattr(progress.time, "time", lambda: now)
     p.count(["done"] * 7 + ["running"] * 2 + ["failed"])
     for _ in range(40):
         p.add_level(300)
@@ -61,6 +62,12 @@ def test_the_status_line_fits_any_width_shortening_then_dropping_fields_from_the
     assert widths[60] == f"{prefix}7/72 done, 2 running, 1 failed | 9%"
     assert widths[40].startswith(prefix + "7/72 done") and widths[40].endswith("...")
     assert all(len(p.line(prefix=prefix, width=w)) <= w for w in range(1, 200))
+    # the time left runs at this driver's pace: 40 levels of 300 in 75 s; resumed with 36 of
+    # them done before, 4 levels in 75 s leave ten times as long
+    done = p.iterations_done
+    assert p.line().endswith(f", ~{progress.clock(75 * (p.iterations - done) / done)} left")
+    p.iterations_before = 36 * 300
+    assert p.line().endswith(f", ~{progress.clock(75 * (p.iterations - done) / (4 * 300))} left")
 
 
 def test_a_terminal_gets_one_live_line_and_stdout_no_banners(tmp_path):

@@ -113,7 +113,7 @@ def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray
     assert trial.run_metadata.num_failures == 2  # first attempt + one retry (max_failures: 1)
 
 
-def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local):
+def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local, capsys):
     import optuna
 
     base = {**BASE, "prune": {**BASE["prune"], "levels": 3, "rate": 0.9}}
@@ -132,6 +132,11 @@ def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_pa
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(stopped)
+    # the levels a stopped trial never runs leave the totals: the live line and status end at 100%
+    live = [ln for ln in capsys.readouterr().err.splitlines() if " finished (" in ln][-1]
+    assert f"| levels {len(df)}/{len(df)} |" in live and "| 100% of " in live, live
+    assert main(["sweep", "status", "s", "--storage", str(tmp_path / "runs")]) == 0
+    assert f"progress: levels {len(df)}/{len(df)} | " in capsys.readouterr().out
 
 
 def kill_mid_sweep_then_resume(tmp_path, path, levels: int) -> tuple[str, subprocess.CompletedProcess]:
@@ -257,3 +262,43 @@ print(json.dumps(out))
         assert len(err.strip().splitlines()) == 1 and err.startswith(f"lth: error: {key}"), (key, err)
         assert not ray_imported, key
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_ray_starts_lean_and_a_killed_driver_leaves_no_agent(tmp_path):
+    """`lth sweep run` on a local Ray starts neither the dashboard's head process nor the
+    autoscaler's monitor (no --dashboard), and when the driver is killed (SIGKILL) the
+    raylet's agents go at once, not a minute later (orchestrator/sweeps/reaper.py)."""
+    import psutil
+
+    path = tmp_path / "lean.yaml"
+    path.write_text(yaml.safe_dump({"name": "lean", "experiment": "lean", "base": digits_base(levels=20),
+                                    "storage": str(tmp_path / "runs"),
+                                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    driver = psutil.Process(proc.pid)
+
+    def named(procs, *names):
+        out = []
+        for p in procs:
+            try:
+                if any(n in " ".join(p.cmdline()) for n in names):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (named(driver.children(), "orchestrator.sweeps.reaper") and len(
+                named(driver.children(recursive=True), "ray::DashboardAgent", "ray::RuntimeEnvAgent")) == 2):
+            assert proc.poll() is None, "the sweep ended before its Ray was seen"
+            time.sleep(0.5)
+        agents = named(driver.children(recursive=True), "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        assert len(agents) == 2
+        assert not named(driver.children(), "dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(agents, timeout=20)
+    assert not alive, [p.pid for p in alive]

@@ -12,11 +12,14 @@ from pathlib import Path
 
 from ray import tune
 
+from orchestrator.objectives import STOPPED
+from orchestrator.plan import level_iterations
 from orchestrator.sweeps import packs, progress, results
 from orchestrator.tracking import store
 from orchestrator.sweeps.storage import checkpoint_dirs
 from trials import layout
 from trials.record import LevelRecord
+from trials.spec import from_dict
 from trials.version import code_version
 
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
@@ -53,7 +56,9 @@ class LevelProgress(tune.Callback):
             rows = []
         self.progress = progress.of_rows(self.sweep, rows)
         self.progress.units_before = self.progress.units_now  # reused by this run
+        self.progress.iterations_before = self.progress.iterations_done
         self.seen = {(r["trial_id"], r["level"]) for r in rows if r.get("level") is not None}
+        self.ended = {r["trial_id"] for r in rows if r.get(STOPPED) is True}  # counted as stopped (progress.stopped)
         self.live, self.drawn, self.asked = sys.stderr.isatty(), 0.0, 0.0
 
     def _say(self, text: str) -> None:
@@ -114,8 +119,12 @@ class LevelProgress(tune.Callback):
         for t in trials:
             status = "TERMINATED" if t is finished else t.status
             ids = packs.members(t.trial_id, t.config)
-            states += [progress.state_of(packs.member_status(state, status))
-                       for state in packs.statuses(t.last_result, len(ids))]
+            for (trial_id, member, _), state in zip(ids, packs.statuses(t.last_result, len(ids))):
+                states.append(progress.state_of(packs.member_status(state, status)))
+                if state.get("status") == packs.STOPPED and trial_id not in self.ended:
+                    self.ended.add(trial_id)
+                    planned = level_iterations(from_dict(member["spec"]))
+                    self.progress.stopped(planned, sum(seen == trial_id for seen, _ in self.seen))
         self.progress.count(states)
         if self.progress.units and time.monotonic() - self.asked >= self.UNITS_S:
             self.asked = time.monotonic()
@@ -157,6 +166,8 @@ class MlflowLogger(tune.Callback):
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - logging must never fail the sweep
+            if self.sweep.name in TRACKERS:
+                self.tracker.doubt()  # what failed may have reached the store: read it back first
             if not self.failed:
                 print(f"lth: MLflow unavailable ({what}: {str(e).splitlines()[0][:160] if str(e) else e!r}); "
                       "the sweep goes on and replays the record at the end", file=sys.stderr, flush=True)

@@ -10,8 +10,8 @@ iterations and each later level T - k (edge-popup: T per density), whether the t
 trained the level or took it from a shared unit. Optimizer steps actually run are fewer
 with sharing and more for a control that retrains IMP (`lth sweep plan`'s "to train").
 The share done is the iterations of the levels recorded over that total, levels recorded
-before a resume included, and the time left scales the time this driver has run by what
-is not done yet. With shared units later levels often arrive faster (copied, not
+before a resume included, and the time left is what is not done yet at the pace of this
+driver (the iterations recorded since it started, over its time). With shared units later levels often arrive faster (copied, not
 trained), so the estimate errs long.
 
 A line fits a width (the terminal's at a terminal): fields shorten first, from the
@@ -55,6 +55,7 @@ class Progress:
     states: dict = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     levels_done: int = 0
     iterations_done: int = 0
+    iterations_before: int = 0  # done before this driver started (a resume): not in its pace
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -68,6 +69,14 @@ class Progress:
     def add_level(self, iterations: int) -> None:
         self.levels_done += 1
         self.iterations_done += iterations
+
+    def stopped(self, planned: list[int], recorded: int) -> None:
+        """A trial that stop_when_not_matching ended after `recorded` of its `planned` levels
+        (their iterations): the levels it will never run leave the totals, so a finished
+        sweep reads 100%."""
+        for iterations in planned[recorded:]:
+            self.levels -= 1
+            self.iterations -= iterations
 
     def count(self, states: list[str]) -> None:
         """Each trial's state (done / running / pending / failed): tally."""
@@ -91,8 +100,9 @@ class Progress:
         out.append((f"{pct} of {self.iterations:,} iterations", pct, 1))
         if elapsed:
             spent = time.time() - self.started
-            share = self.share
-            left = f"~{clock(spent * (1 - share) / share)} left" if 0 < share < 1 else ""
+            new = self.iterations_done - self.iterations_before  # at this driver's pace
+            todo = self.iterations - self.iterations_done
+            left = f"~{clock(spent * todo / new)} left" if new > 0 and todo > 0 else ""
             out.append((clock(spent) + (f", {left}" if left else ""), left or clock(spent), 2))
         return out
 
@@ -172,18 +182,24 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
     from orchestrator import plan
     from orchestrator.sweeps.units import UnitStore
 
+    from orchestrator.config import spec_at
+    from orchestrator.objectives import STOPPED
+
     p = Progress.of(sweep, units_before=None)
+    recorded: dict = {}
     for r in rows:
         if r.get("level") is not None and r.get("iterations") is not None:
             p.add_level(int(r["iterations"]))
+            recorded[r["trial_id"]] = recorded.get(r["trial_id"], 0) + 1
     p.count(row_states(rows))
+    made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
+    for trial_id, r in {r["trial_id"]: r for r in rows}.items():  # each trial's last row
+        if r.get(STOPPED) is True:
+            p.stopped(plan.level_iterations(spec_at(sweep.base, made[trial_id])), recorded.get(trial_id, 0))
     if p.units:
         planned = plan.plan(sweep)
         names = set(planned.units)
         if planned.estimated:  # a search's units are those of the configurations it made, not of the draw
-            from orchestrator.config import spec_at
-
-            made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
             names = set(plan.work_units([spec_at(sweep.base, c) for c in made.values()]))
         p.units_now = len(names & UnitStore(sweep.storage, packed=sweep.packed).published_names())
     return p
