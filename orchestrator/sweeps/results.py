@@ -162,16 +162,33 @@ def status_report(sweep, rows: list[dict], top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def summary_table(sweep, rows: list[dict]) -> str:
-    """Mean over seeds of each configuration's per-level test accuracy (early stop), by level."""
+def summary_table(sweep, rows: list[dict], width: int | None = None) -> str:
+    """Mean over seeds of each configuration's per-level test accuracy (early stop), by
+    level: rows in value order (trials/labels.py), a level's density in its header when
+    every row reached the same, columns wrapped at `width` (default: the terminal's)."""
+    import shutil
+
+    from trials.labels import labels
+
     df = pd.DataFrame([r for r in rows if r.get("level") is not None])
     if df.empty:
         return "no finished levels"
     keys = [p for p in sweep.varied] or ["trial_key"]
-    df[keys] = df[keys].astype(str)
+    order = {}
+    for key in keys:
+        df[key], order[key] = labels(df[key])
     table = df.groupby(keys + ["level"]).agg(density=("density", "mean"), acc=("test_acc_at_early_stop", "mean"),
                                              std=("test_acc_at_early_stop", "std"), n=("seed", "count"))
-    cells = table.apply(lambda r: f"{r['acc']:.4f}±{0 if r['n'] < 2 else r['std']:.4f} ({int(r['n'])}) @{r['density']:.3f}", axis=1)
-    wide = cells.unstack("level")
-    wide.columns = [f"level {lv}" for lv in wide.columns]
-    return "test accuracy at early stop: mean±std over seeds (n seeds) @ density\n" + wide.to_string()
+    shared = (100 * table["density"]).round(1).groupby("level").nunique() == 1
+
+    def cell(r) -> str:
+        text = f"{100 * r['acc']:.2f}" + (f"±{100 * r['std']:.2f}" if r["n"] > 1 else "") + f" ({int(r['n'])})"
+        return text if shared[r.name[-1]] else f"{text} @{100 * r['density']:.1f}%"
+    wide = table.apply(cell, axis=1).unstack("level")
+    density = table["density"].groupby("level").mean()
+    wide.columns = [f"L{lv} {100 * density[lv]:.1f}%" if shared[lv] else f"L{lv}" for lv in wide.columns]
+    wide = wide.reindex(pd.MultiIndex.from_product([order[k] for k in keys], names=keys) if len(keys) > 1
+                        else pd.Index(order[keys[0]], name=keys[0])).dropna(how="all").fillna("—")
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    return ("test accuracy at early stop (%): mean±std over seeds (n), by level (density)\n"
+            + wide.to_string(line_width=width))
