@@ -1,13 +1,15 @@
 """MLflow -> pandas -> ablation tables and IMP plots for papers.
 
-    df = analysis.runs("lenet-mnist")                         # one row per trial x level
+    df = analysis.runs("lenet-mnist", sweeps=["lenet-ablation"])  # one row per trial x level
     t = analysis.ablation(df, ["prune.kind", "rewind_iteration"], densities=[1, 0.2, 0.05])
     print(analysis.to_markdown(t)); open("table.tex", "w").write(analysis.to_latex(t))
     analysis.imp_curves(df, ["prune.kind", "control"], "imp.pdf")
     analysis.instability_curves(df, ["retrain"], "instability.pdf")   # vs rewind iteration k
 """
-from analysis.data import runs
+from analysis import plots
+from analysis.data import runs, with_density
 from analysis.plots import imp_curves, instability_curves
-from analysis.tables import MATCH_RULE, Table, ablation, to_csv, to_latex, to_markdown
+from analysis.tables import MATCH_RULE, Table, ablation, provenance, to_csv, to_latex, to_markdown
 
-__all__ = ["runs", "ablation", "to_markdown", "to_latex", "to_csv", "imp_curves", "instability_curves", "Table", "MATCH_RULE"]
+__all__ = ["runs", "with_density", "ablation", "provenance", "to_markdown", "to_latex", "to_csv", "imp_curves",
+           "instability_curves", "plots", "Table", "MATCH_RULE"]

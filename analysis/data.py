@@ -11,19 +11,23 @@ import pandas as pd
 from orchestrator.tracking import levels_table, read, store
 from trials.record import COUNTS, TRACKED
 from trials.spec import field_paths
+from trials.errors import ConfigError
 from trials.typed import from_logged, non_null
 
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
 HEAD = levels_table.NAMES
 
 
-def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = True) -> pd.DataFrame:
-    """Every logged level of every trial of `experiment`: spec fields (typed as the spec
-    types them), seed, level, density, accuracies, early-stop iteration, run status.
-    `tables=False` reads every run's metric histories instead of the sweeps' tables."""
+def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = True, sweeps=None) -> pd.DataFrame:
+    """Every logged level of every trial of `experiment` (of the named `sweeps` only, when
+    given), each trial once (read.select): spec fields (typed as the spec types them),
+    seed, level, density, accuracies, early-stop iteration, run status. `df.attrs["read"]`
+    says what was read (read.describe). `tables=False` reads every run's metric histories
+    instead of the sweeps' tables."""
     uri, c = store.connect(tracking_uri)
     heads, levels = [], []
-    for trial in read.trials(c, experiment, uri, TRACKED, tables):
+    trials, what = read.select(read.trials(c, experiment, uri, TRACKED, tables), experiment, sweeps)
+    for trial in trials:
         heads.append({**{k: trial[k] for k in HEAD}, "environments": trial.get("environments"), **trial["params"]})
         levels += [{"run_id": trial["run_id"], "level": level, **{m: values.get(m) for m in TRACKED}}
                    for level, values in sorted(trial["levels"].items())]
@@ -31,7 +35,31 @@ def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = Tru
         return pd.DataFrame()
     # spec columns are parsed once per run, not per level (thousands of runs x levels)
     per_run = spec_typed(_spec_order(pd.DataFrame(heads)))
-    return tidy(per_run.merge(pd.DataFrame(levels), on="run_id", validate="one_to_many"))
+    df = tidy(per_run.merge(pd.DataFrame(levels), on="run_id", validate="one_to_many"))
+    df.attrs["read"] = what
+    return df
+
+
+DENSITIES = {"nominal": "density", "effective": "effective_density"}
+
+
+def with_density(df: pd.DataFrame, kind: str = "nominal") -> pd.DataFrame:
+    """`df` with its `density` column the chosen kind: nominal (the mask's fraction of
+    weights) or effective (the fraction on some input-to-output path, `effective_density`
+    in records that carry it). Refused when a trial's records lack it (older sweeps)."""
+    if kind not in DENSITIES:
+        raise ConfigError("--density-kind", kind, f"allowed: {', '.join(DENSITIES)}")
+    if kind == "nominal":
+        return df
+    column = DENSITIES[kind]
+    lacking = df[df[column].isna()] if column in df else df
+    if not lacking.empty:
+        sweeps = sorted(set(lacking["sweep"].dropna().astype(str)))
+        raise ConfigError("--density-kind", kind, f"allowed: nominal (the records of sweep(s) {', '.join(sweeps) or '?'} "
+                          f"have no {column}: written by an lth before it was recorded)")
+    out = df.assign(density=df[column].astype(float))
+    out.attrs = dict(df.attrs)
+    return out
 
 
 def _spec_order(df: pd.DataFrame) -> pd.DataFrame:
@@ -80,3 +108,39 @@ def dense_key(df: pd.DataFrame) -> pd.Series:
     for col in cols[1:]:  # column by column: a row-wise join takes seconds on 50,000 rows
         key = key + "|" + df[col].astype(object).map(str)
     return key.rename(None)
+
+
+# Spec fields that never split a row: the seed (a row pools seeds), and where a trial ran
+# or read its data from (not what it computed).
+NOT_CONFIGURATION = ("seed", "device", "dataset.data_dir", "train.fused")
+
+
+def configuration_fields(df: pd.DataFrame) -> list:
+    """The spec fields in `df` that describe what a trial computed (all but NOT_CONFIGURATION)."""
+    return [p for p in field_paths() if p in df and p not in NOT_CONFIGURATION]
+
+
+def differing(df: pd.DataFrame, rows: list, axis=()) -> list:
+    """Configuration fields (not `rows`, nor a figure's `axis`) in which two trials of one
+    row differ."""
+    per_run = df.drop_duplicates("run_id")
+    rest = [f for f in configuration_fields(per_run) if f not in rows and f not in axis]
+    if not rest:
+        return []
+    text = per_run[rest].astype(object).map(str)
+    grouped = text.groupby([per_run[r].astype(object).map(str) for r in rows]) if rows else text.groupby(
+        pd.Series(0, index=text.index))
+    counts = grouped.nunique()
+    return [f for f in rest if (counts[f] > 1).any()]
+
+
+def row_fields(df: pd.DataFrame, rows: list, axis=()) -> tuple[list, list]:
+    """(the rows a table or figure groups by, the fields added to the asked ones). Added:
+    `method` and `control` when trials differ in them (a control is never averaged into
+    its ticket's row, nor one method into another), then every other configuration field
+    in which the trials of a row differ: a row pools seeds, never configurations."""
+    rows = list(rows)
+    added = [f for f in ("method", "control") if f not in rows and f in df and df[f].astype(str).nunique() > 1]
+    rows = [*added[:1], *rows, *added[1:]] if added[:1] == ["method"] else [*rows, *added]
+    extra = differing(df, rows, axis)
+    return [*rows, *extra], [*added, *extra]

@@ -22,14 +22,15 @@ of its trials (`instability`; CSV column, and "inst." in Markdown and LaTeX cell
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import pandas as pd
 
-from analysis.data import dense_key
+from analysis.data import dense_key, row_fields
 from analysis.plots import has_instability, methods
 from trials.errors import ConfigError
+from trials.labels import labels
 
 DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
 MATCH_RULE = ("matches the dense network: its mean is at least the same row's dense (level 0) mean "
@@ -48,9 +49,16 @@ class Table:
     dense: dict  # the dense baseline: mean, std, n over distinct dense networks
     metric: str
     by_level: bool
+    order: dict = field(default_factory=dict)  # row field -> its labels in value order
+    split: list = field(default_factory=list)  # fields added to the rows because trials differ in them
+    read: dict = field(default_factory=dict)  # what was read (orchestrator.tracking.read.select)
 
     def groups(self) -> list[tuple]:
-        return sorted({tuple(r) for r in self.cells[self.rows].itertuples(index=False, name=None)}, key=str)
+        """The row groups, sorted by value field by field (numbers as numbers, `none` and
+        `imp` first)."""
+        groups = {tuple(r) for r in self.cells[self.rows].itertuples(index=False, name=None)}
+        rank = {f: {label: i for i, label in enumerate(self.order.get(f, []))} for f in self.rows}
+        return sorted(groups, key=lambda g: tuple((rank[f].get(v, len(rank[f])), v) for f, v in zip(self.rows, g)))
 
     def cell(self, group: tuple, column: str) -> Optional[pd.Series]:
         hit = self.cells[(self.cells["column"] == column)
@@ -63,17 +71,19 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     if df.empty:
         raise ConfigError("runs", "empty", "a DataFrame with logged trial levels (analysis.runs of an "
                           "experiment that has run)")
-    for field in rows:
-        if field not in df:
+    for name in rows:
+        if name not in df:
             known = ", ".join(c for c in df.columns if "." in c or c in ("control", "seed", "rewind_iteration"))
-            raise ConfigError("--rows", field, f"a column of the runs; known: {known}")
+            raise ConfigError("--rows", name, f"a column of the runs; known: {known}")
     if metric not in df:
         raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
+    read = dict(df.attrs.get("read", {}))
     df = df.copy()
     df["method"] = methods(df)
-    if "method" not in rows and df["method"].nunique() > 1:
-        rows = ["method", *rows]  # methods (supermasks, tickets, pruning at init) are never averaged together
-    df[rows] = df[rows].astype(str)
+    rows, split = row_fields(df, rows)
+    order = {}
+    for name in rows:
+        df[name], order[name] = labels(df[name])
     extra = {"instability": ("stability_error_barrier", "mean")} if has_instability(df) else {}
     stats = (df.groupby(rows + ["level"], dropna=False)
              .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"),
@@ -92,7 +102,7 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
         cells, columns = _match_densities(stats, rows, densities)
     dense = _dense(df, metric)
     cells = _mark(cells, stats, rows, dense)
-    return Table(rows, columns, cells, dense, metric, densities is None)
+    return Table(rows, columns, cells, dense, metric, densities is None, order, split, read)
 
 
 def _match_densities(stats: pd.DataFrame, rows: list, densities: list):
@@ -142,13 +152,15 @@ def _dense(df: pd.DataFrame, metric: str) -> dict:
 
 def _fmt(mean, std, n, percent=True) -> str:
     scale = 100 if percent else 1
+    if n == 1:  # one trial: no spread to report (not ± 0)
+        return f"{mean * scale:.2f} (n=1)"
     return f"{mean * scale:.2f} ± {std * scale:.2f} (n={n})"
 
 
 def _shared_density(table: Table, col: str) -> bool:
     """All groups reach the same density in this column (so the header can say it)."""
     d = table.cells.loc[table.cells["column"] == col, "density"]
-    return table.by_level and not d.empty and (d.max() - d.min()) <= 0.005 * d.max()
+    return table.by_level and not d.empty and (100 * d).round(1).nunique() == 1  # one density as printed
 
 
 def _cell_text(table: Table, c) -> str:
@@ -190,7 +202,18 @@ def _dense_row(table: Table, fmt) -> list:
 
 def _title(table: Table) -> str:
     what = "level (weights remaining)" if table.by_level else "target density (density reached per cell)"
-    return f"{table.metric} in %, mean ± std over the trials of each row (seeds, and fields not shown), by {what}"
+    return f"{table.metric} in %, mean ± std over the trials (seeds) of each row, by {what}"
+
+
+def provenance(table: Table) -> list:
+    """What the table read, and the fields that split its rows (one line each)."""
+    from orchestrator.tracking.read import describe
+
+    lines = [describe(table.read)] if table.read else []
+    if table.split:
+        lines.append(f"rows split by {', '.join(table.split)}: the trials differ in "
+                     f"{'it' if len(table.split) == 1 else 'them'} (a row pools seeds, never configurations)")
+    return lines
 
 
 def to_markdown(table: Table) -> str:
@@ -200,7 +223,7 @@ def to_markdown(table: Table) -> str:
     for group in table.groups():
         texts = [_markdown_cell(table, table.cell(group, col)) for col in table.columns]
         lines.append("| " + " | ".join([*group, *texts]) + " |")
-    return "\n".join([_title(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
+    return "\n".join([_title(table), *provenance(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
                                                      f"{_INST if 'instability' in table.cells else ''}"
                                                      f"‡ {MATCH_RULE}."])
 
@@ -217,7 +240,7 @@ def _tex(text: str) -> str:
 
 def to_latex(table: Table) -> str:
     ncol = len(table.rows) + len(table.columns)
-    lines = [f"% {_title(table)}; generated by lth (analysis.tables)",
+    lines = [f"% {_title(table)}; generated by lth (analysis.tables)", *(f"% {p}" for p in provenance(table)),
              r"\begin{tabular}{" + "l" * len(table.rows) + "r" * len(table.columns) + "}", r"\toprule",
              " & ".join(_tex(h) for h in [*table.rows, *(_header(table, c) for c in table.columns)]) + r" \\",
              r"\midrule"]

@@ -104,7 +104,9 @@ def main() -> None:
                 units = r["units"]["after"] / r["units"]["before"]
                 for batch in args.batches:
                     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
-                    assert compact.exact(*compact.logit_difference(masked, c.model, x))
+                    if batch == args.batches[0]:  # the exactness check (float64), once per ticket
+                        r64 = compact.check(masked, c, x)
+                        assert compact.exact(r64["max_logit_diff_fp64"], r64["max_abs_logit"])
                     t_masked, t_compact = timed([torch_runner(masked, x, args.device),
                                                  torch_runner(c.model, x, args.device)], args.repeats)
                     o_dense = onnx_runner(Path(tmp) / f"{name}-{keep}-masked.onnx", x, args.device, args.threads)

@@ -1,5 +1,3 @@
-import sys
+from lth.cli import entry
 
-from lth.cli import main
-
-sys.exit(main())
+entry()

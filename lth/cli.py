@@ -47,5 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> None:
+    """The `lth` program. A process that ran Ray (a sweep's driver) ends as soon as its
+    exit handlers have run (Ray's shutdown, logging's flush): after a Tune run, the
+    interpreter's own finalization then spends seconds in native code, with nothing left
+    to write (ARCHITECTURE.md, "The sweep runner")."""
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        import atexit
+
+        atexit._run_exitfuncs()  # what a normal exit runs first
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to say
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

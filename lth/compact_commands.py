@@ -68,8 +68,9 @@ def tickets_compact(args) -> int:
     if r["kept_tied"] or r["kept_constant"]:
         print(f"kept: {r['kept_tied']} channels tied by skip connections to channels that stay, "
               f"{r['kept_constant']} constant units a padded convolution reads")
-    print(f"exact: largest logit difference {r['max_logit_diff']:.2e} on {r['examples']:,} test examples "
-          f"(ONNX Runtime {r['onnx_max_diff']:.2e}); effective density {r['effective_density']:.4f} "
+    print(f"exact: largest logit difference {r['max_logit_diff_fp64']:.2e} in float64 on {r['examples']:,} test "
+          f"examples (float32 {r['max_logit_diff']:.2e}, ONNX Runtime {r['onnx_max_diff']:.2e}); effective density "
+          f"{r['effective_density']:.4f} "
           f"(weights {r['density']:.4f})")
     print(f"-> {out}  (trials.compact.load_compact('{out}'))")
     return 0

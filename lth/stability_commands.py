@@ -10,7 +10,9 @@ stability on at the chosen level), so a rerun resumes and `lth trial run` can in
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from trials.errors import ConfigError, check
@@ -90,8 +92,13 @@ def stability_find(args) -> int:
     for spec, folder in zip(specs, folders):
         TrialDir(folder, spec).check()
     data, _ = prepare(specs[0], folders[0])  # the data are the same for every k
-    print(f"instability of level {args.level} of {base.model.name} on {base.dataset.name}: bisecting "
-          f"k over {grid}, stable below {100 * args.threshold:.2f}% -> {out}", file=sys.stderr)
+    width = shutil.get_terminal_size().columns  # 80 where no terminal says: lines wrap there
+
+    def say(text: str, file=sys.stdout) -> None:
+        print(textwrap.fill(text, width, subsequent_indent="  ", break_on_hyphens=False), file=file, flush=True)
+
+    say(f"instability of level {args.level} of {base.model.name} on {base.dataset.name}, stable below "
+        f"{100 * args.threshold:.2f}%: bisecting k over {', '.join(map(str, grid))} -> {out}", sys.stderr)
 
     measured: dict = {}
 
@@ -100,17 +107,16 @@ def stability_find(args) -> int:
         record = records[args.level]
         value = measured[i] = record.stability_error_barrier
         verdict = "stable" if value < args.threshold else "unstable"
-        print(f"k={grid[i]:<7d} instability {100 * value:6.2f}%  {verdict:8s}  (level {args.level}, density "
-              f"{100 * record.density:.3g}%, copies' test acc {record.stability_acc_a:.4f} / "
-              f"{record.stability_acc_b:.4f})", flush=True)
+        say(f"k={grid[i]:<6d} instability {100 * value:6.2f}%  {verdict:8s} density {100 * record.density:.3g}%, "
+            f"copies' acc {record.stability_acc_a:.4f}/{record.stability_acc_b:.4f}")
         return value
 
     lo, hi = 0, len(grid) - 1
     if instability(lo) < args.threshold:
         hi = lo
     elif hi == lo or instability(hi) >= args.threshold:
-        print(f"no stable k in the grid: instability at k={grid[hi]} is {100 * measured[hi]:.2f}% "
-              f">= {100 * args.threshold:.2f}%")
+        say(f"no stable k in the grid: instability at k={grid[hi]} is {100 * measured[hi]:.2f}% "
+            f">= {100 * args.threshold:.2f}%")
         return 1
     while hi - lo > 1:  # grid[lo] unstable, grid[hi] stable
         mid = (lo + hi) // 2
@@ -118,7 +124,7 @@ def stability_find(args) -> int:
             hi = mid
         else:
             lo = mid
-    before = f"; k={grid[lo]} gave {100 * measured[lo]:.2f}%" if lo != hi else ""
-    print(f"earliest stable rewind iteration: k={grid[hi]} (instability {100 * measured[hi]:.2f}% < "
-          f"{100 * args.threshold:.2f}%{before})")
+    before = f"; k={grid[lo]}: {100 * measured[lo]:.2f}%" if lo != hi else ""
+    say(f"earliest stable rewind iteration: k={grid[hi]} (instability {100 * measured[hi]:.2f}% < "
+        f"{100 * args.threshold:.2f}%{before})")
     return 0

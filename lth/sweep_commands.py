@@ -10,6 +10,8 @@ def add(commands) -> None:
     run = sweep.add_parser("run", help="validate a sweep file, then run it (or continue it)")
     run.add_argument("file", help="sweep YAML (see sweeps/)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    run.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with a local Ray "
+                     "(off by default: it costs seconds at every start)")
     run.add_argument("--name", help="override the sweep's name")
     run.add_argument("--storage", help="override where results go (folder, s3://, gs://)")
     run.add_argument("--tracking-uri", help="MLflow store (default: the file's tracking_uri, "
@@ -21,6 +23,11 @@ def add(commands) -> None:
     plan.add_argument("file", help="sweep YAML (see sweeps/)")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a sweep key, as for `lth sweep run`")
+    plan.add_argument("--address", help="the Ray cluster `sweep run` will use (default: RAY_ADDRESS, else a local "
+                      "instance, whose size the plan checks); plan connects to nothing")
+    plan.add_argument("--name", help="override the sweep's name, as for `lth sweep run`")
+    plan.add_argument("--storage", help="override where results go, as for `lth sweep run`")
+    plan.add_argument("--tracking-uri", help="MLflow store, as for `lth sweep run`")
     plan.set_defaults(func=sweep_plan)
     for name, func, text in (("resume", sweep_resume, "finish a sweep whose driver stopped"),
                              ("status", sweep_status, "trials done/running/failed, best so far")):
@@ -29,6 +36,7 @@ def add(commands) -> None:
         cmd.add_argument("--storage", default="./runs", help="where the sweep lives (default ./runs)")
         if name == "resume":
             cmd.add_argument("--address", help="Ray cluster address")
+            cmd.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with a local Ray")
         cmd.set_defaults(func=func)
 
 
@@ -39,14 +47,19 @@ def sweep_run(args) -> int:
     sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage)  # before Ray
     from orchestrator.sweeps import runner
 
-    return _sweep_done(sweep, runner.run(sweep, args.address))
+    return _sweep_done(sweep, runner.run(sweep, args.address, args.dashboard))
 
 
 def sweep_plan(args) -> int:
     from orchestrator import plan
     from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps import preflight
 
-    sweep = load_sweep(args.file, args.overrides)
+    overrides = args.overrides + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    sweep = load_sweep(args.file, overrides, name=args.name, storage=args.storage,
+                       here=False)  # plans for wherever it will run
+    preflight.check(sweep, args.address)  # what `sweep run` would refuse before Ray starts
+    preflight.check_tracking(sweep.tracking_uri)
     print(plan.describe(sweep, plan.plan(sweep)))
     return 0
 
@@ -56,7 +69,7 @@ def sweep_resume(args) -> int:
     from orchestrator.sweep_spec import resolve_storage
 
     sweep, _ = runner.load_saved(resolve_storage(args.storage, Path.cwd()), args.name)
-    return _sweep_done(sweep, runner.resume(sweep.name, sweep.storage, args.address))
+    return _sweep_done(sweep, runner.resume(sweep.name, sweep.storage, args.address, args.dashboard))
 
 
 def sweep_status(args) -> int:
@@ -67,7 +80,8 @@ def sweep_status(args) -> int:
     rows = results.collect(sweep)
     path = results.write_csv(sweep, rows)
     print(results.status_report(sweep, rows))
-    print(f"progress: {progress.of_rows(sweep, rows).line(elapsed=False)}")
+    width = progress.columns(sys.stdout) if sys.stdout.isatty() else None
+    print(progress.of_rows(sweep, rows).line(elapsed=False, trials=False, width=width, prefix="progress: "))
     print(f"trials.csv: {path}")
     return 0
 

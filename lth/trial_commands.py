@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def trial_show(args) -> int:
 def trial_presets(args) -> int:
     from orchestrator.config import PRESETS_DIR, preset_names
 
-    for name in preset_names():  # the file's opening comment, to its first full stop
+    names = preset_names()
+    rows = []
+    for name in names:  # the file's opening comment, to its first full stop
         comment = []
         for line in (PRESETS_DIR / f"{name}.yaml").read_text().splitlines():
             if not line.startswith("#"):
@@ -58,8 +61,39 @@ def trial_presets(args) -> int:
             comment.append(line.lstrip("# ").strip())
         text = " ".join(comment)
         first = re.split(r"(?<!\bal)\.(\s|$)", text)[0]  # "Frankle et al. 2020" is not a sentence's end
-        print(f"{name:28s} {first + '.' if first else ''}")
+        rows.append((name, first + "." if first else ""))
+    print(presets_text(rows, shutil.get_terminal_size().columns))
     return 0
+
+
+def presets_text(rows: list, width: int) -> str:
+    """Each preset's name and description, wrapped to `width` (80 where no terminal says):
+    the description beside the names where that leaves it 40 columns, else under its name."""
+    import textwrap
+
+    column = max(len(name) for name, _ in rows) + 2
+    beside = width - column >= 40
+    out = []
+    for name, text in rows:
+        if beside:
+            lines = textwrap.wrap(text, width - column) or [""]
+            out += [f"{name:<{column}}{lines[0]}".rstrip()] + [" " * column + ln for ln in lines[1:]]
+        else:
+            out += [name] + textwrap.wrap(text, max(20, width), initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(out)
+
+
+def levels_text(spec) -> str:
+    """What the trial trains, counted as its records count (level 0 is a level): "3 levels
+    (dense, 2 pruned) x 400 iterations", or with a rewind point k, "..., 400 iterations
+    dense, 370 pruned"."""
+    n, t = spec.last_level + 1, spec.train.iterations
+    if spec.method == "edge_popup":
+        return f"{n} level{'s' * (n != 1)} (one per density) x {t} iterations"
+    pruned = f"dense, {spec.last_level} pruned" if spec.last_level else "dense only"
+    k = spec.rewind_iteration
+    return f"{n} level{'s' * (n != 1)} ({pruned}) x " + (
+        f"{t} iterations" if not k or not spec.last_level else f"{t} iterations dense, {t - k} pruned")
 
 
 def trial_run(args) -> int:
@@ -68,8 +102,8 @@ def trial_run(args) -> int:
     spec = _spec(args)
     out = Path(args.out or Path("runs") / "trials" / spec.key)
     data, _ = prepare(spec, out)  # every input error surfaces here, before any write
-    print(f"trial {spec.key}: {spec.model.name} on {spec.dataset.name}, {spec.last_level} levels "
-          f"x {spec.train.iterations} iterations -> {out}", file=sys.stderr)
+    print(f"trial {spec.key}: {spec.model.name} on {spec.dataset.name}, {levels_text(spec)} -> {out}",
+          file=sys.stderr)
     progress = Progress(spec.last_level)
     records = run_lottery(spec, out, report=progress.level_done, progress=progress.step, data=data)
     print(records_table(records))

@@ -220,6 +220,32 @@ def trial_cost(spec) -> tuple[int, int]:
     return trunk, own
 
 
+@dataclass
+class Totals:
+    """What the sweep plans, as `lth sweep plan`, `lth sweep status` and the live line all
+    count it (orchestrator/sweeps/progress.py): trials, their levels, the iterations of
+    those levels (each trial's own, once, however trained: level_iterations) and shared units."""
+    trials: int
+    levels: int
+    iterations: int
+    units: int
+
+
+def level_iterations(spec) -> list[int]:
+    """The iterations of each of a trial's levels as it records them: level 0 T, each
+    later level T - k (edge-popup: T per density)."""
+    t = spec.train.iterations
+    if spec.method == "edge_popup":
+        return [t] * (spec.last_level + 1)
+    return [t] + [t - spec.rewind_iteration] * spec.last_level
+
+
+def totals(sweep, p: "Plan | None" = None) -> Totals:
+    p = p or plan(sweep)
+    per = [level_iterations(spec) for spec in p.trials]
+    return Totals(len(p.trials), sum(map(len, per)), sum(map(sum, per)), len(p.units))
+
+
 def plan(sweep) -> Plan:
     specs, estimated = trial_specs(sweep)
     own = unshared = 0
@@ -284,6 +310,14 @@ def registrations(units: dict) -> list[dict]:
              "points": sorted(u.points)} for u in units.values()]
 
 
+def _shown(values: dict, path: str):
+    """A varied path's value in a flattened spec; a whole section (`model`) by its name."""
+    if path in values:
+        return values[path]
+    inner = {k[len(path) + 1:]: v for k, v in values.items() if k.startswith(path + ".")}
+    return inner.get("name", inner)
+
+
 def describe(sweep, p: Plan) -> str:
     """`lth sweep plan`: the units, who uses them, and what sharing saves (last line)."""
     varied = sweep.varied
@@ -302,7 +336,7 @@ def describe(sweep, p: Plan) -> str:
     for name, levels in trunks.items():
         spec = levels[0].spec
         values = flatten(spec.to_dict())
-        what = " ".join(f"{path}={values[path]}" for path in varied if path != "control")
+        what = " ".join(f"{path}={_shown(values, path)}" for path in varied if path != "control")
         what = f"IMP levels 1-{len(levels)}, seed {spec.seed}" + (f", {what}" if what else "")
         total = sum(u.iterations for u in levels)
         lines.append(f"  {name:<36} {total:>10,} {max(u.users for u in levels):>6}  {what}")
@@ -310,6 +344,9 @@ def describe(sweep, p: Plan) -> str:
         lines.append(f"  {'levels trained by their own trial':<36} {p.own:>10,}")
     if sweep.packed:
         lines.append(pack_line(sweep))
+    t = totals(sweep, p)
+    lines.append(f"plan: {t.trials} trial{'s' * (t.trials != 1)}, {t.levels} levels"
+                 + (f", {t.units} shared units" if p.units else "") + f", {t.iterations:,} iterations in the trials' levels")
     saved = 100 * (1 - p.shared / p.unshared) if p.unshared else 0.0
-    lines.append(f"plan: {p.shared:,} iterations to train, {p.unshared:,} without sharing ({saved:.0f}% fewer)")
+    lines.append(f"to train: {p.shared:,} iterations, {p.unshared:,} without sharing ({saved:.0f}% fewer)")
     return "\n".join(lines)

@@ -30,8 +30,11 @@ Objective = Literal[OBJECTIVES]  # the keys of orchestrator.objectives.summarise
 Mode = Literal["max", "min"]
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 GRID_CHECK_LIMIT = 20000  # combinations constructed at validation; beyond it, a sample is checked
-NAME = Rule(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None,
-            "a name of letters, digits, '.', '_' or '-'")
+# A name is a folder (STORAGE/NAME, mlartifacts/EXPERIMENT) and part of file names (the
+# study's NAME-xxxxxxxx.db): one path component, 255 bytes on common file systems, with room left.
+NAME_MAX = 200
+NAME = Rule(lambda v: len(v) <= NAME_MAX and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None,
+            f"a name of letters, digits, '.', '_' or '-', at most {NAME_MAX} characters")
 SLOT = Rule(lambda v: v <= 1 or float(v).is_integer(), "a fraction <= 1 or a whole number")  # Ray's rule
 
 
@@ -49,7 +52,7 @@ class Dimension:
 # A sweep's size is bounded before anything is built: every trial's spec is made at load
 # (so a bad one is named), and 10^8 seeds or 10^12 samples would exhaust memory first.
 MAX_SEEDS = 10_000
-MAX_TRIALS = 1_000_000
+MAX_TRIALS = 10_000  # what `lth sweep plan` answers in about 10 s on 2 cores (README, "Sweeps")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Search:
         check(len(mode) == len(metric), "mode", list(mode),
               f"max or min for each of the {len(metric)} metric(s)")
         check(len(metric) in (1, 2), "metric", list(metric), "one objective, or two (a Pareto front)")
+        check(len(set(metric)) == len(metric), "metric", list(metric), "two different objectives (a Pareto front)")
         if self.algorithm == "grid":
             check(self.num_samples is None, "num_samples", self.num_samples,
                   "not used by grid search (every combination runs once per seed)")
@@ -103,7 +107,12 @@ def _seeds(key: str, value) -> tuple:
 
 def _space(key: str, value) -> tuple:
     entries = coerce(key, {} if value is None else value, dict)
-    return tuple(_dimension(f"{key}.{path}", path, entry) for path, entry in entries.items())
+    dims = tuple(_dimension(f"{key}.{path}", path, entry) for path, entry in entries.items())
+    for d in dims:  # `model` and `model.name` would each set the model's name: which wins?
+        outer = next((o.path for o in dims if d.path.startswith(o.path + ".")), None)
+        check(outer is None, f"{key}.{d.path}", entries[d.path],
+              f"not varied together with {key}.{outer}, which sets it too (vary one of them)")
+    return dims
 
 
 def _resources(key: str, value) -> dict:
@@ -175,7 +184,9 @@ def _yaml_scalar(value) -> str:
 
 
 def load_sweep(path, overrides=(), name: str | None = None, storage: str | None = None,
-               cwd: Path | None = None) -> Sweep:
+               cwd: Path | None = None, here: bool = True) -> Sweep:
+    """The sweep file, validated; `here` off (`lth sweep plan`, which trains nothing): what
+    only matters to a run on this machine is not checked (a data_dir that exists)."""
     data = read_yaml(path, "sweep")
     for text in overrides:
         key, value = parse_override(text)
@@ -184,7 +195,7 @@ def load_sweep(path, overrides=(), name: str | None = None, storage: str | None 
         data["name"] = name
     if storage:
         data["storage"] = storage
-    return parse_sweep(data, cwd or Path.cwd())
+    return parse_sweep(data, cwd or Path.cwd(), here)
 
 
 def _set(data: dict, key: str, value) -> None:
@@ -204,7 +215,7 @@ def _set(data: dict, key: str, value) -> None:
     node[last] = value
 
 
-def parse_sweep(data: dict, cwd: Path) -> Sweep:
+def parse_sweep(data: dict, cwd: Path, here: bool = True) -> Sweep:
     """A validated Sweep from the file's mapping; relative paths are resolved against `cwd`."""
     check(isinstance(data, dict), "sweep", data, "a YAML mapping")
     sweep = build(Sweep, data)
@@ -216,7 +227,7 @@ def parse_sweep(data: dict, cwd: Path) -> Sweep:
         continuous = [d.path for d in sweep.space if not d.discrete]
         check(not continuous, f"space.{continuous[0]}" if continuous else "", None,
               "grid search needs grid/choice values here; use search.algorithm random or optuna")
-    _check_combinations(sweep)
+    _check_combinations(sweep, here)
     return sweep
 
 
@@ -293,25 +304,26 @@ def _check_measured(sweep: Sweep, spec) -> None:
               f"{' and stability.levels holding 0 (or [])' if level == 0 else ''}")
 
 
-def _check_where(sweep: Sweep, spec) -> None:
+def _check_where(sweep: Sweep, spec, here: bool = True) -> None:
     """What a trial would refuse on a worker about where it runs, checked on the driver
     before Ray starts (a worker's refusal would fail every trial, one by one): a data
     folder that does not exist (on a cluster it must be a path every node sees, the
     driver's included), and CUDA without a GPU in the trial's resources."""
     d = spec.dataset.data_dir
-    if d:
+    if d and here:
         check(Path(d).expanduser().is_dir(), "dataset.data_dir", d,
               "an existing folder (seen from where lth runs; on a cluster, a path every node shares)")
     check(not spec.device.startswith("cuda") or sweep.resources["gpu"] > 0, "device", spec.device,
           "cpu or auto while resources.gpu is 0 (a trial on CUDA needs resources.gpu > 0)")
 
 
-def _check_combinations(sweep: Sweep) -> None:
+def _check_combinations(sweep: Sweep, here: bool = True) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
-    if sweep.search.algorithm == "grid":
-        check(sweep.trial_count <= MAX_TRIALS, "space", f"{sweep.trial_count:,} trials (grid combinations x seeds)",
-              f"at most {MAX_TRIALS:,} trials in one sweep")
+    grid = sweep.search.algorithm == "grid"
+    check(sweep.trial_count <= MAX_TRIALS, "space" if grid else "search.num_samples",
+          f"{sweep.trial_count:,} trials ({'grid combinations' if grid else 'num_samples'} x seeds)",
+          f"at most {MAX_TRIALS:,} trials in one sweep")
     continuous = [d for d in sweep.space if not d.discrete]
     ends = [{d.path: d.values[0] for d in continuous}]
     ends += [{**ends[0], d.path: d.values[1]} for d in continuous]
@@ -322,7 +334,7 @@ def _check_combinations(sweep: Sweep) -> None:
             try:
                 spec = sweep.trial_spec(values, sweep.seeds[0])
                 _check_measured(sweep, spec)
-                _check_where(sweep, spec)
+                _check_where(sweep, spec, here)
             except ConfigError as e:
                 varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
                 where = f"space.{e.key}" if varied else f"base.{e.key}"

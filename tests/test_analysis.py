@@ -75,9 +75,11 @@ def test_target_densities_pick_the_nearest_level_and_say_so(store):
     df = analysis.runs("known", store)
     table = analysis.ablation(df, ["prune.kind"], densities=[1.0, 0.6, 0.1])
     assert table.columns == ["1", "0.6", "0.1"]
-    cell = table.cell(("unstructured",), "0.6")
-    assert cell["level"] == 2 and cell["density"] == pytest.approx(0.64)
-    assert table.cell(("unstructured",), "0.1") is None  # no level within a factor 1.25 of 10%
+    # the trials of a kind differ in rewind_iteration: the rows are split by it, never pooled
+    assert table.rows == ["prune.kind", "rewind_iteration"] and table.split == ["rewind_iteration"]
+    cell = table.cell(("unstructured", "0"), "0.6")
+    assert cell["level"] == 2 and cell["density"] == pytest.approx(0.64) and cell["n"] == 3
+    assert table.cell(("unstructured", "0"), "0.1") is None  # no level within a factor 1.25 of 10%
     md = analysis.to_markdown(table)
     assert "@64.0%" in md and "≈60%" in md and "| — |" in md
 
@@ -111,11 +113,260 @@ def test_report_cli_writes_table_and_plots(store, tmp_path, capsys):
         assert main(["report", "table", "--experiment", "known", "--rows", "prune.kind,rewind_iteration",
                      "--format", fmt, "--out", str(tmp_path / name), "--tracking-uri", store]) == 0
         assert (tmp_path / name).stat().st_size > 200
-    for name in ("imp.png", "imp.pdf"):
+    for name in ("imp.png", "imp.pdf", "imp.svg"):  # PNG for screens, PDF and SVG for papers
         assert main(["report", "plot", "--experiment", "known", "--out", str(tmp_path / name),
                      "--rows", "prune.kind", "--tracking-uri", store]) == 0
         data = (tmp_path / name).read_bytes()
-        assert len(data) > 5000 and data[:4] in (b"\x89PNG", b"%PDF")
-    assert main(["report", "plot", "--experiment", "known", "--out", str(tmp_path / "imp.svg"),
+        assert len(data) > 5000 and (data[:4] in (b"\x89PNG", b"%PDF") or b"<svg" in data[:1000])
+    capsys.readouterr()
+    assert main(["report", "plot", "--experiment", "known", "--out", str(tmp_path / "imp.jpg"),
                  "--tracking-uri", store]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "imp.jpg").exists()
     assert main(["report", "table", "--experiment", "known", "--density", "0,2", "--tracking-uri", store]) == 2
+
+
+# ---------------------------------------------------------------- honest by default
+
+
+def log_trial(c, exp, sweep, key, params, accs, metrics=None):
+    run = c.create_run(exp, run_name=key, tags={"lth.kind": "trial", "lth.trial_key": key, "lth.sweep": sweep,
+                                                "lth.varied": "rewind_iteration,control"})
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    extra = metrics or {}
+    c.log_batch(run.info.run_id, metrics=[
+        m for level, acc in enumerate(accs) for m in (
+            Metric("test_acc_at_early_stop", acc, 0, level), Metric("test_acc", acc, 0, level),
+            Metric("density", 0.8 ** level, 0, level), Metric("early_stop_iteration", 300, 0, level),
+            *(Metric(name, values[level], 0, level) for name, values in extra.items()))])
+    c.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+BASE = {"model.name": "lenet_300_100", "dataset.name": "digits", "prune.rate": "0.2", "prune.kind": "unstructured",
+        "train.iterations": "300"}
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory):
+    """Experiment `pooled`: sweep `a` (rewind k in {0, 4, 16, 64, 256}, control none and
+    reinit, seeds 0-1), sweep `b` re-running a's k=0 trials (same keys) and its own
+    seed 2, sweep `search` (Optuna-like prune rates, one seed each)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('pooled') / 'p.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("pooled")
+    for k in (0, 4, 16, 64, 256):
+        for control in ("reinit", "none"):
+            for seed in (0, 1):
+                params = {**BASE, "rewind_iteration": k, "control": control, "seed": seed}
+                acc = 0.9 + k / 10000 - (control == "reinit") * 0.05 + seed / 1000
+                log_trial(c, exp, "a", f"a-{k}-{control}-{seed}", params, [acc, acc])
+                if k == 0:
+                    log_trial(c, exp, "b", f"a-{k}-{control}-{seed}", params, [acc, acc])
+    for control in ("reinit", "none"):
+        log_trial(c, exp, "b", f"b-0-{control}-2", {**BASE, "rewind_iteration": 0, "control": control, "seed": 2},
+                  [0.95, 0.95])
+    s = c.create_experiment("search")
+    for i, rate in enumerate((0.38909882815030883, 0.2113, 0.21134)):
+        log_trial(c, s, "opt", f"o{i}", {**BASE, "prune.rate": rate, "rewind_iteration": 0, "control": "none",
+                                         "seed": 0}, [0.9, 0.8])
+    return uri
+
+
+def test_a_trial_in_two_sweeps_counts_once_and_controls_get_rows_of_their_own(pooled, capsys):
+    df = analysis.runs("pooled", pooled)
+    assert df.attrs["read"] == {"experiment": "pooled", "sweeps": ["a", "b"], "trials": 22, "duplicates": 4}
+    table = analysis.ablation(df, ["rewind_iteration"])
+    assert table.rows == ["rewind_iteration", "control"] and table.split == ["control"]
+    assert table.cell(("0", "none"), "L0")["n"] == 3  # seeds 0, 1 (once, not twice) and b's seed 2
+    assert table.cell(("0", "reinit"), "L0")["mean"] == pytest.approx(statistics.mean([0.85, 0.851, 0.95]))
+    md = analysis.to_markdown(table)
+    assert "read 22 trials of experiment 'pooled', sweeps a, b (4 repeats counted once)" in md
+    assert "rows split by control" in md
+    # one sweep only
+    only = analysis.runs("pooled", pooled, sweeps=["a"])
+    assert only.attrs["read"]["trials"] == 20 and set(only["sweep"]) == {"a"}
+    assert main(["report", "table", "--experiment", "pooled", "--sweep", "a", "--rows", "rewind_iteration",
+                 "--tracking-uri", pooled]) == 0
+    out = capsys.readouterr().out
+    assert "read 20 trials of experiment 'pooled', sweep a\n" in out and "(n=2)" in out and "(n=3)" not in out
+    assert main(["report", "table", "--experiment", "pooled", "--sweep", "a,nope", "--tracking-uri", pooled]) == 2
+    err = capsys.readouterr().err
+    assert err == "lth: error: --sweep: 'nope' is not allowed; allowed: a, b (the sweeps of experiment 'pooled')\n"
+
+
+def test_rows_sort_by_value_none_first_and_search_floats_read_well(pooled):
+    table = analysis.ablation(analysis.runs("pooled", pooled), ["rewind_iteration", "control"])
+    assert table.groups() == [(k, c) for k in ("0", "4", "16", "64", "256") for c in ("none", "reinit")]
+    body = analysis.to_markdown(table).split("| dense |")[1].splitlines()[1:]
+    assert [line.split(" | ")[0].strip("| ") for line in body if line.startswith("|")] == \
+        [k for k in ("0", "4", "16", "64", "256") for _ in range(2)]
+    search = analysis.ablation(analysis.runs("search", pooled), ["prune.rate"], densities=[1.0])
+    # 4 significant digits, more only where two draws would read alike (0.2113 and 0.21134)
+    assert search.groups() == [("0.2113",), ("0.21134",), ("0.3891",)]
+    md = analysis.to_markdown(search)
+    assert "90.00 (n=1)" in md and "±" not in md.split("| dense |")[1].split("\n", 1)[1].split("\n\n")[0]
+
+
+def test_effective_density_is_the_density_axis_when_asked(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'e.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("eff")
+    for seed in (0, 1):
+        log_trial(c, exp, "s", f"k{seed}", {**BASE, "rewind_iteration": 0, "control": "none", "seed": seed},
+                  [0.9, 0.9, 0.9], metrics={"effective_density": [1.0, 0.5, 0.3]})
+    df = analysis.runs("eff", uri)
+    if "effective_density" not in df:  # records of an lth that does not track it yet: the flag refuses
+        assert main(["report", "table", "--experiment", "eff", "--density-kind", "effective",
+                     "--tracking-uri", uri]) == 2
+        df = df.assign(effective_density=df["level"].map({0: 1.0, 1: 0.5, 2: 0.3}).astype(float))
+    else:
+        assert main(["report", "table", "--experiment", "eff", "--density-kind", "effective",
+                     "--tracking-uri", uri]) == 0
+        assert "L1 (50.0%)" in capsys.readouterr().out
+    table = analysis.ablation(analysis.with_density(df, "effective"), ["prune.kind"], densities=[0.5, 0.3])
+    assert table.cell(("unstructured",), "0.5")["level"] == 1 and table.cell(("unstructured",), "0.3")["level"] == 2
+    fig = analysis.plots.imp_figure(analysis.with_density(df, "effective"), ["prune.kind"])
+    assert sorted(round(x, 6) for x in fig.axes[0].get_lines()[0].get_xdata()) == [30.0, 50.0, 100.0]
+    old = df.drop(columns=["effective_density"])
+    with pytest.raises(Exception, match="no effective_density"):
+        analysis.with_density(old, "effective")
+    capsys.readouterr()
+    assert main(["report", "plot", "--experiment", "known-none", "--density-kind", "mean", "--out",
+                 str(tmp_path / "x.png"), "--tracking-uri", uri]) == 2
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------- figures a reader can read
+
+
+def layout_problems(fig) -> list:
+    """What a reader could not read: a legend entry or tick label outside the figure, two
+    lines of one panel alike in colour and style."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    problems = []
+    texts = [t for legend in fig.legends for t in [*legend.get_texts(), legend.get_title()]]
+    for ax in [a for a in fig.axes if a.get_visible()]:
+        for axis in (ax.xaxis, ax.yaxis):  # the ticks drawn: those within the axis's view
+            lo, hi = sorted(axis.get_view_interval())
+            texts += [t for loc, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels())
+                      if lo - 1e-9 * abs(hi) <= loc <= hi + 1e-9 * abs(hi)]
+    for t in texts:
+        if not t.get_visible() or not t.get_text():
+            continue
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            problems.append(f"outside the figure: {t.get_text()!r}")
+    for ax in fig.axes:
+        looks = [(to_hex(line.get_color()), str(line.get_linestyle()), str(line.get_marker()))
+                 for line in ax.get_lines() if not line.get_label().startswith("_")]
+        if len(set(looks)) < len(looks):
+            problems.append(f"lines alike in {ax.get_title()!r}: {looks}")
+    return problems
+
+
+def prune_at_init_runs() -> "pd.DataFrame":
+    """Levels shaped as sweeps/prune_at_init.yaml's: 6 methods x 4 controls x 2 seeds, 5
+    levels at IMP's densities, every early stop at the last iteration (300)."""
+    import pandas as pd
+
+    rows = []
+    for m, method in enumerate(("imp", "snip", "grasp", "synflow", "magnitude_init", "random_init")):
+        for c, control in enumerate(("none", "shuffle", "invert", "reinit")):
+            for seed in (0, 1):
+                run = f"{method}-{control}-{seed}"
+                for level in range(6):
+                    rows.append({"run_id": run, "trial_key": run, "sweep": "prune-at-init", "status": "FINISHED",
+                                 "method": method, "control": control, "seed": seed, "prune.rate": 0.55,
+                                 "train.iterations": 300, "level": level, "density": 0.45 ** level,
+                                 "test_acc_at_early_stop": 0.97 - 0.004 * level * (m + c) + 0.001 * seed,
+                                 "early_stop_iteration": 300})
+    return pd.DataFrame(rows)
+
+
+def test_the_prune_at_init_figure_facets_by_method_and_fits(tmp_path):
+    df = prune_at_init_runs()
+    fig = analysis.plots.imp_figure(df, ["method", "control"])
+    assert layout_problems(fig) == []
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [f"method = {m}" for m in (
+        "imp", "grasp", "magnitude_init", "random_init", "snip", "synflow")]  # one per method, IMP first
+    assert all(len(ax.get_lines()) == 4 for ax in panels)  # its controls
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["none", "invert", "reinit", "shuffle"]
+    # the early-stop panel would be a flat line at the last iteration: left out, and the figure says so
+    assert "early-stop iteration not drawn: every early stop at the last iteration" in fig.get_suptitle()
+    for suffix in (".png", ".pdf", ".svg"):
+        out = analysis.imp_curves(df, ["method", "control"], tmp_path / f"pai{suffix}")
+        assert out.stat().st_size > 10_000
+
+
+def test_the_demo_figure_encodes_two_fields_and_fits(store, tmp_path):
+    df = analysis.runs("known", store)
+    fig = analysis.plots.imp_figure(df, ["prune.kind", "rewind_iteration"])
+    assert layout_problems(fig) == []
+    acc = fig.axes[0]
+    lines = {line.get_label(): line for line in acc.get_lines()}
+    assert set(lines) == {"structured, 0", "unstructured, 0", "unstructured, 500"}
+    # colour: the kind; line style: the rewind point
+    assert lines["unstructured, 0"].get_color() == lines["unstructured, 500"].get_color() != \
+        lines["structured, 0"].get_color()
+    assert lines["unstructured, 0"].get_linestyle() == lines["structured, 0"].get_linestyle() != \
+        lines["unstructured, 500"].get_linestyle()
+    # every line at the densities its own trials reached
+    assert list(lines["unstructured, 500"].get_xdata()) == [pytest.approx(100 * d) for d in DENSITY[:2]]
+
+
+def test_the_end_of_sweep_table_sorts_by_value_and_fits_80_columns():
+    from types import SimpleNamespace
+
+    from orchestrator.sweeps.results import summary_table
+
+    rows = [{"rewind_iteration": k, "seed": seed, "level": level, "density": 0.8 ** level,
+             "test_acc_at_early_stop": 0.9 + seed / 100}
+            for k in (256, 0, 64, 4, 16) for seed in ((0,) if k == 4 else (0, 1)) for level in range(9)]
+    text = summary_table(SimpleNamespace(varied=["rewind_iteration"]), rows, width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    first = [line.split()[0] for line in text.splitlines() if line[:1].isdigit()]
+    assert first[:5] == ["0", "4", "16", "64", "256"]  # numbers sort as numbers
+    assert "90.00 (1)" in text and "±0.00 (1)" not in text  # one seed: no spread shown
+    assert "L8 16.8%" in text  # every row reached the same density: said once, in the header
+
+
+def test_tickets_best_says_what_it_read_and_fits_80_columns(pooled, capsys):
+    assert main(["tickets", "best", "--experiment", "pooled", "--tracking-uri", pooled]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["read 22 trials of experiment 'pooled', sweeps a, b (4 repeats counted once)",
+                       "best 10 (trial, level) pairs by test_acc_at_early_stop:"]
+    assert max(len(line) for line in out) <= 80 and "run_id" in out[2] and "rewind_iteration" in "\n".join(out)
+    assert main(["tickets", "best", "--experiment", "pooled", "--sweep", "b", "--columns", "sweep,seed,level",
+                 "--top", "3", "--tracking-uri", pooled]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "read 6 trials of experiment 'pooled', sweep b"  # within one sweep, no repeats
+    assert out[2].split() == ["sweep", "seed", "level"] and len(out) == 6
+    assert main(["tickets", "best", "--experiment", "pooled", "--format", "csv", "--tracking-uri", pooled]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].startswith("run_id,trial_key,sweep,status,seed,")  # whole, for machines
+    assert captured.err.startswith("read 22 trials")
+    assert main(["tickets", "best", "--experiment", "pooled", "--columns", "seed,colour",
+                 "--tracking-uri", pooled]) == 2
+    assert capsys.readouterr().err.startswith("lth: error: --columns: 'colour' is not allowed; allowed: all, or")
+
+
+def test_the_instability_figure_fits_and_encodes_group_and_level(tmp_path):
+    import pandas as pd
+
+    rows = [{"run_id": f"{kind}-{k}-{seed}", "seed": seed, "prune.kind": kind, "rewind_iteration": k, "level": level,
+             "density": 0.5 ** level, "test_acc_at_early_stop": 0.9,
+             "stability_error_barrier": 0.1 / (1 + k) + 0.01 * level + 0.001 * seed, "stability_loss_barrier": 0.5 / (1 + k)}
+            for kind in ("unstructured", "structured") for k in (0, 4, 16, 64) for seed in (0, 1) for level in (0, 2)]
+    fig = analysis.plots.instability_figure(pd.DataFrame(rows), ["prune.kind"])
+    assert layout_problems(fig) == []
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:4] == ["level 0 (100%), structured", "level 2 (25%), structured", "level 0 (100%), unstructured",
+                          "level 2 (25%), unstructured"] and labels[-1] == "stable below 2%"
+    out = analysis.instability_curves(pd.DataFrame(rows), ["prune.kind"], tmp_path / "inst.png")
+    assert out.stat().st_size > 10_000

@@ -16,7 +16,7 @@ from lth.cli import main
 from orchestrator import plan
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import quick_spec
-from trials import at_init, masks, pruning, shared
+from trials import at_init, masks, paths, pruning, shared
 from trials.lottery import run_lottery, run_pack
 from trials.spec import AtInitSpec, PruneSpec, TrainSpec, TrialSpec, from_dict, non_default
 from trials.store import load_tensors
@@ -230,6 +230,7 @@ def test_lth_trial_run_per_method(tmp_path, method):
         mask = load_tensors(tmp_path / "t" / f"level_{r['level']:02d}" / "mask.safetensors")
         final = load_tensors(tmp_path / "t" / f"level_{r['level']:02d}" / "final.safetensors")
         assert all((final[k][~m] == 0).all() for k, m in mask.items())  # pruned weights stay zero
+        assert r["effective_density"] == paths.effective_density(layers.ops, mask) <= r["density"]
         assert r["test_acc"] > 0.3 or method == "random_init"
     assert [r["level"] for r in records] == [0, 1, 2] and records[0]["density"] == 1.0
     assert 0.25 < records[2]["density"] < records[1]["density"] < 0.55  # the output layer keeps more (output_rate)

@@ -84,6 +84,8 @@ def test_a_sweep_file_and_its_sets_are_loaded_or_refused_in_one_line(tmp_path, s
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "train.lr=.inf"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "seed=18446744073709551616"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "model.width=.inf"],
+    ["trial", "show", "--preset", "lenet_digits_quick", "--set", "model.width=8767066"],  # torch cannot count it
+    ["sweep", "plan", "SWEEP", "--set", "space.model.width={grid: [30744573456182587]}"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "train.nonsense=1"],
     ["trial", "show", "--preset", "lenet_digits_quick", "--set", "stability=3"],
     ["trial", "run", "--preset", "lenet_digits_quick", "--set", "dataset={name: mnist, data_dir: /nonexistent/x}"],
@@ -92,10 +94,27 @@ def test_a_sweep_file_and_its_sets_are_loaded_or_refused_in_one_line(tmp_path, s
     ["sweep", "plan", "SWEEP", "--set", "seeds=100000000"],
     ["sweep", "plan", "SWEEP", "--set", "search.algorithm=random", "--set", "search.num_samples=1000000000000"],
     ["sweep", "plan", "SWEEP", "--set", "base.device=cuda"],
-    ["sweep", "plan", "SWEEP", "--set", "base.dataset.data_dir=/nonexistent/x"],
+    ["sweep", "run", "SWEEP", "--set", "base.dataset.data_dir=/nonexistent/x"],  # `sweep plan` takes it
     ["sweep", "plan", "DUPLICATE"],
     ["sweep", "plan", "LATIN1"],
     ["sweep", "plan", "ALIASES"],
+    # what `sweep run` refuses, `sweep plan` refuses too (orchestrator/sweeps/preflight.py)
+    ["sweep", "plan", "SWEEP", "--set", "name=" + "n" * 300],
+    ["sweep", "run", "SWEEP", "--set", "name=" + "n" * 300],
+    ["sweep", "run", "SWEEP", "--name", "n" * 256],
+    ["sweep", "status", "n" * 300],
+    ["sweep", "plan", "SWEEP", "--set", "experiment=" + "e" * 300],
+    ["sweep", "plan", "SWEEP", "--set", "storage=/tmp/" + "s" * 300],
+    ["sweep", "plan", "SWEEP", "--set", "search.metric=[final_test_acc, final_test_acc]"],
+    ["sweep", "plan", "SWEEP", "--set", "resources.cpu=4096"],
+    ["sweep", "plan", "SWEEP", "--set", "tracking_uri=http://127.0.0.1:9"],
+    ["sweep", "plan", "SWEEP", "--set", "space.model={grid: [lenet_300_100]}",
+     "--set", "space.model.name={grid: [lenet_300_100, conv2]}"],
+    ["sweep", "plan", "SWEEP", "--set", "space.train.lr={grid: [0.1, 0.2]}", "--set", "seeds=10000"],
+    ["sweep", "plan", "SWEEP", "--set", "search.algorithm=random", "--set", "search.num_samples=10000",
+     "--set", "seeds=2"],
+    # no data_dir and no network (a proxy nobody answers at): the download fails, its folder goes
+    ["trial", "run", "--preset", "lenet_digits_quick", "--set", "dataset=mnist"],
     ["report", "table", "--experiment", "nope", "--rows", "prune.kind"],
     ["tickets", "best", "--experiment", "nope"],
     ["tickets", "best", "--experiment", "nope", "--top", "0"],
@@ -105,6 +124,8 @@ def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path, monke
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    offline(monkeypatch, tmp_path / "cache" / "lth")
     files = {
         "SWEEP": "name: s\nexperiment: e\nbase: {model: lenet_300_100, dataset: digits}\n",
         "DUPLICATE": "name: s\nexperiment: e\nbase: {model: lenet_300_100, dataset: digits, train: {lr: -5, lr: 0.001}}\n",
@@ -128,6 +149,68 @@ def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path, monke
     assert len(lines[0]) < 400, lines[0]
     assert sorted(os.listdir(tmp_path)) == before  # nothing written: no folder, no mlflow.db
     assert not Path("runs").exists()
+
+
+def offline(monkeypatch, cache: Path) -> None:
+    """No network for downloads (every http(s) request goes to a proxy that is not there)
+    and the dataset cache at `cache`."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LTH_DATA_DIR", str(cache))
+
+
+SPACE_PATHS = ["model", "model.name", "model.width", "dataset", "dataset.name", "train.lr", "prune.rate", "prune.kind"]
+space_entries = st.dictionaries(st.sampled_from(SPACE_PATHS),
+                                st.builds(lambda v: {"grid": v}, st.lists(scalars, min_size=1, max_size=2)),
+                                max_size=3)
+names = st.one_of(st.sampled_from(["s", "a.b-c_d"]), st.text(string.ascii_letters, min_size=190, max_size=300))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(names, names, space_entries, st.sampled_from([["final_test_acc"], ["final_test_acc", "final_test_acc"],
+                                                     ["final_test_acc", "max_test_acc"]]))
+def test_what_sweep_plan_accepts_the_sweep_can_start_with(tmp_path, monkeypatch, name, experiment, space, metric):
+    """`lth sweep plan` answers (exit 0) or refuses in one line (exit 2), writing nothing;
+    when it answers, the first things `lth sweep run` writes can be written: the sweep's
+    folder and file, its study file's name and the experiment's artifact folder."""
+    from lth.cli import main
+    from orchestrator.sweeps.storage import SWEEP_FILE
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    folder = tmp_path / f"case{len(os.listdir(tmp_path))}"
+    folder.mkdir()
+    data = {"name": name, "experiment": experiment, "base": BASE, "space": space, "search": {"metric": metric},
+            "storage": str(folder / "runs"), "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}
+    (folder / "s.yaml").write_text(yaml.safe_dump(data))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["sweep", "plan", str(folder / "s.yaml")])
+    lines = err.getvalue().strip().splitlines()
+    assert code in (0, 2) and len(lines) == (code == 2), (code, err.getvalue()[-2000:])
+    assert not code or lines[0].startswith("lth: error: ")
+    assert sorted(os.listdir(folder)) == ["s.yaml"]
+    if code == 0:  # what `sweep run` would make first (runner.save_sweep, _study_file; store.experiment_id)
+        (folder / "runs" / name).mkdir(parents=True)
+        (folder / "runs" / name / SWEEP_FILE).write_text("")
+        (folder / "runs" / name / f"{name}-0123abcd.db").write_text("")
+        (folder / "mlartifacts" / experiment).mkdir(parents=True)
+
+
+def test_sweep_plan_takes_a_data_dir_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    """Planning trains nothing: a data folder that exists only on the cluster is no error
+    here (`sweep run` still refuses it, above)."""
+    from lth.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("name: s\nexperiment: e\nbase: {model: lenet_300_100, dataset: {name: mnist, "
+                                     "data_dir: /nonexistent/x}}\n")
+    assert main(["sweep", "plan", "s.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith("plan: 1 trial, 6 levels, ")
+    assert sorted(os.listdir(tmp_path)) == ["s.yaml"]
 
 
 def test_a_config_error_crosses_process_boundaries_intact():

@@ -53,4 +53,4 @@ def test_sweep_status_warns_of_mixed_machines():
     assert "warning: these numbers came from 2 kinds of machine" in report
     assert "warning" not in status_report(Sweep, rows[:1])
     # a trial Tune had not created when its driver last saved is counted, not forgotten
-    assert status_report(Sweep, rows[:1]).splitlines()[0] == "sweep s (grid, 2 trials): 1 not started, 1 terminated"
+    assert status_report(Sweep, rows[:1]).splitlines()[0] == "sweep s (grid): 1 done, 0 running, 1 pending of 2 trials"

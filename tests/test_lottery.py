@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import quick_spec
-from trials import datasets, masks, models
+from trials import datasets, masks, models, paths
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
 from trials.spec import PruneSpec, TrainSpec
@@ -143,6 +143,9 @@ def test_controls_keep_imp_density(tmp_path, control):
         assert not same_masks and same_start
         assert masks.is_nested(own[2], own[1])
     assert records[2].test_acc != imp[2].test_acc or records[2].val_loss != imp[2].val_loss
+    ops = masks.Layers.of(models.build(spec.model, datasets.info(spec.dataset), 0)).ops
+    for r, mask in zip(records, own):  # the control's own masks' paths (trials/paths.py)
+        assert r.effective_density == paths.effective_density(ops, mask) <= r.density
 
 
 def test_structured_trial_removes_units(tmp_path):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import LTH, assert_each_level_trained_once, digits_base
-from tests.test_sweeps import csv, kill_mid_sweep_then_resume
+from tests.test_sweeps import assert_quiet_and_counted_once, csv, kill_mid_sweep_then_resume
 from tests.test_sweeps import sweep_file as sweeps_file
 
 EXACT = ["level", "density", "remaining_params", "start_iteration", "iterations"]
@@ -248,9 +248,10 @@ def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
     of any member trained twice."""
     base = digits_base(levels=3, iterations=400, eval_interval=50)
     path = sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"prune.rate": {"grid": [0.2, 0.4]}})
-    kill_mid_sweep_then_resume(tmp_path, path, levels=16)
+    first, resumed = kill_mid_sweep_then_resume(tmp_path, path, levels=16)
     df = csv(tmp_path)
     assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
+    assert_quiet_and_counted_once(tmp_path, path, first, resumed)
     from orchestrator.sweeps.units import trained_log
 
     counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))

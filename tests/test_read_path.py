@@ -12,6 +12,7 @@ import analysis
 from orchestrator.sweep_spec import load_sweep
 from orchestrator.sweeps import runner
 from orchestrator.tracking import levels_table, read, tickets
+from tests.test_analysis import layout_problems
 from tests.test_tracking import sweep_file
 from trials.environment import cpu_model, mixed
 from trials.record import TRACKED, LevelRecord, read_lines
@@ -73,6 +74,15 @@ def test_the_table_holds_every_record_and_both_paths_agree(swept):
             assert by_key[key][record.level] == record
     df = assert_paths_agree(uri)
     assert len(df) == N_TRIALS * (LEVELS + 1)
+    assert (df["effective_density"] > 0).all() and (df["effective_density"] <= df["density"]).all()  # for analysis
+    # a real sweep's output drawn: every legend entry and tick inside the figure, no two lines alike
+    fig = analysis.plots.imp_figure(df, ["prune.kind"])
+    assert layout_problems(fig) == [] and len(fig.axes[0].get_lines()) == 2
+    ablation = analysis.ablation(df, ["prune.kind"])
+    assert ablation.read["trials"] == N_TRIALS and ablation.split == [] and set(ablation.cells["n"]) == {2}
+    effective = analysis.with_density(df, "effective")  # `--density-kind effective`: the records carry it
+    assert list(effective["density"]) == list(df["effective_density"])
+    assert layout_problems(analysis.plots.imp_figure(effective, ["prune.kind"])) == []
 
 
 def test_rerun_and_resume_keep_one_row_per_level(swept):

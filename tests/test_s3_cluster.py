@@ -114,7 +114,7 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
 
     status = subprocess.run([LTH, "sweep", "status", name, "--storage", storage], cwd=driver_dir, env=env,
                             capture_output=True, text=True, timeout=300)
-    assert status.returncode == 0 and "4 terminated" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and "4 done, 0 running, 0 pending of 4 trials" in status.stdout, status.stdout + status.stderr
     csv_key = f"sweeps/{name}/trials.csv"
     assert csv_key in s3.keys(f"sweeps/{name}/")
     body = s3.client().get_object(Bucket=BUCKET, Key=csv_key)["Body"]

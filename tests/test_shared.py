@@ -77,6 +77,30 @@ def test_retraining_modes_and_instability_share_too(tmp_path, digits_cpu):
     assert logged(tmp_path / "storage")[shared.dense_name(spec)] == 1  # one dense run for both modes
 
 
+def test_a_helper_produces_the_units_of_a_trial_measuring_instability_at_chosen_levels(tmp_path, digits_cpu):
+    """A helper trains another trial's dense run and trunk level 1 from that trial's spec:
+    stability.levels [0, 2] is no reason to fail (issue 35: the helper once cut the spec to
+    prune.levels 0, which [0, 2] does not fit), and the trial then trains only level 2."""
+    import torch
+
+    from trials.lottery import Producer, produce
+    from trials.spec import StabilitySpec
+
+    spec = quick_spec(train=TRAIN, rewind_iteration=20, prune=PruneSpec(levels=2),
+                      stability=StabilitySpec(copies=2, points=3, levels=(0, 2)))
+    units = store(tmp_path / "storage")
+    made = [shared.dense_name(spec), shared.level_name(spec, 1)]
+    for name in made:
+        produce(name, spec, units, digits_cpu, torch.device("cpu"), units.scratch, Producer("alone"))
+        assert units.published(name), name
+    assert logged(tmp_path / "storage") == Counter(made)  # nothing beyond the unit asked for
+    alone = run_lottery(spec, tmp_path / "alone", data=digits_cpu)
+    together = run_lottery(spec, tmp_path / "shared", data=digits_cpu, units=units)
+    assert numbers(together) == numbers(alone)
+    assert together[2].stability_error_barrier is not None and together[1].stability_error_barrier is None
+    assert logged(tmp_path / "storage") == Counter(made + [shared.level_name(spec, 2)])
+
+
 def test_a_rewind_point_the_dense_run_did_not_keep_is_trained_to_the_same_bits(tmp_path, digits_cpu):
     units = store(tmp_path / "storage")
     first = quick_spec(train=TRAIN, prune=PruneSpec(levels=1))
@@ -214,12 +238,17 @@ def test_plan_counts_the_issue_grid(tmp_path):
     assert out.returncode == 0, out.stderr
     # per seed, unshared: kind x [k=0: 1500 + 2 x 2700; k=30: 1380 + 2 x 2460] = 26,400
     # shared: one dense run 300 + 2 kinds x (4x300 + 4x270) trunk + 8 controls' own levels 9,120 = 13,980
-    assert out.stdout.splitlines()[-1] == "plan: 41,940 iterations to train, 79,200 without sharing (47% fewer)"
+    # the trials' own levels, as the live line and `lth sweep status` count them: per seed
+    # kind x control x [k=0: 1500; k=30: 1380] = 17,280
+    assert out.stdout.splitlines()[-2:] == [
+        "plan: 36 trials, 180 levels, 51 shared units, 51,840 iterations in the trials' levels",
+        "to train: 41,940 iterations, 79,200 without sharing (47% fewer)"]
     assert out.stdout.count("dense/") == 3 and out.stdout.count("trunk/") == 12
     assert "keeps rewind points 0, 30" in out.stdout
     off = subprocess.run([LTH, "sweep", "plan", str(path), "--set", "share=false"], capture_output=True,
                          text=True, timeout=120)
-    assert off.stdout.splitlines()[-1] == "plan: 79,200 iterations to train, 79,200 without sharing (0% fewer)"
+    assert off.stdout.splitlines()[-2:] == ["plan: 36 trials, 180 levels, 51,840 iterations in the trials' levels",
+                                            "to train: 79,200 iterations, 79,200 without sharing (0% fewer)"]
     bad = subprocess.run([LTH, "sweep", "plan", str(path), "--set", "share=maybe"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "share" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

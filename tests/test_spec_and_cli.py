@@ -150,6 +150,8 @@ def test_cli_runs_resumes_and_refuses_another_trials_folder(tmp_path, capsys):
     assert "level 1/1 done" in captured.err and captured.out.splitlines()[0].split()[:3] == \
         ["level", "density", "params"]
     assert len(captured.out.strip().splitlines()) == 3  # header + levels 0 and 1
+    # what it said it would train is what ran: level 0 (dense) and 1 pruned level (QUICK: k = 0)
+    assert f"2 levels (dense, 1 pruned) x {QUICK['train']['iterations']} iterations -> {out}" in captured.err
     stamp = (out / "level_01" / "DONE").stat().st_mtime_ns
     assert main(["trial", "run", str(config), "--out", str(out)]) == 0  # all done: nothing retrained
     assert (out / "level_01" / "DONE").stat().st_mtime_ns == stamp
@@ -179,3 +181,26 @@ def test_cuda_requested_on_a_machine_without_it(tmp_path, capsys):
     assert main(["trial", "run", str(write(tmp_path, QUICK)), "--out", str(out), "--set", "device=cuda"]) == 2
     assert capsys.readouterr().err.startswith("lth: error: device: 'cuda' is not allowed; this machine has 0")
     assert not out.exists()
+
+
+def test_trial_run_names_every_level_it_trains():
+    from lth.trial_commands import levels_text
+    from trials.spec import SupermaskSpec
+
+    spec = from_dict(QUICK).replace(prune=PruneSpec(levels=2), rewind_iteration=20)
+    t = spec.train.iterations
+    assert levels_text(spec) == f"3 levels (dense, 2 pruned) x {t} iterations dense, {t - 20} pruned"
+    assert levels_text(spec.replace(prune=PruneSpec(levels=0), rewind_iteration=0)) == \
+        f"1 level (dense only) x {t} iterations"
+    popup = spec.replace(method="edge_popup", rewind_iteration=0, supermask=SupermaskSpec(densities=(0.5, 0.3)))
+    assert levels_text(popup) == f"2 levels (one per density) x {t} iterations"
+
+
+def test_trial_presets_fit_the_terminal_width(capsys, monkeypatch):
+    for columns in ("80", "50"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert main(["trial", "presets"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines and all(len(line) <= int(columns) for line in lines), columns
+        names = [line for line in lines if line and not line[0].isspace()]
+        assert [n.split()[0] for n in names] == preset_names()

@@ -310,11 +310,15 @@ def test_find_bisects_the_grid_and_prints_each_step(tmp_path, capsys, monkeypatc
                                   stability_loss_barrier=0.0, stability_acc_a=0.9, stability_acc_b=0.9)]
 
     monkeypatch.setattr(lottery_module, "run_lottery", fake)
-    code = main(["stability", "find", _config(tmp_path), "--level", "1", "--out", str(tmp_path / "o")])
-    lines = capsys.readouterr().out.splitlines()
+    monkeypatch.setenv("COLUMNS", "80")
+    code = main(["stability", "find", _config(tmp_path), "--level", "1", "--out", str(tmp_path / ("o" * 60))])
+    said = capsys.readouterr()
+    lines = said.out.splitlines()
     assert code == 0 and ran == [0, 32, 4, 8]  # grid 0,1,2,4,...,32 (T = 40): the ends, then halves
     assert [("unstable" in line) for line in lines[:-1]] == [True, False, True, False]
-    assert lines[-1] == "earliest stable rewind iteration: k=8 (instability 1.67% < 2.00%; k=4 gave 3.00%)"
+    assert lines[-1] == "earliest stable rewind iteration: k=8 (instability 1.67% < 2.00%; k=4: 3.00%)"
+    assert lines[0] == "k=0      instability  15.00%  unstable density 70%, copies' acc 0.9000/0.9000"
+    assert all(len(line) <= 80 for line in (said.out + said.err).splitlines()), said  # wrapped at COLUMNS
     monkeypatch.setattr(lottery_module, "run_lottery", lambda spec, out, **kw: fake(spec.replace(
         rewind_iteration=0), out, **kw))  # never stable
     assert main(["stability", "find", _config(tmp_path), "--level", "1", "--out", str(tmp_path / "o")]) == 1

@@ -15,7 +15,7 @@ import analysis
 from lth.cli import main
 from tests.conftest import quick_spec
 from tests.test_spec_and_cli import QUICK, with_, write
-from trials import datasets, load_ticket, masks, models
+from trials import datasets, load_ticket, masks, models, paths
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
 from trials.record import FIELDS, STABILITY
@@ -51,9 +51,12 @@ def trial(tmp_path_factory):
 
 
 def test_learned_supermask_is_far_above_chance(trial):
-    _, _, records = trial
+    _, out, records = trial
     assert [r.level for r in records] == [0, 1]
     assert all(r.test_acc_at_early_stop > 0.8 and r.iterations == 150 for r in records)
+    ops = masks.Layers.of(models.build(ModelSpec(name="lenet_300_100"), datasets.info(trial[0].dataset), 0)).ops
+    for r in records:  # each supermask's weights on an input-to-output path (trials/paths.py)
+        assert r.effective_density == paths.effective_density(ops, level_files(out, r.level)[0]) <= r.density
 
 
 def test_weights_never_change(trial):

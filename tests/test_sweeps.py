@@ -80,7 +80,9 @@ def test_optuna_sweep_replicates_seeds_and_keeps_its_study(tmp_path, ray_local, 
     (tmp_path / "runs" / "s" / "trials.csv").unlink()
     assert main(["sweep", "status", "s", "--storage", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert "6 terminated" in out and "Pareto front of final_test_acc (max) x final_density (min)" in out
+    assert "sweep s (optuna): 6 done, 0 running, 0 pending of 6 trials" in out
+    assert "Pareto front of final_test_acc (max) x final_density (min)" in out
+    assert "progress: levels 12/12 | units 12/12 | 100% of 720 iterations" in out  # 6 x (60 + 60)
     assert len(csv(tmp_path)) == len(df)
 
 
@@ -111,7 +113,7 @@ def test_a_failing_trial_is_recorded_retried_and_the_others_finish(tmp_path, ray
     assert trial.run_metadata.num_failures == 2  # first attempt + one retry (max_failures: 1)
 
 
-def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local):
+def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_path, ray_local, capsys):
     import optuna
 
     base = {**BASE, "prune": {**BASE["prune"], "levels": 3, "rate": 0.9}}
@@ -130,10 +132,16 @@ def test_stop_when_not_matching_ends_a_trial_and_optuna_records_it_pruned(tmp_pa
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(stopped)
+    # the levels a stopped trial never runs leave the totals: the live line and status end at 100%
+    live = [ln for ln in capsys.readouterr().err.splitlines() if " finished (" in ln][-1]
+    assert f"| levels {len(df)}/{len(df)} |" in live and "| 100% of " in live, live
+    assert main(["sweep", "status", "s", "--storage", str(tmp_path / "runs")]) == 0
+    assert f"progress: levels {len(df)}/{len(df)} | " in capsys.readouterr().out
 
 
-def kill_mid_sweep_then_resume(tmp_path, path, levels: int) -> None:
-    """SIGKILL `lth sweep run PATH` after 5 of its `levels` level lines; `lth sweep resume` it."""
+def kill_mid_sweep_then_resume(tmp_path, path, levels: int) -> tuple[str, subprocess.CompletedProcess]:
+    """SIGKILL `lth sweep run PATH` after 5 of its `levels` level lines; `lth sweep resume`
+    it. Returns what the first run printed (stdout and stderr) and the resume."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -150,6 +158,34 @@ def kill_mid_sweep_then_resume(tmp_path, path, levels: int) -> None:
     resumed = subprocess.run([LTH, "sweep", "resume", "s", "--storage", str(tmp_path / "runs")],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return "".join(seen), resumed
+
+
+def assert_quiet_and_counted_once(tmp_path, path, first: str, resumed) -> None:
+    """A sweep that went well printed no traceback, no "failed", no colour codes (its
+    output is no terminal) and, resumed, none of Tune's banners or warnings (issue 35); its
+    live line (a log's last "finished" line), `lth sweep status` and `lth sweep plan`
+    count the same trials, levels, units and iterations, levels from before the resume included."""
+    for text in (first, resumed.stdout, resumed.stderr):
+        for noise in ("Traceback", "failed", "\x1b[", "Configuration for experiment", "tensorboard",
+                      "pack_members", "Failed to fetch", "Restoring the run"):
+            assert noise not in text, (noise, text[-3000:])
+    # from where it ran (the file's relative tracking_uri resolves there: the same sweep)
+    planned = subprocess.run([LTH, "sweep", "plan", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    total = [ln for ln in planned.stdout.splitlines() if ln.startswith("plan: ")]
+    assert len(total) == 1, planned.stdout + planned.stderr
+    # "plan: 4 trials, 16 levels, 14 shared units, 6,000 iterations in the trials' levels"
+    trials, levels, units, iterations = (total[0].split(" ")[i].rstrip(",") for i in (1, 3, 5, 8))
+    status = subprocess.run([LTH, "sweep", "status", "s", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "Failed to fetch" not in status.stderr, status.stderr
+    assert f"sweep s (grid): {trials} done, 0 running, 0 pending of {trials} trials" in status.stdout
+    assert f"progress: levels {levels}/{levels} | units {units}/{units} | 100% of {iterations} iterations" \
+        in status.stdout, status.stdout
+    live = [ln for ln in resumed.stderr.splitlines() if " finished (" in ln][-1]
+    assert f"({trials} done, 0 running, 0 pending of {trials} trials | levels {levels}/{levels} | units {units}/{units}" \
+        in live and f"| 100% of {iterations} iterations" in live, live
 
 
 def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
@@ -157,11 +193,12 @@ def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
     base = {**BASE, "train": {**BASE["train"], "iterations": 400, "eval_interval": 50},
             "prune": {**BASE["prune"], "levels": 3}}
     path = sweep_file(tmp_path, base=base, space={"prune.rate": {"grid": [0.2, 0.4]}}, seeds=2)
-    kill_mid_sweep_then_resume(tmp_path, path, levels=16)
+    first, resumed = kill_mid_sweep_then_resume(tmp_path, path, levels=16)
     df = csv(tmp_path)
     assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     for trial_dir in (tmp_path / "runs" / "s").glob("*_0000*"):
         assert_each_level_trained_once(trial_dir, levels=3)
+    assert_quiet_and_counted_once(tmp_path, path, first, resumed)
 
 
 def test_pareto_front_on_known_points():
@@ -227,3 +264,43 @@ print(json.dumps(out))
         assert len(err.strip().splitlines()) == 1 and err.startswith(f"lth: error: {key}"), (key, err)
         assert not ray_imported, key
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_ray_starts_lean_and_a_killed_driver_leaves_no_agent(tmp_path):
+    """`lth sweep run` on a local Ray starts neither the dashboard's head process nor the
+    autoscaler's monitor (no --dashboard), and when the driver is killed (SIGKILL) the
+    raylet's agents go at once, not a minute later (orchestrator/sweeps/reaper.py)."""
+    import psutil
+
+    path = tmp_path / "lean.yaml"
+    path.write_text(yaml.safe_dump({"name": "lean", "experiment": "lean", "base": digits_base(levels=20),
+                                    "storage": str(tmp_path / "runs"),
+                                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    proc = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    driver = psutil.Process(proc.pid)
+
+    def named(procs, *names):
+        out = []
+        for p in procs:
+            try:
+                if any(n in " ".join(p.cmdline()) for n in names):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (named(driver.children(), "orchestrator.sweeps.reaper") and len(
+                named(driver.children(recursive=True), "ray::DashboardAgent", "ray::RuntimeEnvAgent")) == 2):
+            assert proc.poll() is None, "the sweep ended before its Ray was seen"
+            time.sleep(0.5)
+        agents = named(driver.children(recursive=True), "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        assert len(agents) == 2
+        assert not named(driver.children(), "dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(agents, timeout=20)
+    assert not alive, [p.pid for p in alive]

@@ -1,4 +1,5 @@
 """MLflow tracking against a real SQLite store and a real `mlflow server` on 127.0.0.1."""
+import functools
 import json
 import os
 import signal
@@ -49,8 +50,8 @@ def assert_complete(uri, n_trials, levels):
     for r in children:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert r.info.run_name == r.data.tags["lth.trial_key"] and r.info.status == "FINISHED"
-        for metric in ("density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop", "val_loss",
-                       "seconds"):
+        for metric in ("density", "effective_density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop",
+                       "val_loss", "seconds"):
             steps = [m.step for m in c.get_metric_history(r.info.run_id, metric)]
             assert sorted(steps) == list(range(levels + 1)), (metric, steps)
         files = {f.path for f in c.list_artifacts(r.info.run_id, "ticket")}
@@ -223,3 +224,90 @@ def test_unreachable_server_one_line_exit_2_before_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("lth: error: tracking_uri: 'http://127.0.0.1:")
     assert "none answers there" in err and not (tmp_path / "runs").exists()
+
+
+class DyingProxy:
+    """A real HTTP hop between lth and the `mlflow server`: it forwards every request, and
+    at the first log-batch that carries metrics it lets the server store it, then kills
+    the server and drops the connection before the answer reaches lth (a write that
+    reached the store although the sender saw it fail). The server comes back on the
+    same store `down_s` later."""
+
+    def __init__(self, server: MlflowServer, down_s: float):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.server, self.down_s, self.killed = server, down_s, threading.Event()
+        proxy = self
+
+        class Hop(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                try:
+                    up = http.client.HTTPConnection("127.0.0.1", proxy.server.port, timeout=60)
+                    up.request(self.command, self.path, body=body, headers=headers)
+                    answer = up.getresponse()
+                    data = answer.read()
+                except OSError:  # the server is down
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if (self.path.endswith("/runs/log-batch") and b'"metrics"' in body and answer.status == 200
+                        and not proxy.killed.is_set()):
+                    proxy.killed.set()
+                    proxy.server.stop()  # stored, and now dead before it could answer
+                    threading.Timer(proxy.down_s, proxy.server.start).start()
+                    self.close_connection = True
+                    return
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Hop)
+        self.uri = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+
+
+def test_a_write_stored_before_the_server_died_is_not_logged_again(tmp_path, mlflow_server, ray_local,
+                                                                  monkeypatch):
+    """Exactly once in MLflow: the server stores a level's batch and dies before answering;
+    it is restarted on the same store 2 s later. The sweep goes on, and at the end every
+    metric of every trial holds each level once."""
+    from orchestrator.tracking import store
+
+    # the end-of-sweep replay waits for the server longer than its default minute: a
+    # restart alone can take that long on a loaded 2-core machine
+    monkeypatch.setattr(store, "sync", functools.partial(store.sync, attempts=60))
+    proxy = DyingProxy(mlflow_server, down_s=2)
+    try:
+        path = sweep_file(tmp_path, name="outage", space={}, seeds=1, tracking_uri=proxy.uri,
+                          base=digits_base(levels=2))
+        runner.run(load_sweep(path))
+    finally:
+        proxy.close()
+    assert proxy.killed.is_set()  # the outage really hit a stored write
+    c, runs = runs_of(mlflow_server.uri)
+    trial_runs = [r for r in runs if r.data.tags.get("lth.kind") == "trial"]
+    assert len(trial_runs) == 1
+    from trials.record import OPTIONAL, TRACKED
+
+    for metric in (m for m in TRACKED if m not in OPTIONAL):  # an optional one is not measured here
+        steps = [m.step for m in c.get_metric_history(trial_runs[0].info.run_id, metric)]
+        assert sorted(steps) == [0, 1, 2], (metric, steps)

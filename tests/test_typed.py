@@ -156,7 +156,7 @@ SWEEP = {"name": "s", "experiment": "e", "base": {"preset": "lenet_digits_quick"
     ({"tolerance": "small"}, "tolerance", "expected a number"),
     ({"resources": {"cpu": 0}}, "resources.cpu", "a number > 0"),
     ({"resources": {"gpu": 1.5}}, "resources.gpu", "a fraction <= 1 or a whole number"),
-    ({"search": {"algorithm": "random", "num_samples": 0}}, "search.num_samples", "an integer from 1 to 1,000,000"),
+    ({"search": {"algorithm": "random", "num_samples": 0}}, "search.num_samples", "an integer from 1 to 10,000"),
     ({"search": {"mode": ["max", "min"]}}, "search.mode", "for each of the 1 metric(s)"),
     ({"search": {"metric": ["final_test_acc", "nope"]}}, "search.metric", "allowed: dense_test_acc, final_test_acc"),
     ({"space": ["prune.rate"]}, "space", "a mapping of trial-spec paths to distributions"),

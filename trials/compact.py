@@ -18,17 +18,18 @@ is rebuilt as an ordinary dense network:
   (the stream is then 0 wherever it is read) or nobody reads it; otherwise it stays
   everywhere, its removed producers computing zeros (counted as `kept_tied`).
 
-The analysis is explicit per architecture family (`describe`: LeNet, Conv-N, VGG, the
-CIFAR ResNets, torchvision's ResNet-18) and generic after that: the description is a
-list of ops, spaces of units come from walking it, and one forward pass (dead in,
-folding) and one backward pass (dead out) decide what stays. ARCHITECTURE.md,
+The analysis is explicit per architecture family (trials/paths.py `describe`: LeNet,
+Conv-N, VGG, the CIFAR ResNets, torchvision's ResNet-18) and generic after that: the
+description is a list of ops, spaces of units come from walking it, and one forward pass
+(dead in, folding) and one backward pass (dead out) decide what stays. ARCHITECTURE.md,
 "Compaction", says why not Torch-Pruning.
 
 The compact network's architecture is plain JSON (`ARCH`: ops with their widths), its
 tensors safetensors (`WEIGHTS`): `load_compact` rebuilds it with torch alone, nothing
 unpickled. `export` also writes TorchScript and ONNX (checked in ONNX Runtime) and the
-report (`REPORT`): parameters, multiply-accumulates per example, effective density and
-the worst logit difference against the masked network, before and after.
+report (`REPORT`): parameters, multiply-accumulates per example, effective density
+(trials/paths.py) and the worst logit difference against the masked network, before and
+after (`check`: the exactness check, in float64).
 """
 from __future__ import annotations
 
@@ -47,19 +48,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.errors import ConfigError
+from trials import paths
+from trials.paths import SUPPORTED, Unsupported, describe  # noqa: F401 - the network as ops (compact.describe)
 
 FORMAT = "lth-compact/1"
 WEIGHTS, ARCH, TORCHSCRIPT, ONNX, REPORT = "model.safetensors", "model.json", "model.ts", "model.onnx", "compact.json"
 FILES = (WEIGHTS, ARCH, TORCHSCRIPT, ONNX, REPORT)
-TOLERANCE = 1e-5  # fp32 logits, compact against masked: max difference / max(1, largest |logit|)
+# the exactness check: the same compaction in float64, its logits against the masked network's
+# in float64, max difference / max(1, largest |logit|) (ARCHITECTURE.md, "Compaction")
+TOLERANCE = 1e-9
 ONNX_TOLERANCE = 1e-4  # ONNX Runtime fuses and reorders (BatchNorm into convolutions)
-
-
-SUPPORTED = ("lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20", "resnet18")
-
-
-class Unsupported(ValueError):
-    """A network `describe` has no description for (SUPPORTED: the registry's models it knows)."""
 
 
 # ---------------------------------------------------------------- the compact network
@@ -117,105 +115,6 @@ def load_compact(folder, device="cpu") -> nn.Module:
     net = build(json.loads((folder / ARCH).read_text()))
     net.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     return net.to(device).eval()
-
-
-# ---------------------------------------------------------------- describing the known networks
-
-
-def describe(net: nn.Module) -> list:
-    """The network as ops, each conv/linear/bn op naming its module in `net` ("module")."""
-    from trials import models
-
-    if isinstance(net, models.LeNet):
-        return [_flatten(), *[x for i in range(len(net.hidden)) for x in (_linear(net, f"hidden.{i}"), _relu())],
-                _linear(net, "fc")]
-    if isinstance(net, models.ConvNet):
-        return [*_sequence(net, "features"), _flatten(),
-                *[x for i in range(len(net.hidden)) for x in (_linear(net, f"hidden.{i}"), _relu())],
-                _linear(net, "fc")]
-    if isinstance(net, models.CifarVGG):
-        return [*_sequence(net, "features"), {"op": "avgpool"}, _flatten(), _linear(net, "fc")]
-    if isinstance(net, models.CifarResNet):
-        blocks = [_block(net, f"blocks.{i}", "shortcut") for i in range(len(net.blocks))]
-        return [_conv(net, "conv"), _bn(net, "bn"), _relu(), *blocks, {"op": "avgpool"}, _flatten(),
-                _linear(net, "fc")]
-    try:
-        from torchvision.models.resnet import BasicBlock, ResNet
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        ResNet = BasicBlock = ()
-    if isinstance(net, ResNet) and all(isinstance(b, BasicBlock) for s in (net.layer1, net.layer2, net.layer3,
-                                                                             net.layer4) for b in s):
-        blocks = [_block(net, f"layer{s}.{i}", "downsample") for s in range(1, 5)
-                  for i in range(len(getattr(net, f"layer{s}")))]
-        return [_conv(net, "conv1"), _bn(net, "bn1"), _relu(), _maxpool(net.maxpool), *blocks, {"op": "avgpool"},
-                _flatten(), _linear(net, "fc")]
-    raise Unsupported(f"no compaction for {type(net).__name__}; supported: LeNet, Conv-N, VGG, ResNet-20 "
-                      "(CIFAR ResNets), ResNet-18")
-
-
-def _flatten():
-    return {"op": "flatten"}
-
-
-def _relu():
-    return {"op": "relu"}
-
-
-def _pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
-
-
-def _conv(net, name):
-    m = net.get_submodule(name)
-    if m.groups != 1 or _pair(m.dilation) != [1, 1] or m.padding_mode != "zeros" or isinstance(m.padding, str):
-        raise Unsupported(f"{name}: grouped, dilated, 'same' or non-zero-padded convolution")
-    return {"op": "conv", "module": name, "in": m.in_channels, "out": m.out_channels, "kernel": _pair(m.kernel_size),
-            "stride": _pair(m.stride), "padding": _pair(m.padding), "bias": m.bias is not None}
-
-
-def _linear(net, name):
-    m = net.get_submodule(name)
-    return {"op": "linear", "module": name, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-
-
-def _bn(net, name):
-    m = net.get_submodule(name)
-    if not isinstance(m, nn.BatchNorm2d) or not m.track_running_stats:
-        raise Unsupported(f"{name}: only BatchNorm2d with running statistics")
-    return {"op": "bn", "module": name, "n": m.num_features, "eps": m.eps, "affine": m.affine}
-
-
-def _maxpool(m):
-    if _pair(m.dilation) != [1, 1] or m.ceil_mode:
-        raise Unsupported("max-pooling with dilation or ceil_mode")
-    return {"op": "maxpool", "kernel": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
-            "padding": _pair(m.padding)}
-
-
-def _sequence(net, prefix):
-    ops = []
-    for i, m in enumerate(net.get_submodule(prefix)):
-        name = f"{prefix}.{i}"
-        if isinstance(m, nn.Conv2d):
-            ops.append(_conv(net, name))
-        elif isinstance(m, nn.BatchNorm2d):
-            ops.append(_bn(net, name))
-        elif isinstance(m, nn.ReLU):
-            ops.append(_relu())
-        elif isinstance(m, nn.MaxPool2d):
-            ops.append(_maxpool(m))
-        else:
-            raise Unsupported(f"{name}: {type(m).__name__}")
-    return ops
-
-
-def _block(net, name, shortcut):
-    """A basic residual block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))."""
-    sc = getattr(net.get_submodule(name), shortcut)
-    sc = [] if sc is None or len(sc) == 0 else [_conv(net, f"{name}.{shortcut}.0"), _bn(net, f"{name}.{shortcut}.1")]
-    body = [_conv(net, f"{name}.conv1"), _bn(net, f"{name}.bn1"), _relu(), _conv(net, f"{name}.conv2"),
-            _bn(net, f"{name}.bn2")]
-    return {"op": "residual", "body": body, "shortcut": sc}
 
 
 # ---------------------------------------------------------------- spaces of units
@@ -291,7 +190,7 @@ class _Graph:
             kind = op["op"]
             if kind in ("conv", "linear"):
                 t = self.tensors(op, ("weight", "bias"))
-                layer = _Layer(op, t["weight"].float(), t.get("bias"), in_space=space)
+                layer = _Layer(op, _real(t["weight"]), t.get("bias"), in_space=space)
                 self.space(space).consumers.append(layer)
                 self.spaces.append(_Space(op["out"], [len(self.spaces)], producers=[layer]))
                 self.parent.append(len(self.spaces) - 1)
@@ -320,6 +219,11 @@ class _Graph:
             sa.producers += sb.producers
             sa.consumers += sb.consumers
         return a
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (the exactness check's copy), anything else is computed in float32."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _in_index(layer: _Layer, keep_in: torch.Tensor) -> torch.Tensor:
@@ -474,14 +378,17 @@ def _weights(net: nn.Module) -> tuple[int, int]:
 def compact_model(net: nn.Module, input_shape) -> Compacted:
     """The compact network of a masked network (pruned weights exactly zero), for inference:
     BatchNorm is taken in eval mode (its running statistics)."""
-    ops = copy.deepcopy(describe(net))
+    described = describe(net)
+    on_path, _ = paths.count(described, {k: v.ne(0) for k, v in net.state_dict().items()
+                                         if k in {f"{op['module']}.weight" for op in paths.layer_ops(described)}})
+    ops = copy.deepcopy(described)
     graph = _Graph(net.state_dict(), input_shape[0])
     graph.walk(ops, 0)
     _decide(graph)
     arch_ops, tensors = _clean(_slice(graph, ops))
     arch = {"format": FORMAT, "input_shape": list(input_shape), "num_classes": graph.layers[-1].weight.shape[0],
             "ops": arch_ops}
-    model = build(arch)
+    model = build(arch).to(_real(next(iter(tensors.values()))).dtype)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     nonzero, dense = _weights(net)
@@ -500,7 +407,7 @@ def compact_model(net: nn.Module, input_shape) -> Compacted:
                    "after": sum(p.numel() for p in model.parameters())},
         "nonzero_weights": {"before": nonzero, "after": nonzero_after},
         "density": nonzero / dense,
-        "effective_density": nonzero_after / dense,
+        "effective_density": on_path / dense,  # what the level records count (trials/paths.py)
         "macs_per_example": {"before": macs(net, input_shape), "after": macs(model, input_shape)},
         "units": {"before": sum(s["units"] for s in spaces), "after": sum(s["kept"] for s in spaces)},
         "kept_tied": sum(s["kept_tied"] for s in spaces),
@@ -513,9 +420,8 @@ def compact_model(net: nn.Module, input_shape) -> Compacted:
 
 
 def exact(worst: float, largest: float, tolerance: float = TOLERANCE) -> bool:
-    """Whether a logit difference is within fp32 rounding: `tolerance` absolute for logits up to
-    1, relative to the largest |logit| beyond (slicing changes the order of fp32 sums, and their
-    rounding grows with the values summed)."""
+    """Whether a logit difference is within `tolerance`: absolute for logits up to 1, relative
+    to the largest |logit| beyond (rounding grows with the values summed)."""
     return worst <= tolerance * max(1.0, largest)
 
 
@@ -535,21 +441,39 @@ def logit_difference(a: nn.Module, b: nn.Module, x: torch.Tensor, batch: int = 1
     return worst, largest
 
 
+def check(net: nn.Module, c: Compacted, x: torch.Tensor) -> dict:
+    """The exactness check (ARCHITECTURE.md, "Compaction"): the masked network copied to
+    float64 is compacted again; the compaction must come out the same (architecture JSON)
+    and its float64 logits over `x` within TOLERANCE of the masked network's in float64.
+    float64 rounding is ~1e-16 relative, so on any CPU or GPU (no TF32 in float64) an exact
+    compaction passes by orders of magnitude and a removed unit that mattered fails; the
+    float32 artifact computes the same function with the same parameters (copied, or a
+    folded bias rounded to float32). The report's fields: `max_logit_diff_fp64`,
+    `max_abs_logit` (float64) and `tolerance`; NotExact when the two compactions differ."""
+    net64 = copy.deepcopy(net).double().eval()
+    c64 = compact_model(net64, tuple(x.shape[1:]))
+    if c64.arch != c.arch:
+        raise NotExact("the float64 compaction keeps other units than the float32 one; nothing written")
+    worst, largest = logit_difference(net64, c64.model.to(x.device), x.double())
+    return {"max_logit_diff_fp64": worst, "max_abs_logit": largest, "tolerance": TOLERANCE}
+
+
 def compact(ticket, data=None) -> Compacted:
     """A loaded ticket (trials.load_ticket) compacted and checked: the report gets the worst
     logit difference against the masked network over the ticket's test set (`data`: its
-    datasets.Data, loaded when None)."""
+    datasets.Data, loaded when None): float32's (what the artifact does), and float64's,
+    which `check` decides on."""
     from trials import datasets
 
     net = ticket.model.eval()
     data = data or datasets.load(ticket.spec.dataset, next(net.parameters()).device)
     c = compact_model(net, tuple(data.test_x.shape[1:]))
-    worst, largest = logit_difference(net, c.model.to(data.test_x.device), data.test_x)
+    worst, _ = logit_difference(net, c.model.to(data.test_x.device), data.test_x)
     c.report.update({
         "model": ticket.spec.model.name, "dataset": ticket.spec.dataset.name, "method": ticket.spec.method,
         "prune_kind": ticket.spec.prune.kind, "level": ticket.record.level, "recorded_density": ticket.record.density,
-        "source": ticket.source, "max_logit_diff": worst, "max_abs_logit": largest, "examples": len(data.test_x),
-        "tolerance": TOLERANCE,
+        "source": ticket.source, "max_logit_diff": worst, **check(net, c, data.test_x),
+        "examples": len(data.test_x),
     })
     return c
 
@@ -557,7 +481,7 @@ def compact(ticket, data=None) -> Compacted:
 def compact_folder(ticket_folder, out) -> Compacted:
     """Compact an exported ticket (lth tickets export) into `out` (export's files). Refuses
     (NotExact, nothing written) a result whose logits on the test set differ from the masked
-    network's beyond fp32 rounding (`exact`)."""
+    network's beyond rounding (`check`, `exact`)."""
     from trials import datasets
     from trials.tickets import load_ticket
 
@@ -568,9 +492,10 @@ def compact_folder(ticket_folder, out) -> Compacted:
     except Unsupported:
         raise ConfigError("model.name", ticket.spec.model.name, f"allowed: {', '.join(SUPPORTED)}") from None
     r = c.report
-    if not exact(r["max_logit_diff"], r["max_abs_logit"]):
-        raise NotExact(f"compact logits differ from the masked network's by {r['max_logit_diff']:.3g} "
-                       f"(largest |logit| {r['max_abs_logit']:.3g}); nothing written")
+    if not exact(r["max_logit_diff_fp64"], r["max_abs_logit"]):
+        raise NotExact(f"compact logits differ from the masked network's by {r['max_logit_diff_fp64']:.3g} in "
+                       f"float64 (largest |logit| {r['max_abs_logit']:.3g}, allowed {TOLERANCE:g} x max(1, that)); "
+                       "nothing written")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -143,17 +143,52 @@ def data_root(spec) -> tuple[Path, bool]:
 
 def _open(cls, spec, train: bool):
     root, download = data_root(spec)
+    if download:
+        return _download(cls, root, train)
     try:
-        if not download:
-            return cls(str(root), train=train, download=False)
-        from filelock import FileLock
-
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / f".{cls.__name__}.lock")):  # one download per node
-            return cls(str(root), train=train, download=True)
+        return cls(str(root), train=train, download=False)
     except RuntimeError as e:  # torchvision's "Dataset not found"
         raise ConfigError("dataset.data_dir", str(root),
                           f"it must hold a torchvision {cls.__name__} root ({e})") from None
+
+
+def _download(cls, root: Path, train: bool):
+    """torchvision's dataset in the node cache, downloaded there if missing. A failed
+    download (no network) is one ConfigError on dataset.data_dir, and the folders it made
+    are removed again: torchvision prints each file it fetches (kept back here), raises an
+    error of a line per mirror tried (its last reason goes in ours) and leaves its empty
+    folders behind."""
+    import contextlib
+    import io
+
+    from filelock import FileLock
+
+    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / f".{cls.__name__}.lock"
+    said = io.StringIO()
+    try:
+        with FileLock(str(lock)):  # one download per node
+            with contextlib.redirect_stdout(said):
+                return cls(str(root), train=train, download=True)
+    except (RuntimeError, OSError) as e:
+        # torchvision's error is a line per mirror tried ("Tried URL, got:", then the reason)
+        reasons = [line.strip() for line in str(e).splitlines()
+                   if line.strip() and not line.startswith(("Tried ", "Error downloading"))]
+        for folder in (root / cls.__name__ / "raw", root / cls.__name__):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: another process's files stay
+        if made:  # the cache is new: nothing of anyone else's is in it
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        reason = (reasons[-1] if reasons else str(e).strip().splitlines()[0] if str(e).strip()
+                  else type(e).__name__)[:200]
+        raise ConfigError("dataset.data_dir", None,
+                          f"a folder holding {cls.__name__} (none given, and downloading it into {root} "
+                          f"failed: {reason}; give dataset.data_dir or set LTH_DATA_DIR)") from None
 
 
 def _mnist_like(cls_name: str, mean: float, std: float):

@@ -36,7 +36,6 @@ alone or stacked (StackedSearch), in the same trial folder, records and files.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -256,12 +255,15 @@ SINGLE, PACK_OF_ONE = Producer("alone"), Producer("stacked")
 def produce(name: str, spec, units, data, device, scratch: Path, producer: Producer) -> None:
     """Produce unit `name`, one of `spec`'s (shared.plan), for the store's helpers: the
     trial's IMP run up to that level in a scratch folder, its earlier levels from their
-    units (their instability at level 0, a trial's own, is not measured)."""
+    units (their instability at level 0, a trial's own, is not measured). The run ends after
+    that level (its report says stop); the spec keeps its prune.levels, as validated: cut to
+    the unit's level it may no longer fit its own stability.levels (a dense unit of a trial
+    measuring [0, 2] is no spec with prune.levels 0), and a trunk level does not depend on it."""
     level = 0 if name.startswith("dense/") else layout.level_of(name.rsplit("/", 1)[1])
-    spec = spec.replace(control="none", prune=dataclasses.replace(spec.prune, levels=level))
+    spec = spec.replace(control="none")
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        run_pack([spec], [Path(tmp) / "trunk"], data=data, units=units, arithmetic=producer.of(spec),
-                 dense_instability=False)
+        run_pack([spec], [Path(tmp) / "trunk"], report=lambda record, out: record.level >= level, data=data,
+                 units=units, arithmetic=producer.of(spec), dense_instability=False)
 
 
 def train_pack(template: nn.Module, jobs: list, data, progress: Optional[Callable] = None) -> list:

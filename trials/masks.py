@@ -7,7 +7,8 @@ the affine parameters of a norm layer that directly normalises that unit's outpu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,16 +33,24 @@ class Layers:
     output: str  # the classifier's module name
     shapes: dict  # "<layer>.weight" -> weight shape
     companions: dict  # layer -> parameter names indexed by its output units
+    # the network as trials/compact.py describes it (trials/paths.py counts paths on it);
+    # None for a network it has no description for (effective density not measured)
+    ops: Optional[list] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, net: nn.Module) -> "Layers":
+        from trials import paths
+
         names = tuple(prunable_layers(net))
         modules = dict(net.named_modules())
         companions = {n: ([f"{n}.bias"] if modules[n].bias is not None else []) for n in names}
         for layer, norm in _norms_after(net).items():
             companions[layer] += [f"{norm}.weight", f"{norm}.bias"]
         shapes = {f"{n}.weight": tuple(modules[n].weight.shape) for n in names}
-        return cls(names, output_layer(net), shapes, {k: tuple(v) for k, v in companions.items()})
+        ops = paths.describe_or_none(net)
+        if ops is not None and {op["module"] for op in paths.layer_ops(ops)} != set(names):
+            ops = None  # a description that does not cover exactly the prunable layers
+        return cls(names, output_layer(net), shapes, {k: tuple(v) for k, v in companions.items()}, ops)
 
     def weight(self, layer: str) -> str:
         return f"{layer}.weight"
@@ -85,9 +94,11 @@ def remaining(mask: Mask, layers: Layers) -> int:
 
 
 def describe(mask: Mask, layers: Layers) -> dict:
-    """The level record's density fields of a mask."""
+    """The level record's density fields of a mask (effective_density: trials/paths.py)."""
+    from trials import paths
+
     return {"density": density(mask, layers), "layer_density": layer_density(mask, layers),
-            "remaining_params": remaining(mask, layers)}
+            "remaining_params": remaining(mask, layers), "effective_density": paths.effective_density(layers.ops, mask)}
 
 
 def is_nested(inner: Mask, outer: Mask) -> bool:

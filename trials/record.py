@@ -46,6 +46,10 @@ class LevelRecord:
         "names", "where the level was trained: lth version and commit, torch and CUDA versions, CPU model and "
         "capability, device, threads (trials/environment.py; None: written before lth recorded it)",
         tracked=False, optional=True)
+    effective_density: Optional[float] = _f(
+        "fraction", "prunable weights kept that lie on some input-to-output path / all prunable weights "
+        "(trials/paths.py; None: a network with no description, or written before lth counted it)",
+        optional=True)
     # instability analysis (Frankle et al. 2020; trials/stability.py): None where not measured
     stability_error_barrier: Optional[float] = _f(
         "fraction", "instability: the largest test error on the straight line between two copies "

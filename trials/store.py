@@ -27,9 +27,26 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# a new file's mode under this process's umask (0644 under the usual 022), read once
+FILE_MODE = 0o666 & ~_umask()
+
+
 def save_tensors(path: Path, tensors: dict) -> None:
+    """safetensors writes its file 0600 (a private temporary file, renamed): given the mode
+    of every other file here, so a ticket's tensors are as readable as its JSON."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(cpu, str(tmp)))
+
+    def write(tmp):
+        save_file(cpu, str(tmp))
+        os.chmod(tmp, FILE_MODE)
+
+    _atomic(Path(path), write)
 
 
 def load_tensors(path: Path, device="cpu") -> dict:
@@ -45,6 +62,9 @@ def check_folder(path: Path, key: str, write: bool) -> None:
     that we can write to when `write`; else one ConfigError on `key`. (As root, access
     checks pass: a read-only mount shows only when writing.)"""
     path = Path(path)
+    for part in path.parts:  # a longer one is no folder name (and stat() fails on it)
+        check(len(os.fsencode(part)) <= NAME_MAX, key, str(path),
+              f"folder names of at most {NAME_MAX} bytes (one has {len(os.fsencode(part))})")
     existing = next(p for p in (path, *path.parents) if p.exists())
     check(existing.is_dir(), key, str(path), f"a folder ({existing} is a file)")
     check(not write or os.access(existing, os.W_OK | os.X_OK), key, str(path),

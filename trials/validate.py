@@ -161,7 +161,11 @@ def _validate_against_model(spec) -> None:
     check(spec.model.width > 0, "model.width", spec.model.width, "allowed: a number > 0 (1.0 = the paper's)")
     check(spec.model.width == 1.0 or models.has_width(spec.model.name), "model.width", spec.model.width,
           f"allowed for {spec.model.name}: 1.0 (its builder takes no width multiplier)")
-    error, layers = _structure(spec.model.name, tuple(info.shape), info.num_classes, spec.model.width)
+    try:
+        error, layers = _structure(spec.model.name, tuple(info.shape), info.num_classes, spec.model.width)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # torch: sizes past what it can count
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ConfigError("model.width", spec.model.width, f"a width whose network torch can build ({reason})") from None
     if error:
         raise ConfigError("model.name", spec.model.name, f"{error}; dataset {spec.dataset.name} gives "
                           f"inputs of shape {tuple(info.shape)}")

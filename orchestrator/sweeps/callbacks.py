@@ -12,11 +12,14 @@ from pathlib import Path
 
 from ray import tune
 
+from orchestrator.objectives import STOPPED
+from orchestrator.plan import level_iterations
 from orchestrator.sweeps import packs, progress, results
 from orchestrator.tracking import store
 from orchestrator.sweeps.storage import checkpoint_dirs
 from trials import layout
 from trials.record import LevelRecord
+from trials.spec import from_dict
 from trials.version import code_version
 
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
@@ -29,15 +32,16 @@ def trial_meta(member: dict) -> dict:
 
 class LevelProgress(tune.Callback):
     """Where the sweep is, on the driver's stderr (orchestrator/sweeps/progress.py). At a
-    terminal: one live status line, redrawn at most once a second, with failures printed
-    above it. Otherwise (a log): one line per finished level, per failed trial and per
-    finished trial, the last with the status line's counts."""
+    terminal: one live status line that fits the terminal's width, redrawn at most once a
+    second, with failures printed above it. Otherwise (a log): one line per finished level,
+    per failed trial and per finished trial, the last with the status line's counts.
+    A resumed sweep starts from what storage holds (levels recorded, units published), so
+    its counts are `lth sweep status`'s."""
 
     REDRAW_S, UNITS_S = 1.0, 5.0
 
-    def __init__(self, sweep, units_before: int = 0):
+    def __init__(self, sweep):
         self.sweep = sweep
-        self.units_before = units_before
         self.told: set = set()  # failed pack members already said
         self.live = sys.stderr.isatty()
         self.progress = None
@@ -45,9 +49,17 @@ class LevelProgress(tune.Callback):
         self.drawn = self.asked = 0.0
 
     def setup(self, **info):
-        # a restored driver starts counting over (its callbacks come back unpickled, maybe from an older lth)
-        self.progress = progress.Progress.of(self.sweep, getattr(self, "units_before", 0))
-        self.seen, self.live, self.drawn, self.asked = set(), sys.stderr.isatty(), 0.0, 0.0
+        # a restored driver starts over from storage (its callbacks come back unpickled, maybe from an older lth)
+        try:
+            rows = results.collect(self.sweep)
+        except Exception:  # noqa: BLE001 - a progress line never fails the sweep: count from zero
+            rows = []
+        self.progress = progress.of_rows(self.sweep, rows)
+        self.progress.units_before = self.progress.units_now  # reused by this run
+        self.progress.iterations_before = self.progress.iterations_done
+        self.seen = {(r["trial_id"], r["level"]) for r in rows if r.get("level") is not None}
+        self.ended = {r["trial_id"] for r in rows if r.get(STOPPED) is True}  # counted as stopped (progress.stopped)
+        self.live, self.drawn, self.asked = sys.stderr.isatty(), 0.0, 0.0
 
     def _say(self, text: str) -> None:
         print(("\r\x1b[K" if self.live else "") + text, file=sys.stderr, flush=True)
@@ -87,22 +99,32 @@ class LevelProgress(tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         if self.live and time.monotonic() - self.drawn >= self.REDRAW_S:
             self._count(trials)
-            print(f"\r\x1b[K{self.sweep.name}: {self.progress.line()}", end="", file=sys.stderr, flush=True)
+            print(f"\r\x1b[K{self._live_line()}", end="", file=sys.stderr, flush=True)
             self.drawn = time.monotonic()
 
     def on_experiment_end(self, trials, **info):
         self.asked = 0.0
         self._count(trials)
         if self.live:
-            print(f"\r\x1b[K{self.sweep.name}: {self.progress.line()}", file=sys.stderr, flush=True)
+            print(f"\r\x1b[K{self._live_line()}", file=sys.stderr, flush=True)
+
+    def _live_line(self) -> str:
+        """The status line in the terminal's width less one column (a line that fills the
+        last column wraps on some terminals, and \\r then redraws only the new row)."""
+        width = progress.columns(sys.stderr) - 1
+        return self.progress.line(width=width, prefix=f"{self.sweep.name}: ")
 
     def _count(self, trials, finished=None) -> None:
         states = []
         for t in trials:
             status = "TERMINATED" if t is finished else t.status
             ids = packs.members(t.trial_id, t.config)
-            states += [progress.state_of(packs.member_status(state, status))
-                       for state in packs.statuses(t.last_result, len(ids))]
+            for (trial_id, member, _), state in zip(ids, packs.statuses(t.last_result, len(ids))):
+                states.append(progress.state_of(packs.member_status(state, status)))
+                if state.get("status") == packs.STOPPED and trial_id not in self.ended:
+                    self.ended.add(trial_id)
+                    planned = level_iterations(from_dict(member["spec"]))
+                    self.progress.stopped(planned, sum(seen == trial_id for seen, _ in self.seen))
         self.progress.count(states)
         if self.progress.units and time.monotonic() - self.asked >= self.UNITS_S:
             self.asked = time.monotonic()
@@ -144,6 +166,8 @@ class MlflowLogger(tune.Callback):
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - logging must never fail the sweep
+            if self.sweep.name in TRACKERS:
+                self.tracker.doubt()  # what failed may have reached the store: read it back first
             if not self.failed:
                 print(f"lth: MLflow unavailable ({what}: {str(e).splitlines()[0][:160] if str(e) else e!r}); "
                       "the sweep goes on and replays the record at the end", file=sys.stderr, flush=True)

@@ -1,13 +1,21 @@
 """Where a sweep is: trials done / running / pending / failed, levels done of planned,
-shared units, the share of the planned iterations and the time left. The live line of
-`lth sweep run` (callbacks.LevelProgress) and `lth sweep status` both print `Progress.line`.
+shared units published, the share of the planned iterations and the time left. The live
+line of `lth sweep run` (callbacks.LevelProgress), `lth sweep status` and the end of a
+sweep all count here, and `lth sweep plan` prints the same planned totals (plan.totals).
 
 Planned work comes from the specs (orchestrator/plan.py: every grid trial, or
-`num_samples` configurations drawn to estimate a search): each trial's levels as it
-would train them alone, level 0 T iterations and each later level T - k (edge-popup: T per
-density). The share done is the iterations of the levels finished over that total, and
-the time left scales the elapsed time by what is not done yet. With shared units later
-levels often arrive faster (copied, not trained), so the estimate errs long.
+`num_samples` configurations drawn to estimate a search). "Iterations" are those of the
+trials' levels, each trial's levels counted once as it records them: level 0 T
+iterations and each later level T - k (edge-popup: T per density), whether the trial
+trained the level or took it from a shared unit. Optimizer steps actually run are fewer
+with sharing and more for a control that retrains IMP (`lth sweep plan`'s "to train").
+The share done is the iterations of the levels recorded over that total, levels recorded
+before a resume included, and the time left is what is not done yet at the pace of this
+driver (the iterations recorded since it started, over its time). With shared units later levels often arrive faster (copied, not
+trained), so the estimate errs long.
+
+A line fits a width (the terminal's at a terminal): fields shorten first, from the
+right, then the least needed go (units, levels, the time), and a last resort cuts the line.
 """
 from __future__ import annotations
 
@@ -18,65 +26,126 @@ from typing import Optional
 STATES = ("done", "running", "pending", "failed")
 
 
-def level_iterations(spec) -> list[int]:
-    """The iterations of each of a trial's levels, as planned (module doc)."""
-    t = spec.train.iterations
-    if spec.method == "edge_popup":
-        return [t] * (spec.last_level + 1)
-    return [t] + [t - spec.rewind_iteration] * spec.last_level
+def tally(states: list[str], trials: int) -> dict:
+    """Trials per state (STATES); trials not made yet (a search proposes them as it goes,
+    or Tune had not created them when the driver last saved) count as pending."""
+    counts = dict.fromkeys(STATES, 0)
+    for s in states:
+        counts[s] += 1
+    counts["pending"] += max(0, trials - len(states))
+    return counts
+
+
+def trials_field(counts: dict, trials: int, short: bool = False) -> str:
+    """Failed trials are named only when there are some: a sweep that goes well says nothing of failing."""
+    failed = f", {counts['failed']} failed" if counts["failed"] else ""
+    if not short:
+        return f"{counts['done']} done, {counts['running']} running, {counts['pending']} pending{failed} of {trials} trials"
+    return f"{counts['done']}/{trials} done" + (f", {counts['running']} running" if counts["running"] else "") + failed
 
 
 @dataclass
 class Progress:
     trials: int  # planned
     levels: int  # planned, all trials
-    iterations: int  # planned, all levels
+    iterations: int  # planned, all levels (module doc)
     units: int = 0  # planned shared units (0: sharing off)
     units_before: Optional[int] = 0  # published before this run started (reused); None: not known
     units_now: int = 0  # published now
     states: dict = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     levels_done: int = 0
     iterations_done: int = 0
+    iterations_before: int = 0  # done before this driver started (a resume): not in its pace
     started: float = field(default_factory=time.time)
 
     @classmethod
     def of(cls, sweep, units_before: Optional[int] = 0) -> "Progress":
         from orchestrator import plan
 
-        p = plan.plan(sweep)
-        per_level = [level_iterations(spec) for spec in p.trials]
-        return cls(trials=sweep.trial_count, levels=sum(map(len, per_level)),
-                   iterations=sum(map(sum, per_level)), units=len(p.units), units_before=units_before)
+        t = plan.totals(sweep)
+        return cls(trials=t.trials, levels=t.levels, iterations=t.iterations, units=t.units,
+                   units_before=units_before)
 
     def add_level(self, iterations: int) -> None:
         self.levels_done += 1
         self.iterations_done += iterations
 
-    def count(self, states: list[str]) -> None:
-        """Each trial's state (done / running / pending / failed); trials not made yet
-        (a search proposes them as it goes) count as pending."""
-        self.states = dict.fromkeys(STATES, 0)
-        for s in states:
-            self.states[s] += 1
-        self.states["pending"] += max(0, self.trials - len(states))
+    def stopped(self, planned: list[int], recorded: int) -> None:
+        """A trial that stop_when_not_matching ended after `recorded` of its `planned` levels
+        (their iterations): the levels it will never run leave the totals, so a finished
+        sweep reads 100%."""
+        for iterations in planned[recorded:]:
+            self.levels -= 1
+            self.iterations -= iterations
 
-    def line(self, elapsed: bool = True) -> str:
-        s = self.states
-        parts = [f"{s['done']} done, {s['running']} running, {s['pending']} pending, {s['failed']} failed "
-                 f"of {self.trials} trials",
-                 f"levels {self.levels_done}/{self.levels}"]
-        if self.units and self.units_before is None:
-            parts.append(f"units {self.units_now}/{self.units} published")
-        elif self.units:
-            trained = max(0, self.units_now - self.units_before)
-            parts.append(f"units {trained} trained, {self.units_before} reused, of {self.units}")
-        share = self.iterations_done / self.iterations if self.iterations else 0.0
-        parts.append(f"{100 * min(share, 1.0):.0f}% of {self.iterations:,} iterations")
+    def count(self, states: list[str]) -> None:
+        """Each trial's state (done / running / pending / failed): tally."""
+        self.states = tally(states, self.trials)
+
+    @property
+    def share(self) -> float:
+        return min(self.iterations_done / self.iterations, 1.0) if self.iterations else 0.0
+
+    def fields(self, elapsed: bool = True, trials: bool = True) -> list[tuple[str, str, int]]:
+        """(full text, short text, rank) of each field, left to right; the highest rank is
+        the first to go where the line must be narrower (fit)."""
+        out = []
+        if trials:
+            out.append((trials_field(self.states, self.trials), trials_field(self.states, self.trials, short=True), 0))
+        out.append((f"levels {self.levels_done}/{self.levels}",) * 2 + (3,))
+        if self.units:
+            units = f"units {self.units_now}/{self.units}"
+            out.append((units + (f" ({self.units_before} reused)" if self.units_before else ""), units, 4))
+        pct = f"{100 * self.share:.0f}%"
+        out.append((f"{pct} of {self.iterations:,} iterations", pct, 1))
         if elapsed:
             spent = time.time() - self.started
-            left = spent * (1 - share) / share if 0 < share < 1 else None
-            parts.append(clock(spent) + (f", ~{clock(left)} left" if left is not None else ""))
-        return " | ".join(parts)
+            new = self.iterations_done - self.iterations_before  # at this driver's pace
+            todo = self.iterations - self.iterations_done
+            left = f"~{clock(spent * todo / new)} left" if new > 0 and todo > 0 else ""
+            out.append((clock(spent) + (f", {left}" if left else ""), left or clock(spent), 2))
+        return out
+
+    def line(self, elapsed: bool = True, width: Optional[int] = None, prefix: str = "", trials: bool = True) -> str:
+        """`prefix` and the fields, in `width` characters at most when given (module doc)."""
+        return fit(prefix, self.fields(elapsed, trials), width)
+
+
+def fit(prefix: str, fields: list[tuple[str, str, int]], width: Optional[int] = None, sep: str = " | ") -> str:
+    """`prefix` + the fields joined: in full; else, to fit `width`, shortened one field at
+    a time from the right; then without the fields of highest rank (what a glance needs
+    least: units, levels, the time); at last cut."""
+    texts = [full for full, _, _ in fields]
+    line = prefix + sep.join(texts)
+    if width is None or len(line) <= width:
+        return line
+    for i in reversed(range(len(fields))):
+        texts[i] = fields[i][1]
+        line = prefix + sep.join(texts)
+        if len(line) <= width:
+            return line
+    keep = list(range(len(fields)))
+    for i in sorted(keep, key=lambda i: -fields[i][2])[:-1]:
+        keep.remove(i)
+        line = prefix + sep.join(texts[j] for j in keep)
+        if len(line) <= width:
+            return line
+    return line[: max(0, width - 3)] + "..." if width >= 3 else line[:width]
+
+
+def columns(stream) -> int:
+    """The width of the terminal `stream` writes to: COLUMNS where set (as shutil reads
+    it), else the terminal's own, else 80 (a terminal that reports no size, or none)."""
+    import os
+
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
 
 
 def clock(seconds: float) -> str:
@@ -94,22 +163,43 @@ def state_of(status: str) -> str:
     return TUNE_STATE.get(status, "pending")
 
 
-def of_rows(sweep, rows: list[dict]) -> Progress:
-    """Progress read from storage (`lth sweep status`, from any shell while the sweep runs):
-    trials.csv's rows as results.collect builds them, and the units published."""
-    from orchestrator import plan
-    from orchestrator.sweeps.units import UnitStore
-
-    p = Progress.of(sweep, units_before=None)
+def row_states(rows: list[dict]) -> list[str]:
+    """Each trial's state from trials.csv's rows (results.collect): Tune saves a running
+    trial as PENDING (to restart it on restore), so one with levels stored counts as
+    running (started, not finished)."""
     last, started = {}, set()
     for r in rows:
         last[r["trial_id"]] = r["status"]
+        if r.get("level") is not None:
+            started.add(r["trial_id"])
+    return [state_of(s) if state_of(s) != "pending" or t not in started else "running" for t, s in last.items()]
+
+
+def of_rows(sweep, rows: list[dict]) -> Progress:
+    """Progress read from storage (`lth sweep status`, from any shell while the sweep runs;
+    the live line's start after a resume): trials.csv's rows as results.collect builds
+    them, and the units published."""
+    from orchestrator import plan
+    from orchestrator.sweeps.units import UnitStore
+
+    from orchestrator.config import spec_at
+    from orchestrator.objectives import STOPPED
+
+    p = Progress.of(sweep, units_before=None)
+    recorded: dict = {}
+    for r in rows:
         if r.get("level") is not None and r.get("iterations") is not None:
             p.add_level(int(r["iterations"]))
-            started.add(r["trial_id"])
-    # Tune saves a running trial as PENDING (to restart it on restore): one with levels stored runs
-    p.count([state_of(s) if state_of(s) != "pending" or t not in started else "running" for t, s in last.items()])
+            recorded[r["trial_id"]] = recorded.get(r["trial_id"], 0) + 1
+    p.count(row_states(rows))
+    made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
+    for trial_id, r in {r["trial_id"]: r for r in rows}.items():  # each trial's last row
+        if r.get(STOPPED) is True:
+            p.stopped(plan.level_iterations(spec_at(sweep.base, made[trial_id])), recorded.get(trial_id, 0))
     if p.units:
-        planned = plan.plan(sweep).units
-        p.units_now = len(planned.keys() & UnitStore(sweep.storage, packed=sweep.packed).published_names())
+        planned = plan.plan(sweep)
+        names = set(planned.units)
+        if planned.estimated:  # a search's units are those of the configurations it made, not of the draw
+            names = set(plan.work_units([spec_at(sweep.base, c) for c in made.values()]))
+        p.units_now = len(names & UnitStore(sweep.storage, packed=sweep.packed).published_names())
     return p

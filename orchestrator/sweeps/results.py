@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pandas as pd
 
@@ -49,6 +50,9 @@ def stored_records(trial, sub: str) -> tuple[list[LevelRecord], dict]:
 def collect(sweep) -> list[dict]:
     from ray.tune import ExperimentAnalysis
 
+    # its "Failed to fetch metrics" for trials that reported nothing yet (a stopped
+    # driver's): the rows come from the checkpoints, not from Tune's result logs
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
         analysis = ExperimentAnalysis(sweep_path(sweep.storage, sweep.name))
     except ValueError:  # no experiment state yet
@@ -130,15 +134,13 @@ def configurations(sweep, trials: list[dict]) -> list[dict]:
 
 
 def status_report(sweep, rows: list[dict], top: int = 5) -> str:
+    """Trials per state, counted as the live line counts them (progress.py), failures, a
+    mixed-machines warning, and the best configurations so far."""
+    from orchestrator.sweeps import progress
+
     trials = per_trial(rows)
-    counts: dict = {}
-    for t in trials:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
-    unmade = sweep.trial_count - len(trials)  # not created yet when the driver last saved
-    if unmade > 0:
-        counts["NOT STARTED"] = unmade
-    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}, {sweep.trial_count} trials): "
-             + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none started")]
+    counts = progress.tally(progress.row_states(rows), sweep.trial_count)
+    lines = [f"sweep {sweep.name} ({sweep.search.algorithm}): {progress.trials_field(counts, sweep.trial_count)}"]
     lines += [f"  failed {t['trial_id']}: {t['error']}" for t in trials if t["status"] == "ERROR"]
     warning = mixed(r.get("environment") for r in rows if r.get("level") is not None)
     if warning:
@@ -160,16 +162,33 @@ def status_report(sweep, rows: list[dict], top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def summary_table(sweep, rows: list[dict]) -> str:
-    """Mean over seeds of each configuration's per-level test accuracy (early stop), by level."""
+def summary_table(sweep, rows: list[dict], width: int | None = None) -> str:
+    """Mean over seeds of each configuration's per-level test accuracy (early stop), by
+    level: rows in value order (trials/labels.py), a level's density in its header when
+    every row reached the same, columns wrapped at `width` (default: the terminal's)."""
+    import shutil
+
+    from trials.labels import labels
+
     df = pd.DataFrame([r for r in rows if r.get("level") is not None])
     if df.empty:
         return "no finished levels"
     keys = [p for p in sweep.varied] or ["trial_key"]
-    df[keys] = df[keys].astype(str)
+    order = {}
+    for key in keys:
+        df[key], order[key] = labels(df[key])
     table = df.groupby(keys + ["level"]).agg(density=("density", "mean"), acc=("test_acc_at_early_stop", "mean"),
                                              std=("test_acc_at_early_stop", "std"), n=("seed", "count"))
-    cells = table.apply(lambda r: f"{r['acc']:.4f}±{0 if r['n'] < 2 else r['std']:.4f} ({int(r['n'])}) @{r['density']:.3f}", axis=1)
-    wide = cells.unstack("level")
-    wide.columns = [f"level {lv}" for lv in wide.columns]
-    return "test accuracy at early stop: mean±std over seeds (n seeds) @ density\n" + wide.to_string()
+    shared = (100 * table["density"]).round(1).groupby("level").nunique() == 1
+
+    def cell(r) -> str:
+        text = f"{100 * r['acc']:.2f}" + (f"±{100 * r['std']:.2f}" if r["n"] > 1 else "") + f" ({int(r['n'])})"
+        return text if shared[r.name[-1]] else f"{text} @{100 * r['density']:.1f}%"
+    wide = table.apply(cell, axis=1).unstack("level")
+    density = table["density"].groupby("level").mean()
+    wide.columns = [f"L{lv} {100 * density[lv]:.1f}%" if shared[lv] else f"L{lv}" for lv in wide.columns]
+    wide = wide.reindex(pd.MultiIndex.from_product([order[k] for k in keys], names=keys) if len(keys) > 1
+                        else pd.Index(order[keys[0]], name=keys[0])).dropna(how="all").fillna("—")
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    return ("test accuracy at early stop (%): mean±std over seeds (n), by level (density)\n"
+            + wide.to_string(line_width=width))

@@ -8,14 +8,16 @@ import logging
 import sys
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from ray import tune
 
 from orchestrator.sweep_spec import Sweep, parse_sweep
-from orchestrator.sweeps import cluster, results
+from orchestrator.sweeps import cluster, preflight, results
 from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
+from orchestrator.sweeps.preflight import ray_address
 from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
 from orchestrator.sweeps.storage import (STUDY_FILE, SWEEP_FILE, check_usable, read_bytes, read_text, sweep_path,
                                          write_text)
@@ -53,6 +55,10 @@ def save_sweep(sweep: Sweep, study_name: str) -> None:
 
 
 def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
+    from orchestrator.sweep_spec import NAME
+
+    if not NAME.ok(name):
+        raise ConfigError("NAME", name, NAME.allowed)
     check_usable(storage, write=False)
     path = sweep_path(storage, name) + "/" + SWEEP_FILE
     text = read_text(path)
@@ -62,25 +68,19 @@ def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
     return parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
 
 
-def ray_address(address: str | None) -> str | None:
-    """--address, else RAY_ADDRESS (set by `ray job submit`), else None: a local Ray."""
-    import os
-
-    return address or os.environ.get("RAY_ADDRESS")
-
-
-def connect(sweep: Sweep, address: str | None) -> None:
+def connect(sweep: Sweep, address: str | None, dashboard: bool = False) -> None:
     """Ray for the sweep, and a cluster judged once connected: by its alive nodes, else by
     its autoscaler's answer (orchestrator/sweeps/cluster.py), before the sweep's folder,
     MLflow run or broker exist. A local Ray was judged before (cluster.check_local)."""
-    init_ray(address)
+    init_ray(address, dashboard)
     if address:
         cluster.check_cluster(sweep)
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, dashboard: bool = False) -> None:
     """An explicit address (--address, or RAY_ADDRESS under `ray job submit`), or a fresh
-    local instance (never someone else's running cluster by accident)."""
+    local instance (never someone else's running cluster by accident), started lean unless
+    `dashboard` (lean_start)."""
     import ray
 
     if ray.is_initialized():
@@ -90,47 +90,88 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False)
+        if dashboard:
+            ray.init(address="local", include_dashboard=True)
+        else:
+            with lean_start():
+                ray.init(address="local", include_dashboard=False)
+        _reap_agents()
 
 
-def run(sweep: Sweep, address: str | None = None) -> list[dict]:
-    """Start a sweep, or continue it when the same sweep already exists under its name."""
-    check_usable(sweep.storage, write=True)  # before the MLflow store or anything else is made
-    existing = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
-    if existing is not None:
-        saved, _ = load_saved(sweep.storage, sweep.name)
-        if saved.to_dict() != sweep.to_dict():
-            raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
-                              f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
-        return resume(sweep.name, sweep.storage, address)
+def _reap_agents() -> None:
+    """The local Ray's agents end with this process, even when it is killed (reaper.py)."""
+    import ray
+    from ray._private import ray_constants
+
+    from orchestrator.sweeps import reaper
+
+    try:
+        node = ray._private.worker._global_node
+        reaper.watch(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    except Exception as e:  # noqa: BLE001 - a sweep never fails for want of its reaper
+        logging.getLogger(__name__).debug("no reaper for Ray's agents: %s", e)
+
+
+@contextmanager
+def lean_start():
+    """A local Ray without the head processes a one-machine sweep never uses
+    (ARCHITECTURE.md, "The sweep runner"): the dashboard's head process, which Ray 2.60
+    starts even with include_dashboard=False (with its usage-stats module only) and waits
+    for on the way, and the autoscaler's monitor (a local Ray cannot grow). Ray's public
+    `ray.init` offers no switch for either, so its head-node start is adjusted while
+    ray.init runs; the node's own processes (raylet, its agents, the log monitor) are as
+    Ray starts them."""
+    from ray._private.node import Node
+
+    start_api_server, start_head_processes = Node.start_api_server, Node.start_head_processes
+
+    def no_api_server(self, **_):
+        self._webui_url = ""  # what Ray records when it starts no dashboard
+
+    def head_processes(self):
+        self._ray_params.no_monitor = True
+        return start_head_processes(self)
+
+    Node.start_api_server, Node.start_head_processes = no_api_server, head_processes
+    try:
+        yield
+    finally:
+        Node.start_api_server, Node.start_head_processes = start_api_server, start_head_processes
+
+
+def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> list[dict]:
+    """Start a sweep, or continue it when the same sweep already exists under its name.
+    `dashboard`: a local Ray starts its dashboard too (a cluster's is the cluster's)."""
+    if preflight.check(sweep, address):  # storage, name, a local Ray's size: before MLflow or Ray start
+        return resume(sweep.name, sweep.storage, address, dashboard)
+    quiet()
     address = ray_address(address)
-    if not address:  # a local Ray is this machine: judged before Ray or MLflow start
-        cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
-    connect(sweep, address)
+    connect(sweep, address, dashboard)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
-    reused = _share(sweep)
-    _tuner(sweep, study_name, reused).fit()
+    _share(sweep)
+    _tuner(sweep, study_name).fit()
     return _finish(sweep)
 
 
-def resume(name: str, storage: str, address: str | None = None) -> list[dict]:
+def resume(name: str, storage: str, address: str | None = None, dashboard: bool = False) -> list[dict]:
     """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
     sweep, study_name = load_saved(storage, name)
+    quiet()
     address = ray_address(address)
     if not address:
         cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)
-    connect(sweep, address)
+    connect(sweep, address, dashboard)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
-    reused = _share(sweep)
+    _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
     if sweep.search.algorithm != "grid":
         _study_file(sweep, study_name)  # the restored searcher reopens it: bring it back first
     if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
-        _tuner(sweep, study_name, reused).fit()
+        _tuner(sweep, study_name).fit()
     else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
         tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
                            resume_errored=False, restart_errored=False,
@@ -167,17 +208,32 @@ def _trainable(sweep: Sweep):
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 
-def _tuner(sweep: Sweep, study_name: str, reused: int = 0):
+def quiet() -> None:
+    """Only lth's own output when a sweep goes well (README, "What a sweep that goes well
+    prints"): set before a first run and before a resume alike (a restored Tuner is built
+    by Tune, not by `_tuner`). A user's own environment settings win."""
     import os
 
     # Tune's new output engine prints a configuration table, the results path and a
     # TensorBoard hint to stdout (where lth's tables go) even at verbose=0; the legacy
     # reporter prints nothing at verbose=0. Trial errors still reach LevelProgress and
-    # Ray's worker logs. A user's own setting wins.
+    # Ray's worker logs.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
-    # a pack's per-member lists in its results are no TensorBoard scalars
-    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+    # the "(lottery pid=...)" prefix of worker lines Ray copies to the driver is coloured
+    # unless RAY_COLOR_PREFIX=0 (read by Ray at every line): colour codes only at a terminal
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for name, level in (
+            ("ray.tune.tune", logging.WARNING),  # "Wrote the latest version of all result files"
+            ("ray.tune.execution.tune_controller", logging.WARNING),  # "Restoring the run from ..."
+            # a restored run's trials that had reported nothing yet (results.collect reads checkpoints)
+            ("ray.tune.analysis.experiment_analysis", logging.ERROR),
+            # a pack's per-member lists in its results are no TensorBoard scalars
+            ("ray.tune.logger.tensorboardx", logging.ERROR)):
+        logging.getLogger(name).setLevel(level)
+
+
+def _tuner(sweep: Sweep, study_name: str):
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
     searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
     return tune.Tuner(
@@ -193,7 +249,7 @@ def _tuner(sweep: Sweep, study_name: str, reused: int = 0):
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # every level's tensors
-            callbacks=[LevelProgress(sweep, reused), MlflowLogger(sweep)],
+            callbacks=[LevelProgress(sweep), MlflowLogger(sweep)],
         ),
     )
 

@@ -74,3 +74,38 @@ def from_mlflow(c, runs: list, fields=TRACKED) -> list[dict]:
 
 def _run_id(trial: dict) -> str:
     return trial["run_id"]
+
+
+def select(trials: list[dict], experiment: str, sweeps=None) -> tuple[list[dict], dict]:
+    """The trial runs of the named sweeps (all when `sweeps` is empty), each trial once.
+
+    A trial is its content key (`trial_key`: the spec, seed included): two sweeps of one
+    experiment that ran the same trial (or a sweep re-run under another name) hold two
+    runs of one measurement, and a table that pooled both would count it twice. The run
+    kept is the one with the most levels, then a finished one, then the lowest run id.
+    Returns (trials, what was read: experiment, sweeps, trials, duplicates)."""
+    known = sorted({str(t["sweep"]) for t in trials if t.get("sweep") is not None})
+    wanted = list(dict.fromkeys(sweeps or []))
+    for name in wanted:
+        if name not in known:
+            raise ConfigError("--sweep", name, f"allowed: {', '.join(known) or 'none'} (the sweeps of "
+                              f"experiment {experiment!r})")
+    if wanted:
+        trials = [t for t in trials if t.get("sweep") in wanted]
+    best: dict = {}
+    for t in sorted(trials, key=lambda t: (-len(t["levels"]), t.get("status") != "FINISHED", t["run_id"])):
+        best.setdefault(t.get("trial_key") or t["run_id"], t)
+    kept = sorted(best.values(), key=_run_id)
+    read = {"experiment": experiment, "sweeps": sorted({str(t.get("sweep")) for t in kept}),
+            "trials": len(kept), "duplicates": len(trials) - len(kept)}
+    return kept, read
+
+
+def describe(read: dict) -> str:
+    """One line: what a table or ranking read."""
+    sweeps = read["sweeps"]
+    text = (f"read {read['trials']} trial{'s' * (read['trials'] != 1)} of experiment {read['experiment']!r}, "
+            f"sweep{'s' * (len(sweeps) != 1)} {', '.join(sweeps) or 'none'}")
+    if read.get("duplicates"):  # the same trial (spec and seed) run by two sweeps: read once
+        text += f" ({read['duplicates']} repeat{'s' * (read['duplicates'] != 1)} counted once)"
+    return text

@@ -13,7 +13,12 @@ lth.trial_key = the trial's content key); params = the flattened spec; metrics p
 level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
 ticket/level_XX/{mask,final}.safetensors (names from trials/layout.py; metrics are the
 tracked fields of trials/record.py). Every write first checks what is there, so a
-resumed or re-run sweep reuses its runs and never logs a step twice. The parent run also
+resumed or re-run sweep reuses its runs and never logs a step twice. Exactly once
+through an outage too: a write that fails may still have reached the store (the server
+stored it, then died before it answered), so after any failed write the tracker reads
+each run's steps back from the store before it sends that run another level
+(`SweepTracker.doubt`); and a level's metrics keep the timestamp of their first sending,
+so that a batch sent twice all the same is the same rows (SQL stores keep one). The parent run also
 holds the sweep's levels table (levels_table.py): readers take runs and levels from it
 instead of asking MLflow run by run.
 """
@@ -148,7 +153,8 @@ class SweepTracker:
         self.c = client(self.uri)
         self.exp = experiment_id(self.c, sweep.experiment, self.uri)
         self.parent = self._parent()
-        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "files": set, "head"}
+        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "files": set, "head", "read"}
+        self.doubts = 0  # failed writes so far; a run whose steps were read before the last one re-reads them
         self.table = self._table()
         self.uploaded = float("-inf")  # time.monotonic() of the last table upload
 
@@ -195,7 +201,7 @@ class SweepTracker:
                 "lth.version": str(meta.get("version")), levels_table.STATE_TAG: levels_table.STALE})
             steps, files = set(), set()
         else:
-            steps = {m.step for m in self.c.get_metric_history(run.info.run_id, TRACKED[0])}
+            steps = self._steps(run.info.run_id)
             files = {f.path for f in self._list(run.info.run_id, TICKET)}
             files |= {f.path for d in list(files) for f in self._list(run.info.run_id, d)}
         params = run.data.params
@@ -204,11 +210,21 @@ class SweepTracker:
 
             params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
             self.c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files, "head": head(run, params)}
+        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files, "head": head(run, params),
+                           "read": self.doubts}
         self.table.set_head(self.known[key]["head"])
         if run.data.tags.get(levels_table.STATE_TAG) != levels_table.CURRENT:
             self.table.mark(run.info.run_id, steps)  # current again once the table holds it
         return self.known[key]
+
+    def _steps(self, run_id: str) -> set:
+        """The levels the store holds for a run (a level's metrics go in one batch)."""
+        return {m.step for m in self.c.get_metric_history(run_id, TRACKED[0])}
+
+    def doubt(self) -> None:
+        """A write failed: it may have reached the store all the same. Every run's steps
+        are read back from the store before its next level is sent."""
+        self.doubts += 1
 
     def _list(self, run_id, path):
         return [f for f in self.c.list_artifacts(run_id, path)]
@@ -248,9 +264,13 @@ class SweepTracker:
         it from MLflow until the table holds the level), then every logged level into the table."""
         from mlflow.entities import Metric, RunTag
 
-        now = int(time.time() * 1000)
+        if run["read"] != self.doubts:  # a write failed since: what reached the store before it died?
+            run["steps"] |= self._steps(run["run_id"])
+            run["read"] = self.doubts
+        stamps = run.setdefault("stamps", {})  # level -> its metrics' timestamp, kept for a resend
         for r in records:
             if r.level not in run["steps"]:
+                now = stamps.setdefault(r.level, int(time.time() * 1000))
                 metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED
                            if getattr(r, k) is not None]  # an optional field not measured: no metric
                 stale = RunTag(levels_table.STATE_TAG, levels_table.STALE)
@@ -304,6 +324,7 @@ class SweepTracker:
 def sync(tracker_factory, trials: list, attempts: int = 12, wait_seconds: float = 5.0) -> bool:
     """Replay a sweep into MLflow (idempotent), retrying while the store is unreachable.
     `trials`: (tune trial id, meta, run status, [checkpoint folders, oldest first])."""
+    tracker = None
     for attempt in range(attempts):
         try:
             tracker = tracker_factory()
@@ -315,6 +336,8 @@ def sync(tracker_factory, trials: list, attempts: int = 12, wait_seconds: float 
             tracker.finish("FAILED" if any(status == "FAILED" for _, _, status, _ in trials) else "FINISHED")
             return True
         except Exception as e:  # noqa: BLE001 - the store may be down; try again
+            if tracker is not None:
+                tracker.doubt()
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             print(f"lth: MLflow sync failed ({reason}); retrying in {wait_seconds:.0f} s "
                   f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)

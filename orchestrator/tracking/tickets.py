@@ -41,19 +41,28 @@ def _count(value):
 
 def best(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_early_stop",
          max_density: Optional[float] = None, min_acc: Optional[float] = None, top: int = 10,
-         tables: bool = True) -> list[dict]:
-    """(trial, level) pairs ranked by `metric` (descending), filtered by density and accuracy.
-    `tables=False` reads every run's metric histories instead of the sweeps' tables."""
+         tables: bool = True, sweeps=None) -> list[dict]:
+    """(trial, level) pairs ranked by `metric` (descending), filtered by density and accuracy,
+    of the named `sweeps` (default: all), each trial once (read.select). `tables=False`
+    reads every run's metric histories instead of the sweeps' tables."""
+    return ranked(experiment, uri, metric, max_density, min_acc, top, tables, sweeps)[0]
+
+
+def ranked(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_at_early_stop",
+           max_density: Optional[float] = None, min_acc: Optional[float] = None, top: int = 10,
+           tables: bool = True, sweeps=None) -> tuple[list[dict], dict]:
+    """`best`'s rows and what was read (read.select)."""
     if metric not in ACCURACIES:
         raise ConfigError("--metric", metric, f"allowed: {', '.join(ACCURACIES)}")
     uri, c = store.connect(uri)
     metrics = tuple(dict.fromkeys(HEADLINE + (metric,)))
-    rows = [r for trial in read.trials(c, experiment, uri, metrics, tables) for r in level_rows(trial, metrics)]
+    trials, what = read.select(read.trials(c, experiment, uri, metrics, tables), experiment, sweeps)
+    rows = [r for trial in trials for r in level_rows(trial, metrics)]
     rows = [r for r in rows if r.get(metric) is not None
             and (max_density is None or r["density"] <= max_density)
             and (min_acc is None or r[metric] >= min_acc)]
     rows.sort(key=lambda r: (-r[metric], r["density"], r["run_id"], r["level"]))
-    return rows[:top]
+    return rows[:top], what
 
 
 def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
