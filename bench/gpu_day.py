@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -241,7 +242,7 @@ def report(work: Path, out_file: Path) -> None:
         step["status"] = {0: "ok", 124: "timed out", 137: "timed out", -1: "skipped (out of time)"}.get(
             int(rc), "failed")
         text = Path(log).read_text(errors="replace") if log and Path(log).exists() else ""
-        summary = [l for l in text.splitlines() if " passed" in l or " failed" in l or " skipped" in l]
+        summary = [l for l in text.splitlines() if re.search(r"\d+ (passed|failed|errors?|skipped)\b.* in \d", l)]
         if summary:
             step["tests"] = summary[-1].strip("= ")
         if step["status"] not in ("ok", "skipped (out of time)"):
