@@ -170,7 +170,8 @@ def assert_quiet_and_counted_once(tmp_path, path, first: str, resumed) -> None:
         for noise in ("Traceback", "failed", "\x1b[", "Configuration for experiment", "tensorboard",
                       "pack_members", "Failed to fetch", "Restoring the run"):
             assert noise not in text, (noise, text[-3000:])
-    planned = subprocess.run([LTH, "sweep", "plan", str(path)], capture_output=True, text=True, timeout=120)
+    planned = subprocess.run([LTH, "sweep", "plan", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)  # where it ran: its default tracking_uri is relative
     total = [ln for ln in planned.stdout.splitlines() if ln.startswith("plan: ")]
     assert len(total) == 1, planned.stdout
     # "plan: 4 trials, 16 levels, 14 shared units, 6,000 iterations in the trials' levels"
