@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test golden bench clean
+.PHONY: demo test golden bench clean gpu-kit gpu-kit-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/trial_speed.py
 	$(BIN)/python bench/sweep_efficiency.py
 	$(BIN)/python bench/sweep_sharing.py
+
+# the wheels a lent GPU machine lacks, for its Python (3.12), in .kit/cp312 (README, "A GPU for a day")
+gpu-kit:
+	$(PYTHON) bench/gpu_kit.py
+
+# the same kit for this machine's Python, installed into a fresh stand-in for the device's
+# image, then bench/gpu_day.sh on this CPU (GPU_DAY_CPU=1)
+gpu-kit-check:
+	bash bench/gpu_kit_check.sh
 
 clean:
 	rm -rf $(VENV) runs reports

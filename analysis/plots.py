@@ -114,7 +114,8 @@ def imp_figure(df: pd.DataFrame, rows: list, panels=PANELS):
             ax.grid(True, which="both", alpha=0.3)
     for ax in [a for row in axes for a in row][len(facets) * len(kept) if facet else len(kept):]:
         ax.set_visible(False)
-    _legend(fig, [a for row in axes for a in row][0], ", ".join(lines) or None)
+    _legend(fig, [a for row in axes for a in row][0], "\n".join(
+        t for t in (", ".join(lines), "(line: mean over seeds,\nband: ± std)") if t))
     if notes:
         fig.suptitle("; ".join(notes), fontsize=8)
     return fig

@@ -170,10 +170,11 @@ def assert_quiet_and_counted_once(tmp_path, path, first: str, resumed) -> None:
         for noise in ("Traceback", "failed", "\x1b[", "Configuration for experiment", "tensorboard",
                       "pack_members", "Failed to fetch", "Restoring the run"):
             assert noise not in text, (noise, text[-3000:])
+    # from where it ran (the file's relative tracking_uri resolves there: the same sweep)
     planned = subprocess.run([LTH, "sweep", "plan", str(path)], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=120)  # where it ran: its default tracking_uri is relative
+                             timeout=120)
     total = [ln for ln in planned.stdout.splitlines() if ln.startswith("plan: ")]
-    assert len(total) == 1, planned.stdout
+    assert len(total) == 1, planned.stdout + planned.stderr
     # "plan: 4 trials, 16 levels, 14 shared units, 6,000 iterations in the trials' levels"
     trials, levels, units, iterations = (total[0].split(" ")[i].rstrip(",") for i in (1, 3, 5, 8))
     status = subprocess.run([LTH, "sweep", "status", "s", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
