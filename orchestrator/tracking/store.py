@@ -321,8 +321,9 @@ class SweepTracker:
         self.c.set_terminated(self.parent, status=status)
 
 
-def sync(tracker_factory, trials: list, attempts: int = 12, wait_seconds: float = 5.0) -> bool:
-    """Replay a sweep into MLflow (idempotent), retrying while the store is unreachable.
+def sync(tracker_factory, trials: list, attempts: int = 36, wait_seconds: float = 5.0) -> bool:
+    """Replay a sweep into MLflow (idempotent), retrying while the store is unreachable:
+    about 3 minutes (a server restarting on a busy 2-core machine took most of a minute).
     `trials`: (tune trial id, meta, run status, [checkpoint folders, oldest first])."""
     tracker = None
     for attempt in range(attempts):
