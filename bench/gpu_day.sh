@@ -55,7 +55,10 @@ step() {  # name, limit in seconds, command...: run it under timeout, record it,
 }
 
 install_kit() {
-    mkdir -p "$WORK/wheels" && tar -xJf "$KIT/kit.tar.xz" -C "$WORK/wheels" || return 1
+    mkdir -p "$WORK/wheels" || return 1
+    tar -xJf "$KIT/kit.tar.xz" -C "$WORK/wheels" 2>/dev/null \
+        || $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$KIT/kit.tar.xz" "$WORK/wheels" \
+        || return 1  # (Python's tarfile where the image has no xz)
     $PY -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check "$WORK"/wheels/*.whl || return 1
     rm -rf "$WORK/wheels"
     $PY -m pip check > "$WORK/pip_check.txt" 2>&1  # the kit's declared needs against the image's versions: recorded
@@ -100,7 +103,7 @@ else
     PACK_A=${PACK_A:-128} PACK_B=${PACK_B:-64}
     STEPS=" ${STEPS:-install data sweep-pack$PACK_A sweep-single cuda-tests sweep-pack$PACK_B memory cpu-tests packed} "
 fi
-[[ -z ${LTH_MNIST_T10K:-} && -d $KIT/mnist-t10k ]] && export LTH_MNIST_T10K=$KIT/mnist-t10k
+[[ -z ${LTH_MNIST_T10K:-} && -d $KIT/mnist-t10k ]] && export LTH_MNIST_T10K=$(cd "$KIT/mnist-t10k" && pwd)
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && (( $(nproc) >= 8 )) && XDIST="-n 6"
 
