@@ -123,7 +123,7 @@ def configuration_fields(df: pd.DataFrame) -> list:
 def differing(df: pd.DataFrame, rows: list, axis=()) -> list:
     """Configuration fields (not `rows`, nor a figure's `axis`) in which two trials of one
     row differ."""
-    per_run = df.drop_duplicates("run_id")
+    per_run = df.drop_duplicates("run_id") if "run_id" in df else df  # fewer rows; same answer
     rest = [f for f in configuration_fields(per_run) if f not in rows and f not in axis]
     if not rest:
         return []
