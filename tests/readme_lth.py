@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-# Appended to every `lth sweep run FILE`, by FILE's name: one seed, one pruned level,
+# Appended to every `lth sweep run FILE` and `lth sweep plan FILE` (a plan of a sweep whose
+# name exists must be that sweep, as for run), by FILE's name: one seed, one pruned level,
 # short training (longer than the file's latest rewind point), no GPU (the README's own
 # instruction for a machine without one).
 SWEEP_RUN = {
@@ -36,7 +37,7 @@ def shrink(argv: list[str]) -> list[str]:
     for flag, value in SWAP.get(command, {}).items():
         if flag in argv:
             argv[argv.index(flag) + 1] = value
-    if command == ("sweep", "run"):
+    if command in (("sweep", "run"), ("sweep", "plan")):
         argv += [x for s in SWEEP_RUN[os.path.basename(argv[2])] for x in ("--set", s)]
     if command in (("trial", "run"), ("stability", "find")):
         levels = [] if "prune.levels=0" in argv else ["prune.levels=1"]
