@@ -25,6 +25,14 @@ def value_key(value):
     return (3, 0, str(value))
 
 
+def short(value) -> str:
+    """One value in a line a person reads (the live line): a float that is not whole at 4
+    significant digits (a search's draw; trials.csv and MLflow keep it whole)."""
+    if isinstance(value, float) and value == value and not value.is_integer():
+        return f"{value:.4g}"
+    return str(value)
+
+
 def labels(values: pd.Series) -> tuple[pd.Series, list]:
     """A row field's values as labels, and the labels in value order. Floats (a search's
     draws) at 4 significant digits, more only where two values would read the same."""

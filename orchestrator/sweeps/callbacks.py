@@ -17,7 +17,7 @@ from orchestrator.plan import level_iterations
 from orchestrator.sweeps import packs, progress, results
 from orchestrator.tracking import store
 from orchestrator.sweeps.storage import checkpoint_dirs
-from trials import layout
+from trials import labels, layout
 from trials.record import LevelRecord
 from trials.spec import from_dict
 from trials.version import code_version
@@ -81,7 +81,7 @@ class LevelProgress(tune.Callback):
             self.progress.add_level(r.iterations)
         if self.live:
             return
-        varied = " ".join(f"{p}={config.get(p)}" for p in self.sweep.varied)
+        varied = " ".join(f"{p}={labels.short(config.get(p))}" for p in self.sweep.varied)
         self._say(f"[{trial_id}] {varied} seed={config.get('seed')} level {r.level}: "
                   f"density {r.density:.4f} test_acc {r.test_acc:.4f} "
                   f"(early stop {r.test_acc_at_early_stop:.4f})")

@@ -15,7 +15,7 @@ import pandas as pd
 from orchestrator.objectives import OBJECTIVES, STOPPED, summarise
 from orchestrator.sweeps import packs
 from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
-from trials import layout
+from trials import labels, layout
 from trials.environment import mixed
 from trials.record import FIELDS, LevelRecord, read_lines
 
@@ -118,14 +118,15 @@ def pareto_front(trials: list[dict], metrics, modes) -> list[dict]:
 
 
 def configurations(sweep, trials: list[dict]) -> list[dict]:
-    """Finished trials grouped by their varied values: seed-means of the objectives, n seeds."""
+    """Finished trials grouped by their varied values (each shown as its first trial holds
+    it): seed-means of the objectives, n seeds."""
     groups: dict = {}
     for t in trials:
         if t["status"] == "TERMINATED" and t.get(sweep.search.metric[0]) is not None:
             groups.setdefault(tuple(str(t.get(p)) for p in sweep.varied), []).append(t)
     out = []
     for key, members in groups.items():
-        row = {**dict(zip(sweep.varied, key)), "n": len(members), "seeds": [m["seed"] for m in members]}
+        row = {**{p: members[0].get(p) for p in sweep.varied}, "n": len(members), "seeds": [m["seed"] for m in members]}
         for m in sweep.search.metric:
             values = pd.Series([t[m] for t in members], dtype=float)
             row[m], row[f"{m}_std"] = values.mean(), (values.std() if len(values) > 1 else 0.0)
@@ -156,8 +157,9 @@ def status_report(sweep, rows: list[dict], top: int = 5) -> str:
         ranked = sorted(pareto_front(configs, metrics, modes), key=lambda c: c[metrics[0]])
         lines.append(f"Pareto front of {metrics[0]} ({modes[0]}) x {metrics[1]} ({modes[1]}), seed means:")
     for c in ranked:
-        varied = " ".join(f"{p}={c[p]}" for p in sweep.varied) or "base"
-        scores = "  ".join(f"{m} {c[m]:.4f}±{c[m + '_std']:.4f}" for m in metrics)
+        varied = " ".join(f"{p}={labels.short(c[p])}" for p in sweep.varied) or "base"
+        spread = (lambda m: f"±{c[m + '_std']:.4f}") if c["n"] > 1 else (lambda m: "")  # one seed: no spread
+        scores = "  ".join(f"{m} {c[m]:.4f}{spread(m)}" for m in metrics)
         lines.append(f"  {varied}  {scores}  (n={c['n']})")
     return "\n".join(lines)
 
