@@ -7,6 +7,7 @@ stderr (`lth: error: KEY: VALUE is not allowed; ...`), no traceback, nothing wri
 import io
 import os
 import string
+import urllib.request
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -159,6 +160,10 @@ def offline(monkeypatch, cache: Path) -> None:
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LTH_DATA_DIR", str(cache))
+    # urlopen builds its opener once, from the proxies set at its first call, and keeps it:
+    # put back the one before this test, so no later test in the process reaches a local
+    # server through the dead proxy
+    monkeypatch.setattr(urllib.request, "_opener", None)
 
 
 SPACE_PATHS = ["model", "model.name", "model.width", "dataset", "dataset.name", "train.lr", "prune.rate", "prune.kind"]

@@ -167,12 +167,15 @@ class MlflowServer:
         kill_group(self.proc)
 
 
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server, never via a proxy
+
+
 def wait_until_up(url: str, timeout: float, what: str) -> None:
     """Poll `url` until it answers (a server subprocess is ready), else fail naming `what`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(url, timeout=2).close()
+            DIRECT.open(url, timeout=2).close()
             return
         except OSError:
             time.sleep(0.3)
