@@ -49,8 +49,8 @@ def _done_levels(folder: Path) -> list[int]:
 
 def unit_levels(root: Path) -> dict:
     """Trial folder (relative: "" or "imp/") -> {level: names in the unit} of the levels that
-    published work units hold (units.json). A ticket's own levels are its trunk's; a
-    control's are its IMP run's (imp/), the control's own levels are its own."""
+    published work units hold (units.json). A ticket's levels are its dense unit's and its
+    trunk's; a control's levels >= 1 are its own, its IMP run's (imp/) are units."""
     ledger = root / layout.UNITS
     spec = root / layout.SPEC
     if not ledger.exists() or not spec.exists():
@@ -60,7 +60,10 @@ def unit_levels(root: Path) -> dict:
     held = {lv: ((layout.FINAL,) if lv == 0 else (layout.MASK, layout.FINAL)) for lv in levels
             if lv == 0 or "trunk" in used}
     control = json.loads(spec.read_text())["spec"].get("control", "none")
-    return {f"{layout.IMP}/": held} if control not in (None, "none") else {"": held}
+    if control in (None, "none"):
+        return {"": held}
+    # a control: its IMP run's levels are units; its own level 0 is the dense unit's too
+    return {f"{layout.IMP}/": held, **({"": {0: held[0]}} if 0 in held else {})}
 
 
 def wanted(local: Path, keep_finals: str = "last") -> tuple[list[str], list[str]]:

@@ -1,18 +1,21 @@
 """MLflow tracking: the only module that imports mlflow.
 
 Who writes: only the sweep driver (the `lth sweep` process). Trials hand their records
-and tensors over through Tune results and checkpoints; the driver copies them into
-MLflow as they arrive (`SweepTracker.log_checkpoint`) and reconciles everything from the
-stored checkpoints at the end (`SweepTracker.sync`). Why: SQLite takes one writer at a
-time, and on a cluster workers then need no network path to the tracking server. A
-server that goes away mid-sweep costs nothing: what failed to log is replayed by `sync`.
+over through Tune results and keep their files in their trial folders in storage
+(orchestrator/sweeps/folders.py); the driver logs each result's new levels as they
+arrive (`SweepTracker.log_trial`) and reconciles everything from storage at the end
+(`sync`). Why: SQLite takes one writer at a time, and on a cluster workers then need no
+network path to the tracking server. A server that goes away mid-sweep costs nothing:
+what failed to log is replayed by `sync`.
 
 Layout: experiment = the sweep's `experiment`; one parent run per sweep (tag
 lth.kind=sweep); one child run per trial (mlflow.parentRunId, run name and tag
 lth.trial_key = the trial's content key); params = the flattened spec; metrics per
-level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
-ticket/level_XX/{mask,final}.safetensors (names from trials/layout.py; metrics are the
-tracked fields of trials/record.py). Every write first checks what is there, so a
+level with step = level; tag lth.folder = the trial's folder in storage. Tensors only
+when asked (a sweep's track_tensors, `lth tickets best --export`): spec.json,
+levels.jsonl, ticket/rewind.safetensors, ticket/level_XX/{mask,final}.safetensors
+(names from trials/layout.py; metrics are the tracked fields of trials/record.py).
+Every write first checks what is there, so a
 resumed or re-run sweep reuses its runs and never logs a step twice. Exactly once
 through an outage too: a write that fails may still have reached the store (the server
 stored it, then died before it answered), so after any failed write the tracker reads
@@ -205,14 +208,11 @@ class SweepTracker:
             steps = set()
         else:
             steps = self._steps(run.info.run_id)
-        params = run.data.params
-        if not params:  # new, or created by a driver that died before the params
-            from mlflow.entities import Param
-
-            params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
-            self.c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        params, pending = run.data.params, {}
+        if not params:  # new, or created by a driver that died before the params: sent with its first batch
+            params = pending = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
         self.known[key] = {"run_id": run.info.run_id, "steps": steps, "head": head(run, params),
-                           "read": self.doubts, "folder": run.data.tags.get(TAG_FOLDER)}
+                           "read": self.doubts, "folder": run.data.tags.get(TAG_FOLDER), "pending": pending}
         self.table.set_head(self.known[key]["head"])
         if run.data.tags.get(levels_table.STATE_TAG) != levels_table.CURRENT:
             self.table.mark(run.info.run_id, steps)  # current again once the table holds it
@@ -311,11 +311,7 @@ class SweepTracker:
                             if getattr(r, k) is not None]  # an optional field not measured: no metric
         if metrics:
             tags[levels_table.STATE_TAG] = levels_table.STALE
-        for start in range(0, max(len(metrics), 1), BATCH_METRICS):  # MLflow takes 1,000 metrics a batch
-            chunk = metrics[start:start + BATCH_METRICS]
-            if chunk or tags:
-                self.c.log_batch(run["run_id"], metrics=chunk, tags=[RunTag(k, v) for k, v in tags.items()])
-            tags = {levels_table.STATE_TAG: levels_table.STALE} if metrics else {}
+        self._send(run, metrics, [RunTag(k, v) for k, v in tags.items()])
         if envs:
             run["environments"] = envs
         new = {r.level for r in records} - run["steps"]
@@ -343,13 +339,27 @@ class SweepTracker:
             for f in sorted(level_dir.glob(f"*{layout.TENSOR_SUFFIX}")):
                 yield f, f"{TICKET}/{level_dir.name}/{f.name}"
 
+    def _send(self, run: dict, metrics: list, tags: list) -> None:
+        """One log_batch of a run's metrics and tags, with its params while they are not
+        sent yet (chunked only where MLflow's limits ask: 1,000 metrics, 100 params, 100
+        tags a batch). The params count as sent once a batch that held them returned."""
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in (run.get("pending") or {}).items()]
+        while metrics or tags or params:
+            self.c.log_batch(run["run_id"], metrics=metrics[:BATCH_METRICS], params=params[:100], tags=tags[:100])
+            metrics, params, tags = metrics[BATCH_METRICS:], params[100:], tags[100:]
+        run["pending"] = {}
+
     def set_status(self, key: str, status: str) -> None:
         if key not in self.known:
             return
         run = self.known[key]
         changed = run["head"]["status"] != status
-        if changed:  # stale first: readers never pair the new status with the table's old one
-            self.c.set_tag(run["run_id"], levels_table.STATE_TAG, levels_table.STALE)
+        if changed or run.get("pending"):  # stale first: readers never pair the new status with the table's old one
+            from mlflow.entities import RunTag
+
+            self._send(run, [], [RunTag(levels_table.STATE_TAG, levels_table.STALE)] if changed else [])
         self.c.set_terminated(run["run_id"], status=status)
         if changed:
             run["head"] = {**run["head"], "status": status}

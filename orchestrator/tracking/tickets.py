@@ -127,7 +127,7 @@ def _from_storage(run, level: int, tmp: Path) -> list:
                           f"storage ({'its folder ' + where + ' is gone' if where else 'it names none'})")
     stored = sorted(r.level for r in read_lines(levels.decode()))
     if level not in stored:
-        raise ConfigError("--level", level, f"levels stored for this run: {', '.join(map(str, stored)) or 'none'}")
+        raise ConfigError("--level", level, f"levels logged for this run: {', '.join(map(str, stored)) or 'none'}")
     trial = tmp / "trial"
     download(where, trial, [layout.SPEC, layout.UNITS, layout.REWIND])
     (tmp / layout.LEVELS).write_bytes(levels)
