@@ -18,6 +18,12 @@ whole `lth sweep run` process in a fresh folder.
                         as they run side by side): Ray and Tune's own work, process starts
     storage         bytes and files per trial under the sweep's storage (sweep folder and
                     _units), and in MLflow (artifacts and the database)
+    tables          with --tables: after the sweep, seconds of `lth sweep status NAME`,
+                    `lth report table` and `lth tickets best` as whole processes (what a
+                    user waits for, imports included)
+
+Worker seconds are each Ray worker's own wall clock, so on a loaded machine they stretch
+and `tune (rest)` can come out negative: report the load with the numbers.
 
 `--ref COMMIT` runs the same sizes with that commit's code first (`git archive` of lth,
 orchestrator and trials, first on PYTHONPATH): before and after on one machine, one load.
@@ -100,6 +106,7 @@ def one(trials: int, args, code: Path = REPO) -> dict:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"sweep failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        answers = tables(name, tmp, code) if args.tables else {}
         times: dict = {}
         for f in (tmp / "times").glob("*.json"):
             for k, v in json.loads(f.read_text()).items():
@@ -129,7 +136,26 @@ def one(trials: int, args, code: Path = REPO) -> dict:
                 "storage_bytes_per_trial": storage[0] / trials, "storage_files_per_trial": storage[1] / trials,
                 "mlflow_bytes_per_trial": mlflow[0] / trials, "mlflow_files_per_trial": mlflow[1] / trials,
                 "storage_bytes": storage[0], "storage_files": storage[1],
-                "mlflow_bytes": mlflow[0], "mlflow_files": mlflow[1]}
+                "mlflow_bytes": mlflow[0], "mlflow_files": mlflow[1], "tables_s": answers}
+
+
+def tables(name: str, tmp: Path, code: Path) -> dict:
+    """Seconds of each reading command on the finished sweep, as whole processes."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
+    commands = {"sweep status": ["sweep", "status", name, "--storage", str(tmp / "runs")],
+                "report table": ["report", "table", "--experiment", name, "--rows", "prune.kind",
+                                 "--tracking-uri", uri],
+                "tickets best": ["tickets", "best", "--experiment", name, "--tracking-uri", uri]}
+    out = {}
+    for label, argv in commands.items():
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "lth", *argv], cwd=tmp, env=env, capture_output=True, text=True)
+        out[label] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return out
 
 
 def main() -> None:
@@ -141,6 +167,7 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=2)
     ap.add_argument("--extra", action="append", default=[], help="a line added to the sweep file (a setting)")
     ap.add_argument("--ref", help="first measure this commit's code (e.g. main)")
+    ap.add_argument("--tables", action="store_true", help="time the reading commands after each sweep")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     results = {}
@@ -167,6 +194,8 @@ def measure(args, code: Path) -> list:
               f"the fp32 model, {fp32 / 1e3:.0f} kB), {r['storage_files_per_trial']:.1f} files/trial; "
               f"MLflow {r['mlflow_bytes_per_trial'] / 1e6:.3f} MB/trial, {r['mlflow_files_per_trial']:.1f} files/trial",
               flush=True)
+        if r["tables_s"]:
+            print("  answers: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["tables_s"].items()), flush=True)
     if len(out) >= 2:
         a, b = out[0], out[-1]
         steady = (b["trials"] - a["trials"]) / (b["wall_s"] - a["wall_s"])

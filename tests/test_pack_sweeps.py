@@ -6,8 +6,8 @@ half a point); a member that diverges fails alone; a killed driver's packs resum
 their last checkpointed level."""
 import json
 import subprocess
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest

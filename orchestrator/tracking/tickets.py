@@ -81,6 +81,10 @@ def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
         raise ConfigError("--out", str(out), "a new or empty folder")
     with tempfile.TemporaryDirectory() as tmp:
         got = _from_mlflow(c, run_id, level, Path(tmp))
+        if got is None and store.TAG_FOLDER not in run.data.tags:  # a run of an earlier lth: its files alone
+            found = (layout.level_of(p.rsplit("/", 1)[-1]) for p in _levels_logged(c, run_id))
+            logged = ", ".join(str(lv) for lv in sorted(lv for lv in found if lv is not None)) or "none"
+            raise ConfigError("--level", level, f"levels logged for this run: {logged}")
         if got is None:
             got = _from_storage(run, level, Path(tmp))
         records = read_lines((Path(tmp) / layout.LEVELS).read_text())
