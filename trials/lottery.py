@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import at_init, controls, datasets, layout, masks, models, pruning, shared, stability
+from trials import at_init, controls, datasets, layout, masks, methods, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
@@ -88,6 +88,7 @@ class Member:
     def __init__(self, spec, out: Path, data, device, ledger: Optional[Path] = None):
         """`ledger`: its units.json (a control's IMP trunk member writes its control's)."""
         self.spec, self.device, self.out, self.info, self.data = spec, device, Path(out), data.info, data
+        self.method = methods.of(spec)
         self.ledger = ledger or self.out / layout.UNITS
         self.trial = TrialDir(out, spec)
         self.trial.begin()
@@ -108,7 +109,7 @@ class Member:
             if keep and k in keep:
                 hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
             return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
-        if at_init.applies(self.spec):
+        if self.method.mask == "scored":
             scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
             weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
             mask = at_init.level_mask(self.spec, level, weights, self.layers, self.data)
@@ -122,7 +123,7 @@ class Member:
     def save_rewind(self, state: dict) -> None:
         """The rewind point; a reinit control at init keeps it as the point its method scores
         and starts from a fresh init (ARCHITECTURE.md, "Pruning at initialization")."""
-        if at_init.applies(self.spec) and self.spec.control == "reinit":
+        if self.method.mask == "scored" and self.spec.control == "reinit":
             save_tensors(self.out / layout.SCORED, state)
             state = controls.fresh(self.spec, self.info)
         self.trial.save_rewind(state)
@@ -293,8 +294,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
     for spec, out in zip(specs, outs):
         TrialDir(out, spec).check()
-    members = [(Searcher if spec.method == "edge_popup" else Member)(spec, out, data, device)
-               for spec, out in zip(specs, outs)]
+    members = [methods.of(spec).load("member")(spec, out, data, device) for spec, out in zip(specs, outs)]
     trunk: dict = {}  # a control member -> its IMP run, a member of its own in OUT/imp/ (not reported)
     for i, spec in enumerate(specs):
         if controls.needs_imp(spec):

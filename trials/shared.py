@@ -37,7 +37,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from trials import layout, masks
+from trials import layout, masks, methods
 from trials.record import STABILITY, LevelRecord
 from trials.spec import non_default
 from trials.store import TrialDir, load_tensors, save_tensors, write_json
@@ -138,12 +138,12 @@ def note(ledger: Path, spec, level: int, mine: bool) -> None:
 def shareable(spec) -> bool:
     """IMP trials share; so does an at-init trial's dense level (IMP's); edge-popup levels are
     independent searches (each is its own work)."""
-    return spec.method != "edge_popup"
+    return methods.of(spec).shares != "none"
 
 
 def shares_levels(spec) -> bool:
     """Whether levels >= 1 are trunk units: IMP's; an at-init level is its trial's own."""
-    return spec.method == "imp"
+    return methods.of(spec).shares == "trunk"
 
 
 def plan(spec) -> list[dict]:
