@@ -21,10 +21,10 @@ A method that prunes at initialization (trials/at_init.py: snip, grasp, synflow,
 level 0 as IMP does, and at level L scores its rewind point to IMP's level-L counts.
 
 One runner, `run_pack`: a trial is a pack of one (`run_lottery`). Each `Member` builds
-its level's Job; `Training` runs the level's jobs with the arithmetic the caller names:
-"alone", one after another with a single trial's default arithmetic (its bits: the golden
-records), or "stacked", all together (trials/stacked.py; close to alone, not bit for
-bit). Members share one loop from the smallest rewind point (a member is carried along
+its level's Job; `Training` runs the level's jobs with the arithmetic the caller gives
+(trials/training.py Arithmetic): Alone, one after another with a single trial's default
+arithmetic (its bits: the golden records), or Stacked, all together (trials/stacked.py;
+close to Alone, not bit for bit). Members share one loop from the smallest rewind point (a member is carried along
 untouched until its k); a member whose training loss becomes NaN/inf fails alone. On
 shared work units (trials/shared.py Shared) each level is claimed, trained and
 published, copied in, or waited for; a store's helper produces a unit by running the
@@ -151,21 +151,21 @@ class Member:
 
 
 class Training:
-    """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` "stacked", all
-    together (trials/stacked.py Stacked; StackedSearch for edge-popup's Search jobs), or
-    "alone", one after another with the default arithmetic of a single trial
-    (trials/training.py Alone: the golden records' bits)."""
+    """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` Stacked, all
+    together (trials/stacked.py; StackedSearch for edge-popup's Search jobs), or Alone,
+    one after another with the default arithmetic of a single trial (trials/training.py:
+    the golden records' bits)."""
 
-    def __init__(self, template: nn.Module, data, arithmetic: str = "stacked"):
-        if arithmetic not in ("stacked", "alone"):
-            raise ValueError(f"arithmetic {arithmetic!r}: stacked or alone")
+    def __init__(self, template: nn.Module, data, arithmetic: type = Stacked):
+        if arithmetic not in ARITHMETICS.values():
+            raise ValueError(f"arithmetic {arithmetic!r}: one of {', '.join(a.__name__ for a in ARITHMETICS.values())}")
         self.template, self.data, self.arithmetic = template, data, arithmetic
         self.layers = None  # the template's (a Supermask's), once
 
     def run(self, jobs: list, progress: Optional[Callable] = None) -> list:
         """Per job its result (train_members'), or the exception that ended it."""
         device = self.data.train_x.device
-        if self.arithmetic == "stacked":
+        if self.arithmetic is Stacked:
             kind = StackedSearch if isinstance(jobs[0], Search) else Stacked
             return train_members(jobs, self.data, kind(self.template, len(jobs), device), progress)
         out = []
@@ -220,16 +220,16 @@ def finish_all(members: list, training: Training, level: int, work: dict, result
 
 class Producer:
     """The arithmetic of a sweep's units, so a unit has the same numbers whoever trains it
-    (ARCHITECTURE.md, "Packs in sweeps"): "alone" in sweeps without packs (a single trial's
-    bits), "stacked" in sweeps with packs; and what trains a rewind point one trial needs
+    (ARCHITECTURE.md, "Packs in sweeps"): Alone in sweeps without packs (a single trial's
+    bits), Stacked in sweeps with packs; and what trains a rewind point one trial needs
     alone, as a pack of one with that arithmetic."""
 
-    def __init__(self, arithmetic: str):
+    def __init__(self, arithmetic: type):
         self.arithmetic = arithmetic
 
-    def of(self, spec) -> str:
-        """The arithmetic for `spec`: a model that cannot stack trains alone in any sweep."""
-        return self.arithmetic if pack_key(spec) is not None else "alone"
+    def of(self, spec) -> type:
+        """The arithmetic for `spec`: a model that cannot stack trains Alone in any sweep."""
+        return self.arithmetic if pack_key(spec) is not None else Alone
 
     def point(self, spec, k: int, dest: Path, data, device) -> None:
         """point/<D>-<k>: the dense run's first k iterations again, stopped at k."""
@@ -250,7 +250,7 @@ class Producer:
         raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
 
 
-SINGLE, PACK_OF_ONE = Producer("alone"), Producer("stacked")
+ARITHMETICS = {a.name: a for a in (Alone, Stacked)}  # a sweep's config names them (orchestrator/plan.py)
 
 
 def produce(name: str, spec, units, data, device, scratch: Path, producer: Producer) -> None:
@@ -275,7 +275,7 @@ def train_pack(template: nn.Module, jobs: list, data, progress: Optional[Callabl
 def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,
              progress: Optional[Callable] = None, data=None, errors: Optional[dict] = None,
              units: Optional[shared.Units] = None, after_level: Optional[Callable] = None,
-             arithmetic: str = "stacked", dense_instability: bool = True) -> list:
+             arithmetic: type = Stacked, dense_instability: bool = True) -> list:
     """Run (or resume) the IMP trials `specs` together, member i in folder outs[i]; returns
     each member's level records, as trials.lottery.run_lottery would for it alone.
     `report(record, out)` after every member's level (True ends that member, as in
@@ -285,10 +285,10 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     `units` (a trials.shared.Units store): every member's levels are shared work units, as
     trials/shared.py Shared says. `after_level(level)`: once per
     level that some member still ran (trained, took from a unit, or read back done),
-    after that level's `report` calls. `arithmetic`: Training's; "alone" trains each
+    after that level's `report` calls. `arithmetic`: Training's; Alone trains each
     member by itself with a single trial's default arithmetic (its bits).
     `dense_instability` off: level 0's instability is not measured (a helper's scratch run)."""
-    check_pack(specs, outs, stacked=arithmetic != "alone")
+    check_pack(specs, outs, stacked=arithmetic is Stacked)
     device = data.train_x.device if data is not None else resolve_device(specs[0].device)
     if data is None:
         data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
@@ -387,12 +387,12 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
 
 def run_lottery(spec, out, report: Callable = lambda record, out: None,
                 progress: Optional[Callable] = None, data=None, units=None,
-                arithmetic: str = "alone") -> list[LevelRecord]:
+                arithmetic: type = Alone) -> list[LevelRecord]:
     """Run (or resume) one trial in `out`; `report(record, out)` after every level.
     A report that returns True ends the trial after that level (e.g. a sweep's
     stop_when_not_matching); the finished levels stay on disk. `progress(level,
     iteration, total, val_loss)`. A trial is a pack of one (run_pack) with `arithmetic`
-    "alone" (the default: a single trial's bits) or "stacked" (a sweep with packs); an
+    Alone (the default: a single trial's bits) or Stacked (a sweep with packs); an
     IMP trial's levels are taken from the shared work units `units` (trials.shared.Units)
     where given."""
     if data is None:

@@ -249,6 +249,8 @@ class Stacked:
     its own cross-entropy. A member's numbers are close to its run Alone, not bit for bit
     (other kernels and the fused optimizer round differently)."""
 
+    name = "stacked"
+
     def __init__(self, template: nn.Module, k: int, device):
         self.pnet, self.k = PackedNet(template, k, device), k
         self.net = self.pnet.net

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +118,35 @@ class Job:
         self.schedule = schedule or (lambda iteration: learning_rate(train, iteration))
 
 
+class Arithmetic(Protocol):
+    """What train_members computes with, for K members (ARCHITECTURE.md, "The engine"):
+    Alone (K = 1, a single trial's bits) or trials/stacked.py Stacked (a pack). The class is
+    the choice everywhere in the engine (run_pack, Training, Producer); `name` is how a
+    sweep's Tune config names it (orchestrator/plan.py tune_config, ARITHMETICS)."""
+
+    name: ClassVar[str]
+    k: int
+    net: nn.Module
+
+    def begin(self, jobs: list) -> None: ...
+    def start(self, m: int, iteration: int, job: "Job") -> None: ...
+    def set_rates(self, members: list, lrs: list) -> None: ...
+    def step(self, x, y, members: list, lrs: list, autocast) -> torch.Tensor: ...
+    def evaluate(self, x, y, autocast) -> tuple[list, list]: ...
+    def member(self, m: int) -> dict: ...
+    def keep_best(self, m: int) -> None: ...
+    def fail(self, m: int, job: "Job") -> None: ...
+    def use_best(self) -> list: ...
+    def end(self, finals: list) -> None: ...
+
+
 class Alone:
     """The arithmetic of one network trained by itself (K = 1): the model as built, the
     optimizer of trials/optim.py (`fused` as make_optimizer's), one cross-entropy. This is
     the default arithmetic of a trial, the one the golden records hold. A pack's is
     trials/stacked.py's Stacked; train_members runs either (ARCHITECTURE.md, "The engine")."""
 
+    name = "alone"
     k = 1
 
     def __init__(self, net, fused: Optional[bool] = None):
@@ -180,7 +203,7 @@ class Alone:
         self.net.load_state_dict(finals[0])  # the caller's network ends with the final weights
 
 
-def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = None) -> list:
+def train_members(jobs: list, data, arithmetic: Arithmetic, progress: Optional[Callable] = None) -> list:
     """The training loop, once for every trial: K >= 1 members' levels (Jobs) from the
     smallest start on, each with its own batches (BatchOrder and augmentation of its seed),
     learning rates, start iteration (before it a member's network is carried along
