@@ -56,5 +56,6 @@ def mask(spec, level: int, imp: TrialDir, trial: TrialDir, layers) -> dict:
 
 def needs_imp(spec) -> bool:
     """Whether the trial runs an IMP trajectory in OUT/imp/ beside its own levels."""
-    return spec.method == "imp" and spec.control != "none"  # at init and edge-popup: their own masks
+    # at init and edge-popup: their own masks; early-bird tickets: their trial's trajectory
+    return spec.method in ("imp", "early_bird") and spec.control != "none"
 

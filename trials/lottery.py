@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import at_init, controls, datasets, layout, masks, models, pruning, shared, stability
+from trials import at_init, controls, datasets, early_bird, layout, masks, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
@@ -94,6 +94,7 @@ class Member:
         self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
         net = models.build(spec.model, data.info, seed=spec.seed, device=device)
         self.init, self.layers = state_of(net), masks.Layers.of(net)
+        self.watches: dict = {}  # level -> the early-bird Watch of its job (trials/early_bird.py)
 
     def job(self, level: int, keep: Optional[dict] = None, imp: Optional["Member"] = None) -> Job:
         """Level 0 from init keeping the rewind point at k (and handing the iterations in
@@ -107,7 +108,10 @@ class Member:
             hooks = {**(keep or {}), k: self.save_rewind}
             if keep and k in keep:
                 hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
-            return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
+            ones = masks.ones(self.layers)
+            return Job(self.spec.train, self.spec.seed, ones, self.init, 0, hooks, watch=self.watch(0, ones))
+        if self.spec.method == "early_bird":
+            return self.early_bird_job(level, imp)
         if at_init.applies(self.spec):
             scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
             weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
@@ -117,7 +121,40 @@ class Member:
         else:
             mask = controls.mask(self.spec, level, imp.trial, self.trial, self.layers)
         start, schedule = stability.retraining(self.spec, level)
-        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule,
+                   watch=self.watch(level, mask) if imp is None else None)
+
+    def watch(self, level: int, mask: dict) -> Optional[early_bird.Watch]:
+        """The early-bird watch of level `level`'s training (trials/early_bird.py), or None:
+        method=early_bird's dense run at every level's density; an early-bird IMP level (not the
+        last) at the next level's mask. Its draws are written beside the level."""
+        spec, folder = self.spec, self.trial.level_dir(level)
+        if not early_bird.applies(spec) or (spec.method == "imp" and level >= spec.prune.levels):
+            return None
+        if spec.method == "early_bird":
+            if level:
+                return None
+            watch = early_bird.Watch(spec, self.layers, mask, list(range(1, spec.prune.levels + 1)),
+                                     spec.rewind_iteration,
+                                     lambda lv, info, state, m: early_bird.save_draw(folder, lv, info, state, m))
+        else:
+            watch = early_bird.Watch(spec, self.layers, mask, [level + 1], spec.rewind_iteration if level == 0 else 0,
+                                     lambda lv, info, state, m: early_bird.save_draw(folder, lv, info))
+        self.watches[level] = watch
+        return watch
+
+    def early_bird_job(self, level: int, imp: Optional["Member"]) -> Job:
+        """Level L >= 1 of method=early_bird: the mask drawn where its density stabilised (a
+        control: controls.mask of its trunk's), trained from the dense weights at k
+        (weight_rewind; reinit: the fresh init) or continuing the dense run from its weights at
+        the draw, t_L..T (finetune)."""
+        dense = self.trial.level_dir(0)
+        mask = (early_bird.draw_mask(dense, level) if imp is None
+                else controls.mask(self.spec, level, imp.trial, self.trial, self.layers))
+        if self.spec.retrain == "finetune":
+            t = early_bird.read_draw(dense, level)["iteration"]
+            return Job(self.spec.train, self.spec.seed, mask, early_bird.draw_weights(dense, level, self.device), t)
+        return Job(self.spec.train, self.spec.seed, mask, self.trial.rewind(self.device), self.spec.rewind_iteration)
 
     def save_rewind(self, state: dict) -> None:
         """The rewind point; a reinit control at init keeps it as the point its method scores
@@ -144,9 +181,36 @@ class Member:
         """Write the level; `fields`: its instability, measured before (the record is
         complete before the level's files and DONE exist)."""
         final = result.pop("final")
-        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}))
+        extra = self.early_bird_fields(level, job, result, final) if early_bird.applies(self.spec) else {}
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}), **extra)
         self.trial.finish(level, job.mask, final, record)
         return record
+
+    def early_bird_fields(self, level: int, job: Job, result: dict, final: dict) -> dict:
+        """An early-bird trial's record fields (trials/record.py): the draw of this level's mask,
+        iterations against the schedule, and the iterations its network cost. Densities whose
+        mask never stabilised are drawn first, from the final weights."""
+        spec, here = self.spec, self.trial.level_dir(level)
+        watch = self.watches.pop(level, None)
+        if watch is not None:
+            keep = spec.method == "early_bird"
+            for lv, info, mask in watch.unstable(job.start + result["iterations"], final):
+                early_bird.save_draw(here, lv, info, final if keep else None, mask if keep else None)
+        out = {"schedule_iterations": spec.train.iterations - job.start}
+        trained = result["iterations"]
+        if spec.method == "early_bird":
+            dense = self.trial.level_dir(0)
+            if level == 0:
+                infos = [early_bird.read_draw(dense, lv) for lv in range(1, spec.prune.levels + 1)]
+                return {**out, "early_bird_stable": all(i["stable"] for i in infos), "cost_iterations": trained}
+            info = early_bird.read_draw(dense, level)
+            return {**out, **early_bird.fields(info), "cost_iterations": info["iteration"] + trained}
+        before = (self.trial.record(level - 1).cost_iterations or 0) if level else 0
+        out["cost_iterations"] = before + trained
+        drawn = self.trial.level_dir(level - 1) / layout.draw(level, ".json")
+        if level and drawn.exists():
+            out.update(early_bird.fields(early_bird.read_draw(drawn.parent, level)))
+        return out
 
 
 class Training:
@@ -318,7 +382,8 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         """Level `level` of members with no trunk: trained, or from units (IMP's levels, every
         dense level; an at-init level is its trial's own)."""
         own = {i: members[i].job(level) for i in todo
-               if not sharing or (level and not shared.shares_levels(members[i].spec))}
+               if not sharing or not shared.shareable(members[i].spec)
+               or (level and not shared.shares_levels(members[i].spec))}
         if sharing:
             return sharing.level([i for i in todo if i not in own], level, own)
         return train(own, level) if own else {}

@@ -21,6 +21,7 @@ def validate(spec) -> None:
     _validate_at_init(spec)
     _validate_retrain(spec)
     _validate_stability(spec)
+    _validate_early_bird(spec)
     t = spec.train
     check(0 <= spec.rewind_iteration < t.iterations, "rewind_iteration", spec.rewind_iteration,
           f"allowed: 0 <= k < train.iterations ({t.iterations})")
@@ -127,12 +128,43 @@ def _validate_retrain(spec) -> None:
     """lr_rewind and finetune start level L from level L-1's final weights (trials/lottery.py)."""
     if spec.retrain == "weight_rewind":
         return
-    check(spec.method == "imp", "retrain", spec.retrain,
+    check(spec.method != "early_bird" or spec.retrain == "finetune", "retrain", spec.retrain,
+          "allowed with method=early_bird: weight_rewind, finetune (continue from the early-bird weights)")
+    check(spec.method in ("imp", "early_bird"), "retrain", spec.retrain,
           f"allowed with method={spec.method}: weight_rewind (" + ("a supermask level never retrains weights)"
           if spec.method == "edge_popup" else "a mask found at init trains from the rewind point)"))
     check(spec.control != "reinit", "control", spec.control,
           f"allowed with retrain={spec.retrain}: none, random_prune (reinit draws fresh weights, but "
           f"{spec.retrain} keeps the previous level's trained weights; use retrain=weight_rewind)")
+
+
+def _validate_early_bird(spec) -> None:
+    """Early-bird tickets (trials/early_bird.py): read by method=early_bird, and by method=imp
+    with early_bird.imp_levels; refused elsewhere, one key at a time."""
+    e, m, t = spec.early_bird, spec.method, spec.train
+    on = m == "early_bird" or (m == "imp" and e.imp_levels)
+    if not on:
+        for name, value, default in _changed(e):
+            check(False, f"early_bird.{name}", value, f"allowed with method={m}: {default} (the default; "
+                  + ("early_bird.* is read with early_bird.imp_levels: true)" if m == "imp" else
+                     "early_bird.* is read by method=early_bird, and by method=imp with early_bird.imp_levels)"))
+        return
+    check(m == "imp" or not e.imp_levels, "early_bird.imp_levels", e.imp_levels,
+          "allowed with method=early_bird: false (the default; early-bird levels are for method=imp)")
+    check(e.window >= 2, "early_bird.window", e.window, "allowed: an integer >= 2 (masks compared)")
+    check(0 < e.epsilon < 1, "early_bird.epsilon", e.epsilon, "allowed: 0 < epsilon < 1")
+    run = t.iterations - (spec.rewind_iteration if m == "imp" else 0)
+    check(1 <= e.interval <= run, "early_bird.interval", e.interval,
+          f"allowed: 1 .. {run} (" + ("train.iterations - rewind_iteration: the shortest level's run)"
+                                      if m == "imp" else "train.iterations: the dense run)"))
+    check(e.criterion == "magnitude" or spec.prune.kind == "structured", "early_bird.criterion", e.criterion,
+          "allowed with prune.kind=unstructured: magnitude (bn_gamma ranks units: prune.kind=structured)")
+    if m == "early_bird":
+        check(spec.control != "invert", "control", spec.control,
+              "allowed with method=early_bird: none, reinit, random_prune, shuffle (invert turns over IMP's "
+              "ranking of its own trajectory, which an early-bird ticket does not have)")
+        check(spec.prune.levels >= 1, "prune.levels", spec.prune.levels,
+              "allowed with method=early_bird: an integer >= 1 (level L draws IMP's level-L density)")
 
 
 def _validate_stability(spec) -> None:
@@ -175,8 +207,18 @@ def _validate_against_model(spec) -> None:
         check(not (spec.prune.kind == "structured" and name == layers.output), f"prune.layer_rates.{name}",
               name, "the output layer's classes are never removed by structured pruning")
     if spec.method != "edge_popup":  # edge-popup's levels are its densities, not prunings
-        at_init = spec.method != "imp"  # counts as IMP's with prune.scope = at_init.scope (trials/at_init.py)
+        at_init = spec.method not in ("imp", "early_bird")  # counts as IMP's with prune.scope = at_init.scope
         _validate_levels(replace(spec.prune, scope=spec.at_init.scope) if at_init else spec.prune, layers)
+    if spec.early_bird.criterion == "bn_gamma" and spec.prune.kind == "structured":
+        from trials.pruning import candidates
+
+        bare = [n for n in candidates(spec.prune, layers) if not _has_norm(layers, n)]
+        check(not bare, "early_bird.criterion", "bn_gamma",
+              f"allowed for {spec.model.name}: magnitude ({', '.join(bare)} have no BatchNorm after them)")
+
+
+def _has_norm(layers, name: str) -> bool:
+    return any(c.endswith(".weight") for c in layers.companions[name])
 
 
 def _validate_levels(prune, layers) -> None:
