@@ -29,6 +29,7 @@ import pandas as pd
 
 from analysis.data import dense_key, row_fields
 from analysis.plots import has_instability, methods
+from trials import methods as registry
 from trials.errors import ConfigError
 from trials.labels import labels
 
@@ -92,7 +93,7 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     stats["std"] = stats["std"].fillna(0.0)  # n = 1: no spread to report
     if densities is None:
         rates = df["prune.rate"].nunique() if "prune.rate" in df else 1
-        if rates > 1 or (df["method"] == "edge_popup").any() and df["method"].nunique() > 1:
+        if rates > 1 or _supermasks(df).any() and df["method"].nunique() > 1:
             raise ConfigError("--density", None, "these rows use different prune rates, or supermasks beside "
                               "other methods, so a level is not a density; give target densities, e.g. "
                               "--density 1,0.5,0.2,0.1")
@@ -117,8 +118,9 @@ def _match_densities(stats: pd.DataFrame, rows: list, densities: list):
 
 
 def _supermasks(frame: pd.DataFrame) -> pd.Series:
-    """Rows of supermask groups (False where `method` is not a row field: IMP only)."""
-    return frame["method"] == "edge_popup" if "method" in frame else pd.Series(False, index=frame.index)
+    """Rows of methods with no dense level (supermasks: trials/methods; False where `method`
+    is not a row field: IMP only)."""
+    return frame["method"].isin(registry.names(dense=False)) if "method" in frame else pd.Series(False, index=frame.index)
 
 
 def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list, baseline: dict) -> pd.DataFrame:
@@ -126,7 +128,7 @@ def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list, baseline: dict) 
     dense = stats[(stats["level"] == 0) & ~_supermasks(stats)].set_index(rows)[["mean", "std"]]
     def matches(c):
         key = tuple(c[r] for r in rows) if len(rows) > 1 else c[rows[0]]
-        if c.get("method") == "edge_popup" and baseline["n"]:
+        if c.get("method") in registry.names(dense=False) and baseline["n"]:
             d = baseline
         elif key in dense.index:
             d = dense.loc[key]
@@ -141,7 +143,7 @@ def _mark(cells: pd.DataFrame, stats: pd.DataFrame, rows: list, baseline: dict) 
 
 
 def _dense(df: pd.DataFrame, metric: str) -> dict:
-    level0 = df[(df["level"] == 0) & (df["method"] != "edge_popup")]  # a supermask is never dense
+    level0 = df[(df["level"] == 0) & ~_supermasks(df)]  # a supermask is never dense
     level0 = level0[~dense_key(level0).duplicated()]  # each distinct dense network once
     values = level0[metric].astype(float)
     return {"mean": values.mean(), "std": values.std() if len(values) > 1 else 0.0, "n": len(values)}

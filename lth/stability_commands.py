@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from trials import methods
 from trials.errors import ConfigError, check
 
 
@@ -84,7 +85,8 @@ def stability_find(args) -> int:
     args.level = _number(args.level, int, "--level", lambda v: v >= 0, "an integer >= 0 (0 = the dense network)")
     args.threshold = _number(args.threshold, float, "--threshold", lambda v: 0 < v < 1,
                              "a fraction 0 < t < 1, e.g. 0.02")
-    check(base.method == "imp", "method", base.method, "allowed for lth stability find: imp")
+    check(methods.get(base.method).stability, "method", base.method,
+          f"allowed for lth stability find: {', '.join(methods.names(stability=True))}")
     grid = parse_grid(args.grid, base.train.iterations)
     specs = [spec_at(base, k, args.level) for k in grid]  # every trial validated before anything runs
     out = Path(args.out or Path("runs") / "stability" / base.key)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lth.console import Progress, records_table
+from trials import methods
 from trials.errors import ConfigError
 
 
@@ -88,7 +89,7 @@ def levels_text(spec) -> str:
     (dense, 2 pruned) x 400 iterations", or with a rewind point k, "..., 400 iterations
     dense, 370 pruned"."""
     n, t = spec.last_level + 1, spec.train.iterations
-    if spec.method == "edge_popup":
+    if not methods.of(spec).rewinds:
         return f"{n} level{'s' * (n != 1)} (one per density) x {t} iterations"
     pruned = f"dense, {spec.last_level} pruned" if spec.last_level else "dense only"
     k = spec.rewind_iteration

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import spec_at
 from orchestrator.sweeps.packs import PACK
-from trials import layout, shared
+from trials import layout, methods, shared
 from trials.errors import env_number
 from trials.spec import flatten
 
@@ -235,7 +235,7 @@ def level_iterations(spec) -> list[int]:
     """The iterations of each of a trial's levels as it records them: level 0 T, each
     later level T - k (edge-popup: T per density)."""
     t = spec.train.iterations
-    if spec.method == "edge_popup":
+    if not methods.of(spec).rewinds:
         return [t] * (spec.last_level + 1)
     return [t] + [t - spec.rewind_iteration] * spec.last_level
 

@@ -16,13 +16,13 @@ from lth.cli import main
 from orchestrator import plan
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import quick_spec
-from trials import at_init, masks, paths, pruning, shared
+from trials import at_init, masks, methods, paths, pruning, shared
 from trials.lottery import run_lottery, run_pack
 from trials.spec import AtInitSpec, PruneSpec, TrainSpec, TrialSpec, from_dict, non_default
 from trials.store import load_tensors
 
 torch.set_default_dtype(torch.float32)
-METHODS = at_init.METHODS
+METHODS = methods.names(mask="scored")
 
 
 def chain(*sizes, bias=False, relu=True):

@@ -134,3 +134,38 @@ def test_the_live_line_shows_a_search_draw_at_four_digits():
     assert short(0.31455680991172585) == "0.3146"
     assert short(0.2) == "0.2" and short(500) == "500" and short(2.0) == "2.0" and short("structured") == "structured"
     assert short(None) == "None" and short(float("nan")) == "nan"
+
+
+_STOPPED_IN_A_CALLBACK = r"""
+import os, signal, sys, threading, weakref
+quiet = sys.argv[1] == "quiet"
+def ray_like_sigterm_handler(signum, frame):  # what Ray's worker main loop installs
+    raise SystemExit(1)
+signal.signal(signal.SIGTERM, ray_like_sigterm_handler)
+if quiet:  # installed from another thread, as the trial's function runs in one
+    from orchestrator.sweeps.workers import quiet_exit
+    t = threading.Thread(target=quiet_exit); t.start(); t.join()
+class Thing: pass
+def stopped_here(ref):  # the signal is handled inside a weakref callback
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000): pass
+def fails_here(ref):
+    raise ValueError("an unrelated failure in a callback")
+a, b = Thing(), Thing()
+refs = [weakref.ref(a, stopped_here), weakref.ref(b, fails_here)]
+del a, b
+"""
+
+
+def test_a_worker_stopped_by_sigterm_inside_a_callback_prints_no_systemexit_traceback(tmp_path):
+    """Ray stops a sweep's workers with SIGTERM; handled inside a weakref callback, its
+    SystemExit used to reach the driver as a traceback after a good sweep (workers.py).
+    Without the hook the same script prints it (the case is real); with it, only the
+    unrelated failure is reported."""
+    script = tmp_path / "stopped.py"
+    script.write_text(_STOPPED_IN_A_CALLBACK)
+    runs = {mode: subprocess.run([sys.executable, str(script), mode], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=60) for mode in ("plain", "quiet")}
+    assert "SystemExit: 1" in runs["plain"].stderr
+    assert "SystemExit" not in runs["quiet"].stderr
+    assert "ValueError: an unrelated failure in a callback" in runs["quiet"].stderr

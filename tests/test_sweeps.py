@@ -273,8 +273,10 @@ print(json.dumps(out))
 
 def test_a_local_ray_starts_lean_and_a_killed_driver_leaves_no_agent(tmp_path):
     """`lth sweep run` on a local Ray starts neither the dashboard's head process nor the
-    autoscaler's monitor (no --dashboard), and when the driver is killed (SIGKILL) the
-    raylet's agents go at once, not a minute later (orchestrator/sweeps/reaper.py)."""
+    autoscaler's monitor (no --dashboard); its trial trains on a worker Ray prestarted, so
+    the raylet starts no worker beyond those (runner.idle_workers_serve; the units broker
+    takes another); and when the driver is killed (SIGKILL) the raylet's agents go at
+    once, not a minute later (orchestrator/sweeps/reaper.py)."""
     import psutil
 
     path = tmp_path / "lean.yaml"
@@ -304,6 +306,15 @@ def test_a_local_ray_starts_lean_and_a_killed_driver_leaves_no_agent(tmp_path):
         agents = named(driver.children(recursive=True), "ray::DashboardAgent", "ray::RuntimeEnvAgent")
         assert len(agents) == 2
         assert not named(driver.children(), "dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+        (raylet,) = named(driver.children(), "raylet/raylet")
+        prestarted = int(re.search(r"--num_prestart_python_workers=(\d+)", " ".join(raylet.cmdline())).group(1))
+        while time.time() < deadline and not named(raylet.children(), "ray::ImplicitFunc"):  # the trial trains
+            assert proc.poll() is None, "the sweep ended before its trial was seen"
+            time.sleep(0.5)
+        workers = [p for p in raylet.children() if p not in agents]
+        assert named(workers, "ray::ImplicitFunc") and named(workers, "ray::Broker")
+        if prestarted >= 2:  # room for the broker and the trial
+            assert len(workers) == prestarted, [" ".join(p.cmdline())[:40] for p in workers]
     finally:
         proc.kill()
         proc.wait()

@@ -32,18 +32,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trials import models, pruning
+from trials import methods, models, pruning
 from trials.masks import Layers, Mask
 from trials.training import rng
-
-METHODS = ("snip", "grasp", "synflow", "magnitude_init", "random_init")
-READS = {"snip": ("scope", "batches"), "grasp": ("scope", "batches", "temperature"),
-         "synflow": ("scope", "rounds"), "magnitude_init": ("scope",), "random_init": ("scope",)}
-
-
-def applies(spec) -> bool:
-    return spec.method in METHODS
-
 
 # ---------------------------------------------------------------- counts
 
@@ -184,25 +175,61 @@ def scoring_net(spec, weights: dict, info, device):
     return net.train()
 
 
+@dataclasses.dataclass
+class Scoring:
+    """What a method's scorer gets for level `level`: the spec, the rewind point's weights,
+    the layers, the data and the level's counts (`counts`). A scorer (named by its entry in
+    trials/methods) returns (one-shot scores, kept weights): its scores (layer -> flat
+    float64, higher = keep; invert ranks them turned over) and usually `top(scores)`."""
+
+    spec: object
+    weights: dict
+    layers: Layers
+    data: object
+    alone: dict
+    pool: list
+    pool_count: int
+
+    def net(self):
+        """The network at the scored weights, in train mode."""
+        return scoring_net(self.spec, self.weights, self.data.info, self.data.train_x.device)
+
+    def top(self, scores: dict) -> dict:
+        """The level's count of the highest scores (module doc, "Counts")."""
+        return select(scores, self.alone, self.pool, self.pool_count)
+
+
+def snip_level(at: Scoring) -> tuple[dict, dict]:
+    scores = snip(at.net(), at.layers, batches(at.spec, at.data))
+    return scores, at.top(scores)
+
+
+def grasp_level(at: Scoring) -> tuple[dict, dict]:
+    scores = grasp(at.net(), at.layers, batches(at.spec, at.data), at.spec.at_init.temperature)
+    return scores, at.top(scores)
+
+
+def synflow_level(at: Scoring) -> tuple[dict, dict]:
+    keep, first = synflow(at.net(), at.layers, tuple(at.data.info.shape), at.spec.at_init.rounds, at.alone,
+                          at.pool, at.pool_count)
+    return first, keep
+
+
+def magnitude_level(at: Scoring) -> tuple[dict, dict]:
+    scores = magnitude_init(at.net(), at.layers)
+    return scores, at.top(scores)
+
+
+def random_level(at: Scoring) -> tuple[dict, dict]:
+    scores = random_init(at.spec, at.layers)
+    return scores, at.top(scores)
+
+
 def scores_and_keep(spec, weights: dict, layers: Layers, data, level: int) -> tuple[dict, dict]:
-    """(one-shot scores, kept weights) of the method at level `level` (module doc)."""
+    """(one-shot scores, kept weights) of the method at level `level` (module doc): its
+    registered scorer (trials/methods)."""
     alone, pool, pool_count = counts(spec, layers, level)
-    device = data.train_x.device
-    if spec.method == "random_init":
-        scores = random_init(spec, layers)
-    elif spec.method == "synflow":
-        keep, first = synflow(scoring_net(spec, weights, data.info, device), layers, tuple(data.info.shape),
-                              spec.at_init.rounds, alone, pool, pool_count)
-        return first, keep
-    else:
-        net = scoring_net(spec, weights, data.info, device)
-        if spec.method == "magnitude_init":
-            scores = magnitude_init(net, layers)
-        elif spec.method == "snip":
-            scores = snip(net, layers, batches(spec, data))
-        else:
-            scores = grasp(net, layers, batches(spec, data), spec.at_init.temperature)
-    return scores, select(scores, alone, pool, pool_count)
+    return methods.of(spec).load("scorer")(Scoring(spec, weights, layers, data, alone, pool, pool_count))
 
 
 def shuffle(mask: Mask, layers: Layers, generator: torch.Generator) -> Mask:

@@ -20,7 +20,7 @@ method's, changed (trials/at_init.py level_mask); reinit trains it from the fres
 """
 from __future__ import annotations
 
-from trials import at_init, models, pruning
+from trials import at_init, methods, models, pruning
 from trials.store import TrialDir, state_of
 from trials.training import rng
 
@@ -56,6 +56,5 @@ def mask(spec, level: int, imp: TrialDir, trial: TrialDir, layers) -> dict:
 
 def needs_imp(spec) -> bool:
     """Whether the trial runs an IMP trajectory in OUT/imp/ beside its own levels."""
-    # at init and edge-popup: their own masks; early-bird tickets: their trial's trajectory
-    return spec.method in ("imp", "early_bird") and spec.control != "none"
+    return methods.of(spec).control_trunk and spec.control != "none"  # at init and edge-popup: their own masks
 

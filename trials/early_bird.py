@@ -1,6 +1,8 @@
 """Early-bird tickets (You et al. 2020, "Drawing early-bird tickets"; ARCHITECTURE.md,
 "Early-bird tickets"): the mask a pruning rule would draw stops changing early in
-training, so a run can stop once it has.
+training, so a run can stop once it has. The draws, the window and the watch live here;
+method=early_bird's member is trials/methods/early_bird.py, IMP's early-bird levels are
+trials/lottery.py Member's.
 
 Every `early_bird.interval` iterations of a watched run (a Job's `watch`, asked by the
 training loop) the trial's pruning rule draws its mask from the weights as they are: the
@@ -42,11 +44,6 @@ import torch
 from trials import layout, pruning
 from trials.masks import Layers, Mask
 from trials.store import load_tensors, save_tensors, write_json
-
-
-def applies(spec) -> bool:
-    """Whether the trial's training is watched: method=early_bird, or IMP's early-bird levels."""
-    return spec.method == "early_bird" or (spec.method == "imp" and spec.early_bird.imp_levels)
 
 
 def ranked(spec, weights: dict, layers: Layers) -> dict:

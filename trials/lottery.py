@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import at_init, controls, datasets, early_bird, layout, masks, models, pruning, shared, stability
+from trials import at_init, controls, datasets, early_bird, layout, masks, methods, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
@@ -88,6 +88,7 @@ class Member:
     def __init__(self, spec, out: Path, data, device, ledger: Optional[Path] = None):
         """`ledger`: its units.json (a control's IMP trunk member writes its control's)."""
         self.spec, self.device, self.out, self.info, self.data = spec, device, Path(out), data.info, data
+        self.method = methods.of(spec)
         self.ledger = ledger or self.out / layout.UNITS
         self.trial = TrialDir(out, spec)
         self.trial.begin()
@@ -110,9 +111,7 @@ class Member:
                 hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
             ones = masks.ones(self.layers)
             return Job(self.spec.train, self.spec.seed, ones, self.init, 0, hooks, watch=self.watch(0, ones))
-        if self.spec.method == "early_bird":
-            return self.early_bird_job(level, imp)
-        if at_init.applies(self.spec):
+        if self.method.mask == "scored":
             scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
             weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
             mask = at_init.level_mask(self.spec, level, weights, self.layers, self.data)
@@ -125,41 +124,21 @@ class Member:
                    watch=self.watch(level, mask) if imp is None else None)
 
     def watch(self, level: int, mask: dict) -> Optional[early_bird.Watch]:
-        """The early-bird watch of level `level`'s training (trials/early_bird.py), or None:
-        method=early_bird's dense run at every level's density; an early-bird IMP level (not the
-        last) at the next level's mask. Its draws are written beside the level."""
+        """The early-bird watch of level `level`'s training (trials/early_bird.py), or None: with
+        early_bird.imp_levels, a level but the last is watched at the next level's mask (level 0
+        not before the rewind point) and its draw is written beside it."""
         spec, folder = self.spec, self.trial.level_dir(level)
-        if not early_bird.applies(spec) or (spec.method == "imp" and level >= spec.prune.levels):
+        if not spec.early_bird.imp_levels or level >= spec.prune.levels:
             return None
-        if spec.method == "early_bird":
-            if level:
-                return None
-            watch = early_bird.Watch(spec, self.layers, mask, list(range(1, spec.prune.levels + 1)),
-                                     spec.rewind_iteration,
-                                     lambda lv, info, state, m: early_bird.save_draw(folder, lv, info, state, m))
-        else:
-            watch = early_bird.Watch(spec, self.layers, mask, [level + 1], spec.rewind_iteration if level == 0 else 0,
-                                     lambda lv, info, state, m: early_bird.save_draw(folder, lv, info))
+        watch = early_bird.Watch(spec, self.layers, mask, [level + 1], spec.rewind_iteration if level == 0 else 0,
+                                 lambda lv, info, state, m: early_bird.save_draw(folder, lv, info))
         self.watches[level] = watch
         return watch
-
-    def early_bird_job(self, level: int, imp: Optional["Member"]) -> Job:
-        """Level L >= 1 of method=early_bird: the mask drawn where its density stabilised (a
-        control: controls.mask of its trunk's), trained from the dense weights at k
-        (weight_rewind; reinit: the fresh init) or continuing the dense run from its weights at
-        the draw, t_L..T (finetune)."""
-        dense = self.trial.level_dir(0)
-        mask = (early_bird.draw_mask(dense, level) if imp is None
-                else controls.mask(self.spec, level, imp.trial, self.trial, self.layers))
-        if self.spec.retrain == "finetune":
-            t = early_bird.read_draw(dense, level)["iteration"]
-            return Job(self.spec.train, self.spec.seed, mask, early_bird.draw_weights(dense, level, self.device), t)
-        return Job(self.spec.train, self.spec.seed, mask, self.trial.rewind(self.device), self.spec.rewind_iteration)
 
     def save_rewind(self, state: dict) -> None:
         """The rewind point; a reinit control at init keeps it as the point its method scores
         and starts from a fresh init (ARCHITECTURE.md, "Pruning at initialization")."""
-        if at_init.applies(self.spec) and self.spec.control == "reinit":
+        if self.method.mask == "scored" and self.spec.control == "reinit":
             save_tensors(self.out / layout.SCORED, state)
             state = controls.fresh(self.spec, self.info)
         self.trial.save_rewind(state)
@@ -181,32 +160,26 @@ class Member:
         """Write the level; `fields`: its instability, measured before (the record is
         complete before the level's files and DONE exist)."""
         final = result.pop("final")
-        extra = self.early_bird_fields(level, job, result, final) if early_bird.applies(self.spec) else {}
-        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}), **extra)
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}),
+                             **self.early_bird_fields(level, job, result, final))
         self.trial.finish(level, job.mask, final, record)
         return record
 
     def early_bird_fields(self, level: int, job: Job, result: dict, final: dict) -> dict:
-        """An early-bird trial's record fields (trials/record.py): the draw of this level's mask,
-        iterations against the schedule, and the iterations its network cost. Densities whose
-        mask never stabilised are drawn first, from the final weights."""
-        spec, here = self.spec, self.trial.level_dir(level)
+        """An early-bird IMP level's record fields (trials/record.py): the draw of its mask (made
+        while level L-1 trained), iterations against the schedule, and the iterations its
+        network cost (levels 0..L). A draw that never stabilised is made from the final weights.
+        None of them without early_bird.imp_levels."""
+        if not self.spec.early_bird.imp_levels:
+            return {}
+        here = self.trial.level_dir(level)
         watch = self.watches.pop(level, None)
         if watch is not None:
-            keep = spec.method == "early_bird"
-            for lv, info, mask in watch.unstable(job.start + result["iterations"], final):
-                early_bird.save_draw(here, lv, info, final if keep else None, mask if keep else None)
-        out = {"schedule_iterations": spec.train.iterations - job.start}
-        trained = result["iterations"]
-        if spec.method == "early_bird":
-            dense = self.trial.level_dir(0)
-            if level == 0:
-                infos = [early_bird.read_draw(dense, lv) for lv in range(1, spec.prune.levels + 1)]
-                return {**out, "early_bird_stable": all(i["stable"] for i in infos), "cost_iterations": trained}
-            info = early_bird.read_draw(dense, level)
-            return {**out, **early_bird.fields(info), "cost_iterations": info["iteration"] + trained}
+            for lv, info, _ in watch.unstable(job.start + result["iterations"], final):
+                early_bird.save_draw(here, lv, info)
         before = (self.trial.record(level - 1).cost_iterations or 0) if level else 0
-        out["cost_iterations"] = before + trained
+        out = {"schedule_iterations": self.spec.train.iterations - job.start,
+               "cost_iterations": before + result["iterations"]}
         drawn = self.trial.level_dir(level - 1) / layout.draw(level, ".json")
         if level and drawn.exists():
             out.update(early_bird.fields(early_bird.read_draw(drawn.parent, level)))
@@ -357,13 +330,12 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
     for spec, out in zip(specs, outs):
         TrialDir(out, spec).check()
-    members = [(Searcher if spec.method == "edge_popup" else Member)(spec, out, data, device)
-               for spec, out in zip(specs, outs)]
+    members = [methods.of(spec).load("member")(spec, out, data, device) for spec, out in zip(specs, outs)]
     trunk: dict = {}  # a control member -> its IMP run, a member of its own in OUT/imp/ (not reported)
     for i, spec in enumerate(specs):
         if controls.needs_imp(spec):
             trunk[i] = len(members)
-            members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
+            members.append(methods.of(spec).load("member")(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
                                   ledger=Path(outs[i]) / layout.UNITS))
     shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
     training = Training(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)

@@ -16,7 +16,7 @@ import functools
 from pathlib import Path
 from typing import Optional
 
-from trials import datasets, models
+from trials import datasets, methods, models
 from trials.errors import ConfigError
 from trials.stacked import why_not_packable
 
@@ -26,7 +26,7 @@ SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "preci
 def trains(spec) -> str:
     """What a trial's levels train: "scores" (edge-popup's supermasks) or "weights"; a
     pack holds one kind (trials/lottery.py run_pack)."""
-    return "scores" if spec.method == "edge_popup" else "weights"
+    return methods.of(spec).trains
 
 
 def shared_train(spec) -> tuple:

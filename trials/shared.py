@@ -37,7 +37,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from trials import early_bird, layout, masks
+from trials import layout, masks, methods
 from trials.record import STABILITY, LevelRecord
 from trials.spec import non_default
 from trials.store import TrialDir, copy_draws, load_tensors, save_tensors, write_json
@@ -90,7 +90,7 @@ EARLY_TRUNK_FREE = ("control",)
 
 
 def dense_name(spec) -> str:
-    return f"dense/{_key(spec, EARLY_DENSE_FREE if early_bird.applies(spec) else DENSE_FREE)}"
+    return f"dense/{_key(spec, EARLY_DENSE_FREE if spec.early_bird.imp_levels else DENSE_FREE)}"
 
 
 def point_name(spec, k: int) -> str:
@@ -99,7 +99,7 @@ def point_name(spec, k: int) -> str:
 
 
 def trunk_name(spec) -> str:
-    return f"trunk/{_key(spec, EARLY_TRUNK_FREE if early_bird.applies(spec) else TRUNK_FREE)}"
+    return f"trunk/{_key(spec, EARLY_TRUNK_FREE if spec.early_bird.imp_levels else TRUNK_FREE)}"
 
 
 def level_name(spec, level: int) -> str:
@@ -148,12 +148,12 @@ def shareable(spec) -> bool:
     independent searches (each is its own work); method=early_bird's dense run stops where
     its own densities' masks stabilise and keeps its draws: its trial's own work (it trains
     that prefix, never the full dense run, whose unit keeps no draws)."""
-    return spec.method not in ("edge_popup", "early_bird")
+    return methods.of(spec).shares != "none"
 
 
 def shares_levels(spec) -> bool:
     """Whether levels >= 1 are trunk units: IMP's; an at-init level is its trial's own."""
-    return spec.method == "imp"
+    return methods.of(spec).shares == "trunk"
 
 
 def plan(spec) -> list[dict]:

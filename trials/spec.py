@@ -1,6 +1,5 @@
-"""TrialSpec: a frozen, typed, validated description of one trial: an IMP run, an
-edge-popup supermask search (`method`, trials/supermask.py), or pruning at initialization
-(trials/at_init.py).
+"""TrialSpec: a frozen, typed, validated description of one trial of a registered method
+(trials/methods: IMP, an edge-popup supermask search, pruning at initialization, ...).
 
 Groups follow open_lth's hyperparameter groups. Help text lives with each field
 (``metadata["help"]``). A field marked ``key=False`` says where the run happens, not
@@ -17,8 +16,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from trials import typed
+from trials import methods, typed
 from trials.validate import validate
+
+MethodName = Literal[methods.names()]  # the registered methods (trials/methods), in registration order
 
 
 def _f(default, help: str, key: bool = True, **coercion):
@@ -161,17 +162,7 @@ class StabilitySpec:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    method: Literal["imp", "edge_popup", "snip", "grasp", "synflow", "magnitude_init", "random_init",
-                    "early_bird"] = _f(
-        "imp", "imp = train weights and prune them (prune.*); edge_popup = learn a supermask on fixed "
-        "random weights (supermask.*). edge_popup ignores prune.*, rewind_iteration, model.init and "
-        "train's optimizer fields (it uses train's batch_size, iterations, eval_interval, precision); "
-        "imp ignores supermask.*. snip, grasp, synflow, magnitude_init, random_init = prune at "
-        "initialization (at_init.*) to IMP's level-L counts (prune.rate, layer_rates, output_rate, "
-        "levels) and train like a weight-rewind ticket. early_bird = one dense run, stopped once the "
-        "masks of every level's density have stabilised (early_bird.*); level L draws IMP's level-L "
-        "count from the dense weights where its mask stabilised and retrains as `retrain` says"
-    )
+    method: MethodName = _f("imp", methods.help_text())
     model: ModelSpec = _f(ModelSpec(), "the network", shorthand="name")
     dataset: DatasetSpec = _f(DatasetSpec(), "the data", shorthand="name")
     train: TrainSpec = _f(TrainSpec(), "how each level trains")
@@ -208,7 +199,7 @@ class TrialSpec:
     @property
     def last_level(self) -> int:
         """Levels run 0..last_level: IMP's prunings, or one per supermask density."""
-        return len(self.supermask.densities) - 1 if self.method == "edge_popup" else self.prune.levels
+        return methods.of(self).last_level(self)
 
     @property
     def key(self) -> str:

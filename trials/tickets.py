@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trials import datasets, layout, models
+from trials import datasets, layout, methods, models
 from trials.masks import Masker
 from trials.record import LevelRecord
 from trials.spec import from_dict
@@ -53,7 +53,7 @@ class Ticket:
         edge-popup ticket's weights stay fixed (its accuracy is its supermask's): evaluate it."""
         from trials.training import train_level
 
-        if self.spec.method == "edge_popup":
+        if methods.of(self.spec).trains == "scores":
             raise ValueError(f"a {self.spec.method} ticket is not retrained: its weights stay fixed and its "
                              "accuracy is the supermask's (use evaluate())")
         data = data or datasets.load(self.spec.dataset, next(self.model.parameters()).device)

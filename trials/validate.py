@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import replace
 
+from trials import methods
 from trials.errors import ConfigError, check
 
 
@@ -19,6 +20,7 @@ def validate(spec) -> None:
     _validate_supermask(spec.supermask)
     _validate_method(spec)
     _validate_at_init(spec)
+    _validate_unread(spec)
     _validate_retrain(spec)
     _validate_stability(spec)
     _validate_early_bird(spec)
@@ -73,47 +75,42 @@ def _validate_supermask(s) -> None:
 
 
 def _validate_method(spec) -> None:
-    """What edge-popup cannot do; the fields it ignores are listed on TrialSpec.method."""
-    if spec.method != "edge_popup":
-        check(spec.control != "shuffle" or spec.prune.kind == "unstructured", "control", spec.control,
-              "allowed with prune.kind=structured: none, reinit, random_prune, invert (shuffle permutes weights)")
-        return
-    check(spec.control not in ("shuffle", "invert"), "control", spec.control,
-          "allowed with method=edge_popup: none, random_prune")
-    check(spec.control != "reinit", "control", spec.control,
-          "allowed with method=edge_popup: none, random_prune (a supermask belongs to its fixed weights; "
-          "for other weights run another seed)")
-    check(spec.control != "random_prune" or spec.supermask.scope == "layerwise", "control", spec.control,
-          "allowed with method=edge_popup and supermask.scope=global: none (a random mask needs per-layer "
-          "densities fixed in advance: use supermask.scope=layerwise)")
+    """What the method admits (trials/methods): its controls, its retraining modes, and no
+    set field of a group it refuses that it does not read."""
+    m = methods.of(spec)
+    check(spec.control in m.controls, "control", spec.control,
+          f"allowed with method={m.name}: {', '.join(m.controls)}" + m.why(f"control={spec.control}"))
+    if spec.control == "shuffle" and m.reads_path("prune.kind"):
+        check(spec.prune.kind == "unstructured", "control", spec.control, "allowed with prune.kind=structured: "
+              f"{', '.join(c for c in m.controls if c != 'shuffle')} (shuffle permutes weights)")
+    if spec.control == "random_prune" and m.mask == "searched":
+        check(spec.supermask.scope == "layerwise", "control", spec.control,
+              f"allowed with method={m.name} and supermask.scope=global: none (a random mask needs per-layer "
+              "densities fixed in advance: use supermask.scope=layerwise)")
 
 
 def _validate_at_init(spec) -> None:
-    """Pruning at init (trials/at_init.py): what it cannot do, and fields it does not read."""
-    from trials.at_init import READS, applies
-
-    a, m = spec.at_init, spec.method
+    a = spec.at_init
     check(a.batches >= 1, "at_init.batches", a.batches, "allowed: an integer >= 1")
     check(a.temperature > 0 and math.isfinite(a.temperature), "at_init.temperature", a.temperature,
           "allowed: a number > 0")
     check(a.rounds >= 1, "at_init.rounds", a.rounds, "allowed: an integer >= 1")
-    reads = READS.get(m, ())
-    for name, value, default in _changed(a):
-        check(name in reads, f"at_init.{name}", value, f"allowed with method={m}: {default} (the default; "
-              + (f"method={m} reads at_init.{', at_init.'.join(reads)})" if reads else
-                 "at_init.* is read by snip, grasp, synflow, magnitude_init, random_init)"))
-    if not applies(spec):
-        return
-    for name, value, default in _changed(spec.supermask):
-        check(False, f"supermask.{name}", value, f"allowed with method={m}: {default} (the default; "
-              "supermask.* is read by method=edge_popup)")
-    check(spec.prune.kind == "unstructured", "prune.kind", spec.prune.kind,
-          f"allowed with method={m}: unstructured (the scores are per weight)")
-    check(spec.prune.scope == "layerwise", "prune.scope", spec.prune.scope,
-          f"allowed with method={m}: layerwise (the default; method={m} reads at_init.scope)")
-    check(spec.control != "random_prune", "control", spec.control,
-          f"allowed with method={m}: none, reinit, shuffle, invert (shuffle is a random mask at the "
-          "method's per-layer counts)")
+
+
+def _validate_unread(spec) -> None:
+    """A set field the method does not read, in a group or path its entry refuses."""
+    m = methods.of(spec)
+    for refused in m.refuses:
+        group, _, name = refused.partition(".")
+        for field, value, default in _changed(getattr(spec, group)):
+            path = f"{group}.{field}"
+            if (name and field != name) or m.reads_path(path):
+                continue
+            own = [r for r in m.reads if r.startswith(group + ".")] if not name else []
+            said = (f"method={m.name} reads {', '.join(own)}" if own
+                    else f"{path} is read by method={', '.join(methods.readers(path))}")
+            check(False, path, value, f"allowed with method={m.name}: {default} (the default; {said})"
+                  + m.why(path))
 
 
 def _changed(group) -> list:
@@ -128,43 +125,38 @@ def _validate_retrain(spec) -> None:
     """lr_rewind and finetune start level L from level L-1's final weights (trials/lottery.py)."""
     if spec.retrain == "weight_rewind":
         return
-    check(spec.method != "early_bird" or spec.retrain == "finetune", "retrain", spec.retrain,
-          "allowed with method=early_bird: weight_rewind, finetune (continue from the early-bird weights)")
-    check(spec.method in ("imp", "early_bird"), "retrain", spec.retrain,
-          f"allowed with method={spec.method}: weight_rewind (" + ("a supermask level never retrains weights)"
-          if spec.method == "edge_popup" else "a mask found at init trains from the rewind point)"))
+    m = methods.of(spec)
+    check(spec.retrain in m.retrain, "retrain", spec.retrain,
+          f"allowed with method={m.name}: {', '.join(m.retrain)}" + m.why("retrain"))
     check(spec.control != "reinit", "control", spec.control,
           f"allowed with retrain={spec.retrain}: none, random_prune (reinit draws fresh weights, but "
           f"{spec.retrain} keeps the previous level's trained weights; use retrain=weight_rewind)")
 
 
 def _validate_early_bird(spec) -> None:
-    """Early-bird tickets (trials/early_bird.py): read by method=early_bird, and by method=imp
-    with early_bird.imp_levels; refused elsewhere, one key at a time."""
-    e, m, t = spec.early_bird, spec.method, spec.train
-    on = m == "early_bird" or (m == "imp" and e.imp_levels)
-    if not on:
+    """Early-bird tickets (trials/early_bird.py): early_bird.* is read by a method whose entry
+    says so (trials/methods: `early_bird`), IMP's only with early_bird.imp_levels; refused
+    elsewhere, one key at a time."""
+    e, m, t = spec.early_bird, methods.of(spec), spec.train
+    if m.early_bird == "none" or (m.early_bird == "levels" and not e.imp_levels):
         for name, value, default in _changed(e):
-            check(False, f"early_bird.{name}", value, f"allowed with method={m}: {default} (the default; "
-                  + ("early_bird.* is read with early_bird.imp_levels: true)" if m == "imp" else
-                     "early_bird.* is read by method=early_bird, and by method=imp with early_bird.imp_levels)"))
+            said = ("early_bird.* is read with early_bird.imp_levels: true" if m.early_bird == "levels" else
+                    f"early_bird.* is read by method={', '.join(methods.readers('early_bird.interval'))}")
+            check(False, f"early_bird.{name}", value, f"allowed with method={m.name}: {default} (the default; {said})")
         return
-    check(m == "imp" or not e.imp_levels, "early_bird.imp_levels", e.imp_levels,
-          "allowed with method=early_bird: false (the default; early-bird levels are for method=imp)")
+    check(m.early_bird == "levels" or not e.imp_levels, "early_bird.imp_levels", e.imp_levels,
+          f"allowed with method={m.name}: false (the default; early-bird levels are IMP's)")
     check(e.window >= 2, "early_bird.window", e.window, "allowed: an integer >= 2 (masks compared)")
     check(0 < e.epsilon < 1, "early_bird.epsilon", e.epsilon, "allowed: 0 < epsilon < 1")
-    run = t.iterations - (spec.rewind_iteration if m == "imp" else 0)
+    run = t.iterations - (spec.rewind_iteration if m.early_bird == "levels" else 0)
     check(1 <= e.interval <= run, "early_bird.interval", e.interval,
           f"allowed: 1 .. {run} (" + ("train.iterations - rewind_iteration: the shortest level's run)"
-                                      if m == "imp" else "train.iterations: the dense run)"))
+                                      if m.early_bird == "levels" else "train.iterations: the dense run)"))
     check(e.criterion == "magnitude" or spec.prune.kind == "structured", "early_bird.criterion", e.criterion,
           "allowed with prune.kind=unstructured: magnitude (bn_gamma ranks units: prune.kind=structured)")
-    if m == "early_bird":
-        check(spec.control != "invert", "control", spec.control,
-              "allowed with method=early_bird: none, reinit, random_prune, shuffle (invert turns over IMP's "
-              "ranking of its own trajectory, which an early-bird ticket does not have)")
+    if m.early_bird == "dense":
         check(spec.prune.levels >= 1, "prune.levels", spec.prune.levels,
-              "allowed with method=early_bird: an integer >= 1 (level L draws IMP's level-L density)")
+              f"allowed with method={m.name}: an integer >= 1 (level L draws IMP's level-L density)")
 
 
 def _validate_stability(spec) -> None:
@@ -177,8 +169,8 @@ def _validate_stability(spec) -> None:
         check(not s.levels, "stability.levels", list(s.levels),
               "allowed with stability.copies=0 (off): [] (set stability.copies >= 2 to measure)")
         return
-    check(spec.method == "imp", "stability.copies", s.copies,
-          f"allowed with method={spec.method}: 0 (instability analysis runs for method=imp)")
+    check(methods.of(spec).stability, "stability.copies", s.copies, f"allowed with method={spec.method}: 0 "
+          f"(instability analysis runs for method={', '.join(methods.names(stability=True))})")
     levels = list(s.levels)
     check(all(0 <= lv <= spec.prune.levels for lv in levels) and len(set(levels)) == len(levels),
           "stability.levels", levels, f"allowed: distinct levels 0..prune.levels ({spec.prune.levels}), "
@@ -206,8 +198,9 @@ def _validate_against_model(spec) -> None:
               f"not a prunable layer of {spec.model.name}; layers: {', '.join(layers.names)}")
         check(not (spec.prune.kind == "structured" and name == layers.output), f"prune.layer_rates.{name}",
               name, "the output layer's classes are never removed by structured pruning")
-    if spec.method != "edge_popup":  # edge-popup's levels are its densities, not prunings
-        at_init = spec.method not in ("imp", "early_bird")  # counts as IMP's with prune.scope = at_init.scope
+    m = methods.of(spec)
+    if m.levels == "prune.levels":  # edge-popup's levels are its densities, not prunings
+        at_init = m.reads_path("at_init.scope")  # IMP's counts with prune.scope = at_init.scope (trials/at_init.py)
         _validate_levels(replace(spec.prune, scope=spec.at_init.scope) if at_init else spec.prune, layers)
     if spec.early_bird.criterion == "bn_gamma" and spec.prune.kind == "structured":
         from trials.pruning import candidates

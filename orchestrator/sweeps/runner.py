@@ -139,6 +139,29 @@ def lean_start():
         Node.start_api_server, Node.start_head_processes = start_api_server, start_head_processes
 
 
+@contextmanager
+def idle_workers_serve():
+    """Tune's trial actors on the Ray workers that are already up (ARCHITECTURE.md, "The
+    sweep runner"). Tune gives every trial actor a runtime environment of its own,
+    `{"env_vars": {"PL_DISABLE_FORK": "1"}}` (a PyTorch Lightning switch; lth has no
+    Lightning), plus the driver's values of a few variables it propagates (AWS keys, Tune's
+    own switches). Ray serves an actor only from workers started with its runtime
+    environment: the workers it prestarts with a local Ray (one per CPU) and the idle ones
+    have none, so each trial actor waited for a worker process of its own to be started
+    and import Ray, while a prestarted one stayed idle. Without Lightning's variable, a
+    trial actor's environment is empty unless one of those variables is set (then as
+    before), and an idle worker serves it."""
+    from ray.tune.execution import class_cache
+
+    saved = dict(class_cache.DEFAULT_ENV_VARS)
+    class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
+    try:
+        yield
+    finally:
+        class_cache.DEFAULT_ENV_VARS.clear()
+        class_cache.DEFAULT_ENV_VARS.update(saved)
+
+
 def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> list[dict]:
     """Start a sweep, or continue it when the same sweep already exists under its name.
     `dashboard`: a local Ray starts its dashboard too (a cluster's is the cluster's)."""
@@ -152,7 +175,8 @@ def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> li
     save_sweep(sweep, study_name)
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)
-    _tuner(sweep, study_name).fit()
+    with idle_workers_serve():
+        _tuner(sweep, study_name).fit()
     return _finish(sweep)
 
 
@@ -170,12 +194,13 @@ def resume(name: str, storage: str, address: str | None = None, dashboard: bool 
     path = sweep_path(sweep.storage, sweep.name)
     if sweep.search.algorithm != "grid":
         _study_file(sweep, study_name)  # the restored searcher reopens it: bring it back first
-    if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
-        _tuner(sweep, study_name).fit()
-    else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
-        tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
-                           resume_errored=False, restart_errored=False,
-                           param_space=grid_space(sweep) if sweep.search.algorithm == "grid" else None).fit()
+    with idle_workers_serve():
+        if not tune.Tuner.can_restore(path):  # the driver died before Tune saved any state
+            _tuner(sweep, study_name).fit()
+        else:  # the restored Tuner brings back its pickled callbacks (progress, MLflow)
+            tune.Tuner.restore(path, trainable=_trainable(sweep), resume_unfinished=True,
+                               resume_errored=False, restart_errored=False,
+                               param_space=grid_space(sweep) if sweep.search.algorithm == "grid" else None).fit()
     return _finish(sweep)
 
 

@@ -29,6 +29,7 @@ from ray import tune
 from orchestrator.objectives import STOPPED, matches, summarise
 from orchestrator.sweeps import packs
 from orchestrator.sweeps.storage import checkpoint_dirs
+from orchestrator.sweeps.workers import quiet_exit
 from trials import layout
 from trials.record import LevelRecord, read_lines
 
@@ -40,6 +41,7 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
     shares work units (units.py), else None."""
     from trials.spec import from_dict
 
+    quiet_exit()  # no "SystemExit: 1" traceback when Ray stops this worker (workers.py)
     # one "checkpoint created" line per checkpoint drowns the driver's progress lines
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     specs = [from_dict(t["spec"]) for t in config[packs.PACK]["trials"]]

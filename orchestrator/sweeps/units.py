@@ -69,6 +69,9 @@ class Broker:
     """Leases on units and the queue of work ready to be done (see module doc)."""
 
     def __init__(self, lease: float):
+        from orchestrator.sweeps.workers import quiet_exit
+
+        quiet_exit()  # no "SystemExit: 1" traceback when Ray stops this actor (workers.py)
         self.lease = lease
         self.units: dict = {}  # name -> {"deps", "spec", "data"}, in registration order
         self.points: dict = {}  # dense unit -> rewind points the sweep asks for
