@@ -335,8 +335,9 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     for i, spec in enumerate(specs):
         if controls.needs_imp(spec):
             trunk[i] = len(members)
-            members.append(methods.of(spec).load("member")(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
-                                  ledger=Path(outs[i]) / layout.UNITS))
+            trunk_spec = spec.replace(control="none")
+            members.append(methods.of(spec).load("member")(trunk_spec, Path(outs[i]) / layout.IMP, data, device,
+                                                           ledger=Path(outs[i]) / layout.UNITS))
     shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
     training = Training(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)
 
