@@ -9,6 +9,7 @@ from typing import Optional, get_origin
 import pandas as pd
 
 from orchestrator.tracking import levels_table, read, store
+from trials import methods
 from trials.record import COUNTS, TRACKED
 from trials.spec import field_paths
 from trials.errors import ConfigError
@@ -28,7 +29,8 @@ def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = Tru
     heads, levels = [], []
     trials, what = read.select(read.trials(c, experiment, uri, TRACKED, tables), experiment, sweeps)
     for trial in trials:
-        heads.append({**{k: trial[k] for k in HEAD}, "environments": trial.get("environments"), **trial["params"]})
+        heads.append({**{k: trial[k] for k in HEAD}, "environments": trial.get("environments"),
+                      **methods.logged(trial["params"])})
         levels += [{"run_id": trial["run_id"], "level": level, **{m: values.get(m) for m in TRACKED}}
                    for level, values in sorted(trial["levels"].items())]
     if not levels:

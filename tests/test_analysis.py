@@ -370,3 +370,34 @@ def test_the_instability_figure_fits_and_encodes_group_and_level(tmp_path):
                           "level 2 (25%), unstructured"] and labels[-1] == "stable below 2%"
     out = analysis.instability_curves(pd.DataFrame(rows), ["prune.kind"], tmp_path / "inst.png")
     assert out.stat().st_size > 10_000
+
+
+def test_runs_logged_with_every_field_read_as_runs_logged_with_their_methods_fields(tmp_path):
+    """A trial run logs the spec fields its method reads (trials/methods); runs logged before
+    held every field (supermask.* and at_init.* on an IMP run). Both kinds read the same, so
+    old and new runs of one configuration pool into one row."""
+    import json
+
+    from analysis.data import row_fields
+    from tests.conftest import quick_spec
+    from trials import methods
+    from trials.spec import SupermaskSpec, flatten
+
+    def logged(spec, every: bool) -> dict:
+        flat = flatten(spec.to_dict())
+        flat = flat if every else methods.get(spec.method).params(flat)
+        return {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mixed.db'}")
+    exp = c.create_experiment("mixed")
+    imp, popup = quick_spec(), quick_spec(method="edge_popup", supermask=SupermaskSpec(densities=(0.5, 0.3)))
+    for seed, every in ((0, True), (1, False)):
+        log_trial(c, exp, "s", f"imp-{seed}", logged(imp.replace(seed=seed), every), [0.9, 0.8])
+        log_trial(c, exp, "s", f"ep-{seed}", logged(popup.replace(seed=seed), every), [0.7, 0.6])
+    df = analysis.runs("mixed", f"sqlite:///{tmp_path / 'mixed.db'}")
+    assert len(df) == 8 and set(df["method"]) == {"imp", "edge_popup"}
+    rows, added = row_fields(df, [])
+    assert rows == ["method"] == added  # no field splits old from new runs
+    ep = df[df["method"] == "edge_popup"]
+    assert ep["prune.rate"].isna().all() and ep["supermask.densities"].map(len).eq(2).all()
+    assert not df[df["method"] == "imp"].filter(regex=r"^(supermask|at_init)\.").notna().any().any()

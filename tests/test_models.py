@@ -202,3 +202,52 @@ def test_vgg16_matches_open_lth_cifar_vgg_16():
     net = build("vgg16", CIFAR)
     assert n_params(net) == 14_728_266  # open_lth cifar_vgg_16 (conv bias + BN, one 512->10 FC)
     assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 13
+
+
+# ---------------------------------------------------------------- model families
+
+
+class Plain(nn.Module):
+    """A network of a family of its own (test_a_family_without_ops_or_packs...)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(n_in, 16), nn.Linear(16, n_out)
+
+    def forward(self, x):
+        return self.b(self.a(x.flatten(1)).relu())
+
+
+def test_every_model_declares_its_family_and_each_net_is_of_it():
+    assert set(models.FAMILIES) == set(models.MODELS)
+    for name in models.MODELS:
+        net = models.shell(name, CIFAR if name != "lenet_300_100" else MNIST, 10)
+        assert models.family_of(net) is models.FAMILIES[name], name
+
+
+def test_a_family_without_ops_or_packs_trains_and_is_refused_with_its_reason(tmp_path):
+    """A family declares what effective density, compaction and packs need (trials/models.py
+    Family); one that has none of it still trains, and each refusal names its reason."""
+    import math
+
+    from tests.conftest import quick_spec
+    from trials import datasets, packing, paths
+    from trials.lottery import run_lottery
+    from trials.spec import PruneSpec
+
+    family = models.Family("Plain", f"{__name__}:Plain", None, no_ops="a test family with no ops",
+                           no_packs="a test family declared unpackable")
+    models.model("plain_test", family)(lambda shape, num_classes: Plain(math.prod(shape), num_classes))
+    try:
+        spec = quick_spec(model=ModelSpec(name="plain_test"), prune=PruneSpec(levels=1))
+        net = models.build(spec.model, datasets.info(spec.dataset), seed=0)
+        assert models.family_of(net) is family and masks.Layers.of(net).ops is None  # no effective density
+        with pytest.raises(paths.Unsupported, match="a test family with no ops"):
+            paths.describe(net)
+        error = packing.why_not_packed(spec)
+        assert error.key == "model.name" and "a test family declared unpackable" in str(error)
+        assert "plain_test" not in models.compactable()
+        records = run_lottery(spec, tmp_path / "t")
+        assert [r.level for r in records] == [0, 1] and records[1].effective_density is None
+    finally:
+        del models.MODELS["plain_test"], models.FAMILIES["plain_test"]

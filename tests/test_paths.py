@@ -93,7 +93,7 @@ def test_residual_identity_and_projection_shortcuts():
 def test_every_model_is_described_and_compaction_keeps_every_path(name, shape):
     """Every registered model family has a count; compaction (which keeps what can change the
     logits) keeps every weight on a path, and its report's effective density is this count."""
-    assert set(models.MODELS) <= set(compact.SUPPORTED)
+    assert set(models.MODELS) == set(models.FAMILIES) and set(models.MODELS) <= set(compact.supported())
     net = models.MODELS.get(name)(shape, 10).eval()
     layers = masks.Layers.of(net)
     assert layers.ops is not None

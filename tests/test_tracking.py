@@ -49,7 +49,11 @@ def assert_complete(uri, n_trials, levels):
     assert len(parents) == 1 and len(children) == n_trials
     for r in children:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert r.info.run_name == r.data.tags["lth.trial_key"] and r.info.status == "FINISHED"
+        # named by what varies and the seed; the key is a tag; params: what IMP reads, no other method's
+        assert r.info.run_name == f"prune.kind={r.data.params['prune.kind']} seed={r.data.tags['seed']}"
+        assert len(r.data.tags["lth.trial_key"]) == 12 and r.info.status == "FINISHED"
+        assert "prune.levels" in r.data.params and "train.lr" in r.data.params and "seed" in r.data.params
+        assert not any(p.startswith(("supermask.", "at_init.")) for p in r.data.params), sorted(r.data.params)
         for metric in ("density", "effective_density", "test_acc", "early_stop_iteration", "test_acc_at_early_stop",
                        "val_loss", "seconds"):
             steps = [m.step for m in c.get_metric_history(r.info.run_id, metric)]

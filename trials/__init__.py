@@ -1,4 +1,8 @@
-"""The science: one trial = one IMP run. Imports torch/torchvision only (no ray, optuna, mlflow)."""
+"""The science: a trial of one registered method (trials/methods: IMP, edge-popup, pruning
+at initialization), run level by level by one level runner (trials/lottery.py run_pack; a
+trial is a pack of one) through one training loop (trials/training.py train_members), in
+its own trial folder (ARCHITECTURE.md, "The engine"). Imports torch/torchvision only (no
+ray, optuna, mlflow)."""
 from trials.errors import ConfigError
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec, TrialSpec
 from trials.tickets import Ticket, load_ticket

@@ -18,8 +18,9 @@ is rebuilt as an ordinary dense network:
   (the stream is then 0 wherever it is read) or nobody reads it; otherwise it stays
   everywhere, its removed producers computing zeros (counted as `kept_tied`).
 
-The analysis is explicit per architecture family (trials/paths.py `describe`: LeNet,
-Conv-N, VGG, the CIFAR ResNets, torchvision's ResNet-18) and generic after that: the
+The analysis is explicit per architecture family (trials/models.py Family: its describer
+in trials/paths.py, for LeNet, Conv-N, VGG, the CIFAR ResNets, torchvision's ResNet-18)
+and generic after that: the
 description is a list of ops, spaces of units come from walking it, and one forward pass
 (dead in, folding) and one backward pass (dead out) decide what stays. ARCHITECTURE.md,
 "Compaction", says why not Torch-Pruning.
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from trials.errors import ConfigError
 from trials import paths
-from trials.paths import SUPPORTED, Unsupported, describe  # noqa: F401 - the network as ops (compact.describe)
+from trials.paths import Unsupported, describe, supported  # noqa: F401 - the network as ops (compact.describe)
 
 FORMAT = "lth-compact/1"
 WEIGHTS, ARCH, TORCHSCRIPT, ONNX, REPORT = "model.safetensors", "model.json", "model.ts", "model.onnx", "compact.json"
@@ -489,8 +490,8 @@ def compact_folder(ticket_folder, out) -> Compacted:
     data = datasets.load(ticket.spec.dataset, torch.device("cpu"))
     try:
         c = compact(ticket, data)
-    except Unsupported:
-        raise ConfigError("model.name", ticket.spec.model.name, f"allowed: {', '.join(SUPPORTED)}") from None
+    except Unsupported as e:
+        raise ConfigError("model.name", ticket.spec.model.name, f"allowed: {', '.join(supported())} ({e})") from None
     r = c.report
     if not exact(r["max_logit_diff_fp64"], r["max_abs_logit"]):
         raise NotExact(f"compact logits differ from the masked network's by {r['max_logit_diff_fp64']:.3g} in "

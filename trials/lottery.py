@@ -324,7 +324,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     after that level's `report` calls. `arithmetic`: Training's; "alone" trains each
     member by itself with a single trial's default arithmetic (its bits).
     `dense_instability` off: level 0's instability is not measured (a helper's scratch run)."""
-    check_pack(specs, outs)
+    check_pack(specs, outs, stacked=arithmetic != "alone")
     device = data.train_x.device if data is not None else resolve_device(specs[0].device)
     if data is None:
         data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)

@@ -1,4 +1,8 @@
-"""Model registry. Every entry takes the dataset's input shape and class count.
+"""Model registry. Every entry takes the dataset's input shape and class count, and
+declares its family (`Family`): what effective density, compaction and packs need to know
+of its networks, in one place (ARCHITECTURE.md, "Models"). A new model is its builder,
+registered with `model(name, family)`; a family with no description of its ops, or whose
+networks do not pack, says why, and that reason is what a refusal names.
 
 Architectures follow the papers our users reproduce: LeNet-300-100 and Conv-2/4/6
 (Frankle & Carbin 2019), ResNet-20 and VGG-11/16/19 for CIFAR (open_lth's versions),
@@ -8,8 +12,12 @@ hidden units and channels (model.width; 1.0 builds exactly the paper's network).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -18,6 +26,54 @@ import torch.nn.functional as F
 from trials.registry import Registry
 
 MODELS: Registry = Registry("model", "model.name")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the engine needs to know of a model family besides its builders.
+
+    `net`: "module:Class" of the networks its builders return. `ops`: "module:function"
+    that gives such a network as ops (trials/paths.py: effective density in the level
+    records, and compaction), or None: then `no_ops` says why, and compaction is refused
+    with it. `no_packs`: why its networks cannot train in a pack, or None: trials/stacked.py
+    then checks each built network module by module (why_not_packable)."""
+
+    name: str
+    net: str
+    ops: Optional[str]
+    no_ops: str = ""
+    no_packs: Optional[str] = None
+
+    def builds(self, net) -> bool:
+        """Whether `net` is one of this family's networks (never imports the family's module:
+        a network of a module not imported yet is not one of them)."""
+        module, _, cls = self.net.partition(":")
+        return module in sys.modules and isinstance(net, getattr(sys.modules[module], cls))
+
+    def describer(self):
+        module, _, fn = self.ops.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+FAMILIES: Registry = Registry("model", "model.name")  # model name -> its Family
+
+
+def model(name: str, family: Family):
+    """Register a builder under `name`, of `family`."""
+    def add(builder):
+        FAMILIES.register(name)(family)
+        return MODELS.register(name)(builder)
+    return add
+
+
+def family_of(net) -> Optional[Family]:
+    """The family whose networks `net` is one of, or None (a network built elsewhere)."""
+    return next((f for f in dict.fromkeys(FAMILIES.values()) if f.builds(net)), None)
+
+
+def compactable() -> tuple[str, ...]:
+    """The registered models whose family describes its networks as ops."""
+    return tuple(n for n, f in FAMILIES.items() if f.ops)
 
 
 class IncompatibleInput(ValueError):
@@ -93,7 +149,10 @@ class LeNet(nn.Module):
         return self.fc(x)
 
 
-@MODELS.register("lenet_300_100")
+LENET = Family("LeNet", "trials.models:LeNet", "trials.paths:lenet_ops")
+
+
+@model("lenet_300_100", LENET)
 def lenet_300_100(shape, num_classes, width: float = 1.0):
     return LeNet(math.prod(shape), (_scale(300, width), _scale(100, width)), num_classes)
 
@@ -125,10 +184,13 @@ class ConvNet(nn.Module):
         return self.fc(x)
 
 
+CONV = Family("Conv-N", "trials.models:ConvNet", "trials.paths:convnet_ops")
+
+
 def _register_conv(name: str, plan: tuple):
     pools = plan.count("M")
 
-    @MODELS.register(name)
+    @model(name, CONV)
     def conv(shape, num_classes, width: float = 1.0):
         widths = tuple(w if w == "M" else _scale(w, width) for w in plan)
         return ConvNet(_image(shape, name, 2**pools), widths, num_classes, _scale(256, width))
@@ -183,7 +245,10 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-@MODELS.register("resnet20")
+CIFAR_RESNET = Family("CIFAR ResNet", "trials.models:CifarResNet", "trials.paths:cifar_resnet_ops")
+
+
+@model("resnet20", CIFAR_RESNET)
 def resnet20(shape, num_classes, width: float = 1.0):
     return CifarResNet(_image(shape, "resnet20", 4), 20, num_classes, _scale(16, width))
 
@@ -217,8 +282,11 @@ class CifarVGG(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
+VGG = Family("VGG", "trials.models:CifarVGG", "trials.paths:vgg_ops")
+
+
 def _register_vgg(name: str):
-    @MODELS.register(name)
+    @model(name, VGG)
     def vgg(shape, num_classes, width: float = 1.0):
         plan = tuple(w if w == "M" else _scale(w, width) for w in _VGG_PLANS[name])
         return CifarVGG(_image(shape, name, 16), plan, num_classes)
@@ -231,7 +299,10 @@ for _name in _VGG_PLANS:
 # ---------------------------------------------------------------- torchvision ResNet-18
 
 
-@MODELS.register("resnet18")
+TORCHVISION_RESNET = Family("torchvision ResNet", "torchvision.models.resnet:ResNet", "trials.paths:torchvision_resnet_ops")
+
+
+@model("resnet18", TORCHVISION_RESNET)
 def resnet18(shape, num_classes):
     import torchvision
 

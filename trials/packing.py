@@ -7,8 +7,9 @@ weight decay, momentum, `prune.*`, `rewind_iteration`, `control`, `retrain`,
 `stability`, and the method among those that train weights (IMP and the methods that
 prune at initialization, trials/at_init.py). Edge-popup trials pack with edge-popup trials (they train scores, not
 weights; their `train.optimizer` is unused, and every `supermask.*` field may differ).
-Models with parameters or running state in a module without a stacked layer do not
-pack (trials/stacked.py why_not_packable).
+A model family may say its networks do not pack, and why (trials/models.py Family); else
+models with parameters or running state in a module without a stacked layer do not pack
+(trials/stacked.py why_not_packable).
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def shared_train(spec) -> tuple:
     return SHARED_TRAIN[1:] if trains(spec) == "scores" else SHARED_TRAIN
 
 
-def check_pack(specs: list, outs: list) -> None:
-    """Refuse a pack that cannot train together, before anything is written."""
+def check_pack(specs: list, outs: list, stacked: bool = True) -> None:
+    """Refuse a pack that cannot train together, before anything is written. `stacked`
+    off: its members train one after another (the alone arithmetic), so any model will do."""
     if not specs or len(specs) != len(outs):
         raise ConfigError("pack", len(specs), f"allowed: one or more specs, one folder each (got {len(outs)} folders)")
     if len({str(Path(o).resolve()) for o in outs}) != len(outs):
@@ -51,7 +53,11 @@ def check_pack(specs: list, outs: list) -> None:
             if a != b:
                 raise ConfigError(path, a, f"allowed in this pack: {b!r} (member 0's); a pack's members share "
                                   "model architecture, dataset, device and train." + "/".join(shared_train(s)))
-    reason = model_reason(first.model.name, models.MODELS.get(first.model.name), first.dataset, first.model.width)
+    if not stacked:
+        return
+    family = models.FAMILIES.get(first.model.name)
+    reason = family.no_packs or model_reason(first.model.name, models.MODELS.get(first.model.name), first.dataset,
+                                             first.model.width)
     if reason:
         raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
 

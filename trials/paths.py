@@ -29,45 +29,62 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-SUPPORTED = ("lenet_300_100", "conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20", "resnet18")
-
-
 class Unsupported(ValueError):
-    """A network `describe` has no description for (SUPPORTED: the registry's models it knows)."""
+    """A network with no description (its family declares none, or it has a layer that the
+    description cannot take)."""
+
+
+def supported() -> tuple[str, ...]:
+    """The registered models that have a description (trials/models.py Family.ops)."""
+    from trials import models
+
+    return models.compactable()
 
 
 # ---------------------------------------------------------------- describing the known networks
 
 
 def describe(net: nn.Module) -> list:
-    """The network as ops, each conv/linear/bn op naming its module in `net` ("module")."""
+    """The network as ops, each conv/linear/bn op naming its module in `net` ("module"): by
+    its family's describer (trials/models.py Family)."""
     from trials import models
 
-    if isinstance(net, models.LeNet):
-        return [_flatten(), *[x for i in range(len(net.hidden)) for x in (_linear(net, f"hidden.{i}"), _relu())],
-                _linear(net, "fc")]
-    if isinstance(net, models.ConvNet):
-        return [*_sequence(net, "features"), _flatten(),
-                *[x for i in range(len(net.hidden)) for x in (_linear(net, f"hidden.{i}"), _relu())],
-                _linear(net, "fc")]
-    if isinstance(net, models.CifarVGG):
-        return [*_sequence(net, "features"), {"op": "avgpool"}, _flatten(), _linear(net, "fc")]
-    if isinstance(net, models.CifarResNet):
-        blocks = [_block(net, f"blocks.{i}", "shortcut") for i in range(len(net.blocks))]
-        return [_conv(net, "conv"), _bn(net, "bn"), _relu(), *blocks, {"op": "avgpool"}, _flatten(),
-                _linear(net, "fc")]
-    try:
-        from torchvision.models.resnet import BasicBlock, ResNet
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        ResNet = BasicBlock = ()
-    if isinstance(net, ResNet) and all(isinstance(b, BasicBlock) for s in (net.layer1, net.layer2, net.layer3,
-                                                                             net.layer4) for b in s):
-        blocks = [_block(net, f"layer{s}.{i}", "downsample") for s in range(1, 5)
-                  for i in range(len(getattr(net, f"layer{s}")))]
-        return [_conv(net, "conv1"), _bn(net, "bn1"), _relu(), _maxpool(net.maxpool), *blocks, {"op": "avgpool"},
-                _flatten(), _linear(net, "fc")]
-    raise Unsupported(f"no compaction for {type(net).__name__}; supported: LeNet, Conv-N, VGG, ResNet-20 "
-                      "(CIFAR ResNets), ResNet-18")
+    family = models.family_of(net)
+    if family is None or family.ops is None:
+        why = f"{family.name}: {family.no_ops}" if family else f"{type(net).__name__} is of no registered model family"
+        raise Unsupported(f"no description of {type(net).__name__} ({why}); described: {', '.join(supported())}")
+    return family.describer()(net)
+
+
+def lenet_ops(net) -> list:
+    return [_flatten(), *[x for i in range(len(net.hidden)) for x in (_linear(net, f"hidden.{i}"), _relu())],
+            _linear(net, "fc")]
+
+
+def convnet_ops(net) -> list:
+    return [*_sequence(net, "features"), _flatten(),
+            *[x for i in range(len(net.hidden)) for x in (_linear(net, f"hidden.{i}"), _relu())],
+            _linear(net, "fc")]
+
+
+def vgg_ops(net) -> list:
+    return [*_sequence(net, "features"), {"op": "avgpool"}, _flatten(), _linear(net, "fc")]
+
+
+def cifar_resnet_ops(net) -> list:
+    blocks = [_block(net, f"blocks.{i}", "shortcut") for i in range(len(net.blocks))]
+    return [_conv(net, "conv"), _bn(net, "bn"), _relu(), *blocks, {"op": "avgpool"}, _flatten(), _linear(net, "fc")]
+
+
+def torchvision_resnet_ops(net) -> list:
+    from torchvision.models.resnet import BasicBlock
+
+    if not all(isinstance(b, BasicBlock) for s in (net.layer1, net.layer2, net.layer3, net.layer4) for b in s):
+        raise Unsupported("a torchvision ResNet with Bottleneck blocks (ResNet-18 and -34 have BasicBlocks)")
+    blocks = [_block(net, f"layer{s}.{i}", "downsample") for s in range(1, 5)
+              for i in range(len(getattr(net, f"layer{s}")))]
+    return [_conv(net, "conv1"), _bn(net, "bn1"), _relu(), _maxpool(net.maxpool), *blocks, {"op": "avgpool"},
+            _flatten(), _linear(net, "fc")]
 
 
 def _flatten():

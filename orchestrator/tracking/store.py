@@ -9,7 +9,8 @@ server that goes away mid-sweep costs nothing: what failed to log is replayed by
 
 Layout: experiment = the sweep's `experiment`; one parent run per sweep (tag
 lth.kind=sweep); one child run per trial (mlflow.parentRunId, run name and tag
-lth.trial_key = the trial's content key); params = the flattened spec; metrics per
+lth.trial_key = the trial's content key; its name: what varies in the sweep and the seed);
+params = the flattened spec fields its method reads (trials/methods); metrics per
 level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
 ticket/level_XX/{mask,final}.safetensors (names from trials/layout.py; metrics are the
 tracked fields of trials/record.py). Every write first checks what is there, so a
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.tracking import levels_table
-from trials import layout
+from trials import labels, layout, methods
 from trials.errors import ConfigError
 from trials.record import TRACKED, read_lines
 from trials.environment import listed
@@ -147,6 +148,20 @@ def head(run, params: Optional[dict] = None) -> dict:
                              tags.get(TAG_VARIED), run.data.params if params is None else params)
 
 
+def run_name(flat: dict, varied) -> str:
+    """A trial run's name: what varies in its sweep, then its seed, e.g. "prune.rate=0.3
+    control=shuffle seed=1" (a whole varied section, `model`, by its name; a search's
+    floats at 4 significant digits). The trial key stays a tag (TAG_KEY)."""
+    def value(path):
+        if path in flat:
+            return flat[path]
+        inner = {k[len(path) + 1:]: v for k, v in flat.items() if k.startswith(path + ".")}
+        return inner.get("name", inner)
+
+    shown = [f"{p}={labels.short(value(p))}" for p in varied if p != "seed"]
+    return " ".join([*shown, f"seed={flat.get('seed')}"])[:250]  # MLflow's limit on a run name
+
+
 class SweepTracker:
     def __init__(self, sweep):
         self.sweep, self.uri = sweep, sweep.tracking_uri
@@ -195,7 +210,7 @@ class SweepTracker:
         flat = flatten(meta["spec"])
         if run is None:
             extra = {SPEC_TAGS[p]: str(flat.get(p)) for p in SPEC_TAGS}
-            run = self.c.create_run(self.exp, run_name=key, tags={
+            run = self.c.create_run(self.exp, run_name=run_name(flat, self.sweep.varied), tags={
                 **tags, **extra, "mlflow.parentRunId": self.parent, TAG_TRIAL: tune_trial_id,
                 TAG_VARIED: ",".join(self.sweep.varied), "git_sha": str(meta.get("git_sha")),
                 "lth.version": str(meta.get("version")), levels_table.STATE_TAG: levels_table.STALE})
@@ -208,7 +223,8 @@ class SweepTracker:
         if not params:  # new, or created by a driver that died before the params
             from mlflow.entities import Param
 
-            params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in flat.items()}
+            params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                      for k, v in methods.get(flat["method"]).params(flat).items()}
             self.c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files, "head": head(run, params),
                            "read": self.doubts}
