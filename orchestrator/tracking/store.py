@@ -250,14 +250,16 @@ class SweepTracker:
         `refresh` re-uploads the small spec.json and levels.jsonl (the newest wins)."""
         meta = json.loads((folder / layout.SPEC).read_text())
         run = self.child(meta, tune_trial_id)
-        self._log_levels(run, read_lines((folder / layout.LEVELS).read_text()))
+        levels = folder / layout.LEVELS  # absent: a pack member that failed before its first level
+        self._log_levels(run, read_lines(levels.read_text()) if levels.exists() else [])
         self._tag_units(run, folder / layout.UNITS)
         for local, remote in self._artifacts(folder):
             if remote not in run["files"]:
                 self.c.log_artifact(run["run_id"], str(local), remote.rsplit("/", 1)[0] or None)
                 run["files"].add(remote)
         for name in (layout.SPEC, layout.LEVELS) if refresh else ():
-            self.c.log_artifact(run["run_id"], str(folder / name))
+            if (folder / name).exists():
+                self.c.log_artifact(run["run_id"], str(folder / name))
         self.upload_table()
         return run["run_id"]
 
