@@ -142,6 +142,9 @@ def add_tickets(commands) -> None:
                       help="table (default), json or csv (every column, with a header even when nothing matches)")
     best.add_argument("--columns", help="the table's columns, comma-separated, or `all` (default: run_id, "
                       "sweep, the varied fields, seed, level, density and --metric); json and csv hold every column")
+    best.add_argument("--export", action="store_true",
+                      help="also send each listed ticket's tensors (rewind, mask, final weights where kept) from "
+                           "its trial folder in storage to its MLflow run (ticket/...)")
     _tracking_flag(best)
     best.set_defaults(func=tickets_best)
     export = tickets.add_parser("export", help="write one level's ticket (mask, weights, spec)")
@@ -165,6 +168,8 @@ def tickets_best(args) -> int:
         raise ConfigError("--top", args.top, "an integer >= 1")
     rows, what = tickets.ranked(args.experiment, args.tracking_uri, args.metric, args.max_density, args.min_acc,
                                 args.top, sweeps=_sweeps(args))
+    for r in rows if getattr(args, "export", False) else ():
+        tickets.log_ticket(r["run_id"], r["level"], args.tracking_uri)
     if args.format == "json":
         print(json.dumps(rows, indent=1))
     elif args.format == "csv":

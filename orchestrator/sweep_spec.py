@@ -145,6 +145,12 @@ class Sweep:
     # "auto": as many as fit PACK_MEMORY_GB (orchestrator/plan.py pack_size); 1: no packs
     pack: Union[int, Literal["auto"]] = option(1, Rule(lambda v: v == "auto" or v >= 1,
                                                        "an integer >= 1, or auto"))
+    # which levels' final weights a trial folder in storage keeps (orchestrator/sweeps/folders.py):
+    # "last": the newest level's (rewind + masks + last level: what a ticket needs); "all": every level's
+    keep_finals: Literal["last", "all"] = "last"
+    # true: every level's tensors (rewind, masks, kept finals) also go to each trial's MLflow run;
+    # false: MLflow gets metrics, params, tags and the trial folder's place (`lth tickets best --export` on demand)
+    track_tensors: bool = False
 
     @property
     def varied(self) -> list[str]:

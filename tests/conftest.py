@@ -60,22 +60,19 @@ def digits_base(levels: int = 2, **train) -> dict:
 
 
 def assert_each_level_trained_once(trial_dir, levels: int, members: int = 1) -> None:
-    """Levels 0..levels of each of the Tune trial's `members` are all in its checkpoints
-    (member i in folder m<i>), and each was trained exactly once: every checkpoint and every
-    report of a member's level carries the same record, wall-clock seconds included (a
-    level trained again would differ at least there). Tune's result log of a trial that
-    failed over may miss rows or repeat one; the checkpoints are the record (and
-    trials.csv is built from them)."""
+    """Levels 0..levels of each of the Tune trial's `members` are all in its trial folder in
+    storage (STORAGE/NAME/trials/<member id>/, orchestrator/sweeps/folders.py), and each was
+    trained exactly once: every report of a member's level carries the stored record's
+    wall-clock seconds (a level trained again would differ at least there). Tune's result
+    log of a trial that failed over may miss rows or repeat one; the trial folder is the
+    record (and trials.csv is built from it)."""
     import json
 
     reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     for member in range(members):
-        seen: dict = {}
-        for ckpt in sorted(trial_dir.glob("checkpoint_*")):
-            path = ckpt / f"m{member:02d}" / "levels.jsonl"
-            for line in path.read_text().splitlines() if path.exists() else ():
-                record = json.loads(line)
-                assert seen.setdefault(record["level"], record) == record, f"level {record['level']} trained twice"
+        member_id = trial_dir.name if members == 1 else f"{trial_dir.name}_{member:02d}"
+        path = trial_dir.parent / "trials" / member_id / "levels.jsonl"
+        seen = {r["level"]: r for r in map(json.loads, path.read_text().splitlines() if path.exists() else ())}
         assert sorted(seen) == list(range(levels + 1)), (member, sorted(seen))
         for r in (new for result in reported for new in result["pack_new"] if new["member"] == member):
             assert r["seconds"] == seen[r["level"]]["seconds"], f"level {r['level']} reported from two trainings"

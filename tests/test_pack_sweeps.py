@@ -7,6 +7,7 @@ their last checkpointed level."""
 import json
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -167,8 +168,10 @@ def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_pa
     assert {r.data.tags["lth.tune_trial_id"] for r in runs} == set(packed.trial_id)  # the member's own id
     for r in runs:
         assert [m.step for m in c.get_metric_history(r.info.run_id, "test_acc")] == [0, 1, 2]
-        files = {f.path for f in c.list_artifacts(r.info.run_id, "ticket/level_02")}
-        assert "ticket/level_02/mask.safetensors" in files
+        assert not c.list_artifacts(r.info.run_id)  # no tensors unless asked: the trial's folder in storage
+        folder = Path(r.data.tags["lth.folder"])
+        assert folder == tmp_path / "runs" / "packed" / "trials" / r.data.tags["lth.tune_trial_id"]
+        assert [json.loads(line)["level"] for line in (folder / "levels.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_a_diverging_member_fails_alone_and_its_pack_goes_on(tmp_path, ray_local, capsys):

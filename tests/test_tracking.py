@@ -42,7 +42,9 @@ def runs_of(uri, experiment="exp"):
     return c, list(c.search_runs([exp.experiment_id]))
 
 
-def assert_complete(uri, n_trials, levels):
+def assert_complete(uri, n_trials, levels, tensors=False):
+    """`tensors`: a sweep with track_tensors (its tensors mirrored as ticket/...); else a
+    trial run holds no file: metrics, params, tags and where its folder is (lth.folder)."""
     c, runs = runs_of(uri)
     parents = [r for r in runs if r.data.tags.get("lth.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("lth.kind") == "trial"]
@@ -58,6 +60,12 @@ def assert_complete(uri, n_trials, levels):
                        "val_loss", "seconds"):
             steps = [m.step for m in c.get_metric_history(r.info.run_id, metric)]
             assert sorted(steps) == list(range(levels + 1)), (metric, steps)
+        folder = Path(r.data.tags["lth.folder"])
+        assert [json.loads(line)["level"] for line in (folder / "levels.jsonl").read_text().splitlines()] == \
+            list(range(levels + 1))
+        if not tensors:
+            assert not c.list_artifacts(r.info.run_id)
+            continue
         files = {f.path for f in c.list_artifacts(r.info.run_id, "ticket")}
         assert "ticket/rewind.safetensors" in files
         assert {f"ticket/level_{lv:02d}" for lv in range(levels + 1)} <= files
@@ -206,7 +214,7 @@ def mlflow_server(tmp_path):
 def test_server_stopped_mid_sweep_and_restarted_loses_nothing(tmp_path, mlflow_server):
     base = {**BASE, "train": {**BASE["train"], "iterations": 300, "eval_interval": 50},
             "prune": {**BASE["prune"], "levels": 3}}
-    path = sweep_file(tmp_path, base=base, tracking_uri=mlflow_server.uri)
+    path = sweep_file(tmp_path, base=base, tracking_uri=mlflow_server.uri, track_tensors=True)
     sweep = subprocess.Popen([LTH, "sweep", "run", str(path)], cwd=tmp_path, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     c = MlflowClient(mlflow_server.uri)
@@ -222,7 +230,7 @@ def test_server_stopped_mid_sweep_and_restarted_loses_nothing(tmp_path, mlflow_s
     out, _ = sweep.communicate(timeout=600)
     assert sweep.returncode == 0, out[-3000:]
     assert "MLflow unavailable" in out  # the outage really hit the live logging
-    assert_complete(mlflow_server.uri, n_trials=4, levels=3)
+    assert_complete(mlflow_server.uri, n_trials=4, levels=3, tensors=True)
 
 
 def test_unreachable_server_one_line_exit_2_before_anything(tmp_path, capsys):

@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import at_init, controls, datasets, layout, masks, methods, models, pruning, shared, stability
+from trials import at_init, controls, datasets, early_bird, layout, masks, methods, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
@@ -95,6 +95,7 @@ class Member:
         self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
         net = models.build(spec.model, data.info, seed=spec.seed, device=device)
         self.init, self.layers = state_of(net), masks.Layers.of(net)
+        self.watches: dict = {}  # level -> the early-bird Watch of its job (trials/early_bird.py)
 
     def job(self, level: int, keep: Optional[dict] = None, imp: Optional["Member"] = None) -> Job:
         """Level 0 from init keeping the rewind point at k (and handing the iterations in
@@ -108,7 +109,8 @@ class Member:
             hooks = {**(keep or {}), k: self.save_rewind}
             if keep and k in keep:
                 hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
-            return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
+            ones = masks.ones(self.layers)
+            return Job(self.spec.train, self.spec.seed, ones, self.init, 0, hooks, watch=self.watch(0, ones))
         if self.method.mask == "scored":
             scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
             weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
@@ -118,7 +120,20 @@ class Member:
         else:
             mask = controls.mask(self.spec, level, imp.trial, self.trial, self.layers)
         start, schedule = stability.retraining(self.spec, level)
-        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule,
+                   watch=self.watch(level, mask) if imp is None else None)
+
+    def watch(self, level: int, mask: dict) -> Optional[early_bird.Watch]:
+        """The early-bird watch of level `level`'s training (trials/early_bird.py), or None: with
+        early_bird.imp_levels, a level but the last is watched at the next level's mask (level 0
+        not before the rewind point) and its draw is written beside it."""
+        spec, folder = self.spec, self.trial.level_dir(level)
+        if not spec.early_bird.imp_levels or level >= spec.prune.levels:
+            return None
+        watch = early_bird.Watch(spec, self.layers, mask, [level + 1], spec.rewind_iteration if level == 0 else 0,
+                                 lambda lv, info, state, m: early_bird.save_draw(folder, lv, info))
+        self.watches[level] = watch
+        return watch
 
     def save_rewind(self, state: dict) -> None:
         """The rewind point; a reinit control at init keeps it as the point its method scores
@@ -145,9 +160,30 @@ class Member:
         """Write the level; `fields`: its instability, measured before (the record is
         complete before the level's files and DONE exist)."""
         final = result.pop("final")
-        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}))
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}),
+                             **self.early_bird_fields(level, job, result, final))
         self.trial.finish(level, job.mask, final, record)
         return record
+
+    def early_bird_fields(self, level: int, job: Job, result: dict, final: dict) -> dict:
+        """An early-bird IMP level's record fields (trials/record.py): the draw of its mask (made
+        while level L-1 trained), iterations against the schedule, and the iterations its
+        network cost (levels 0..L). A draw that never stabilised is made from the final weights.
+        None of them without early_bird.imp_levels."""
+        if not self.spec.early_bird.imp_levels:
+            return {}
+        here = self.trial.level_dir(level)
+        watch = self.watches.pop(level, None)
+        if watch is not None:
+            for lv, info, _ in watch.unstable(job.start + result["iterations"], final):
+                early_bird.save_draw(here, lv, info)
+        before = (self.trial.record(level - 1).cost_iterations or 0) if level else 0
+        out = {"schedule_iterations": self.spec.train.iterations - job.start,
+               "cost_iterations": before + result["iterations"]}
+        drawn = self.trial.level_dir(level - 1) / layout.draw(level, ".json")
+        if level and drawn.exists():
+            out.update(early_bird.fields(early_bird.read_draw(drawn.parent, level)))
+        return out
 
 
 class Training:
@@ -299,8 +335,9 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     for i, spec in enumerate(specs):
         if controls.needs_imp(spec):
             trunk[i] = len(members)
-            members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
-                                  ledger=Path(outs[i]) / layout.UNITS))
+            trunk_spec = spec.replace(control="none")
+            members.append(methods.of(spec).load("member")(trunk_spec, Path(outs[i]) / layout.IMP, data, device,
+                                                           ledger=Path(outs[i]) / layout.UNITS))
     shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
     training = Training(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)
 
@@ -318,7 +355,8 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         """Level `level` of members with no trunk: trained, or from units (IMP's levels, every
         dense level; an at-init level is its trial's own)."""
         own = {i: members[i].job(level) for i in todo
-               if not sharing or (level and not shared.shares_levels(members[i].spec))}
+               if not sharing or not shared.shareable(members[i].spec)
+               or (level and not shared.shares_levels(members[i].spec))}
         if sharing:
             return sharing.level([i for i in todo if i not in own], level, own)
         return train(own, level) if own else {}

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trials import layout
@@ -49,8 +50,48 @@ def save_tensors(path: Path, tensors: dict) -> None:
     _atomic(Path(path), write)
 
 
+# A mask file's tensors as bits (ARCHITECTURE.md, "The trial folder"): safetensors has no
+# bit dtype, so each bool tensor is stored flattened as uint8 (8 weights a byte, little-endian
+# bit order) and the file's metadata names the format and each tensor's shape.
+MASK_FORMAT, MASK_BITS, MASK_SHAPES = "lth.mask", "bits/1", "lth.shapes"
+
+
+def save_mask(path: Path, mask: dict) -> None:
+    """A mask (name -> bool tensor) as bits: 1/8 of the bytes of one byte per weight."""
+    import numpy as np
+
+    shapes, packed = {}, {}
+    for name, t in mask.items():
+        t = t.detach().to("cpu")
+        if t.dtype != torch.bool:
+            raise ValueError(f"mask {name}: dtype {t.dtype}, a mask is bool")
+        shapes[name] = list(t.shape)
+        packed[name] = torch.from_numpy(np.packbits(t.reshape(-1).numpy(), bitorder="little"))
+    meta = {MASK_FORMAT: MASK_BITS, MASK_SHAPES: json.dumps(shapes, sort_keys=True)}
+
+    def write(tmp):
+        save_file(packed, str(tmp), metadata=meta)
+        os.chmod(tmp, FILE_MODE)
+
+    _atomic(Path(path), write)
+
+
 def load_tensors(path: Path, device="cpu") -> dict:
-    return load_file(str(path), device=str(device))
+    """A safetensors file's tensors; a mask stored as bits (save_mask) comes back as bool
+    tensors of its shapes, so every reader takes both forms (one byte per weight before)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get(MASK_FORMAT) != MASK_BITS:
+            return load_file(str(path), device=str(device))
+        import numpy as np
+
+        shapes = json.loads(meta[MASK_SHAPES])
+        out = {}
+        for name in f.keys():
+            n = int(np.prod(shapes[name])) if shapes[name] else 1
+            bits = np.unpackbits(f.get_tensor(name).numpy(), count=n, bitorder="little").astype(bool)
+            out[name] = torch.from_numpy(bits).reshape(shapes[name]).to(device)
+        return out
 
 
 def write_json(path: Path, obj) -> None:
@@ -122,7 +163,7 @@ class TrialDir:
     def finish(self, level: int, mask: dict, final: dict, record: LevelRecord) -> None:
         d = self.level_dir(level)
         d.mkdir(parents=True, exist_ok=True)
-        save_tensors(d / layout.MASK, mask)
+        save_mask(d / layout.MASK, mask)
         save_tensors(d / layout.FINAL, final)
         self._close(level, record)
 
@@ -143,6 +184,7 @@ class TrialDir:
         d.mkdir(parents=True, exist_ok=True)
         for name in (layout.MASK, layout.FINAL):
             shutil.copyfile(Path(folder) / name, d / name)
+        copy_draws(folder, d)
         self._close(level, record)
 
     def record(self, level: int) -> LevelRecord:
@@ -165,6 +207,13 @@ class TrialDir:
 
     def rewind(self, device="cpu") -> dict:
         return load_tensors(self.path / layout.REWIND, device)
+
+
+def copy_draws(source: Path, dest: Path) -> None:
+    """A level's early-bird draws (layout.draw) travel with it."""
+    for f in sorted(Path(source).iterdir()):
+        if layout.is_draw(f.name):
+            shutil.copyfile(f, Path(dest) / f.name)
 
 
 def state_of(net: torch.nn.Module) -> dict:

@@ -68,6 +68,9 @@ def load_ticket(folder, weights: str = "final", device="cpu") -> Ticket:
     if weights not in files:
         raise ValueError(f"weights: {weights!r} is not allowed; allowed: {', '.join(files)}")
     folder = Path(folder)
+    if not (folder / files[weights]).exists() and weights == "final":
+        raise ValueError(f"{folder} holds no final weights (its sweep kept only its last level's; the sweep "
+                         "setting keep_finals: all keeps every level's): load weights='rewind' and retrain")
     spec = from_dict(json.loads((folder / layout.SPEC).read_text())["spec"])
     net = models.build(spec.model, datasets.info(spec.dataset), seed=spec.seed)
     net.load_state_dict(load_tensors(folder / files[weights]))

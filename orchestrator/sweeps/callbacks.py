@@ -14,7 +14,7 @@ from ray import tune
 
 from orchestrator.objectives import STOPPED
 from orchestrator.plan import level_iterations
-from orchestrator.sweeps import packs, progress, results
+from orchestrator.sweeps import folders, packs, progress, results
 from orchestrator.tracking import store
 from orchestrator.sweeps.storage import checkpoint_dirs
 from trials import labels, layout
@@ -148,8 +148,10 @@ TRACKERS: dict = {}  # sweep name -> SweepTracker of this driver process (set by
 
 
 class MlflowLogger(tune.Callback):
-    """Copies each checkpoint into MLflow as it arrives. A failure (server away) is noted
-    and left to the end-of-sweep `replay`, which copies everything from storage.
+    """Logs each trial's new levels into MLflow as the results arrive (metrics, the units
+    it used, where its folder is in storage; tensors only where the sweep asks for them,
+    at the end). A failure (server away) is noted and left to the end-of-sweep `replay`,
+    which copies everything from storage.
 
     Tune pickles its callbacks into the experiment (tuner.pkl) and a restored sweep gets
     them back: this one therefore holds only the sweep and looks its tracker (an open
@@ -177,14 +179,23 @@ class MlflowLogger(tune.Callback):
         for trial_id, member, _ in packs.members(trial.trial_id, trial.config):
             self._try("trial start", lambda: self.tracker.child(trial_meta(member), trial_id))
 
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        def log():
-            with checkpoint.as_directory() as folder:
-                for trial_id, _, sub in packs.members(trial.trial_id, trial.config):
-                    if (Path(folder) / sub / layout.SPEC).exists():  # a member not started yet: none
-                        self.tracker.log_checkpoint(Path(folder) / sub, trial_id)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        new = result.get("pack_new") or ()
+        if not new:
+            return
+        ids = packs.members(trial.trial_id, trial.config)
+        states = packs.statuses(result, len(ids))
+        by_member: dict = {}
+        for entry in new:
+            by_member.setdefault(entry["member"], []).append(LevelRecord.from_flat(entry))
 
-        self._try("checkpoint", log)
+        def log():
+            for i, records in sorted(by_member.items()):
+                trial_id, member, _ = ids[i]
+                where = folders.trial_folder(self.sweep.storage, self.sweep.name, trial_id)
+                self.tracker.log_trial(trial_meta(member), trial_id, records, states[i].get("units"), where)
+
+        self._try("levels", log)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._status(trial, "FINISHED")
@@ -200,9 +211,10 @@ class MlflowLogger(tune.Callback):
 
 
 def replay(sweep, tracker_factory, experiment_path: str) -> bool:
-    """The end-of-sweep reconciliation: every trial, every stored checkpoint, its status.
-    Checkpoints on local/NFS storage are read in place; from s3:// or gs:// they are
-    downloaded to a temporary folder first."""
+    """The end-of-sweep reconciliation: every trial's stored folder (folders.py), its
+    status. A sweep of the previous layout: its checkpoints' member folders. Files are read
+    in place on local/NFS storage, downloaded to a temporary folder from s3:// or gs://
+    (only levels.jsonl and units.json, unless the sweep sends tensors to MLflow)."""
     import pyarrow.fs
     from ray.tune import ExperimentAnalysis
 
@@ -211,15 +223,35 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
         plan = []
         for trial in analysis.trials:
             fs = trial.storage.storage_filesystem
-            dirs = checkpoint_dirs(fs, trial.storage.trial_fs_path)
-            if isinstance(fs, pyarrow.fs.LocalFileSystem):
-                folders = [Path(d) for d in dirs]
-            else:
-                folders = [Path(tune.Checkpoint(d, filesystem=fs).to_directory(f"{tmp}/{trial.trial_id}/{i}"))
-                           for i, d in enumerate(dirs)]
             ids = packs.members(trial.trial_id, trial.config)
+            old = None  # the previous layout's checkpoint folders, read when a member has no stored folder
             for (trial_id, member, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
                 status = RUN_STATUS.get(packs.member_status(state, trial.status), "KILLED")
-                mine = [f / sub for f in folders if (f / sub / layout.SPEC).exists()]
-                plan.append((trial_id, trial_meta(member), status, mine))
-        return store.sync(tracker_factory, plan)
+                where = folders.trial_folder(sweep.storage, sweep.name, trial_id)
+                local = Path(tmp) / "trials" / trial_id
+                if _fetch(where, local, sweep.track_tensors):
+                    plan.append((trial_id, trial_meta(member), status, [local], where))
+                    continue
+                if old is None:
+                    dirs = checkpoint_dirs(fs, trial.storage.trial_fs_path)
+                    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+                        old = [Path(d) for d in dirs]
+                    else:
+                        old = [Path(tune.Checkpoint(d, filesystem=fs).to_directory(f"{tmp}/{trial.trial_id}/{i}"))
+                               for i, d in enumerate(dirs)]
+                mine = [f / sub for f in old if (f / sub / layout.SPEC).exists()]
+                plan.append((trial_id, trial_meta(member), status, mine, None))
+        return store.sync(tracker_factory, plan, tensors=sweep.track_tensors)
+
+
+def _fetch(where: str, local: Path, tensors: bool) -> bool:
+    """A stored trial folder's files that MLflow gets into `local` (all of them when
+    `tensors`); whether storage holds the folder."""
+    if folders.read_file(where, layout.SPEC) is None:
+        return False
+    if tensors:
+        folders.Mirror(local, where).pull()
+    else:
+        local.mkdir(parents=True)
+        folders.download(where, local, [layout.SPEC, layout.LEVELS, layout.UNITS])
+    return True

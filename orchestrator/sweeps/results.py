@@ -13,7 +13,7 @@ import logging
 import pandas as pd
 
 from orchestrator.objectives import OBJECTIVES, STOPPED, summarise
-from orchestrator.sweeps import packs
+from orchestrator.sweeps import folders, packs
 from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
 from trials import labels, layout
 from trials.environment import mixed
@@ -30,10 +30,14 @@ def error_line(trial) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
-def stored_records(trial, sub: str) -> tuple[list[LevelRecord], dict]:
-    """(level records, level -> node id) of the member in folder `sub` of the Tune trial's
-    newest checkpoint: the authoritative record (Tune's own result log of a trial that
-    failed over may miss rows)."""
+def stored_records(sweep, trial, trial_id: str, sub: str) -> tuple[list[LevelRecord], dict]:
+    """(level records, level -> node id) of a trial: from its folder in storage
+    (folders.py), the authoritative record (Tune's own result log of a trial that failed
+    over may miss rows); in a sweep of the previous layout, from the member's folder `sub`
+    of the Tune trial's newest checkpoint."""
+    found = folders.stored_records(folders.trial_folder(sweep.storage, sweep.name, trial_id))
+    if found is not None:
+        return found[0], found[1]
     fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
     for d in reversed(checkpoint_dirs(fs, base)):
         folder = f"{d}/{sub}"
@@ -67,7 +71,7 @@ def collect(sweep) -> list[dict]:
             error = state.get("error") or trial_error
             head = {"trial_id": trial_id, "status": status, "error": error if status == "ERROR" else "",
                     **{p: config.get(p) for p in sweep.varied}, "seed": config.get("seed")}
-            records, nodes = stored_records(trial, sub)
+            records, nodes = stored_records(sweep, trial, trial_id, sub)
             if not records:
                 rows.append(head)
                 continue

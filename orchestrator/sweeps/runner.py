@@ -228,8 +228,9 @@ def _trainable(sweep: Sweep):
     from orchestrator.sweeps.trainable import lottery
 
     share = dict(storage=sweep.storage, sweep=sweep.name, packed=sweep.packed) if sweep.share else None
+    stored = dict(storage=sweep.storage, sweep=sweep.name, keep_finals=sweep.keep_finals)
     fn = tune.with_parameters(lottery, tolerance=sweep.tolerance,
-                              stop_when_not_matching=sweep.stop_when_not_matching, share=share)
+                              stop_when_not_matching=sweep.stop_when_not_matching, share=share, stored=stored)
     return tune.with_resources(fn, {"cpu": sweep.resources["cpu"], "gpu": sweep.resources["gpu"]})
 
 
@@ -273,7 +274,7 @@ def _tuner(sweep: Sweep, study_name: str):
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # every level's tensors
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # the pack's states (tiny; older layouts: tensors)
             callbacks=[LevelProgress(sweep), MlflowLogger(sweep)],
         ),
     )

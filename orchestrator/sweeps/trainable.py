@@ -1,17 +1,18 @@
 """The sweep's one Tune trainable: a Tune trial runs a pack of one or more trials
-(orchestrator/sweeps/packs.py), reporting their new levels and a checkpoint of their
-folders as they go.
+(orchestrator/sweeps/packs.py), reporting their new levels as they go.
 
 The driver built each member's TrialSpec and decided how the members train (which
 together, with which arithmetic) once, in the trial's config (orchestrator/plan.py
 tune_config); this worker runs each group through the engine and decides nothing again.
-Each checkpoint holds the members' folders as they stand: spec, levels.jsonl, rewind
-weights and the tensors of the levels new since the last checkpoint (earlier levels keep
-only their record and DONE marker). A trial restarted from a checkpoint, on any node,
-copies it back (see persisted_after for which checkpoints) and its members go on at their
-next level; levels Tune already has are not reported again. A member that diverges fails
-alone while the others go on; when every member failed, the Tune trial fails (Tune
-retries it, up to the sweep's max_failures).
+Each member trains in a local folder and, after every level, sends what changed to its
+trial folder in storage (folders.py: each file once, masks as bits, the finals the sweep
+keeps). The Tune checkpoint is the pack's state only (PACK_FILE: reports, statuses, the
+levels Tune has). A trial restarted, on any node, takes its members' folders back from
+storage and goes on at their next level; levels Tune already has are not reported again.
+A checkpoint of the previous layout (the members' folders inside it) is restored as
+before (see persisted_after for which checkpoints) and then sent to storage whole. A
+member that diverges fails alone while the others go on; when every member failed, the
+Tune trial fails (Tune retries it, up to the sweep's max_failures).
 """
 from __future__ import annotations
 
@@ -21,13 +22,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import ray
 from ray import tune
 
 from orchestrator.objectives import STOPPED, matches, summarise
-from orchestrator.sweeps import packs
+from orchestrator.sweeps import folders, packs
 from orchestrator.sweeps.storage import checkpoint_dirs
 from orchestrator.sweeps.workers import quiet_exit
 from trials import layout
@@ -36,9 +36,11 @@ from trials.record import LevelRecord, read_lines
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
 
 
-def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share: dict | None = None) -> None:
+def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share: dict | None = None,
+            stored: dict | None = None) -> None:
     """Run the Tune trial's pack. `share`: {"storage", "sweep", "packed"} when the sweep
-    shares work units (units.py), else None."""
+    shares work units (units.py), else None. `stored`: {"storage", "sweep", "keep_finals"},
+    where the members' trial folders live (folders.py)."""
     from trials.spec import from_dict
 
     quiet_exit()  # no "SystemExit: 1" traceback when Ray stops this worker (workers.py)
@@ -48,7 +50,19 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
     work = Path(os.getcwd()) / "lottery"
     registered = tune.get_checkpoint()
     restore([registered] + persisted_after(_level(registered)) if registered else persisted_after(-1), work)
+    mirrors = []
+    if stored:
+        from orchestrator.sweeps.units import units_root
+
+        units = units_root(share["storage"], share["packed"]) if share else None
+        trial_id = tune.get_context().get_trial_id()
+        for (member_id, _, sub) in packs.members(trial_id, config):
+            mirror = folders.Mirror(work / sub, folders.trial_folder(stored["storage"], stored["sweep"], member_id),
+                                    stored.get("keep_finals", "last"), units)
+            mirror.pull()  # storage's folder when there is one (never older than a checkpoint)
+            mirrors.append(mirror)
     pack = _Pack(specs, work, registered, tolerance, stop_when_not_matching)
+    pack.mirrors = mirrors
     errors: list = []
     for group in config[packs.PACK]["groups"]:
         todo = [i for i in group["members"] if pack.status[i]["status"] == packs.RUNNING]
@@ -91,10 +105,8 @@ class _Pack:
         self.status = saved.get("members") or [{"status": packs.RUNNING, "error": ""} for _ in specs]
         for state in self.status:  # a pack restarted after a lost node: its members go on
             state["status"] = packs.RUNNING if state["status"] == packs.DONE else state["status"]
-        # levels Tune has (reported again after them: never lost) and levels whose tensors are checkpointed
-        self.reported = [_member_level(registered.filesystem, f"{registered.path}/{packs.member_dir(i)}")
-                         if registered else -1 for i in range(len(specs))]
-        self.snapped = list(self.reported)
+        # levels Tune has (reported again after them: never lost)
+        self.reported = _reported(registered, len(specs))
         # members that ended keep their records; the others report theirs again as they run
         self.records: list = [[] if state["status"] == packs.RUNNING or not (out / layout.LEVELS).exists()
                               else read_lines((out / layout.LEVELS).read_text())
@@ -102,6 +114,7 @@ class _Pack:
         self.new: list = []
         self.changed = False
         self.store = None
+        self.mirrors: list = []  # folders.Mirror per member: its folder in storage
         self.waited = None  # the process's store's seconds waited when this trial first used it
 
     def report(self, i: int, record: LevelRecord) -> bool:
@@ -136,18 +149,18 @@ class _Pack:
         members = []
         for i, spec in enumerate(self.specs):
             summary = summarise(self.records[i], self.tolerance) if self.records[i] else {}
+            ledger = self.outs[i] / layout.UNITS  # the work units it used (MLflow tags them)
             members.append({"trial_key": spec.key, "seed": spec.seed, **self.status[i],
-                            STOPPED: self.status[i]["status"] == packs.STOPPED, **summary})
+                            STOPPED: self.status[i]["status"] == packs.STOPPED, **summary,
+                            "units": json.loads(ledger.read_text()) if ledger.exists() else None})
         waited = self.store.waited - self.waited if self.store else 0.0  # in this trial so far
         metrics = {"pack_members": members, "pack_new": self.new, "pack_reports": self.reports,
                    "node_id": self.node, "unit_wait_s": waited}
+        for mirror in self.mirrors:  # the levels are in storage before Tune hears of them
+            mirror.push()
         with tempfile.TemporaryDirectory() as tmp:
-            files = []
-            for i, out in enumerate(self.outs):
-                if out.exists():
-                    files += snapshot(out, Path(tmp) / packs.member_dir(i), self.snapped[i] + 1, Path(tmp))
-                    self.snapped[i] = max(self.snapped[i], self.reported[i])
-            state = {"reports": self.reports, "members": self.status, "files": files}
+            state = {"format": CHECKPOINT_FORMAT, "reports": self.reports, "members": self.status,
+                     "reported": self.reported, "files": [packs.PACK_FILE]}
             (self.work / packs.PACK_FILE).write_text(json.dumps(state))
             shutil.copy2(self.work / packs.PACK_FILE, Path(tmp) / packs.PACK_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -189,23 +202,6 @@ def _data(spec, work):
     return _DATA[key]
 
 
-def snapshot(work: Path, dest: Path, level: int, root: Optional[Path] = None) -> list[str]:
-    """Copy the trial folder, leaving out tensors of levels before `level`; returns the
-    copied files' paths relative to `root` (default `dest`)."""
-    copied = []
-    for src in work.rglob("*"):
-        if src.is_dir() or src.name.startswith("."):
-            continue
-        src_level = layout.level_of(src.parent.name)
-        if src_level is not None and src_level < level and src.name.endswith(layout.TENSOR_SUFFIX):
-            continue
-        target = dest / src.relative_to(work)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-        copied.append(str(target.relative_to(root or dest)))
-    return copied
-
-
 def _level(checkpoint) -> int:
     """How far a checkpoint is (-1: no checkpoint): its count of reports (packs.PACK_FILE)."""
     if checkpoint is None:
@@ -228,6 +224,20 @@ def _progress(fs, path: str) -> tuple[int, bool]:
     if pack is None:
         raise ValueError(f"no {packs.PACK_FILE} in {path}")
     return pack["reports"], packs.complete(fs, path, pack)
+
+
+CHECKPOINT_FORMAT = 2  # the pack's state only; 1 (no "format"): the members' folders inside too
+
+
+def _reported(registered, n: int) -> list:
+    """Per member, the last level Tune has (-1: none): the registered checkpoint's record
+    of them, or (a checkpoint of the previous layout) its members' levels files."""
+    if registered is None:
+        return [-1] * n
+    saved = packs.read_pack_file(registered.filesystem, registered.path) or {}
+    if saved.get("format") == CHECKPOINT_FORMAT:
+        return list(saved["reported"])
+    return [_member_level(registered.filesystem, f"{registered.path}/{packs.member_dir(i)}") for i in range(n)]
 
 
 def _member_level(fs, path: str) -> int:

@@ -1,19 +1,22 @@
 """MLflow tracking: the only module that imports mlflow.
 
 Who writes: only the sweep driver (the `lth sweep` process). Trials hand their records
-and tensors over through Tune results and checkpoints; the driver copies them into
-MLflow as they arrive (`SweepTracker.log_checkpoint`) and reconciles everything from the
-stored checkpoints at the end (`SweepTracker.sync`). Why: SQLite takes one writer at a
-time, and on a cluster workers then need no network path to the tracking server. A
-server that goes away mid-sweep costs nothing: what failed to log is replayed by `sync`.
+over through Tune results and keep their files in their trial folders in storage
+(orchestrator/sweeps/folders.py); the driver logs each result's new levels as they
+arrive (`SweepTracker.log_trial`) and reconciles everything from storage at the end
+(`sync`). Why: SQLite takes one writer at a time, and on a cluster workers then need no
+network path to the tracking server. A server that goes away mid-sweep costs nothing:
+what failed to log is replayed by `sync`.
 
 Layout: experiment = the sweep's `experiment`; one parent run per sweep (tag
 lth.kind=sweep); one child run per trial (mlflow.parentRunId, run name and tag
 lth.trial_key = the trial's content key; its name: what varies in the sweep and the seed);
 params = the flattened spec fields its method reads (trials/methods); metrics per
-level with step = level; artifacts spec.json, levels.jsonl, ticket/rewind.safetensors,
-ticket/level_XX/{mask,final}.safetensors (names from trials/layout.py; metrics are the
-tracked fields of trials/record.py). Every write first checks what is there, so a
+level with step = level; tag lth.folder = the trial's folder in storage. Tensors only
+when asked (a sweep's track_tensors, `lth tickets best --export`): spec.json,
+levels.jsonl, ticket/rewind.safetensors, ticket/level_XX/{mask,final}.safetensors
+(names from trials/layout.py; metrics are the tracked fields of trials/record.py).
+Every write first checks what is there, so a
 resumed or re-run sweep reuses its runs and never logs a step twice. Exactly once
 through an outage too: a write that fails may still have reached the store (the server
 stored it, then died before it answered), so after any failed write the tracker reads
@@ -46,6 +49,8 @@ TAG_KIND, TAG_SWEEP, TAG_KEY, TAG_TRIAL, TAG_VARIED = (
     "lth.kind", "lth.sweep", "lth.trial_key", "lth.tune_trial_id", "lth.varied")
 SPEC_TAGS = {"seed": "seed", "prune.kind": "prune_kind", "rewind_iteration": "rewind_iteration",
              "control": "control"}
+TAG_FOLDER = "lth.folder"  # a trial run: its trial folder in the sweep's storage (path or URI)
+BATCH_METRICS = 1000  # MLflow's most metrics in one log_batch
 TABLE_UPLOAD_SECONDS = 30.0  # at most one levels-table upload per this while levels arrive
 
 
@@ -168,7 +173,8 @@ class SweepTracker:
         self.c = client(self.uri)
         self.exp = experiment_id(self.c, sweep.experiment, self.uri)
         self.parent = self._parent()
-        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "files": set, "head", "read"}
+        self.known: dict = {}  # trial key -> {"run_id", "steps": set, "head", "read", "folder"}
+        self.runs, self.runs_read = None, 0  # trial key -> the sweep's runs found in the store (_existing)
         self.doubts = 0  # failed writes so far; a run whose steps were read before the last one re-reads them
         self.table = self._table()
         self.uploaded = float("-inf")  # time.monotonic() of the last table upload
@@ -206,7 +212,7 @@ class SweepTracker:
         if key in self.known:
             return self.known[key]
         tags = {TAG_KIND: "trial", TAG_SWEEP: self.sweep.name, TAG_KEY: key}
-        run = find_run(self.c, self.exp, tags)
+        run = self._existing(key, tags)
         flat = flatten(meta["spec"])
         if run is None:
             extra = {SPEC_TAGS[p]: str(flat.get(p)) for p in SPEC_TAGS}
@@ -214,24 +220,29 @@ class SweepTracker:
                 **tags, **extra, "mlflow.parentRunId": self.parent, TAG_TRIAL: tune_trial_id,
                 TAG_VARIED: ",".join(self.sweep.varied), "git_sha": str(meta.get("git_sha")),
                 "lth.version": str(meta.get("version")), levels_table.STATE_TAG: levels_table.STALE})
-            steps, files = set(), set()
+            steps = set()
         else:
             steps = self._steps(run.info.run_id)
-            files = {f.path for f in self._list(run.info.run_id, TICKET)}
-            files |= {f.path for d in list(files) for f in self._list(run.info.run_id, d)}
-        params = run.data.params
-        if not params:  # new, or created by a driver that died before the params
-            from mlflow.entities import Param
-
-            params = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-                      for k, v in methods.get(flat["method"]).params(flat).items()}
-            self.c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "files": files, "head": head(run, params),
-                           "read": self.doubts}
+        params, pending = run.data.params, {}
+        if not params:  # new, or created by a driver that died before the params: sent with its first batch
+            params = pending = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                                for k, v in methods.get(flat["method"]).params(flat).items()}
+        self.known[key] = {"run_id": run.info.run_id, "steps": steps, "head": head(run, params),
+                           "read": self.doubts, "folder": run.data.tags.get(TAG_FOLDER), "pending": pending}
         self.table.set_head(self.known[key]["head"])
         if run.data.tags.get(levels_table.STATE_TAG) != levels_table.CURRENT:
             self.table.mark(run.info.run_id, steps)  # current again once the table holds it
         return self.known[key]
+
+    def _existing(self, key: str, tags: dict):
+        """The sweep's run of a trial key, if any: every trial run of the sweep is read in one
+        search when the first is asked for (not one search per trial); after a failed write
+        (which may have created a run after all) the store is asked again."""
+        if self.runs is None or self.runs_read != self.doubts:
+            self.runs = {r.data.tags.get(TAG_KEY): r for r in search(self.c, self.exp, {
+                TAG_KIND: "trial", TAG_SWEEP: self.sweep.name})}
+            self.runs_read = self.doubts
+        return self.runs.get(key)
 
     def _steps(self, run_id: str) -> set:
         """The levels the store holds for a run (a level's metrics go in one batch)."""
@@ -245,63 +256,89 @@ class SweepTracker:
     def _list(self, run_id, path):
         return [f for f in self.c.list_artifacts(run_id, path)]
 
-    def log_checkpoint(self, folder: Path, tune_trial_id: str, refresh: bool = True) -> str:
-        """Copy one checkpoint (the trial folder after a level) into the trial's run.
-        `refresh` re-uploads the small spec.json and levels.jsonl (the newest wins)."""
+    def log_checkpoint(self, folder: Path, tune_trial_id: str, refresh: bool = True, tensors: bool = False,
+                       where: Optional[str] = None) -> str:
+        """Log a trial folder as it stands (a local copy of a stored trial folder, or a
+        checkpoint's member folder of the previous layout): its levels, units and, when
+        `tensors`, its tensors (ticket/...). `refresh` is kept for callers of the previous
+        layout (spec and levels go to MLflow as params and metrics now, not as files)."""
         meta = json.loads((folder / layout.SPEC).read_text())
-        run = self.child(meta, tune_trial_id)
+        units = json.loads((folder / layout.UNITS).read_text()) if (folder / layout.UNITS).exists() else None
         levels = folder / layout.LEVELS  # absent: a pack member that failed before its first level
-        self._log_levels(run, read_lines(levels.read_text()) if levels.exists() else [])
-        self._tag_units(run, folder / layout.UNITS)
-        for local, remote in self._artifacts(folder):
-            if remote not in run["files"]:
-                self.c.log_artifact(run["run_id"], str(local), remote.rsplit("/", 1)[0] or None)
-                run["files"].add(remote)
-        for name in (layout.SPEC, layout.LEVELS) if refresh else ():
-            if (folder / name).exists():
-                self.c.log_artifact(run["run_id"], str(folder / name))
+        records = read_lines(levels.read_text()) if levels.exists() else []
+        run_id = self.log_trial(meta, tune_trial_id, records, units, where)
+        if tensors:
+            self.log_tensors(run_id, folder)
+        return run_id
+
+    def log_trial(self, meta: dict, tune_trial_id: str, records: list, units: Optional[dict] = None,
+                  where: Optional[str] = None) -> str:
+        """A trial's levels (new ones only), the work units it used and where its folder is
+        in storage (tag lth.folder), in one batch per run where something is new."""
+        run = self.child(meta, tune_trial_id)
+        tags = self._unit_tags(run, units)
+        if where and run.get("folder") != where:
+            tags[TAG_FOLDER] = where
+        self._log_levels(run, records, tags)
+        if where:
+            run["folder"] = where
         self.upload_table()
         return run["run_id"]
 
-    def _tag_units(self, run: dict, ledger: Path) -> None:
+    def log_tensors(self, run_id: str, folder: Path) -> None:
+        """The ticket's tensors of a local trial folder into the run (ticket/...), those
+        not there yet: asked for (a sweep's track_tensors, `lth tickets best --export`)."""
+        there = {f.path for f in self._list(run_id, TICKET)}
+        there |= {f.path for d in list(there) for f in self._list(run_id, d)}
+        for local, remote in self._artifacts(folder):
+            if remote not in there:
+                self.c.log_artifact(run_id, str(local), remote.rsplit("/", 1)[0] or None)
+
+    def _unit_tags(self, run: dict, used: Optional[dict]) -> dict:
         """A shared sweep's trial run names the work units it used (trials/shared.py):
         lth.unit.dense, lth.unit.trunk (IMP's; a trial that prunes at init has none), and
-        lth.unit.reused = the levels another trial trained."""
-        if not ledger.exists():
-            return
-        used = json.loads(ledger.read_text())
+        lth.unit.reused = the levels another trial trained. The tags that changed."""
+        if not used:
+            return {}
         tags = {UNIT_DENSE: used["dense"], **({UNIT_TRUNK: used["trunk"]} if "trunk" in used else {}),
                 UNIT_REUSED: ",".join(map(str, used["reused"])) or "none"}
-        for tag, value in tags.items():
-            if run.setdefault("unit_tags", {}).get(tag) != value:
-                self.c.set_tag(run["run_id"], tag, value)
-                run["unit_tags"][tag] = value
+        known = run.setdefault("unit_tags", {})
+        changed = {tag: value for tag, value in tags.items() if known.get(tag) != value}
+        known.update(changed)
+        return changed
 
-    def _log_levels(self, run: dict, records: list) -> None:
+    def _log_levels(self, run: dict, records: list, tags: Optional[dict] = None) -> None:
         """New levels as metrics, the run marked stale in the same batch (readers then read
-        it from MLflow until the table holds the level), then every logged level into the table."""
+        it from MLflow until the table holds the level), with `tags`; then every logged
+        level into the table."""
         from mlflow.entities import Metric, RunTag
 
         if run["read"] != self.doubts:  # a write failed since: what reached the store before it died?
             run["steps"] |= self._steps(run["run_id"])
             run["read"] = self.doubts
+        tags = dict(tags or {})
+        envs = listed(r.environment for r in records)
+        if envs and run.get("environments") != envs:  # where its levels were trained (trials/environment.py)
+            tags[TAG_ENVIRONMENT] = envs
         stamps = run.setdefault("stamps", {})  # level -> its metrics' timestamp, kept for a resend
+        metrics = []
         for r in records:
             if r.level not in run["steps"]:
                 now = stamps.setdefault(r.level, int(time.time() * 1000))
-                metrics = [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED
-                           if getattr(r, k) is not None]  # an optional field not measured: no metric
-                stale = RunTag(levels_table.STATE_TAG, levels_table.STALE)
-                self.c.log_batch(run["run_id"], metrics=metrics, tags=[stale])
-                run["steps"].add(r.level)
-                self.table.mark(run["run_id"], run["steps"])
+                metrics += [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED
+                            if getattr(r, k) is not None]  # an optional field not measured: no metric
+        if metrics:
+            tags[levels_table.STATE_TAG] = levels_table.STALE
+        self._send(run, metrics, [RunTag(k, v) for k, v in tags.items()])
+        if envs:
+            run["environments"] = envs
+        new = {r.level for r in records} - run["steps"]
+        if new:
+            run["steps"] |= new
+            self.table.mark(run["run_id"], run["steps"])
         for r in records:
             if r.level in run["steps"]:
                 self.table.add(run["run_id"], r)
-        envs = listed(r.environment for r in records)
-        if envs and run.get("environments") != envs:  # where its levels were trained (trials/environment.py)
-            self.c.set_tag(run["run_id"], TAG_ENVIRONMENT, envs)
-            run["environments"] = envs
 
     def upload_table(self, now: bool = False) -> None:
         """Publish the sweep's table (levels_table.LevelsTable.publish): throttled while
@@ -320,13 +357,27 @@ class SweepTracker:
             for f in sorted(level_dir.glob(f"*{layout.TENSOR_SUFFIX}")):
                 yield f, f"{TICKET}/{level_dir.name}/{f.name}"
 
+    def _send(self, run: dict, metrics: list, tags: list) -> None:
+        """One log_batch of a run's metrics and tags, with its params while they are not
+        sent yet (chunked only where MLflow's limits ask: 1,000 metrics, 100 params, 100
+        tags a batch). The params count as sent once a batch that held them returned."""
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in (run.get("pending") or {}).items()]
+        while metrics or tags or params:
+            self.c.log_batch(run["run_id"], metrics=metrics[:BATCH_METRICS], params=params[:100], tags=tags[:100])
+            metrics, params, tags = metrics[BATCH_METRICS:], params[100:], tags[100:]
+        run["pending"] = {}
+
     def set_status(self, key: str, status: str) -> None:
         if key not in self.known:
             return
         run = self.known[key]
         changed = run["head"]["status"] != status
-        if changed:  # stale first: readers never pair the new status with the table's old one
-            self.c.set_tag(run["run_id"], levels_table.STATE_TAG, levels_table.STALE)
+        if changed or run.get("pending"):  # stale first: readers never pair the new status with the table's old one
+            from mlflow.entities import RunTag
+
+            self._send(run, [], [RunTag(levels_table.STATE_TAG, levels_table.STALE)] if changed else [])
         self.c.set_terminated(run["run_id"], status=status)
         if changed:
             run["head"] = {**run["head"], "status": status}
@@ -339,20 +390,21 @@ class SweepTracker:
         self.c.set_terminated(self.parent, status=status)
 
 
-def sync(tracker_factory, trials: list, attempts: int = 36, wait_seconds: float = 5.0) -> bool:
+def sync(tracker_factory, trials: list, attempts: int = 36, wait_seconds: float = 5.0, tensors: bool = False) -> bool:
     """Replay a sweep into MLflow (idempotent), retrying while the store is unreachable:
     about 3 minutes (a server restarting on a busy 2-core machine took most of a minute).
-    `trials`: (tune trial id, meta, run status, [checkpoint folders, oldest first])."""
+    `trials`: (tune trial id, meta, run status, [local trial folders, oldest first], where
+    the trial folder is in storage or None); `tensors`: their tensors go to MLflow too."""
     tracker = None
     for attempt in range(attempts):
         try:
             tracker = tracker_factory()
-            for trial_id, meta, status, folders in trials:
+            for trial_id, meta, status, folders, where in trials:
                 tracker.child(meta, trial_id)
                 for i, folder in enumerate(folders):
-                    tracker.log_checkpoint(folder, trial_id, refresh=i == len(folders) - 1)
+                    tracker.log_checkpoint(folder, trial_id, tensors=tensors, where=where)
                 tracker.set_status(meta["key"], status)
-            tracker.finish("FAILED" if any(status == "FAILED" for _, _, status, _ in trials) else "FINISHED")
+            tracker.finish("FAILED" if any(t[2] == "FAILED" for t in trials) else "FINISHED")
             return True
         except Exception as e:  # noqa: BLE001 - the store may be down; try again
             if tracker is not None:

@@ -66,36 +66,117 @@ def ranked(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_a
 
 
 def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
-    """Write one level's ticket folder (trials/layout.py names; trials.load_ticket reads it)."""
+    """Write one level's ticket folder (trials/layout.py names; trials.load_ticket reads it):
+    from the run's ticket/ artifacts where it has them (a sweep with track_tensors, a ticket
+    logged by `lth tickets best --export`, a sweep of an earlier lth), else from the trial's
+    folder in the sweep's storage (the run's lth.folder tag). The final weights are
+    left out where the sweep did not keep them (its keep_finals)."""
     uri, c = store.connect(uri)
     try:
-        c.get_run(run_id)
+        run = c.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing run
         raise ConfigError("RUN_ID", run_id, f"a run id of {uri}") from None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", str(out), "a new or empty folder")
-    level_dir = f"{store.TICKET}/{layout.level_dir(level)}"
-    wanted = {layout.SPEC: layout.SPEC, layout.LEVELS: layout.LEVELS,
-              f"{store.TICKET}/{layout.REWIND}": layout.REWIND,
-              f"{level_dir}/{layout.MASK}": layout.MASK, f"{level_dir}/{layout.FINAL}": layout.FINAL}
     with tempfile.TemporaryDirectory() as tmp:
-        levels = [f.path for f in c.list_artifacts(run_id, store.TICKET) if f.is_dir]
-        if level_dir not in levels:
-            found = (layout.level_of(p.rsplit("/", 1)[-1]) for p in levels)
+        got = _from_mlflow(c, run_id, level, Path(tmp))
+        if got is None and store.TAG_FOLDER not in run.data.tags:  # a run of an earlier lth: its files alone
+            found = (layout.level_of(p.rsplit("/", 1)[-1]) for p in _levels_logged(c, run_id))
             logged = ", ".join(str(lv) for lv in sorted(lv for lv in found if lv is not None)) or "none"
             raise ConfigError("--level", level, f"levels logged for this run: {logged}")
-        for remote, local in wanted.items():
-            shutil.move(c.download_artifacts(run_id, remote, tmp), Path(tmp) / f"x_{local}")
-        records = read_lines((Path(tmp) / f"x_{layout.LEVELS}").read_text())
+        if got is None:
+            got = _from_storage(run, level, Path(tmp))
+        records = read_lines((Path(tmp) / layout.LEVELS).read_text())
         out.mkdir(parents=True, exist_ok=True)
-        for local in wanted.values():
+        for local in got:
             if local != layout.LEVELS:
-                shutil.move(Path(tmp) / f"x_{local}", out / local)
+                shutil.move(Path(tmp) / local, out / local)
     record: LevelRecord = next(r for r in records if r.level == level)
     (out / layout.RECORD).write_text(json.dumps(record.to_dict(), indent=1, sort_keys=True) + "\n")
     (out / layout.SOURCE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=1) + "\n")
     return out
+
+
+def _levels_logged(c, run_id: str) -> list:
+    return [f.path for f in c.list_artifacts(run_id, store.TICKET) if f.is_dir]
+
+
+def _from_mlflow(c, run_id: str, level: int, tmp: Path) -> Optional[list]:
+    """The level's files from the run's ticket/ artifacts into `tmp` (their names), None
+    when the run has none of this level."""
+    level_dir = f"{store.TICKET}/{layout.level_dir(level)}"
+    levels = _levels_logged(c, run_id)
+    if level_dir not in levels:
+        return None
+    there = {f.path for f in c.list_artifacts(run_id, level_dir)}
+    wanted = {layout.SPEC: layout.SPEC, layout.LEVELS: layout.LEVELS,
+              f"{store.TICKET}/{layout.REWIND}": layout.REWIND, f"{level_dir}/{layout.MASK}": layout.MASK}
+    if f"{level_dir}/{layout.FINAL}" in there:
+        wanted[f"{level_dir}/{layout.FINAL}"] = layout.FINAL
+    for remote, local in wanted.items():
+        shutil.move(c.download_artifacts(run_id, remote, str(tmp / "dl")), tmp / local)
+    return list(wanted.values())
+
+
+def _from_storage(run, level: int, tmp: Path) -> list:
+    """The level's files from the trial's folder in storage (its run's lth.folder tag),
+    the tensors of a level that a work unit holds from the unit (folders.unit_files)."""
+    from orchestrator.sweeps.folders import download, read_file, unit_files
+
+    where = run.data.tags.get(store.TAG_FOLDER)
+    levels = read_file(where, layout.LEVELS) if where else None
+    if levels is None:
+        raise ConfigError("RUN_ID", run.info.run_id, "a trial run whose ticket was logged or whose folder is in "
+                          f"storage ({'its folder ' + where + ' is gone' if where else 'it names none'})")
+    stored = sorted(r.level for r in read_lines(levels.decode()))
+    if level not in stored:
+        raise ConfigError("--level", level, f"levels logged for this run: {', '.join(map(str, stored)) or 'none'}")
+    trial = tmp / "trial"
+    download(where, trial, [layout.SPEC, layout.UNITS, layout.REWIND])
+    (tmp / layout.LEVELS).write_bytes(levels)
+    d = layout.level_dir(level)
+    units = unit_files(trial, "", level)
+    got = [layout.LEVELS]
+    for name in (layout.MASK, layout.FINAL):
+        data = read_file(where, f"{d}/{name}")
+        if data is None and name in units:
+            data = read_file(units[name].rsplit("/", 1)[0], name)
+        if data is None and name == layout.MASK:
+            raise ConfigError("RUN_ID", run.info.run_id, f"a trial folder that holds its ticket ({where} lacks "
+                              f"{d}/{name}, and no work unit holds it)")
+        if data is not None:
+            (tmp / name).write_bytes(data)
+            got.append(name)
+    for name in (layout.SPEC, layout.REWIND):
+        if not (trial / name).exists():
+            raise ConfigError("RUN_ID", run.info.run_id, f"a trial folder that holds its ticket ({where} lacks {name})")
+        shutil.move(trial / name, tmp / name)
+        got.append(name)
+    return got
+
+
+def log_ticket(run_id: str, level: int, uri: Optional[str] = None) -> None:
+    """Send one level's ticket tensors (rewind, mask, final where kept) from the trial's
+    folder in storage to its MLflow run (ticket/...), where they are not yet."""
+    uri, c = store.connect(uri)
+    run = c.get_run(run_id)
+    if _from_mlflow_has(c, run_id, level):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        got = _from_storage(run, level, Path(tmp))
+        c.log_artifact(run_id, str(Path(tmp) / layout.SPEC))
+        c.log_artifact(run_id, str(Path(tmp) / layout.LEVELS))
+        d = f"{store.TICKET}/{layout.level_dir(level)}"
+        for name in got:
+            if name == layout.REWIND:
+                c.log_artifact(run_id, str(Path(tmp) / name), store.TICKET)
+            elif name in (layout.MASK, layout.FINAL):
+                c.log_artifact(run_id, str(Path(tmp) / name), d)
+
+
+def _from_mlflow_has(c, run_id: str, level: int) -> bool:
+    return f"{store.TICKET}/{layout.level_dir(level)}" in _levels_logged(c, run_id)
 
 
 COMPACT = "compact"  # a trial run's artifact folder of compact networks: compact/level_XX/
@@ -110,6 +191,9 @@ def compact(run_id: str, level: int, out, uri: Optional[str] = None):
     uri, c = store.connect(uri)
     with tempfile.TemporaryDirectory() as tmp:
         ticket = export(run_id, level, Path(tmp) / "ticket", uri)
+        if not (ticket / layout.FINAL).exists():
+            raise ConfigError("--level", level, "a level whose final weights were kept (its sweep kept only its "
+                              "last level's: sweep setting keep_finals: all keeps every level's)")
         result = compact_folder(ticket, out)
     c.log_artifacts(run_id, str(out), f"{COMPACT}/{layout.level_dir(level)}")
     return result
