@@ -291,6 +291,17 @@ def test_sweep_of_early_bird_tickets_and_controls(tmp_path, ray_local):
         assert all(json.loads(t)[-1][0] == i for t, i in zip(rows.early_bird_trace.iloc[1:], rows.early_bird_iteration.iloc[1:]))
     runs = analysis.runs("eb", f"sqlite:///{tmp_path}/mlflow.db")
     assert set(runs.control) == {"none", "reinit", "shuffle"} and "early_bird_iteration" in runs.columns
+    # a ticket exports, gives its recorded accuracy, and compacts
+    from orchestrator.tracking import tickets
+    from trials.tickets import load_ticket
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = runs[(runs.control == "none") & (runs.level == 2)].run_id.iloc[0]
+    folder = tickets.export(run_id, 2, tmp_path / "ticket", uri)
+    ticket = load_ticket(folder)
+    assert ticket.spec.method == "early_bird" and ticket.evaluate()[1] == ticket.record.test_acc
+    assert ticket.record.early_bird_iteration == alone[2].early_bird_iteration
+    assert main(["tickets", "compact", str(folder), "--out", str(tmp_path / "c")]) == 0
 
 
 def test_sweep_shares_early_bird_imp_levels_as_units(tmp_path, ray_local):
