@@ -291,3 +291,37 @@ def test_sweep_of_early_bird_tickets_and_controls(tmp_path, ray_local):
         assert all(json.loads(t)[-1][0] == i for t, i in zip(rows.early_bird_trace.iloc[1:], rows.early_bird_iteration.iloc[1:]))
     runs = analysis.runs("eb", f"sqlite:///{tmp_path}/mlflow.db")
     assert set(runs.control) == {"none", "reinit", "shuffle"} and "early_bird_iteration" in runs.columns
+    # a ticket exports, gives its recorded accuracy, and compacts
+    from orchestrator.tracking import tickets
+    from trials.tickets import load_ticket
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = runs[(runs.control == "none") & (runs.level == 2)].run_id.iloc[0]
+    folder = tickets.export(run_id, 2, tmp_path / "ticket", uri)
+    ticket = load_ticket(folder)
+    assert ticket.spec.method == "early_bird" and ticket.evaluate()[1] == ticket.record.test_acc
+    assert ticket.record.early_bird_iteration == alone[2].early_bird_iteration
+    assert main(["tickets", "compact", str(folder), "--out", str(tmp_path / "c")]) == 0
+
+
+def test_sweep_shares_early_bird_imp_levels_as_units(tmp_path, ray_local):
+    """A ticket and its controls on early-bird IMP levels: the stopped dense run and the trunk
+    levels are units, trained once, and every trial's records carry the draws."""
+    sweep = {"name": "ebu", "experiment": "ebu", "base": tiny("imp"), "resources": {"cpu": 1}, "max_concurrent": 2,
+             "storage": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+             "space": {"control": {"grid": ["none", "reinit"]}}, "seeds": 1}
+    path = tmp_path / "ebu.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    from orchestrator.sweeps import runner
+
+    runner.run(load_sweep(path))
+    df = pd.read_csv(tmp_path / "runs" / "ebu" / "trials.csv")
+    assert len(df) == 2 * 3 and set(df.status) == {"TERMINATED"}
+    alone = run_lottery(from_dict(tiny("imp")), tmp_path / "alone")
+    ticket = df[df.control == "none"].sort_values("level")
+    assert list(ticket.iterations) == [r.iterations for r in alone]  # the units are the trial's own levels
+    assert list(ticket.early_bird_iteration.iloc[1:]) == [r.early_bird_iteration for r in alone[1:]]
+    assert list(ticket.test_acc) == [r.test_acc for r in alone]
+    dense = df[df.level == 0]
+    assert dense.iterations.nunique() == 1 and dense.iterations.iloc[0] < 80  # one stopped dense run
+    assert len(list((tmp_path / "runs" / "_units" / "dense").iterdir())) == 1

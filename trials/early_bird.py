@@ -43,7 +43,7 @@ import torch
 
 from trials import layout, pruning
 from trials.masks import Layers, Mask
-from trials.store import load_tensors, save_tensors, write_json
+from trials.store import load_tensors, save_mask, save_tensors, write_json
 
 
 def ranked(spec, weights: dict, layers: Layers) -> dict:
@@ -146,7 +146,7 @@ def save_draw(folder: Path, level: int, info: dict, state: Optional[dict] = None
     if state is not None:
         save_tensors(folder / layout.draw(level, layout.TENSOR_SUFFIX), state)
     if mask is not None:
-        save_tensors(folder / layout.draw(level, ".mask" + layout.TENSOR_SUFFIX), mask)
+        save_mask(folder / layout.draw(level, ".mask" + layout.TENSOR_SUFFIX), mask)
     write_json(folder / layout.draw(level, ".json"), info)
 
 
