@@ -170,6 +170,10 @@ def cut(members: list, k: int, *runs) -> list[list]:
     return out + [members[start:]]
 
 
+# the arithmetics' names in a Tune config (trials/lottery.py ARITHMETICS; the planner does not import the engine)
+ALONE, STACKED = "alone", "stacked"
+
+
 def tune_config(sweep, members: list) -> dict:
     """A Tune trial's config (ARCHITECTURE.md, "Packs in sweeps"): {PACK: {"trials": each
     member's config (varied values and seed), spec (TrialSpec.to_dict) and key, "groups":
@@ -182,8 +186,8 @@ def tune_config(sweep, members: list) -> dict:
         groups.setdefault(i if key is None else key, []).append(i)
     return {PACK: {
         "trials": [{"config": c, "spec": spec.to_dict(), "key": spec.key} for c, spec, _ in members],
-        "groups": [{"members": ids, "arithmetic": "stacked" if sweep.packed and not isinstance(key, int)
-                    else "alone"} for key, ids in groups.items()]}}
+        "groups": [{"members": ids, "arithmetic": STACKED if sweep.packed and not isinstance(key, int)
+                    else ALONE} for key, ids in groups.items()]}}
 
 
 def searched_pack(sweep, configs: list) -> dict:

@@ -323,6 +323,13 @@ def _check_where(sweep: Sweep, spec, here: bool = True) -> None:
           "cpu or auto while resources.gpu is 0 (a trial on CUDA needs resources.gpu > 0)")
 
 
+def _plain(value) -> str:
+    """A combination's value in a message: as written where it prints as one plain line,
+    else as `shown` (its repr: a control character never splits the message)."""
+    text = str(value)
+    return text if text.isprintable() and len(text) <= 60 else shown(value)
+
+
 def _check_combinations(sweep: Sweep, here: bool = True) -> None:
     """Construct the spec of every grid combination (continuous dimensions at both ends)."""
     discrete = [d for d in sweep.space if d.discrete]
@@ -344,6 +351,6 @@ def _check_combinations(sweep: Sweep, here: bool = True) -> None:
             except ConfigError as e:
                 varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
                 where = f"space.{e.key}" if varied else f"base.{e.key}"
-                combo_text = ", ".join(f"{k}={v}" for k, v in values.items())
+                combo_text = ", ".join(f"{k}={_plain(v)}" for k, v in values.items())
                 raise ConfigError(where, e.value, f"{e.allowed} (in combination {combo_text})" if values
                                   else e.allowed) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.config import apply_overrides
@@ -177,6 +177,7 @@ names = st.one_of(st.sampled_from(["s", "a.b-c_d"]), st.text(string.ascii_letter
                                                                 HealthCheck.function_scoped_fixture])
 @given(names, names, space_entries, st.sampled_from([["final_test_acc"], ["final_test_acc", "final_test_acc"],
                                                      ["final_test_acc", "max_test_acc"]]))
+@example("s", "s", {"model": {"grid": ["\x1e"]}}, ["final_test_acc"])  # a control character in a combination
 def test_what_sweep_plan_accepts_the_sweep_can_start_with(tmp_path, monkeypatch, name, experiment, space, metric):
     """`lth sweep plan` answers (exit 0) or refuses in one line (exit 2), writing nothing;
     when it answers, the first things `lth sweep run` writes can be written: the sweep's

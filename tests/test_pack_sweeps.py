@@ -174,12 +174,21 @@ def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_pa
         assert [json.loads(line)["level"] for line in (folder / "levels.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
-def test_a_diverging_member_fails_alone_and_its_pack_goes_on(tmp_path, ray_local):
+def test_a_diverging_member_fails_alone_and_its_pack_goes_on(tmp_path, ray_local, capsys):
+    from mlflow.tracking import MlflowClient
+
     from orchestrator.sweep_spec import load_sweep
     from orchestrator.sweeps import runner
 
     base = digits_base(levels=1, optimizer="sgd", momentum=0.9)
     runner.run(load_sweep(sweep_file(tmp_path, base=base, pack=2, space={"train.lr": {"grid": [0.05, 1.0e6]}})))
+    # the member that failed before its first level has a checkpoint folder without levels:
+    # MLflow takes it at once (the end-of-sweep sync used to retry it for 3 minutes, then
+    # call MLflow unreachable)
+    assert "MLflow" not in capsys.readouterr().err
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("packs").experiment_id], "tags.`lth.kind` = 'trial'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
     df = csv(tmp_path)
     failed, ok = df[df.status == "ERROR"], df[df.status == "TERMINATED"]
     assert len(failed) == 1 and failed["train.lr"].iloc[0] == 1.0e6

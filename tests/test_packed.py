@@ -25,7 +25,7 @@ from trials import datasets, masks, models
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
 from trials.lottery import PackFailed, run_pack, train_pack
-from trials.stacked import PackedBatchNorm, PackedNet, why_not_packable
+from trials.stacked import PackedBatchNorm, PackedNet, Stacked, why_not_packable
 from trials.training import Job
 from trials.record import STABILITY, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec
@@ -240,14 +240,15 @@ class LayerNormNet(nn.Module):
     (dict(method="edge_popup"), "method"),
 ])
 def test_what_cannot_pack_is_refused_with_the_reason(tmp_path, changes, key):
-    models.MODELS["layernorm_net"] = LayerNormNet  # every registered model packs
+    family = models.Family("LayerNorm net", f"{__name__}:LayerNormNet", None, no_ops="a test model")
+    models.model("layernorm_net", family)(LayerNormNet)  # every registered model packs
     try:
         spec = lenet(**changes)
         other = lenet(seed=1) if key == "method" else spec.replace(seed=1)  # edge-popup packs with edge-popup only
         with pytest.raises(ConfigError, match=rf"^{key}") as e:
             run_pack([spec, other], [tmp_path / "a", tmp_path / "b"])
     finally:
-        del models.MODELS["layernorm_net"]
+        del models.MODELS["layernorm_net"], models.FAMILIES["layernorm_net"]
     if key == "model.name":
         assert "norm (LayerNorm) have no packed layer" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # refused before anything is written
@@ -381,21 +382,21 @@ def test_instability_in_a_pack_on_units_is_each_members_own(tmp_path, digits_cpu
 
 def test_a_unit_trained_alone_in_a_packed_sweep_is_the_packs_unit_bit_for_bit(shared_pack, tmp_path, digits_cpu):
     """Whoever trains a packed sweep's unit (a pack, a control's trunk, a helper: trials.lottery
-    PACK_OF_ONE), it holds the same numbers, so no race decides a sweep's results."""
+    Producer(Stacked)), it holds the same numbers, so no race decides a sweep's results."""
     from tests.test_shared import store
-    from trials.lottery import PACK_OF_ONE
+    from trials.lottery import Producer
 
     root, first_outs, first, _ = shared_pack
     spec = SHARED[1]  # its dense run was trained in the pack by member 0, with this k kept too
     units = store(tmp_path / "storage")
-    alone = run_lottery(spec, tmp_path / "trunk", data=digits_cpu, units=units, arithmetic="stacked")
+    alone = run_lottery(spec, tmp_path / "trunk", data=digits_cpu, units=units, arithmetic=Stacked)
     assert numbers(alone) == numbers(first[1])
     for lv in range(3):
         for name in ("mask.safetensors", "final.safetensors"):
             a, b = (load_tensors(o / f"level_{lv:02d}" / name) for o in (first_outs[1], tmp_path / "trunk"))
             assert all(a[n].equal(b[n]) for n in a), (lv, name)
     k = spec.rewind_iteration  # a rewind point trained alone up to k: the dense run's weights at k
-    PACK_OF_ONE.point(spec, k, tmp_path / "point", digits_cpu, "cpu")
+    Producer(Stacked).point(spec, k, tmp_path / "point", digits_cpu, "cpu")
     kept = load_tensors(tmp_path / "point" / f"{k}.safetensors")
     packed = load_tensors(first_outs[1] / "rewind.safetensors")
     assert all(kept[n].equal(packed[n]) for n in packed)

@@ -28,6 +28,7 @@ SKIPPED = {  # a block's first line (prefix) -> why the test does not run it
     "mlflow ui": "a server that runs until stopped",
     ".venv/bin/python bench/read_scale.py": "a bench (minutes), run by hand",
     ".venv/bin/python bench/compact.py": "a bench (minutes, on a quiet machine), run by hand",
+    ".venv/bin/python bench/early_bird.py": "a reproduction (tens of minutes on 2 shared cores), run by hand",
     "bash bench/prune_at_init.sh": "reproductions (MNIST ~16 min, Conv-2 on digits ~15 min, 2 cores), run by hand",
     "pip install -e . 'boto3": "needs an AWS account (`ray up`)",
     "HEAD=$(ray get-head-ip": "needs the cluster of `ray up`",

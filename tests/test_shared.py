@@ -84,6 +84,7 @@ def test_a_helper_produces_the_units_of_a_trial_measuring_instability_at_chosen_
     import torch
 
     from trials.lottery import Producer, produce
+    from trials.training import Alone
     from trials.spec import StabilitySpec
 
     spec = quick_spec(train=TRAIN, rewind_iteration=20, prune=PruneSpec(levels=2),
@@ -91,7 +92,7 @@ def test_a_helper_produces_the_units_of_a_trial_measuring_instability_at_chosen_
     units = store(tmp_path / "storage")
     made = [shared.dense_name(spec), shared.level_name(spec, 1)]
     for name in made:
-        produce(name, spec, units, digits_cpu, torch.device("cpu"), units.scratch, Producer("alone"))
+        produce(name, spec, units, digits_cpu, torch.device("cpu"), units.scratch, Producer(Alone))
         assert units.published(name), name
     assert logged(tmp_path / "storage") == Counter(made)  # nothing beyond the unit asked for
     alone = run_lottery(spec, tmp_path / "alone", data=digits_cpu)

@@ -20,7 +20,7 @@ from trials.lottery import run_lottery
 from trials.record import FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec, from_dict
 from trials.store import load_tensors
-from trials.training import learning_rate
+from trials.training import Alone, learning_rate
 
 CPU = torch.device("cpu")
 TINY = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=60, iterations=60, eval_interval=20,
@@ -139,7 +139,7 @@ def test_measure_stability_on_a_written_level_repeats_the_record(measured):
 
     data = load(spec.dataset, CPU)
     member = lottery_module.Member(spec, out, data, CPU)
-    training = lottery_module.Training(models.build(spec.model, data.info, seed=0), data, "alone")
+    training = lottery_module.Training(models.build(spec.model, data.info, seed=0), data, Alone)
     fields = lottery_module.instability([member], training, [(0, 1, member.trial.mask(1))])
     assert records[1].replace(**{f: None for f in STABILITY}).replace(**fields[0]) == records[1]
     assert lottery_module.instability([member], training, [(0, 2, member.trial.mask(2))]) == {}  # not asked

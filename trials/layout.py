@@ -9,6 +9,9 @@ the sweep runner's checkpoints, MLflow artifacts, tickets and analysis. ARCHITEC
     OUT/level_XX/final.safetensors trained weights at the end of level XX
     OUT/level_XX/record.json       that level's record
     OUT/level_XX/DONE              written last
+    OUT/level_XX/draw_YY.json      early-bird tickets: level YY's mask draw, made while level XX
+                                   trained (trials/early_bird.py; .safetensors / .mask.safetensors:
+                                   method=early_bird's weights and mask at that draw)
     OUT/scored.safetensors         control=reinit of a method that prunes at init: the rewind
                                    point its method scores (its rewind.safetensors is the fresh init)
     OUT/imp/                       a control's IMP trajectory (a trial folder of its own)
@@ -38,6 +41,15 @@ SOURCE = "source.json"
 TENSOR_SUFFIX = ".safetensors"
 
 _LEVEL_DIR = re.compile(r"level_(\d+)$")
+
+
+def draw(level: int, suffix: str) -> str:
+    """A level folder's early-bird draw of level `level`'s mask (trials/early_bird.py)."""
+    return f"draw_{level:02d}{suffix}"
+
+
+def is_draw(name: str) -> bool:
+    return name.startswith("draw_")
 
 
 def level_dir(level: int) -> str:

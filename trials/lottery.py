@@ -21,10 +21,10 @@ A method that prunes at initialization (trials/at_init.py: snip, grasp, synflow,
 level 0 as IMP does, and at level L scores its rewind point to IMP's level-L counts.
 
 One runner, `run_pack`: a trial is a pack of one (`run_lottery`). Each `Member` builds
-its level's Job; `Training` runs the level's jobs with the arithmetic the caller names:
-"alone", one after another with a single trial's default arithmetic (its bits: the golden
-records), or "stacked", all together (trials/stacked.py; close to alone, not bit for
-bit). Members share one loop from the smallest rewind point (a member is carried along
+its level's Job; `Training` runs the level's jobs with the arithmetic the caller gives
+(trials/training.py Arithmetic): Alone, one after another with a single trial's default
+arithmetic (its bits: the golden records), or Stacked, all together (trials/stacked.py;
+close to Alone, not bit for bit). Members share one loop from the smallest rewind point (a member is carried along
 untouched until its k); a member whose training loss becomes NaN/inf fails alone. On
 shared work units (trials/shared.py Shared) each level is claimed, trained and
 published, copied in, or waited for; a store's helper produces a unit by running the
@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import at_init, controls, datasets, layout, masks, methods, models, pruning, shared, stability
+from trials import at_init, controls, datasets, early_bird, layout, masks, methods, models, pruning, shared, stability
 from trials.errors import ConfigError
 from trials.packing import check_pack, pack_key
 from trials.record import LevelRecord
@@ -95,6 +95,7 @@ class Member:
         self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
         net = models.build(spec.model, data.info, seed=spec.seed, device=device)
         self.init, self.layers = state_of(net), masks.Layers.of(net)
+        self.watches: dict = {}  # level -> the early-bird Watch of its job (trials/early_bird.py)
 
     def job(self, level: int, keep: Optional[dict] = None, imp: Optional["Member"] = None) -> Job:
         """Level 0 from init keeping the rewind point at k (and handing the iterations in
@@ -108,7 +109,8 @@ class Member:
             hooks = {**(keep or {}), k: self.save_rewind}
             if keep and k in keep:
                 hooks[k] = lambda state: (keep[k](state), self.save_rewind(state))
-            return Job(self.spec.train, self.spec.seed, masks.ones(self.layers), self.init, 0, hooks)
+            ones = masks.ones(self.layers)
+            return Job(self.spec.train, self.spec.seed, ones, self.init, 0, hooks, watch=self.watch(0, ones))
         if self.method.mask == "scored":
             scored = self.out / layout.SCORED  # reinit's: its rewind point is the fresh init (save_rewind)
             weights = load_tensors(scored, self.device) if scored.exists() else self.trial.rewind(self.device)
@@ -118,7 +120,20 @@ class Member:
         else:
             mask = controls.mask(self.spec, level, imp.trial, self.trial, self.layers)
         start, schedule = stability.retraining(self.spec, level)
-        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule)
+        return Job(self.spec.train, self.spec.seed, mask, self.start_weights_of(level), start, schedule=schedule,
+                   watch=self.watch(level, mask) if imp is None else None)
+
+    def watch(self, level: int, mask: dict) -> Optional[early_bird.Watch]:
+        """The early-bird watch of level `level`'s training (trials/early_bird.py), or None: with
+        early_bird.imp_levels, a level but the last is watched at the next level's mask (level 0
+        not before the rewind point) and its draw is written beside it."""
+        spec, folder = self.spec, self.trial.level_dir(level)
+        if not spec.early_bird.imp_levels or level >= spec.prune.levels:
+            return None
+        watch = early_bird.Watch(spec, self.layers, mask, [level + 1], spec.rewind_iteration if level == 0 else 0,
+                                 lambda lv, info, state, m: early_bird.save_draw(folder, lv, info))
+        self.watches[level] = watch
+        return watch
 
     def save_rewind(self, state: dict) -> None:
         """The rewind point; a reinit control at init keeps it as the point its method scores
@@ -145,27 +160,48 @@ class Member:
         """Write the level; `fields`: its instability, measured before (the record is
         complete before the level's files and DONE exist)."""
         final = result.pop("final")
-        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}))
+        record = LevelRecord(level=level, **masks.describe(job.mask, self.layers), **result, **(fields or {}),
+                             **self.early_bird_fields(level, job, result, final))
         self.trial.finish(level, job.mask, final, record)
         return record
 
+    def early_bird_fields(self, level: int, job: Job, result: dict, final: dict) -> dict:
+        """An early-bird IMP level's record fields (trials/record.py): the draw of its mask (made
+        while level L-1 trained), iterations against the schedule, and the iterations its
+        network cost (levels 0..L). A draw that never stabilised is made from the final weights.
+        None of them without early_bird.imp_levels."""
+        if not self.spec.early_bird.imp_levels:
+            return {}
+        here = self.trial.level_dir(level)
+        watch = self.watches.pop(level, None)
+        if watch is not None:
+            for lv, info, _ in watch.unstable(job.start + result["iterations"], final):
+                early_bird.save_draw(here, lv, info)
+        before = (self.trial.record(level - 1).cost_iterations or 0) if level else 0
+        out = {"schedule_iterations": self.spec.train.iterations - job.start,
+               "cost_iterations": before + result["iterations"]}
+        drawn = self.trial.level_dir(level - 1) / layout.draw(level, ".json")
+        if level and drawn.exists():
+            out.update(early_bird.fields(early_bird.read_draw(drawn.parent, level)))
+        return out
+
 
 class Training:
-    """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` "stacked", all
-    together (trials/stacked.py Stacked; StackedSearch for edge-popup's Search jobs), or
-    "alone", one after another with the default arithmetic of a single trial
-    (trials/training.py Alone: the golden records' bits)."""
+    """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` Stacked, all
+    together (trials/stacked.py; StackedSearch for edge-popup's Search jobs), or Alone,
+    one after another with the default arithmetic of a single trial (trials/training.py:
+    the golden records' bits)."""
 
-    def __init__(self, template: nn.Module, data, arithmetic: str = "stacked"):
-        if arithmetic not in ("stacked", "alone"):
-            raise ValueError(f"arithmetic {arithmetic!r}: stacked or alone")
+    def __init__(self, template: nn.Module, data, arithmetic: type = Stacked):
+        if arithmetic not in ARITHMETICS.values():
+            raise ValueError(f"arithmetic {arithmetic!r}: one of {', '.join(a.__name__ for a in ARITHMETICS.values())}")
         self.template, self.data, self.arithmetic = template, data, arithmetic
         self.layers = None  # the template's (a Supermask's), once
 
     def run(self, jobs: list, progress: Optional[Callable] = None) -> list:
         """Per job its result (train_members'), or the exception that ended it."""
         device = self.data.train_x.device
-        if self.arithmetic == "stacked":
+        if self.arithmetic is Stacked:
             kind = StackedSearch if isinstance(jobs[0], Search) else Stacked
             return train_members(jobs, self.data, kind(self.template, len(jobs), device), progress)
         out = []
@@ -220,16 +256,16 @@ def finish_all(members: list, training: Training, level: int, work: dict, result
 
 class Producer:
     """The arithmetic of a sweep's units, so a unit has the same numbers whoever trains it
-    (ARCHITECTURE.md, "Packs in sweeps"): "alone" in sweeps without packs (a single trial's
-    bits), "stacked" in sweeps with packs; and what trains a rewind point one trial needs
+    (ARCHITECTURE.md, "Packs in sweeps"): Alone in sweeps without packs (a single trial's
+    bits), Stacked in sweeps with packs; and what trains a rewind point one trial needs
     alone, as a pack of one with that arithmetic."""
 
-    def __init__(self, arithmetic: str):
+    def __init__(self, arithmetic: type):
         self.arithmetic = arithmetic
 
-    def of(self, spec) -> str:
-        """The arithmetic for `spec`: a model that cannot stack trains alone in any sweep."""
-        return self.arithmetic if pack_key(spec) is not None else "alone"
+    def of(self, spec) -> type:
+        """The arithmetic for `spec`: a model that cannot stack trains Alone in any sweep."""
+        return self.arithmetic if pack_key(spec) is not None else Alone
 
     def point(self, spec, k: int, dest: Path, data, device) -> None:
         """point/<D>-<k>: the dense run's first k iterations again, stopped at k."""
@@ -250,7 +286,7 @@ class Producer:
         raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
 
 
-SINGLE, PACK_OF_ONE = Producer("alone"), Producer("stacked")
+ARITHMETICS = {a.name: a for a in (Alone, Stacked)}  # a sweep's config names them (orchestrator/plan.py)
 
 
 def produce(name: str, spec, units, data, device, scratch: Path, producer: Producer) -> None:
@@ -275,7 +311,7 @@ def train_pack(template: nn.Module, jobs: list, data, progress: Optional[Callabl
 def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,
              progress: Optional[Callable] = None, data=None, errors: Optional[dict] = None,
              units: Optional[shared.Units] = None, after_level: Optional[Callable] = None,
-             arithmetic: str = "stacked", dense_instability: bool = True) -> list:
+             arithmetic: type = Stacked, dense_instability: bool = True) -> list:
     """Run (or resume) the IMP trials `specs` together, member i in folder outs[i]; returns
     each member's level records, as trials.lottery.run_lottery would for it alone.
     `report(record, out)` after every member's level (True ends that member, as in
@@ -285,10 +321,10 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     `units` (a trials.shared.Units store): every member's levels are shared work units, as
     trials/shared.py Shared says. `after_level(level)`: once per
     level that some member still ran (trained, took from a unit, or read back done),
-    after that level's `report` calls. `arithmetic`: Training's; "alone" trains each
+    after that level's `report` calls. `arithmetic`: Training's; Alone trains each
     member by itself with a single trial's default arithmetic (its bits).
     `dense_instability` off: level 0's instability is not measured (a helper's scratch run)."""
-    check_pack(specs, outs, stacked=arithmetic != "alone")
+    check_pack(specs, outs, stacked=arithmetic is Stacked)
     device = data.train_x.device if data is not None else resolve_device(specs[0].device)
     if data is None:
         data = datasets.load(specs[0].dataset, device, specs[0].train.batch_size)
@@ -299,8 +335,9 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     for i, spec in enumerate(specs):
         if controls.needs_imp(spec):
             trunk[i] = len(members)
-            members.append(Member(spec.replace(control="none"), Path(outs[i]) / layout.IMP, data, device,
-                                  ledger=Path(outs[i]) / layout.UNITS))
+            trunk_spec = spec.replace(control="none")
+            members.append(methods.of(spec).load("member")(trunk_spec, Path(outs[i]) / layout.IMP, data, device,
+                                                           ledger=Path(outs[i]) / layout.UNITS))
     shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
     training = Training(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)
 
@@ -318,7 +355,8 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
         """Level `level` of members with no trunk: trained, or from units (IMP's levels, every
         dense level; an at-init level is its trial's own)."""
         own = {i: members[i].job(level) for i in todo
-               if not sharing or (level and not shared.shares_levels(members[i].spec))}
+               if not sharing or not shared.shareable(members[i].spec)
+               or (level and not shared.shares_levels(members[i].spec))}
         if sharing:
             return sharing.level([i for i in todo if i not in own], level, own)
         return train(own, level) if own else {}
@@ -387,12 +425,12 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
 
 def run_lottery(spec, out, report: Callable = lambda record, out: None,
                 progress: Optional[Callable] = None, data=None, units=None,
-                arithmetic: str = "alone") -> list[LevelRecord]:
+                arithmetic: type = Alone) -> list[LevelRecord]:
     """Run (or resume) one trial in `out`; `report(record, out)` after every level.
     A report that returns True ends the trial after that level (e.g. a sweep's
     stop_when_not_matching); the finished levels stay on disk. `progress(level,
     iteration, total, val_loss)`. A trial is a pack of one (run_pack) with `arithmetic`
-    "alone" (the default: a single trial's bits) or "stacked" (a sweep with packs); an
+    Alone (the default: a single trial's bits) or Stacked (a sweep with packs); an
     IMP trial's levels are taken from the shared work units `units` (trials.shared.Units)
     where given."""
     if data is None:

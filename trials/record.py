@@ -63,6 +63,25 @@ class LevelRecord:
     stability_acc_b: Optional[float] = _f(
         "fraction", "test accuracy of copy 1, the line's other end (BatchNorm statistics recomputed)",
         optional=True)
+    # early-bird tickets (You et al. 2020; trials/early_bird.py): None where no early-bird draw was made
+    early_bird_iteration: Optional[int] = _f(
+        "iterations", "the iteration of the weights this level's mask was drawn from (method=early_bird: where "
+        "its density's mask stabilised in the dense run; early-bird IMP levels: where level L-1 stopped)",
+        optional=True)
+    early_bird_stable: Optional[bool] = _f(
+        "yes/no", "whether that mask had stabilised (false: it never did and was drawn at the end of the run)",
+        tracked=False, optional=True)
+    early_bird_distance: Optional[float] = _f(
+        "fraction", "the largest normalised Hamming distance in the window when the mask was drawn", optional=True)
+    early_bird_trace: Optional[list] = _f(
+        "fraction", "per draw before it: [iteration, largest distance of the newest mask to the others in "
+        "the window]", tracked=False, optional=True)
+    schedule_iterations: Optional[int] = _f(
+        "iterations", "the iterations this level's schedule holds; `iterations` is what it trained "
+        "(fewer where it stopped early)", optional=True)
+    cost_iterations: Optional[int] = _f(
+        "iterations", "iterations trained to obtain this level's network, its own included (IMP: levels "
+        "0..L; method=early_bird: the dense run up to its draw plus its own)", optional=True)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,9 +99,10 @@ class LevelRecord:
 
     def flat(self) -> dict:
         """Scalars only (Tune results, CSV rows), every field (None where not measured):
-        layer_density and environment as JSON strings."""
+        layer_density, environment and early_bird_trace as JSON strings."""
         return {**dataclasses.asdict(self), "layer_density": json.dumps(self.layer_density, sort_keys=True),
-                "environment": None if self.environment is None else json.dumps(self.environment, sort_keys=True)}
+                "environment": None if self.environment is None else json.dumps(self.environment, sort_keys=True),
+                "early_bird_trace": None if self.early_bird_trace is None else json.dumps(self.early_bird_trace)}
 
     @classmethod
     def from_flat(cls, row: dict) -> "LevelRecord":
@@ -90,7 +110,7 @@ class LevelRecord:
         ignored; an optional field missing or NaN (a table's empty cell) is None."""
         values = {k: row[k] for k in FIELDS if k not in OPTIONAL}
         values.update({k: _none(row.get(k)) for k in OPTIONAL})
-        for key in ("layer_density", "environment"):  # JSON text in a flat row
+        for key in ("layer_density", "environment", "early_bird_trace"):  # JSON text in a flat row
             if isinstance(values[key], str):
                 values[key] = json.loads(values[key])
         return cls(**values)

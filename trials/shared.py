@@ -40,7 +40,7 @@ from typing import Callable, Optional, Protocol
 from trials import layout, masks, methods
 from trials.record import STABILITY, LevelRecord
 from trials.spec import non_default
-from trials.store import TrialDir, load_tensors, save_tensors, write_json
+from trials.store import TrialDir, copy_draws, load_tensors, save_tensors, write_json
 from trials.training import Job, TrainingDiverged
 
 # what cannot change level 0's training: left out of the dense key
@@ -83,16 +83,23 @@ def _key(spec, free: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# early-bird IMP levels (trials/early_bird.py) stop where the next level's mask stabilises, so
+# their dense run depends on the pruning rule and k too, and a trunk level on whether it is the last
+EARLY_DENSE_FREE = ("prune.levels", "control", "retrain", "stability", "method", "at_init")
+EARLY_TRUNK_FREE = ("control",)
+
+
 def dense_name(spec) -> str:
-    return f"dense/{_key(spec, DENSE_FREE)}"
+    return f"dense/{_key(spec, EARLY_DENSE_FREE if spec.early_bird.imp_levels else DENSE_FREE)}"
 
 
 def point_name(spec, k: int) -> str:
-    return f"point/{_key(spec, DENSE_FREE)}-{k}"
+    """A rewind point is the plain dense run's first k iterations, early-bird or not."""
+    return f"point/{_key(spec, DENSE_FREE + ('early_bird',))}-{k}"
 
 
 def trunk_name(spec) -> str:
-    return f"trunk/{_key(spec, TRUNK_FREE)}"
+    return f"trunk/{_key(spec, EARLY_TRUNK_FREE if spec.early_bird.imp_levels else TRUNK_FREE)}"
 
 
 def level_name(spec, level: int) -> str:
@@ -121,6 +128,7 @@ def hand_over(trial: TrialDir, level: int, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in (layout.MASK, layout.FINAL)[0 if level else 1:]:
         shutil.copyfile(trial.level_dir(level) / name, dest / name)
+    copy_draws(trial.level_dir(level), dest)
     record = trial.record(level)
     write_json(dest / layout.RECORD, (record if level else record.replace(**dict.fromkeys(STABILITY))).to_dict())
 
@@ -137,7 +145,9 @@ def note(ledger: Path, spec, level: int, mine: bool) -> None:
 
 def shareable(spec) -> bool:
     """IMP trials share; so does an at-init trial's dense level (IMP's); edge-popup levels are
-    independent searches (each is its own work)."""
+    independent searches (each is its own work); method=early_bird's dense run stops where
+    its own densities' masks stabilise and keeps its draws: its trial's own work (it trains
+    that prefix, never the full dense run, whose unit keeps no draws)."""
     return methods.of(spec).shares != "none"
 
 
@@ -287,6 +297,8 @@ class Shared:
                 continue
             if level == 0:
                 out[i] = record.replace(**fields.get(i, {}))
+                m.trial.level_dir(0).mkdir(parents=True, exist_ok=True)
+                copy_draws(folder, m.trial.level_dir(0))
                 m.trial.finish(0, masks.ones(m.layers), load_tensors(folder / layout.FINAL), out[i])
             else:
                 out[i] = record

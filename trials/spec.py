@@ -127,6 +127,25 @@ class AtInitSpec:
 
 
 @dataclass(frozen=True)
+class EarlyBirdSpec:
+    """Early-bird tickets (You et al. 2020; trials/early_bird.py): draw the mask the pruning rule
+    would keep every `interval` iterations and stop training once it has stopped changing."""
+
+    interval: int = _f(100, "iterations between mask draws (the paper draws once per epoch)")
+    window: int = _f(5, "masks compared: the newest against each of the window-1 before it (the paper's 5)")
+    epsilon: float = _f(0.1, "stop once every distance in the window is below it (normalised Hamming; the paper's 0.1)")
+    criterion: Literal["magnitude", "bn_gamma"] = _f(
+        "magnitude", "what ranks the draws: magnitude = the trial's pruning rule (|w|, or a unit's L1 norm when "
+        "structured); bn_gamma = |gamma| of the BatchNorm after each unit (network slimming, the paper's; "
+        "prune.kind=structured on a net whose pruned layers all have one)"
+    )
+    imp_levels: bool = _f(
+        False, "method=imp: every level but the last stops once the next level's mask has stabilised "
+        "(early-bird levels); method=early_bird ignores it"
+    )
+
+
+@dataclass(frozen=True)
 class StabilitySpec:
     """Instability analysis (Frankle et al. 2020; trials/stability.py): at the chosen levels,
     train `copies` more networks from the level's start with different SGD noise and
@@ -152,13 +171,17 @@ class TrialSpec:
     supermask: SupermaskSpec = _f(SupermaskSpec(), "what each level searches (method=edge_popup)")
     at_init: AtInitSpec = _f(AtInitSpec(), "how a method that prunes at initialization scores (snip, grasp, "
                                            "synflow, magnitude_init, random_init)")
+    early_bird: EarlyBirdSpec = _f(EarlyBirdSpec(), "when a run's mask has stabilised (method=early_bird, "
+                                                    "or method=imp with early_bird.imp_levels)")
     rewind_iteration: int = _f(0, "k: survivors restart from level 0's weights after k iterations")
     retrain: Literal["weight_rewind", "lr_rewind", "finetune"] = _f(
         "weight_rewind", "how level L >= 1 retrains its survivors (Renda et al. 2020): weight_rewind = "
         "from level 0's weights at k, schedule from k; lr_rewind = from level L-1's final weights, "
         "learning-rate schedule and data order replayed from k; finetune = from level L-1's final "
         "weights at the final learning rate, for the same T-k iterations. control=reinit needs "
-        "weight_rewind, and so do method=edge_popup and the methods that prune at init"
+        "weight_rewind, and so do method=edge_popup and the methods that prune at init. method=early_bird: "
+        "weight_rewind = from the dense weights at k; finetune = continue the dense run from its weights at "
+        "the draw iteration t to the end of its schedule (the paper's 'continue'); lr_rewind is refused"
     )
     stability: StabilitySpec = _f(StabilitySpec(), "instability analysis of chosen levels (method=imp only)")
     control: Literal["none", "reinit", "random_prune", "shuffle", "invert"] = _f(

@@ -249,9 +249,12 @@ class Stacked:
     its own cross-entropy. A member's numbers are close to its run Alone, not bit for bit
     (other kernels and the fused optimizer round differently)."""
 
+    name = "stacked"
+
     def __init__(self, template: nn.Module, k: int, device):
         self.pnet, self.k = PackedNet(template, k, device), k
         self.net = self.pnet.net
+        self.stopped: dict = {}  # member -> its state where its watch stopped it
 
     def begin(self, jobs: list) -> None:
         pnet = self.pnet
@@ -291,6 +294,20 @@ class Stacked:
             self.opt.step(members, lrs)
         self.apply_masks()
         return losses.detach()
+
+    def stop(self, m: int) -> None:
+        """Member m stopped early: its state is kept, since the co-members' forwards still move
+        its running statistics (the optimizer no longer steps it); `settle` puts it back."""
+        self.stopped[m] = self.member(m)
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        for m, state in self.stopped.items():
+            self.load(m, state)
+
+    @torch.no_grad()
+    def load(self, m: int, state: dict) -> None:
+        self.pnet.load(m, state)
 
     def evaluate(self, x, y, autocast) -> tuple[list, list]:
         return evaluate_packed(self, x, y, autocast)

@@ -184,6 +184,7 @@ class TrialDir:
         d.mkdir(parents=True, exist_ok=True)
         for name in (layout.MASK, layout.FINAL):
             shutil.copyfile(Path(folder) / name, d / name)
+        copy_draws(folder, d)
         self._close(level, record)
 
     def record(self, level: int) -> LevelRecord:
@@ -206,6 +207,13 @@ class TrialDir:
 
     def rewind(self, device="cpu") -> dict:
         return load_tensors(self.path / layout.REWIND, device)
+
+
+def copy_draws(source: Path, dest: Path) -> None:
+    """A level's early-bird draws (layout.draw) travel with it."""
+    for f in sorted(Path(source).iterdir()):
+        if layout.is_draw(f.name):
+            shutil.copyfile(f, Path(dest) / f.name)
 
 
 def state_of(net: torch.nn.Module) -> dict:

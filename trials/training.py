@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +109,44 @@ class Job:
     them) under `mask` from iteration `start` with train spec `train`, the data order and
     augmentation of `seed`, and the learning rate `schedule(iteration)` (default: the
     spec's, learning_rate). `hooks` maps an iteration to a callback that receives the
-    member's state dict after that many steps."""
+    member's state dict after that many steps. `watch` (trials/early_bird.py Watch: `every`,
+    and a call (iteration, state) -> bool) is asked every `every` iterations after the start,
+    after the hooks; True stops the member there: its level ends with the weights of that
+    iteration, the prefix of the run it would have trained in full."""
 
     def __init__(self, train, seed: int, mask: dict, start_weights: Optional[dict], start: int,
-                 hooks: Optional[dict] = None, schedule: Optional[Callable[[int], float]] = None):
+                 hooks: Optional[dict] = None, schedule: Optional[Callable[[int], float]] = None,
+                 watch=None):
         self.train, self.seed, self.mask, self.start_weights, self.start = train, seed, mask, start_weights, start
-        self.hooks = hooks or {}
+        self.hooks, self.watch = hooks or {}, watch
         self.schedule = schedule or (lambda iteration: learning_rate(train, iteration))
+
+    def watched(self, iteration: int) -> bool:
+        """Whether the watch looks at this iteration (every `every` steps after the start)."""
+        return (self.watch is not None and iteration > self.start
+                and (iteration - self.start) % self.watch.every == 0)
+
+
+class Arithmetic(Protocol):
+    """What train_members computes with, for K members (ARCHITECTURE.md, "The engine"):
+    Alone (K = 1, a single trial's bits) or trials/stacked.py Stacked (a pack). The class is
+    the choice everywhere in the engine (run_pack, Training, Producer); `name` is how a
+    sweep's Tune config names it (orchestrator/plan.py tune_config, ARITHMETICS)."""
+
+    name: ClassVar[str]
+    k: int
+    net: nn.Module
+
+    def begin(self, jobs: list) -> None: ...
+    def start(self, m: int, iteration: int, job: "Job") -> None: ...
+    def set_rates(self, members: list, lrs: list) -> None: ...
+    def step(self, x, y, members: list, lrs: list, autocast) -> torch.Tensor: ...
+    def evaluate(self, x, y, autocast) -> tuple[list, list]: ...
+    def member(self, m: int) -> dict: ...
+    def keep_best(self, m: int) -> None: ...
+    def fail(self, m: int, job: "Job") -> None: ...
+    def use_best(self) -> list: ...
+    def end(self, finals: list) -> None: ...
 
 
 class Alone:
@@ -124,6 +155,7 @@ class Alone:
     the default arithmetic of a trial, the one the golden records hold. A pack's is
     trials/stacked.py's Stacked; train_members runs either (ARCHITECTURE.md, "The engine")."""
 
+    name = "alone"
     k = 1
 
     def __init__(self, net, fused: Optional[bool] = None):
@@ -170,6 +202,12 @@ class Alone:
     def fail(self, m: int, job: Job) -> None:
         """Nothing to undo: the loop stops with its only member."""
 
+    def stop(self, m: int) -> None:
+        """Nothing to keep: the loop stops with its only member."""
+
+    def settle(self) -> None:
+        """Nothing to put back (Stacked: stopped members' states)."""
+
     def use_best(self) -> list:
         """Each member's final state; the network then holds the best ones (early stopping)."""
         final = _snapshot(self.net, None)
@@ -180,7 +218,7 @@ class Alone:
         self.net.load_state_dict(finals[0])  # the caller's network ends with the final weights
 
 
-def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = None) -> list:
+def train_members(jobs: list, data, arithmetic: Arithmetic, progress: Optional[Callable] = None) -> list:
     """The training loop, once for every trial: K >= 1 members' levels (Jobs) from the
     smallest start on, each with its own batches (BatchOrder and augmentation of its seed),
     learning rates, start iteration (before it a member's network is carried along
@@ -195,8 +233,9 @@ def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = N
     arithmetic.begin(jobs)
     orders = [BatchOrder(len(data.train_x), t0.batch_size, job.seed, device) for job in jobs]
     autocast = autocast_for(device, t0.precision)
-    running = [False] * k  # started and not failed
+    running = [False] * k  # started and not failed or stopped
     failed: dict = {}
+    end = [t0.iterations] * k  # where each member's level ends (earlier: its watch stopped it)
     best = [{"val_loss": float("inf"), "iteration": job.start} for job in jobs]
     window_loss, window_steps = torch.zeros(k, device=device), [0] * k
     last: list = [{} for _ in jobs]
@@ -207,6 +246,23 @@ def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = N
 
     def rates(j: int) -> tuple:  # what a graph of the step depends on: who has started, at which rate
         return tuple(j >= job.start for job in jobs), tuple(job.schedule(j) for job in jobs)
+
+    def ended(stops: list, it: int) -> None:
+        """Members whose watch stopped them after `it` steps: their last validation (unless `it`
+        was an evaluation point, just measured), then their state is kept as it is."""
+        if it % t0.eval_interval:
+            train_loss = (window_loss / torch.tensor([max(s, 1) for s in window_steps], device=device)).tolist()
+            val_loss, val_acc = arithmetic.evaluate(data.val_x, data.val_y, autocast)
+            for m in stops:
+                last[m] = {"val_loss": val_loss[m], "val_acc": val_acc[m], "train_loss": train_loss[m]}
+                if val_loss[m] < best[m]["val_loss"]:
+                    best[m].update(val_loss=val_loss[m], iteration=it)
+                    arithmetic.keep_best(m)
+                if progress:
+                    progress(m, it, t0.iterations, val_loss[m])
+        for m in stops:
+            running[m] = False
+            arithmetic.stop(m)
 
     graph = StepGraph(step) if device.type == "cuda" and CUDA_GRAPHS else None
     graph_key = None
@@ -219,6 +275,13 @@ def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = N
                 window_loss[m] = 0.0
             if running[m] and it in job.hooks:
                 job.hooks[it](arithmetic.member(m))
+            if running[m] and job.watched(it) and job.watch(it, arithmetic.member(m)):
+                end[m] = it
+        stops = [m for m in range(k) if running[m] and end[m] == it]
+        if stops:
+            ended(stops, it)
+        if not any(running) and all(job.start <= it or m in failed for m, job in enumerate(jobs)):
+            break  # every member stopped early or failed: nothing more to train
         members = [m for m in range(k) if running[m]]
         lrs = [job.schedule(it) for job in jobs]
         arithmetic.set_rates(members, lrs)
@@ -255,7 +318,8 @@ def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = N
                     arithmetic.keep_best(m)
                 if progress:
                     progress(m, done, t0.iterations, val_loss[m])
-    # every member evaluated at the last iteration: last[m] holds its final validation numbers
+    # every member evaluated at its last iteration: last[m] holds its final validation numbers
+    arithmetic.settle()
     _, test_acc = arithmetic.evaluate(data.test_x, data.test_y, autocast)
     finals = arithmetic.use_best()
     _, test_acc_best = arithmetic.evaluate(data.test_x, data.test_y, autocast)
@@ -271,7 +335,7 @@ def train_members(jobs: list, data, arithmetic, progress: Optional[Callable] = N
         "val_loss_at_early_stop": best[m]["val_loss"],
         "train_loss": last[m]["train_loss"],
         "start_iteration": job.start,
-        "iterations": t0.iterations - job.start,
+        "iterations": end[m] - job.start,
         "seconds": seconds,
         "environment": env,
         "final": finals[m],

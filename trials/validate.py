@@ -23,6 +23,7 @@ def validate(spec) -> None:
     _validate_unread(spec)
     _validate_retrain(spec)
     _validate_stability(spec)
+    _validate_early_bird(spec)
     t = spec.train
     check(0 <= spec.rewind_iteration < t.iterations, "rewind_iteration", spec.rewind_iteration,
           f"allowed: 0 <= k < train.iterations ({t.iterations})")
@@ -132,6 +133,32 @@ def _validate_retrain(spec) -> None:
           f"{spec.retrain} keeps the previous level's trained weights; use retrain=weight_rewind)")
 
 
+def _validate_early_bird(spec) -> None:
+    """Early-bird tickets (trials/early_bird.py): early_bird.* is read by a method whose entry
+    says so (trials/methods: `early_bird`), IMP's only with early_bird.imp_levels; refused
+    elsewhere, one key at a time."""
+    e, m, t = spec.early_bird, methods.of(spec), spec.train
+    if m.early_bird == "none" or (m.early_bird == "levels" and not e.imp_levels):
+        for name, value, default in _changed(e):
+            said = ("early_bird.* is read with early_bird.imp_levels: true" if m.early_bird == "levels" else
+                    f"early_bird.* is read by method={', '.join(methods.readers('early_bird.interval'))}")
+            check(False, f"early_bird.{name}", value, f"allowed with method={m.name}: {default} (the default; {said})")
+        return
+    check(m.early_bird == "levels" or not e.imp_levels, "early_bird.imp_levels", e.imp_levels,
+          f"allowed with method={m.name}: false (the default; early-bird levels are IMP's)")
+    check(e.window >= 2, "early_bird.window", e.window, "allowed: an integer >= 2 (masks compared)")
+    check(0 < e.epsilon < 1, "early_bird.epsilon", e.epsilon, "allowed: 0 < epsilon < 1")
+    run = t.iterations - (spec.rewind_iteration if m.early_bird == "levels" else 0)
+    check(1 <= e.interval <= run, "early_bird.interval", e.interval,
+          f"allowed: 1 .. {run} (" + ("train.iterations - rewind_iteration: the shortest level's run)"
+                                      if m.early_bird == "levels" else "train.iterations: the dense run)"))
+    check(e.criterion == "magnitude" or spec.prune.kind == "structured", "early_bird.criterion", e.criterion,
+          "allowed with prune.kind=unstructured: magnitude (bn_gamma ranks units: prune.kind=structured)")
+    if m.early_bird == "dense":
+        check(spec.prune.levels >= 1, "prune.levels", spec.prune.levels,
+              f"allowed with method={m.name}: an integer >= 1 (level L draws IMP's level-L density)")
+
+
 def _validate_stability(spec) -> None:
     s = spec.stability
     check(s.copies == 0 or s.copies >= 2, "stability.copies", s.copies,
@@ -175,6 +202,16 @@ def _validate_against_model(spec) -> None:
     if m.levels == "prune.levels":  # edge-popup's levels are its densities, not prunings
         at_init = m.reads_path("at_init.scope")  # IMP's counts with prune.scope = at_init.scope (trials/at_init.py)
         _validate_levels(replace(spec.prune, scope=spec.at_init.scope) if at_init else spec.prune, layers)
+    if spec.early_bird.criterion == "bn_gamma" and spec.prune.kind == "structured":
+        from trials.pruning import candidates
+
+        bare = [n for n in candidates(spec.prune, layers) if not _has_norm(layers, n)]
+        check(not bare, "early_bird.criterion", "bn_gamma",
+              f"allowed for {spec.model.name}: magnitude ({', '.join(bare)} have no BatchNorm after them)")
+
+
+def _has_norm(layers, name: str) -> bool:
+    return any(c.endswith(".weight") for c in layers.companions[name])
 
 
 def _validate_levels(prune, layers) -> None:

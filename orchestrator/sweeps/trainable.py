@@ -84,11 +84,12 @@ def train(pack: "_Pack", todo: list, data, arithmetic: str) -> dict:
     """Members `todo` of the pack trained together through the engine's one level runner
     (trials/lottery.py run_pack; a single trial is a pack of one); member -> the exception
     of each that failed. Each level's reports are flushed to Tune once it is written."""
-    from trials.lottery import run_pack
+    from trials.lottery import ARITHMETICS, run_pack
 
     errors: dict = {}
     run_pack([pack.specs[i] for i in todo], [pack.outs[i] for i in todo], data=data, errors=errors,
-             units=pack.store, after_level=lambda level: pack.flush(), arithmetic=arithmetic,
+             units=pack.store, after_level=lambda level: pack.flush(),
+             arithmetic=ARITHMETICS[arithmetic],
              report=lambda record, out: pack.report(pack.outs.index(Path(out)), record))
     return {todo[j]: e for j, e in errors.items()}
 

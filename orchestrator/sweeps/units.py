@@ -199,9 +199,11 @@ class UnitStore:
         self.root = units_root(storage, packed)
         self.fs, self.base = filesystem(self.root)
         # the arithmetic of its units: its folder's kind of numbers (units_root)
-        from trials.lottery import PACK_OF_ONE, SINGLE
+        from trials.lottery import Producer
+        from trials.stacked import Stacked
+        from trials.training import Alone
 
-        self.producer = PACK_OF_ONE if packed else SINGLE
+        self.producer = Producer(Stacked if packed else Alone)
         self.broker = broker
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if scratch is None:

@@ -264,7 +264,9 @@ class SweepTracker:
         layout (spec and levels go to MLflow as params and metrics now, not as files)."""
         meta = json.loads((folder / layout.SPEC).read_text())
         units = json.loads((folder / layout.UNITS).read_text()) if (folder / layout.UNITS).exists() else None
-        run_id = self.log_trial(meta, tune_trial_id, read_lines((folder / layout.LEVELS).read_text()), units, where)
+        levels = folder / layout.LEVELS  # absent: a pack member that failed before its first level
+        records = read_lines(levels.read_text()) if levels.exists() else []
+        run_id = self.log_trial(meta, tune_trial_id, records, units, where)
         if tensors:
             self.log_tensors(run_id, folder)
         return run_id

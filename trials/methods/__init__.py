@@ -41,7 +41,7 @@ from trials.registry import Registry
 CONTROLS = ("none", "reinit", "random_prune", "shuffle", "invert")
 RETRAIN = ("weight_rewind", "lr_rewind", "finetune")
 COMMON = ("method", "model.name", "model.width", "dataset", "seed", "control", "device")  # read by every method
-OWN_GROUPS = ("supermask", "at_init")  # spec groups that only some methods read
+OWN_GROUPS = ("supermask", "at_init", "early_bird")  # spec groups that only some methods read
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class Method:
     trains: Literal["weights", "scores"]  # what a level trains; a pack holds one kind (trials/packing.py)
     reads: tuple[str, ...]  # spec paths it reads besides COMMON; a group name ("prune") = all its fields
     member: str  # "module:Class" the level runner (trials/lottery.py run_pack) runs it as
-    mask: Literal["pruned", "scored", "searched"]  # level L's mask: pruned from L-1's final weights,
-    #   scored at the rewind point (`scorer`), or searched (learned scores over fixed weights)
+    mask: Literal["pruned", "scored", "searched", "drawn"]  # level L's mask: pruned from L-1's final weights,
+    #   scored at the rewind point (`scorer`), searched (learned scores over fixed weights), or
+    #   drawn from the dense run where its mask stabilised (early-bird tickets, trials/early_bird.py)
     levels: Literal["prune.levels", "supermask.densities"]  # how many levels after level 0
     shares: Literal["trunk", "dense", "none"]  # IMP's work it shares in a sweep: the dense run and
     #   the pruned trunk, the dense run only, or nothing (trials/shared.py)
@@ -66,6 +67,9 @@ class Method:
     refuses: tuple[str, ...] = ("at_init",)  # spec groups or paths whose fields it does not read are
     #   refused when set (a group it reads none of, or a path it does not read; others are ignored)
     why_not: tuple[tuple[str, str], ...] = ()  # "control=reinit" or "retrain" -> why it is refused
+    early_bird: Literal["none", "levels", "dense"] = "none"  # how it reads early_bird.* (trials/early_bird.py):
+    #   not at all; "levels": with early_bird.imp_levels each level but the last stops once the next
+    #   level's mask has stabilised; "dense": its dense run stops once every level's mask has stabilised
 
     def why(self, what: str) -> str:
         """" (reason)" of a refused value, or ""."""
@@ -140,9 +144,21 @@ DEFAULT = "imp"
 
 register(Method(
     "imp", "train weights and prune them (prune.*)", trains="weights",
-    reads=("model.init", "train", "prune", "rewind_iteration", "retrain", "stability"),
+    reads=("model.init", "train", "prune", "rewind_iteration", "retrain", "stability", "early_bird"),
     member="trials.lottery:Member", mask="pruned", levels="prune.levels", shares="trunk",
-    controls=CONTROLS, retrain=RETRAIN, stability=True, control_trunk=True))
+    controls=CONTROLS, retrain=RETRAIN, stability=True, control_trunk=True, early_bird="levels"))
+
+register(Method(
+    "early_bird", "one dense run, stopped once the masks of every level's density have stabilised "
+    "(early_bird.*, You et al. 2020); level L trains IMP's level-L count drawn where its mask stabilised, "
+    "from the dense weights at k (weight_rewind) or continuing from the draw (finetune)", trains="weights",
+    reads=("model.init", "train", "prune", "rewind_iteration", "retrain", "early_bird"),
+    member="trials.methods.early_bird:EarlyBird", mask="drawn", levels="prune.levels", shares="none",
+    controls=("none", "reinit", "random_prune", "shuffle"), retrain=("weight_rewind", "finetune"),
+    control_trunk=True, refuses=("at_init", "supermask"), early_bird="dense",
+    why_not=(("control=invert", "invert turns over IMP's ranking of its own trajectory, which an early-bird "
+              "ticket does not have"),
+             ("retrain", "finetune continues from the early-bird weights"))))
 
 register(Method(
     "edge_popup", "learn a supermask on fixed random weights (supermask.*); it reads train's "
