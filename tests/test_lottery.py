@@ -10,7 +10,7 @@ from trials import datasets, masks, models, paths
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
 from trials.spec import PruneSpec, TrainSpec
-from trials.record import FIELDS, OPTIONAL, STABILITY, read_lines
+from trials.record import EARLY_BIRD, FIELDS, STABILITY, read_lines
 from trials.store import load_tensors
 
 
@@ -43,8 +43,7 @@ def test_files_follow_the_contract(trial):
     assert numbers(out) == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in records]
     lines = [json.loads(line) for line in (out / "levels.jsonl").read_text().splitlines()]
     # the schema: no instability measured, and IMP without early-bird levels writes no early-bird fields
-    early_bird = {f for f in OPTIONAL if f.startswith("early_bird_")} | {"schedule_iterations", "cost_iterations"}
-    assert all(set(line) == set(FIELDS) - set(STABILITY) - early_bird for line in lines)
+    assert all(set(line) == set(FIELDS) - set(STABILITY) - set(EARLY_BIRD) for line in lines)
     net = models.build(spec.model, datasets.info(spec.dataset), seed=0)
     names = set(net.state_dict())
     assert set(load_tensors(out / "rewind.safetensors")) == names

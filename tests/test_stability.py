@@ -17,7 +17,7 @@ from trials import lottery as lottery_module
 from trials import masks, models, stability
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
-from trials.record import FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
+from trials.record import EARLY_BIRD, FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec, from_dict
 from trials.store import load_tensors
 from trials.training import Alone, learning_rate
@@ -124,7 +124,7 @@ def test_the_trial_records_instability_at_the_asked_levels(measured):
         assert all(getattr(r, f) is not None for f in STABILITY) and 0 <= r.stability_error_barrier <= 1
     assert all(getattr(records[2], f) is None for f in STABILITY)
     lines = [json.loads(line) for line in (out / "levels.jsonl").read_text().splitlines()]
-    assert set(lines[0]) == set(FIELDS) and set(lines[2]) == set(FIELDS) - set(STABILITY)
+    assert set(lines[0]) == set(FIELDS) - set(EARLY_BIRD) and set(lines[2]) == set(FIELDS) - set(STABILITY) - set(EARLY_BIRD)
     # written once, complete: each level's record.json already holds its measurement
     for r in records:
         assert LevelRecord.from_dict(json.loads((out / f"level_{r.level:02d}" / "record.json").read_text())) == r

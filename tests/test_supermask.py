@@ -18,7 +18,7 @@ from tests.test_spec_and_cli import QUICK, with_, write
 from trials import datasets, load_ticket, masks, models, paths
 from trials.errors import ConfigError
 from trials.lottery import run_lottery
-from trials.record import FIELDS, STABILITY
+from trials.record import EARLY_BIRD, FIELDS, STABILITY
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, SupermaskSpec, TrainSpec, TrialSpec, from_dict
 from trials.store import load_tensors
 from trials.supermask import Supermask, fixed_network, initial_scores
@@ -162,7 +162,7 @@ def test_files_follow_the_contract_and_the_ticket_gives_the_recorded_accuracy(tm
     meta = json.loads((out / "spec.json").read_text())
     assert meta["key"] == spec.key and meta["spec"]["method"] == "edge_popup"
     lines = (out / "levels.jsonl").read_text().splitlines()
-    assert [set(json.loads(line)) for line in lines] == [set(FIELDS) - set(STABILITY)] * 2
+    assert [set(json.loads(line)) for line in lines] == [set(FIELDS) - set(STABILITY) - set(EARLY_BIRD)] * 2
     for r in records:
         assert (out / f"level_{r.level:02d}" / "DONE").exists()
         ticket = load_ticket(export(out, r.level, tmp_path / f"ticket{r.level}"))

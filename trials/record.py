@@ -126,6 +126,8 @@ def _none(value):
 FIELDS = tuple(f.name for f in dataclasses.fields(LevelRecord))
 OPTIONAL = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.metadata["optional"])  # None = not measured
 STABILITY = tuple(f for f in OPTIONAL if f.startswith("stability_"))  # trials/stability.py measures these
+EARLY_BIRD = tuple(f for f in OPTIONAL if f.startswith("early_bird_")) + ("schedule_iterations", "cost_iterations")
+#   written only where early-bird draws are made (method early_bird, IMP with early_bird.imp_levels)
 TRACKED = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.metadata["tracked"])  # MLflow metrics
 COUNTS = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.type in ("int", int))  # whole numbers
 UNITS = {f.name: f.metadata["unit"] for f in dataclasses.fields(LevelRecord)}
