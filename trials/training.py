@@ -247,19 +247,24 @@ def train_members(jobs: list, data, arithmetic: Arithmetic, progress: Optional[C
     def rates(j: int) -> tuple:  # what a graph of the step depends on: who has started, at which rate
         return tuple(j >= job.start for job in jobs), tuple(job.schedule(j) for job in jobs)
 
+    def validate(evaluated: list, it: int, train_loss: list) -> None:
+        """Members `evaluated` validated after `it` steps: their last numbers, their best
+        state so far (early stopping) and the progress callback."""
+        val_loss, val_acc = arithmetic.evaluate(data.val_x, data.val_y, autocast)
+        for m in evaluated:
+            last[m] = {"val_loss": val_loss[m], "val_acc": val_acc[m], "train_loss": train_loss[m]}
+            if val_loss[m] < best[m]["val_loss"]:
+                best[m].update(val_loss=val_loss[m], iteration=it)
+                arithmetic.keep_best(m)
+            if progress:
+                progress(m, it, t0.iterations, val_loss[m])
+
     def ended(stops: list, it: int) -> None:
         """Members whose watch stopped them after `it` steps: their last validation (unless `it`
         was an evaluation point, just measured), then their state is kept as it is."""
         if it % t0.eval_interval:
             train_loss = (window_loss / torch.tensor([max(s, 1) for s in window_steps], device=device)).tolist()
-            val_loss, val_acc = arithmetic.evaluate(data.val_x, data.val_y, autocast)
-            for m in stops:
-                last[m] = {"val_loss": val_loss[m], "val_acc": val_acc[m], "train_loss": train_loss[m]}
-                if val_loss[m] < best[m]["val_loss"]:
-                    best[m].update(val_loss=val_loss[m], iteration=it)
-                    arithmetic.keep_best(m)
-                if progress:
-                    progress(m, it, t0.iterations, val_loss[m])
+            validate(stops, it, train_loss)
         for m in stops:
             running[m] = False
             arithmetic.stop(m)
@@ -310,14 +315,7 @@ def train_members(jobs: list, data, arithmetic: Arithmetic, progress: Optional[C
             members = [m for m in members if running[m]]
             window_loss.zero_()
             window_steps = [0] * k
-            val_loss, val_acc = arithmetic.evaluate(data.val_x, data.val_y, autocast)
-            for m in members:
-                last[m] = {"val_loss": val_loss[m], "val_acc": val_acc[m], "train_loss": train_loss[m]}
-                if val_loss[m] < best[m]["val_loss"]:
-                    best[m].update(val_loss=val_loss[m], iteration=done)
-                    arithmetic.keep_best(m)
-                if progress:
-                    progress(m, done, t0.iterations, val_loss[m])
+            validate(members, done, train_loss)
     # every member evaluated at its last iteration: last[m] holds its final validation numbers
     arithmetic.settle()
     _, test_acc = arithmetic.evaluate(data.test_x, data.test_y, autocast)
