@@ -223,6 +223,27 @@ def test_a_dead_holders_unit_is_taken_over_and_a_waiting_trial_helps_meanwhile(t
     assert ray.get(broker.claim.remote("dense/held", "ghost")) == "published"
 
 
+def test_the_heartbeat_ends_with_its_store(tmp_path, ray_local):
+    """A store's heartbeat stops when the store is closed or collected (and once Ray is shut
+    down): a thread left renewing leases after `ray.shutdown` made Ray start again at a
+    process's exit."""
+    import gc
+
+    from orchestrator.sweeps.units import Broker
+
+    broker = Broker.remote(0.2)  # a beat every 0.05 s
+    closed, dropped = store(tmp_path / "storage", broker), store(tmp_path / "storage", broker)
+    beats = [closed.heartbeat, dropped.heartbeat]
+    assert all(b.is_alive() for b in beats)
+    closed.close()
+    del dropped
+    gc.collect()
+    for b in beats:
+        b.join(timeout=5)
+    assert not any(b.is_alive() for b in beats)
+    assert ray_local.is_initialized()
+
+
 # ---------------------------------------------------------------- the planner
 
 

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -219,9 +220,18 @@ class UnitStore:
         self.helping = False
         self.waited = 0.0  # seconds spent with nothing to do
         self.unseen: Counter = Counter()  # unit -> claims the broker called published that storage did not show
+        self.stopped = threading.Event()  # set: the heartbeat ends (close, or this store collected)
+        self.heartbeat: Optional[threading.Thread] = None
         if broker is not None:
             self.lease = self._call("lease_seconds") or lease_seconds()
-            threading.Thread(target=self._heartbeat, daemon=True).start()
+            weakref.finalize(self, self.stopped.set)
+            self.heartbeat = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self.stopped, self.lease / 4),
+                                              name="lth-units-heartbeat", daemon=True)
+            self.heartbeat.start()
+
+    def close(self) -> None:
+        """Stop renewing leases (the heartbeat ends within a beat)."""
+        self.stopped.set()
 
     # ------------------------------------------------------------ trials.shared.Units
     def points(self, dense: str) -> set:
@@ -371,11 +381,19 @@ class UnitStore:
             except Exception:  # noqa: BLE001 - best effort; a lease then simply expires
                 pass
 
-    def _heartbeat(self) -> None:
-        """Renew this process's leases for as long as it lives (a daemon thread)."""
-        while True:
-            time.sleep(self.lease / 4)
-            self._tell("renew", self.owner)
+
+
+def _heartbeat(ref: weakref.ref, stopped: threading.Event, every: float) -> None:
+    """Renew a store's leases while the store lives, is not closed and Ray is up. It holds
+    the store weakly, so it ends with it; and it never calls the broker once Ray is shut
+    down: an actor call then starts a new Ray instance (at a process's exit, logging to
+    closed streams)."""
+    while not stopped.wait(every):
+        store = ref()
+        if store is None or not ray.is_initialized():
+            return
+        store._tell("renew", store.owner)
+        del store
 
 
 def _node() -> Optional[str]:
