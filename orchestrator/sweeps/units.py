@@ -215,6 +215,9 @@ class UnitStore:
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.cache = self.scratch / "cache"
+        # the units in the cache, oldest first (a scratch folder given may hold some already)
+        found = sorted(self.cache.rglob(DONE), key=lambda f: f.stat().st_mtime) if self.cache.is_dir() else []
+        self.cached: dict = dict.fromkeys(marker.parent for marker in found)
         self.helper: Optional[Callable] = None
         self.data = ""
         self.helping = False
@@ -327,11 +330,22 @@ class UnitStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _evict(self, keep: Path) -> None:
-        """Bound the cache: drop the least recently added units beyond CACHE_UNITS."""
-        found = sorted(self.cache.rglob(DONE), key=lambda f: f.stat().st_mtime)
-        for marker in found[: max(0, len(found) - CACHE_UNITS)]:
-            if marker.parent != keep:
-                shutil.rmtree(marker.parent, ignore_errors=True)
+        """Bound the cache: `keep` (just added) is the newest unit; the least recently added
+        beyond CACHE_UNITS go, and so do the folders they leave empty. The store keeps the
+        list (a walk of the cache per unit grew with every unit the process had seen)."""
+        self.cached.pop(keep, None)
+        self.cached[keep] = None
+        while len(self.cached) > CACHE_UNITS:
+            old = next(iter(self.cached))
+            del self.cached[old]
+            shutil.rmtree(old, ignore_errors=True)
+            for parent in old.parents:
+                if parent == self.cache or self.cache not in parent.parents:
+                    break
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
 
     def _log(self, name: str, unit: Path, seconds: float, pack: int) -> None:
         """`pack`: how many trials trained together (1: alone); `seconds`: this unit's share."""
