@@ -10,10 +10,10 @@ import pandas as pd
 
 from orchestrator.tracking import levels_table, read, store
 from trials import methods
-from trials.record import COUNTS, TRACKED
+from trials.folder.record import COUNTS, TRACKED
 from trials.spec import field_paths
-from trials.errors import ConfigError
-from trials.typed import from_logged, non_null
+from trials.core.errors import ConfigError
+from trials.core.typed import from_logged, non_null
 
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
 HEAD = levels_table.NAMES

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from trials import methods as registry
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 PANELS = (("test_acc_at_early_stop", "test accuracy at early stop (%)", 100),
           ("early_stop_iteration", "early-stop iteration", 1))
@@ -123,10 +123,10 @@ def imp_figure(df: pd.DataFrame, rows: list, panels=PANELS):
 
 
 def _grouped(df: pd.DataFrame, rows: list, axis=()):
-    """The runs with `method` set and every row field as labels (trials/labels.py); the
+    """The runs with `method` set and every row field as labels (trials/folder/labels.py); the
     rows after analysis.data.row_fields; each field's labels in value order."""
     from analysis.data import row_fields
-    from trials.labels import labels
+    from trials.folder.labels import labels
 
     df = df.copy()
     df["method"] = methods(df)

@@ -30,8 +30,8 @@ import pandas as pd
 from analysis.data import dense_key, row_fields
 from analysis.plots import has_instability, methods
 from trials import methods as registry
-from trials.errors import ConfigError
-from trials.labels import labels
+from trials.core.errors import ConfigError
+from trials.folder.labels import labels
 
 DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
 MATCH_RULE = ("matches the dense network: its mean is at least the same row's dense (level 0) mean "

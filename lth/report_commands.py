@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from lth import compact_commands
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 
 def add_reports(commands) -> None:
@@ -78,7 +78,7 @@ def _experiment_runs(args):
     if df.empty:
         raise ConfigError("--experiment", args.experiment, "an experiment with logged trial levels")
     df = analysis.with_density(df, args.density_kind)
-    from trials.environment import mixed
+    from trials.folder.environment import mixed
 
     warning = mixed(df.drop_duplicates("run_id")["environments"]) if "environments" in df else None
     if warning:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from trials import datasets
-from trials.datasets import crop_flip
-from trials.errors import ConfigError
+from trials.nets import datasets
+from trials.nets.datasets import crop_flip
+from trials.core.errors import ConfigError
 from trials.spec import DatasetSpec
 
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Optional, TypeVar
 
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any, Callable, Literal, NamedTuple, Union
 
-from trials.errors import ConfigError, check
+from trials.core.errors import ConfigError, check
 
 MISSING = dataclasses.MISSING
 _UNIONS = (Union, types.UnionType)

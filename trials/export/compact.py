@@ -7,7 +7,7 @@ is rebuilt as an ordinary dense network:
 - **dead in**: a unit whose incoming weights (from the units that stay) are all zero
   outputs a constant, activation(norm(bias)), BatchNorm in eval mode. A constant of 0
   (every unit structured pruning removed: its bias and norm parameters are masked with
-  it, trials/masks.py) goes with nothing to add. Another constant goes only where every
+  it, trials/nets/masks.py) goes with nothing to add. Another constant goes only where every
   layer reading the unit sees a constant too, and is folded into that layer's bias: a
   Linear (after flatten, max or average pooling) or an unpadded convolution. A padded
   convolution sees the constant inside the image and zeros at its borders, so a unit it
@@ -18,8 +18,8 @@ is rebuilt as an ordinary dense network:
   (the stream is then 0 wherever it is read) or nobody reads it; otherwise it stays
   everywhere, its removed producers computing zeros (counted as `kept_tied`).
 
-The analysis is explicit per architecture family (trials/models.py Family: its describer
-in trials/paths.py, for LeNet, Conv-N, VGG, the CIFAR ResNets, torchvision's ResNet-18)
+The analysis is explicit per architecture family (trials/nets/models.py Family: its describer
+in trials/nets/paths.py, for LeNet, Conv-N, VGG, the CIFAR ResNets, torchvision's ResNet-18)
 and generic after that: the
 description is a list of ops, spaces of units come from walking it, and one forward pass
 (dead in, folding) and one backward pass (dead out) decide what stays. ARCHITECTURE.md,
@@ -29,7 +29,7 @@ The compact network's architecture is plain JSON (`ARCH`: ops with their widths)
 tensors safetensors (`WEIGHTS`): `load_compact` rebuilds it with torch alone, nothing
 unpickled. `export` also writes TorchScript and ONNX (checked in ONNX Runtime) and the
 report (`REPORT`): parameters, multiply-accumulates per example, effective density
-(trials/paths.py) and the worst logit difference against the masked network, before and
+(trials/nets/paths.py) and the worst logit difference against the masked network, before and
 after (`check`: the exactness check, in float64).
 """
 from __future__ import annotations
@@ -48,9 +48,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trials.errors import ConfigError
-from trials import paths
-from trials.paths import Unsupported, describe, supported  # noqa: F401 - the network as ops (compact.describe)
+from trials.core.errors import ConfigError
+from trials.nets import paths
+from trials.nets.paths import Unsupported, describe, supported  # noqa: F401 - the network as ops (compact.describe)
 
 FORMAT = "lth-compact/1"
 WEIGHTS, ARCH, TORCHSCRIPT, ONNX, REPORT = "model.safetensors", "model.json", "model.ts", "model.onnx", "compact.json"
@@ -408,7 +408,7 @@ def compact_model(net: nn.Module, input_shape) -> Compacted:
                    "after": sum(p.numel() for p in model.parameters())},
         "nonzero_weights": {"before": nonzero, "after": nonzero_after},
         "density": nonzero / dense,
-        "effective_density": on_path / dense,  # what the level records count (trials/paths.py)
+        "effective_density": on_path / dense,  # what the level records count (trials/nets/paths.py)
         "macs_per_example": {"before": macs(net, input_shape), "after": macs(model, input_shape)},
         "units": {"before": sum(s["units"] for s in spaces), "after": sum(s["kept"] for s in spaces)},
         "kept_tied": sum(s["kept_tied"] for s in spaces),
@@ -464,7 +464,7 @@ def compact(ticket, data=None) -> Compacted:
     logit difference against the masked network over the ticket's test set (`data`: its
     datasets.Data, loaded when None): float32's (what the artifact does), and float64's,
     which `check` decides on."""
-    from trials import datasets
+    from trials.nets import datasets
 
     net = ticket.model.eval()
     data = data or datasets.load(ticket.spec.dataset, next(net.parameters()).device)
@@ -483,8 +483,8 @@ def compact_folder(ticket_folder, out) -> Compacted:
     """Compact an exported ticket (lth tickets export) into `out` (export's files). Refuses
     (NotExact, nothing written) a result whose logits on the test set differ from the masked
     network's beyond rounding (`check`, `exact`)."""
-    from trials import datasets
-    from trials.tickets import load_ticket
+    from trials.nets import datasets
+    from trials.export.ticket_folder import load_ticket
 
     ticket = load_ticket(ticket_folder)
     data = datasets.load(ticket.spec.dataset, torch.device("cpu"))
@@ -516,7 +516,7 @@ def export(c: Compacted, out, example: torch.Tensor) -> Path:
     """Write the compact folder: WEIGHTS + ARCH (load_compact), TORCHSCRIPT, ONNX (run in ONNX
     Runtime on `example` against the torch network; the difference goes in the report) and
     REPORT. Each file is written under a temporary name and renamed."""
-    from trials.store import save_tensors, write_json
+    from trials.folder.store import save_tensors, write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Rebuild a ticket from an exported folder (lth tickets export): no unpickling anywhere.
-The folder's names are the trial folder's (trials/layout.py), flattened to one level:
+The folder's names are the trial folder's (trials/folder/layout.py), flattened to one level:
 
     spec.json          the trial's spec
     record.json        the level's LevelRecord (accuracies, density, ...)
@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from trials import datasets, layout, methods, models
-from trials.masks import Masker
-from trials.record import LevelRecord
+from trials.nets import datasets, models
+from trials.folder import layout
+from trials import methods
+from trials.nets.masks import Masker
+from trials.folder.record import LevelRecord
 from trials.spec import from_dict
-from trials.store import load_tensors
+from trials.folder.store import load_tensors
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Ticket:
     def evaluate(self, data=None) -> tuple[float, float]:
         """(test loss, test accuracy) of the model as loaded, in eval mode: with the final
         weights, on the machine kind that trained them, exactly the recorded test_acc."""
-        from trials.training import autocast_for, evaluate
+        from trials.loop.training import autocast_for, evaluate
 
         device = next(self.model.parameters()).device
         data = data or datasets.load(self.spec.dataset, device)
@@ -51,7 +53,7 @@ class Ticket:
     def train(self, data=None, start_iteration=None):
         """Retrain the masked network as the trial did (from its rewind point). An
         edge-popup ticket's weights stay fixed (its accuracy is its supermask's): evaluate it."""
-        from trials.training import train_level
+        from trials.loop.training import train_level
 
         if methods.of(self.spec).trains == "scores":
             raise ValueError(f"a {self.spec.method} ticket is not retrained: its weights stay fixed and its "

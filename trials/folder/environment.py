@@ -2,7 +2,7 @@
 
 Bits are reproducible only on one machine with the same versions (ARCHITECTURE.md,
 "Numerics"): another CPU runs other kernels (vector width, MKL's code paths), a GPU others
-again. So every level record carries `environment()` (trials/record.py), the sweep
+again. So every level record carries `environment()` (trials/folder/record.py), the sweep
 tools warn when one sweep's numbers came from more than one `machine`, and golden
 records say where they were written (tests/golden/make_records.py).
 """
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from trials.version import code_version
+from trials.folder.version import code_version
 
 # the keys of environment() that decide a trial's bits (the rest names the code)
 MACHINE = ("torch", "cuda", "cpu", "cpu_capability", "device", "threads")

@@ -1,22 +1,22 @@
-"""The trial folder's names: the file contract between the engine (trials/store.py),
+"""The trial folder's names: the file contract between the engine (trials/folder/store.py),
 the sweep runner's checkpoints, MLflow artifacts, tickets and analysis. ARCHITECTURE.md,
 "The trial folder", describes the contract; the names live here only.
 
     OUT/spec.json                  resolved spec + key + package version + git sha
-    OUT/levels.jsonl               one LevelRecord per finished level (trials/record.py)
+    OUT/levels.jsonl               one LevelRecord per finished level (trials/folder/record.py)
     OUT/rewind.safetensors         the ticket's starting weights (level 0 after k iterations)
     OUT/level_XX/mask.safetensors  the mask that trained level XX
     OUT/level_XX/final.safetensors trained weights at the end of level XX
     OUT/level_XX/record.json       that level's record
     OUT/level_XX/DONE              written last
     OUT/level_XX/draw_YY.json      early-bird tickets: level YY's mask draw, made while level XX
-                                   trained (trials/early_bird.py; .safetensors / .mask.safetensors:
+                                   trained (trials/methods/early_bird_watch.py; .safetensors / .mask.safetensors:
                                    method=early_bird's weights and mask at that draw)
     OUT/scored.safetensors         control=reinit of a method that prunes at init: the rewind
                                    point its method scores (its rewind.safetensors is the fresh init)
     OUT/imp/                       a control's IMP trajectory (a trial folder of its own)
     OUT/nodes.json                 sweeps only: level -> Ray node that trained it
-    OUT/units.json                 shared sweeps only: the work units it used (trials/shared.py)
+    OUT/units.json                 shared sweeps only: the work units it used (trials/runner/shared.py)
 
 An exported ticket (lth tickets export, trials.load_ticket) holds one level's files flat:
 spec.json, record.json, mask/rewind/final.safetensors and source.json (its MLflow run).
@@ -44,7 +44,7 @@ _LEVEL_DIR = re.compile(r"level_(\d+)$")
 
 
 def draw(level: int, suffix: str) -> str:
-    """A level folder's early-bird draw of level `level`'s mask (trials/early_bird.py)."""
+    """A level folder's early-bird draw of level `level`'s mask (trials/methods/early_bird_watch.py)."""
     return f"draw_{level:02d}{suffix}"
 
 

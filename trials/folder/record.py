@@ -44,13 +44,13 @@ class LevelRecord:
     seconds: float = _f("seconds", "wall-clock time of the level's training and evaluation")
     environment: Optional[dict] = _f(
         "names", "where the level was trained: lth version and commit, torch and CUDA versions, CPU model and "
-        "capability, device, threads (trials/environment.py; None: written before lth recorded it)",
+        "capability, device, threads (trials/folder/environment.py; None: written before lth recorded it)",
         tracked=False, optional=True)
     effective_density: Optional[float] = _f(
         "fraction", "prunable weights kept that lie on some input-to-output path / all prunable weights "
-        "(trials/paths.py; None: a network with no description, or written before lth counted it)",
+        "(trials/nets/paths.py; None: a network with no description, or written before lth counted it)",
         optional=True)
-    # instability analysis (Frankle et al. 2020; trials/stability.py): None where not measured
+    # instability analysis (Frankle et al. 2020; trials/methods/stability.py): None where not measured
     stability_error_barrier: Optional[float] = _f(
         "fraction", "instability: the largest test error on the straight line between two copies "
         "trained from the level's start with different SGD noise, minus the mean error of the two "
@@ -63,7 +63,7 @@ class LevelRecord:
     stability_acc_b: Optional[float] = _f(
         "fraction", "test accuracy of copy 1, the line's other end (BatchNorm statistics recomputed)",
         optional=True)
-    # early-bird tickets (You et al. 2020; trials/early_bird.py): None where no early-bird draw was made
+    # early-bird tickets (You et al. 2020; trials/methods/early_bird_watch.py): None where no early-bird draw was made
     early_bird_iteration: Optional[int] = _f(
         "iterations", "the iteration of the weights this level's mask was drawn from (method=early_bird: where "
         "its density's mask stabilised in the dense run; early-bird IMP levels: where level L-1 stopped)",
@@ -125,7 +125,7 @@ def _none(value):
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LevelRecord))
 OPTIONAL = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.metadata["optional"])  # None = not measured
-STABILITY = tuple(f for f in OPTIONAL if f.startswith("stability_"))  # trials/stability.py measures these
+STABILITY = tuple(f for f in OPTIONAL if f.startswith("stability_"))  # trials/methods/stability.py measures these
 EARLY_BIRD = tuple(f for f in OPTIONAL if f.startswith("early_bird_")) + ("schedule_iterations", "cost_iterations")
 #   written only where early-bird draws are made (method early_bird, IMP with early_bird.imp_levels)
 TRACKED = tuple(f.name for f in dataclasses.fields(LevelRecord) if f.metadata["tracked"])  # MLflow metrics

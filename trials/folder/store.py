@@ -1,4 +1,4 @@
-"""The trial folder (names in trials/layout.py; contract in ARCHITECTURE.md, "The trial
+"""The trial folder (names in trials/folder/layout.py; contract in ARCHITECTURE.md, "The trial
 folder"). Every file is written to a temporary name and renamed, so a killed trial leaves
 no half-written file. Tensors are safetensors: loading never unpickles.
 """
@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trials import layout
-from trials.errors import check
-from trials.record import LevelRecord
-from trials.version import code_version
+from trials.folder import layout
+from trials.core.errors import check
+from trials.folder.record import LevelRecord
+from trials.folder.version import code_version
 
 
 NAME_MAX = 255  # bytes in one folder name: ext4, XFS, APFS, NTFS alike

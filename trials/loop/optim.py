@@ -12,7 +12,7 @@ checks, and faster (README, "Speed": `bench/trial_speed.py --mode optimizers`). 
 foreach Adam gives the same bits too but no speed (its own square roots of zeros). The
 fused kernel is faster still but rounds differently (every golden case changes), so it is used on CUDA always (no
 golden records there; `train.fused` changes CPU arithmetic only), in packs
-(trials/stacked.py) and on CPU only when asked for (`fused=True`). On CPU none of these
+(trials/loop/stacked.py) and on CPU only when asked for (`fused=True`). On CPU none of these
 is a torch.optim.Optimizer (`Light`).
 """
 from __future__ import annotations
@@ -148,7 +148,7 @@ def make(t, params, device: torch.device, fused: Optional[bool] = None):
     if t.optimizer == "adam":
         if device.type == "cuda":
             # always the fused kernel on CUDA, capturable, so the step can be a CUDA graph
-            # (trials/training.py StepGraph): the packs' arithmetic (trials/stacked.py), with the
+            # (trials/loop/training.py StepGraph): the packs' arithmetic (trials/loop/stacked.py), with the
             # bias corrections in the kernel. torch's capturable foreach path takes them in
             # float32 tensor ops (1 - 0.999 rounds to 1e-5 relative), and drifted 4e-4 from a
             # pack in 100 LeNet steps; the default, non-capturable one cannot be captured.

@@ -1,5 +1,5 @@
 """Stacked layers: K networks of one architecture as one network of K-times-wider layers,
-for packs (trials/lottery.py run_pack). Every nn.Linear / nn.Conv2d / nn.BatchNorm1d/2d becomes one
+for packs (trials/runner/levels.py run_pack). Every nn.Linear / nn.Conv2d / nn.BatchNorm1d/2d becomes one
 stacked layer over the K members: Linear weights [K, in, out], Conv2d weights [K, out, in,
 kh, kw], BatchNorm over K*C channels (weight, bias, running_mean, running_var [K, C],
 num_batches_tracked [K]). The batch stays the first dimension, K*B examples member after
@@ -11,7 +11,7 @@ batch norm over K*C channels): a pack's speed. On CPU each member's GEMM, convol
 norm and loss runs on tensors of its own with the shapes and strides it has alone
 (`apart`), so a member's bits never depend on its co-members (ARCHITECTURE.md,
 "Numerics"). `Stacked` is the pack's arithmetic for the one training loop
-(trials/training.py train_members).
+(trials/loop/training.py train_members).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trials.optim import PackedOptimizer
-from trials.training import EVAL_BATCH
+from trials.loop.optim import PackedOptimizer
+from trials.loop.training import EVAL_BATCH
 
 
 def apart(x: torch.Tensor) -> bool:
@@ -165,7 +165,7 @@ def why_not_packable(net: nn.Module) -> Optional[str]:
 class PackedNet:
     """The model of K members: `net` (the model with stacked layers) and member <-> slice
     moves of its state (parameters and buffers: a member's state dict has exactly the keys
-    of trials.store.state_of of the model alone)."""
+    of trials.folder.store.state_of of the model alone)."""
 
     def __init__(self, template: nn.Module, k: int, device):
         reason = why_not_packable(template)

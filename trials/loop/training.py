@@ -16,9 +16,9 @@ from typing import Callable, ClassVar, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from trials import optim
-from trials.environment import environment
-from trials.masks import Masker
+from trials.loop import optim
+from trials.folder.environment import environment
+from trials.nets.masks import Masker
 
 EVAL_BATCH = 1000  # examples per evaluation forward pass
 CUDA_GRAPHS = True  # on CUDA, replay the step as a graph (StepGraph); False: every step eager
@@ -58,7 +58,7 @@ class BatchOrder:
 
 
 def make_optimizer(t, params, fused: Optional[bool] = None):
-    """Adam or SGD of train spec `t` (trials/optim.py: on CPU the same numbers as torch's
+    """Adam or SGD of train spec `t` (trials/loop/optim.py: on CPU the same numbers as torch's
     default path, faster; torch's fused kernels where `t.fused` or fused=True asks)."""
     params = list(params)
     return optim.make(t, params, params[0].device, fused)
@@ -109,7 +109,7 @@ class Job:
     them) under `mask` from iteration `start` with train spec `train`, the data order and
     augmentation of `seed`, and the learning rate `schedule(iteration)` (default: the
     spec's, learning_rate). `hooks` maps an iteration to a callback that receives the
-    member's state dict after that many steps. `watch` (trials/early_bird.py Watch: `every`,
+    member's state dict after that many steps. `watch` (trials/methods/early_bird_watch.py Watch: `every`,
     and a call (iteration, state) -> bool) is asked every `every` iterations after the start,
     after the hooks; True stops the member there: its level ends with the weights of that
     iteration, the prefix of the run it would have trained in full."""
@@ -129,7 +129,7 @@ class Job:
 
 class Arithmetic(Protocol):
     """What train_members computes with, for K members (ARCHITECTURE.md, "The engine"):
-    Alone (K = 1, a single trial's bits) or trials/stacked.py Stacked (a pack). The class is
+    Alone (K = 1, a single trial's bits) or trials/loop/stacked.py Stacked (a pack). The class is
     the choice everywhere in the engine (run_pack, Training, Producer); `name` is how a
     sweep's Tune config names it (orchestrator/plan.py tune_config, ARITHMETICS)."""
 
@@ -151,9 +151,9 @@ class Arithmetic(Protocol):
 
 class Alone:
     """The arithmetic of one network trained by itself (K = 1): the model as built, the
-    optimizer of trials/optim.py (`fused` as make_optimizer's), one cross-entropy. This is
+    optimizer of trials/loop/optim.py (`fused` as make_optimizer's), one cross-entropy. This is
     the default arithmetic of a trial, the one the golden records hold. A pack's is
-    trials/stacked.py's Stacked; train_members runs either (ARCHITECTURE.md, "The engine")."""
+    trials/loop/stacked.py's Stacked; train_members runs either (ARCHITECTURE.md, "The engine")."""
 
     name = "alone"
     k = 1
@@ -223,12 +223,12 @@ def train_members(jobs: list, data, arithmetic: Arithmetic, progress: Optional[C
     smallest start on, each with its own batches (BatchOrder and augmentation of its seed),
     learning rates, start iteration (before it a member's network is carried along
     untouched), rewind-point hooks, divergence check and early stopping, under
-    `arithmetic`: Alone (K = 1, the default bits) or trials/stacked.py's Stacked (a pack).
+    `arithmetic`: Alone (K = 1, the default bits) or trials/loop/stacked.py's Stacked (a pack).
     Returns per job the level's result (the fields of a LevelRecord after the masks', plus
     "final": the member's final state), or the exception that ended that member.
     `progress(member, iteration, total, val_loss)` at every evaluation."""
     started = time.perf_counter()
-    t0 = jobs[0].train  # the fields members share (trials/packing.py check_pack)
+    t0 = jobs[0].train  # the fields members share (trials/spec/packing.py check_pack)
     k, device = len(jobs), data.train_x.device
     arithmetic.begin(jobs)
     orders = [BatchOrder(len(data.train_x), t0.batch_size, job.seed, device) for job in jobs]

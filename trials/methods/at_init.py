@@ -23,7 +23,7 @@ levels; SynFlow's need not be.
 Controls (Frankle et al. 2021) change the mask of the method's level, never its count per
 layer: shuffle permutes each layer's mask at random; invert keeps each layer's lowest
 scores (SynFlow: its first round's, on the unpruned net); reinit trains the mask from a
-fresh init (trials/controls.py)."""
+fresh init (trials/methods/controls.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +32,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trials import methods, models, pruning
-from trials.masks import Layers, Mask
-from trials.training import rng
+from trials import methods
+from trials.nets import models
+from trials.methods import pruning
+from trials.nets.masks import Layers, Mask
+from trials.loop.training import rng
 
 # ---------------------------------------------------------------- counts
 

@@ -15,14 +15,16 @@ its own in a pack) because its masks or densities come from it:
 A control's level 0 is IMP's dense network: density 1 has no mask to control for.
 
 A control of a method that prunes at initialization needs no IMP run: its mask is its own
-method's, changed (trials/at_init.py level_mask); reinit trains it from the fresh init
+method's, changed (trials/methods/at_init.py level_mask); reinit trains it from the fresh init
 (`start`), the others from the trial's rewind point.
 """
 from __future__ import annotations
 
-from trials import at_init, methods, models, pruning
-from trials.store import TrialDir, state_of
-from trials.training import rng
+from trials.methods import at_init, pruning
+from trials import methods
+from trials.nets import models
+from trials.folder.store import TrialDir, state_of
+from trials.loop.training import rng
 
 pruning.STRATEGIES.register("smallest")(lambda weight, units, g: -pruning.magnitude(weight, units, g))
 

@@ -2,11 +2,11 @@
 "Early-bird tickets"): the mask a pruning rule would draw stops changing early in
 training, so a run can stop once it has. The draws, the window and the watch live here;
 method=early_bird's member is trials/methods/early_bird.py, IMP's early-bird levels are
-trials/lottery.py Member's.
+trials/runner/levels.py Member's.
 
 Every `early_bird.interval` iterations of a watched run (a Job's `watch`, asked by the
 training loop) the trial's pruning rule draws its mask from the weights as they are: the
-mask IMP would prune to (prune.kind, scope, rates; trials/pruning.py), ranked by magnitude,
+mask IMP would prune to (prune.kind, scope, rates; trials/methods/pruning.py), ranked by magnitude,
 or for structured pruning optionally by the |gamma| of the BatchNorm after each unit
 (`early_bird.criterion: bn_gamma`, network slimming, the paper's; the default is the trial's
 own rule, magnitude). The newest mask is compared with each of the `window - 1` masks drawn
@@ -41,9 +41,10 @@ from typing import Callable, Optional
 
 import torch
 
-from trials import layout, pruning
-from trials.masks import Layers, Mask
-from trials.store import load_tensors, save_mask, save_tensors, write_json
+from trials.folder import layout
+from trials.methods import pruning
+from trials.nets.masks import Layers, Mask
+from trials.folder.store import load_tensors, save_mask, save_tensors, write_json
 
 
 def ranked(spec, weights: dict, layers: Layers) -> dict:
@@ -105,7 +106,7 @@ class Draws:
 
 
 class Watch:
-    """A Job's watch (trials/training.py train_members): draws every `every` iterations at
+    """A Job's watch (trials/loop/training.py train_members): draws every `every` iterations at
     the densities `levels` (counted from `mask`) and stops once every one has stabilised
     and the run has passed `least` (the rewind point of a dense run). `found(level, info,
     state, mask)` is told of each density as it stabilises."""
@@ -163,6 +164,6 @@ def draw_mask(folder: Path, level: int) -> Mask:
 
 
 def fields(info: dict) -> dict:
-    """The level record's fields of a draw (trials/record.py)."""
+    """The level record's fields of a draw (trials/folder/record.py)."""
     return {"early_bird_iteration": info["iteration"], "early_bird_stable": info["stable"],
             "early_bird_distance": info["distance"], "early_bird_trace": info["trace"]}

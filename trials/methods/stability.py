@@ -23,7 +23,7 @@ the first pair (copies 0 and 1).
   later work on interpolating networks).
   Models without BatchNorm are evaluated as they are (the ends then equal the copies'
   own test accuracies exactly). ARCHITECTURE.md, "Instability and retraining modes".
-- Nothing here writes files: the caller (trials/lottery.py, instability)
+- Nothing here writes files: the caller (trials/runner/levels.py, instability)
   puts the fields into the level's record before the level is written.
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import models
-from trials.masks import Mask
-from trials.record import STABILITY
-from trials.training import Job, autocast_for, evaluate, learning_rate, rng, train_level
+from trials.nets import models
+from trials.nets.masks import Mask
+from trials.folder.record import STABILITY
+from trials.loop.training import Job, autocast_for, evaluate, learning_rate, rng, train_level
 
 
 def asked(spec, level: int) -> bool:
@@ -65,7 +65,7 @@ def noise_seed(spec, copy: int) -> int:
 
 def copy_jobs(spec, level: int, start_weights: dict, mask: Mask) -> list[Job]:
     """The level's copies as jobs of the training loop (a pack trains its members' copies
-    together: trials/lottery.py instability), each under its own noise seed."""
+    together: trials/runner/levels.py instability), each under its own noise seed."""
     start, schedule = retraining(spec, level)
     return [Job(spec.train, noise_seed(spec, c), mask, start_weights, start, schedule=schedule)
             for c in range(spec.stability.copies)]
@@ -73,7 +73,7 @@ def copy_jobs(spec, level: int, start_weights: dict, mask: Mask) -> list[Job]:
 
 def measure(spec, level: int, start_weights: dict, mask: Mask, data, device,
             seeds: Optional[list] = None, finals: Optional[list] = None) -> dict:
-    """The stability fields of trials/record.py for one level (see module doc). `seeds`
+    """The stability fields of trials/folder/record.py for one level (see module doc). `seeds`
     overrides the copies' noise seeds (tests: equal seeds must give instability 0);
     `finals`: the copies' final states when they trained elsewhere (copy_jobs)."""
     seeds = list(seeds) if seeds is not None else [noise_seed(spec, c) for c in range(spec.stability.copies)]

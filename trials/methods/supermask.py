@@ -13,7 +13,7 @@ fraction k of them to keep (a supermask).
                    top k], the gradient reaches the scores straight through the top-k (the
                    reference's GetSubnet), SGD with momentum on the scores, cosine
                    schedule. Levels do not depend on each other.
-    engine         a trial is a member (Searcher) of trials/lottery.py's level runner, and
+    engine         a trial is a member (Searcher) of trials/runner/levels.py's level runner, and
                    a level a Job (Search) of the one training loop, so loop, early
                    stopping, record and packs are IMP's: alone, a Supermask module trains
                    under training.Alone; in a pack, StackedSearch trains the members'
@@ -36,21 +36,23 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from trials import layout, masks, models, pruning
-from trials.environment import environment
-from trials.record import LevelRecord
+from trials.folder import layout
+from trials.nets import masks, models
+from trials.methods import pruning
+from trials.folder.environment import environment
+from trials.folder.record import LevelRecord
 from trials.spec import PruneSpec
-from trials.stacked import Stacked, apart
-from trials.optim import PackedOptimizer
-from trials.store import TrialDir, state_of
-from trials.training import BatchOrder, Job, autocast_for, evaluate, rng
+from trials.loop.stacked import Stacked, apart
+from trials.loop.optim import PackedOptimizer
+from trials.folder.store import TrialDir, state_of
+from trials.loop.training import BatchOrder, Job, autocast_for, evaluate, rng
 
 GAIN = math.sqrt(2.0)  # Kaiming's gain for ReLU: std = GAIN / sqrt(fan_in)
 CALIBRATION_BATCHES = 50  # training batches that set an untrained network's norm statistics
 
 
 class Searcher:
-    """An edge-popup trial as a level runner's member (trials/lottery.py run_pack): its
+    """An edge-popup trial as a level runner's member (trials/runner/levels.py run_pack): its
     folder, fixed weights and layers; job(i) -> level i's Search, finish() writes it, and
     untrained(i) is the random_prune control's level (see module doc)."""
 
@@ -115,7 +117,7 @@ class Searcher:
 
 
 class Search(Job):
-    """A supermask level for the training loop (trials/training.py train_members): what
+    """A supermask level for the training loop (trials/loop/training.py train_members): what
     trains is a Supermask's scores (start_weights: its state dict, "net.*" the fixed
     weights and "scores.<j>" the initial scores), kept at `density` per layer or of all
     weights (`scope`); no weight mask."""

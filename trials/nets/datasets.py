@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from trials.errors import ConfigError
-from trials.registry import Registry
+from trials.core.errors import ConfigError
+from trials.core.registry import Registry
 
 DATASETS: Registry = Registry("dataset", "dataset.name")
 SPLIT_SEED = 0  # fixed: the validation/test split never depends on the trial's seed

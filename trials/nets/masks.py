@@ -33,13 +33,13 @@ class Layers:
     output: str  # the classifier's module name
     shapes: dict  # "<layer>.weight" -> weight shape
     companions: dict  # layer -> parameter names indexed by its output units
-    # the network as trials/compact.py describes it (trials/paths.py counts paths on it);
+    # the network as trials/export/compact.py describes it (trials/nets/paths.py counts paths on it);
     # None for a network it has no description for (effective density not measured)
     ops: Optional[list] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, net: nn.Module) -> "Layers":
-        from trials import paths
+        from trials.nets import paths
 
         names = tuple(prunable_layers(net))
         modules = dict(net.named_modules())
@@ -94,8 +94,8 @@ def remaining(mask: Mask, layers: Layers) -> int:
 
 
 def describe(mask: Mask, layers: Layers) -> dict:
-    """The level record's density fields of a mask (effective_density: trials/paths.py)."""
-    from trials import paths
+    """The level record's density fields of a mask (effective_density: trials/nets/paths.py)."""
+    from trials.nets import paths
 
     return {"density": density(mask, layers), "layer_density": layer_density(mask, layers),
             "remaining_params": remaining(mask, layers), "effective_density": paths.effective_density(layers.ops, mask)}

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trials.registry import Registry
+from trials.core.registry import Registry
 
 MODELS: Registry = Registry("model", "model.name")
 
@@ -33,9 +33,9 @@ class Family:
     """What the engine needs to know of a model family besides its builders.
 
     `net`: "module:Class" of the networks its builders return. `ops`: "module:function"
-    that gives such a network as ops (trials/paths.py: effective density in the level
+    that gives such a network as ops (trials/nets/paths.py: effective density in the level
     records, and compaction), or None: then `no_ops` says why, and compaction is refused
-    with it. `no_packs`: why its networks cannot train in a pack, or None: trials/stacked.py
+    with it. `no_packs`: why its networks cannot train in a pack, or None: trials/loop/stacked.py
     then checks each built network module by module (why_not_packable)."""
 
     name: str
@@ -149,7 +149,7 @@ class LeNet(nn.Module):
         return self.fc(x)
 
 
-LENET = Family("LeNet", "trials.models:LeNet", "trials.paths:lenet_ops")
+LENET = Family("LeNet", "trials.nets.models:LeNet", "trials.nets.paths:lenet_ops")
 
 
 @model("lenet_300_100", LENET)
@@ -184,7 +184,7 @@ class ConvNet(nn.Module):
         return self.fc(x)
 
 
-CONV = Family("Conv-N", "trials.models:ConvNet", "trials.paths:convnet_ops")
+CONV = Family("Conv-N", "trials.nets.models:ConvNet", "trials.nets.paths:convnet_ops")
 
 
 def _register_conv(name: str, plan: tuple):
@@ -245,7 +245,7 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-CIFAR_RESNET = Family("CIFAR ResNet", "trials.models:CifarResNet", "trials.paths:cifar_resnet_ops")
+CIFAR_RESNET = Family("CIFAR ResNet", "trials.nets.models:CifarResNet", "trials.nets.paths:cifar_resnet_ops")
 
 
 @model("resnet20", CIFAR_RESNET)
@@ -282,7 +282,7 @@ class CifarVGG(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
-VGG = Family("VGG", "trials.models:CifarVGG", "trials.paths:vgg_ops")
+VGG = Family("VGG", "trials.nets.models:CifarVGG", "trials.nets.paths:vgg_ops")
 
 
 def _register_vgg(name: str):
@@ -299,7 +299,7 @@ for _name in _VGG_PLANS:
 # ---------------------------------------------------------------- torchvision ResNet-18
 
 
-TORCHVISION_RESNET = Family("torchvision ResNet", "torchvision.models.resnet:ResNet", "trials.paths:torchvision_resnet_ops")
+TORCHVISION_RESNET = Family("torchvision ResNet", "torchvision.models.resnet:ResNet", "trials.nets.paths:torchvision_resnet_ops")
 
 
 @model("resnet18", TORCHVISION_RESNET)

@@ -1,7 +1,7 @@
 """The known networks as lists of ops (`describe`), and effective density: the kept
 weights that lie on some input-to-output path of a masked network, over all prunable
 weights (ARCHITECTURE.md, "Effective density"). The level records (`effective_density`,
-through masks.describe) and compaction (trials/compact.py: its description, and its
+through masks.describe) and compaction (trials/export/compact.py: its description, and its
 report's effective density) both take them from here.
 
 `describe` reads only the modules' shapes and settings, so a shell network on the meta
@@ -35,8 +35,8 @@ class Unsupported(ValueError):
 
 
 def supported() -> tuple[str, ...]:
-    """The registered models that have a description (trials/models.py Family.ops)."""
-    from trials import models
+    """The registered models that have a description (trials/nets/models.py Family.ops)."""
+    from trials.nets import models
 
     return models.compactable()
 
@@ -46,8 +46,8 @@ def supported() -> tuple[str, ...]:
 
 def describe(net: nn.Module) -> list:
     """The network as ops, each conv/linear/bn op naming its module in `net` ("module"): by
-    its family's describer (trials/models.py Family)."""
-    from trials import models
+    its family's describer (trials/nets/models.py Family)."""
+    from trials.nets import models
 
     family = models.family_of(net)
     if family is None or family.ops is None:

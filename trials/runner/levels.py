@@ -11,26 +11,26 @@ spec.retrain (Renda et al. 2020) says where level L >= 1 starts; the mask is IMP
     weight_rewind  the above
     lr_rewind      level L-1's final weights under the new mask, schedule and data order from k
     finetune       the same weights, T-k iterations at the final learning rate
-spec.stability (Frankle et al. 2020): at the levels it names, trials/stability.py's
+spec.stability (Frankle et al. 2020): at the levels it names, trials/methods/stability.py's
 copies train from the level's start with other SGD noise and their error barrier goes
 into the level's record, before the level is written (`instability`).
 
-Controls (trials/controls.py) record the control network's numbers at the method's masks
+Controls (trials/methods/controls.py) record the control network's numbers at the method's masks
 or densities; an IMP control runs the IMP trajectory itself in OUT/imp/ (a member of its own).
-A method that prunes at initialization (trials/at_init.py: snip, grasp, synflow, ...) runs
+A method that prunes at initialization (trials/methods/at_init.py: snip, grasp, synflow, ...) runs
 level 0 as IMP does, and at level L scores its rewind point to IMP's level-L counts.
 
 One runner, `run_pack`: a trial is a pack of one (`run_lottery`). Each `Member` builds
 its level's Job; `Training` runs the level's jobs with the arithmetic the caller gives
-(trials/training.py Arithmetic): Alone, one after another with a single trial's default
-arithmetic (its bits: the golden records), or Stacked, all together (trials/stacked.py;
+(trials/loop/training.py Arithmetic): Alone, one after another with a single trial's default
+arithmetic (its bits: the golden records), or Stacked, all together (trials/loop/stacked.py;
 close to Alone, not bit for bit). Members share one loop from the smallest rewind point (a member is carried along
 untouched until its k); a member whose training loss becomes NaN/inf fails alone. On
-shared work units (trials/shared.py Shared) each level is claimed, trained and
+shared work units (trials/runner/shared.py Shared) each level is claimed, trained and
 published, copied in, or waited for; a store's helper produces a unit by running the
 trial up to that level in a scratch folder (`produce`). An edge-popup trial
 (method=edge_popup: a supermask per density on fixed random weights) is a member of the
-same runner (trials/supermask.py Searcher): its levels are Search jobs of the same loop,
+same runner (trials/methods/supermask.py Searcher): its levels are Search jobs of the same loop,
 alone or stacked (StackedSearch), in the same trial folder, records and files.
 """
 from __future__ import annotations
@@ -43,14 +43,18 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials import at_init, controls, datasets, early_bird, layout, masks, methods, models, pruning, shared, stability
-from trials.errors import ConfigError
-from trials.packing import check_pack, pack_key
-from trials.record import LevelRecord
-from trials.stacked import Stacked
-from trials.store import TrialDir, load_tensors, save_tensors, state_of
-from trials.supermask import Search, Searcher, StackedSearch, Supermask
-from trials.training import Alone, Job, train_members
+from trials.methods import at_init, controls, early_bird_watch as early_bird, pruning, stability
+from trials.nets import datasets, masks, models
+from trials.folder import layout
+from trials import methods
+from trials.runner import shared
+from trials.core.errors import ConfigError
+from trials.spec.packing import check_pack, pack_key
+from trials.folder.record import LevelRecord
+from trials.loop.stacked import Stacked
+from trials.folder.store import TrialDir, load_tensors, save_tensors, state_of
+from trials.methods.supermask import Search, Searcher, StackedSearch, Supermask
+from trials.loop.training import Alone, Job, train_members
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,7 +99,7 @@ class Member:
         self.trial.reopen_from(self.trial.first_missing(spec.prune.levels))
         net = models.build(spec.model, data.info, seed=spec.seed, device=device)
         self.init, self.layers = state_of(net), masks.Layers.of(net)
-        self.watches: dict = {}  # level -> the early-bird Watch of its job (trials/early_bird.py)
+        self.watches: dict = {}  # level -> the early-bird Watch of its job (trials/methods/early_bird_watch.py)
 
     def job(self, level: int, keep: Optional[dict] = None, imp: Optional["Member"] = None) -> Job:
         """Level 0 from init keeping the rewind point at k (and handing the iterations in
@@ -124,7 +128,7 @@ class Member:
                    watch=self.watch(level, mask) if imp is None else None)
 
     def watch(self, level: int, mask: dict) -> Optional[early_bird.Watch]:
-        """The early-bird watch of level `level`'s training (trials/early_bird.py), or None: with
+        """The early-bird watch of level `level`'s training (trials/methods/early_bird_watch.py), or None: with
         early_bird.imp_levels, a level but the last is watched at the next level's mask (level 0
         not before the rewind point) and its draw is written beside it."""
         spec, folder = self.spec, self.trial.level_dir(level)
@@ -166,7 +170,7 @@ class Member:
         return record
 
     def early_bird_fields(self, level: int, job: Job, result: dict, final: dict) -> dict:
-        """An early-bird IMP level's record fields (trials/record.py): the draw of its mask (made
+        """An early-bird IMP level's record fields (trials/folder/record.py): the draw of its mask (made
         while level L-1 trained), iterations against the schedule, and the iterations its
         network cost (levels 0..L). A draw that never stabilised is made from the final weights.
         None of them without early_bird.imp_levels."""
@@ -188,8 +192,8 @@ class Member:
 
 class Training:
     """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` Stacked, all
-    together (trials/stacked.py; StackedSearch for edge-popup's Search jobs), or Alone,
-    one after another with the default arithmetic of a single trial (trials/training.py:
+    together (trials/loop/stacked.py; StackedSearch for edge-popup's Search jobs), or Alone,
+    one after another with the default arithmetic of a single trial (trials/loop/training.py:
     the golden records' bits)."""
 
     def __init__(self, template: nn.Module, data, arithmetic: type = Stacked):
@@ -223,7 +227,7 @@ class Training:
 
 def instability(members: list, training: Training, todo: list) -> dict:
     """The stability fields of the levels `todo` [(member, level, mask)] that ask for them:
-    every member's copies (trials/stability.py copy_jobs) train together, as one pack
+    every member's copies (trials/methods/stability.py copy_jobs) train together, as one pack
     (or one after another: Training). member -> fields, or the exception of a copy that
     failed (the member fails with it, as a lone trial does)."""
     todo = [(i, level, mask) for i, level, mask in todo if stability.asked(members[i].spec, level)]
@@ -313,13 +317,13 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
              units: Optional[shared.Units] = None, after_level: Optional[Callable] = None,
              arithmetic: type = Stacked, dense_instability: bool = True) -> list:
     """Run (or resume) the IMP trials `specs` together, member i in folder outs[i]; returns
-    each member's level records, as trials.lottery.run_lottery would for it alone.
+    each member's level records, as trials.runner.levels.run_lottery would for it alone.
     `report(record, out)` after every member's level (True ends that member, as in
     run_lottery); `progress(member, level, iteration, total, val_loss)`. A member that
     fails (divergence) stops alone: its exception goes into `errors` (index -> exception)
     when given, else PackFailed is raised once the others have finished.
-    `units` (a trials.shared.Units store): every member's levels are shared work units, as
-    trials/shared.py Shared says. `after_level(level)`: once per
+    `units` (a trials.runner.shared.Units store): every member's levels are shared work units, as
+    trials/runner/shared.py Shared says. `after_level(level)`: once per
     level that some member still ran (trained, took from a unit, or read back done),
     after that level's `report` calls. `arithmetic`: Training's; Alone trains each
     member by itself with a single trial's default arithmetic (its bits).
@@ -431,7 +435,7 @@ def run_lottery(spec, out, report: Callable = lambda record, out: None,
     stop_when_not_matching); the finished levels stay on disk. `progress(level,
     iteration, total, val_loss)`. A trial is a pack of one (run_pack) with `arithmetic`
     Alone (the default: a single trial's bits) or Stacked (a sweep with packs); an
-    IMP trial's levels are taken from the shared work units `units` (trials.shared.Units)
+    IMP trial's levels are taken from the shared work units `units` (trials.runner.shared.Units)
     where given."""
     if data is None:
         data, _ = prepare(spec, out)

@@ -17,11 +17,11 @@ A ticket trial (control none) *is* its trunk: its folder is filled level by leve
 units. A control's IMP run in OUT/imp/ (the same folder the unshared control fills by
 rerunning IMP) is filled the same way, and the control trains only its own levels.
 
-Every trial, alone or in a pack, runs its levels through trials/lottery.py run_pack, and
+Every trial, alone or in a pack, runs its levels through trials/runner/levels.py run_pack, and
 on units through its `Shared`: per level, a published unit is copied in, one this process
 claims is trained there (by the same code an unshared trial runs, so a trial's records
 are the unshared trial's, bit for bit) and published, one another process holds is
-waited for. Instability copies (trials/stability.py) of a trunk level are part of its
+waited for. Instability copies (trials/methods/stability.py) of a trunk level are part of its
 unit (its key holds the stability section); those of level 0 start at the trial's own
 rewind point and are measured in the trial's folder, never in a dense unit.
 
@@ -37,11 +37,13 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from trials import layout, masks, methods
-from trials.record import STABILITY, LevelRecord
+from trials.folder import layout
+from trials.nets import masks
+from trials import methods
+from trials.folder.record import STABILITY, LevelRecord
 from trials.spec import non_default
-from trials.store import TrialDir, copy_draws, load_tensors, save_tensors, write_json
-from trials.training import Job, TrainingDiverged
+from trials.folder.store import TrialDir, copy_draws, load_tensors, save_tensors, write_json
+from trials.loop.training import Job, TrainingDiverged
 
 # what cannot change level 0's training: left out of the dense key
 DENSE_FREE = ("prune", "rewind_iteration", "control", "retrain", "stability", "method", "at_init")
@@ -83,7 +85,7 @@ def _key(spec, free: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-# early-bird IMP levels (trials/early_bird.py) stop where the next level's mask stabilises, so
+# early-bird IMP levels (trials/methods/early_bird_watch.py) stop where the next level's mask stabilises, so
 # their dense run depends on the pruning rule and k too, and a trunk level on whether it is the last
 EARLY_DENSE_FREE = ("prune.levels", "control", "retrain", "stability", "method", "at_init")
 EARLY_TRUNK_FREE = ("control",)
@@ -112,7 +114,7 @@ def unit_record(folder: Path) -> LevelRecord:
 
 def point(spec, dense: Path, units: Units, data, device, producer) -> dict:
     """The dense run's weights at spec's rewind point: kept in unit folder `dense`, else its
-    point unit (trained by `producer.point`: trials/lottery.py Producer)."""
+    point unit (trained by `producer.point`: trials/runner/levels.py Producer)."""
     k = spec.rewind_iteration
     kept = dense / POINTS / f"{k}{layout.TENSOR_SUFFIX}"
     if kept.exists():
@@ -190,7 +192,7 @@ class Shared:
 
     def __init__(self, units: Units, members: list, train: Callable, measure: Optional[Callable], producer,
                  data, stage: Path):
-        """`members`: the level runner's (trials/lottery.py Member); `train(work, level)`: its
+        """`members`: the level runner's (trials/runner/levels.py Member); `train(work, level)`: its
         training of jobs {member: Job}, writing their levels; `measure(todo)`: the
         instability fields of [(member, level, mask)] (None: members taking a dense unit do
         not measure their own); `producer`: what trains a rewind point (point); `stage`: a
@@ -200,7 +202,7 @@ class Shared:
 
     def level(self, todo: list, level: int, own: Optional[dict] = None) -> dict:
         """Level `level` of members `todo`: member -> its record, or the exception that ended it.
-        `own` {member: Job}: levels that are no unit (a method's own, trials/at_init.py), trained
+        `own` {member: Job}: levels that are no unit (a method's own, trials/methods/at_init.py), trained
         in the same pass as the units this pack trains."""
         own = own or {}
         needs: dict = {}

@@ -5,11 +5,11 @@ members share the model architecture (`model.name`, `width`), the dataset,
 device; everything else may differ: seed, `model.init`, the learning-rate schedule,
 weight decay, momentum, `prune.*`, `rewind_iteration`, `control`, `retrain`,
 `stability`, and the method among those that train weights (IMP and the methods that
-prune at initialization, trials/at_init.py). Edge-popup trials pack with edge-popup trials (they train scores, not
+prune at initialization, trials/methods/at_init.py). Edge-popup trials pack with edge-popup trials (they train scores, not
 weights; their `train.optimizer` is unused, and every `supermask.*` field may differ).
-A model family may say its networks do not pack, and why (trials/models.py Family); else
+A model family may say its networks do not pack, and why (trials/nets/models.py Family); else
 models with parameters or running state in a module without a stacked layer do not pack
-(trials/stacked.py why_not_packable).
+(trials/loop/stacked.py why_not_packable).
 """
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ import functools
 from pathlib import Path
 from typing import Optional
 
-from trials import datasets, methods, models
-from trials.errors import ConfigError
-from trials.stacked import why_not_packable
+from trials.nets import datasets, models
+from trials import methods
+from trials.core.errors import ConfigError
+from trials.loop.stacked import why_not_packable
 
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
 
 
 def trains(spec) -> str:
     """What a trial's levels train: "scores" (edge-popup's supermasks) or "weights"; a
-    pack holds one kind (trials/lottery.py run_pack)."""
+    pack holds one kind (trials/runner/levels.py run_pack)."""
     return methods.of(spec).trains
 
 

@@ -6,7 +6,7 @@ Groups follow open_lth's hyperparameter groups. Help text lives with each field
 what it computes, and is left out of the content key (``data_dir``, ``device``).
 The content key hashes only non-default fields: a new field's default must reproduce the
 old behaviour, so that every old key stays valid (see ARCHITECTURE.md, "The trial spec").
-Plain data becomes a spec through trials/typed.py, by the fields' real types.
+Plain data becomes a spec through trials/core/typed.py, by the fields' real types.
 """
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from trials import methods, typed
-from trials.validate import validate
+from trials import methods
+from trials.core import typed
+from trials.spec.validate import validate
 
 MethodName = Literal[methods.names()]  # the registered methods (trials/methods), in registration order
 
 
 def _f(default, help: str, key: bool = True, **coercion):
-    """`coercion`: metadata for trials/typed.py, e.g. shorthand="name" (`model: conv2`)."""
+    """`coercion`: metadata for trials/core/typed.py, e.g. shorthand="name" (`model: conv2`)."""
     return field(default=default, metadata={"help": help, "key": key, **coercion})
 
 
@@ -114,7 +115,7 @@ class SupermaskSpec:
 
 @dataclass(frozen=True)
 class AtInitSpec:
-    """Pruning at initialization (trials/at_init.py): how the methods other than imp and
+    """Pruning at initialization (trials/methods/at_init.py): how the methods other than imp and
     edge_popup score the network at its rewind point; each reads only its own fields."""
 
     scope: Literal["global", "layerwise"] = _f(
@@ -128,7 +129,7 @@ class AtInitSpec:
 
 @dataclass(frozen=True)
 class EarlyBirdSpec:
-    """Early-bird tickets (You et al. 2020; trials/early_bird.py): draw the mask the pruning rule
+    """Early-bird tickets (You et al. 2020; trials/methods/early_bird_watch.py): draw the mask the pruning rule
     would keep every `interval` iterations and stop training once it has stopped changing."""
 
     interval: int = _f(100, "iterations between mask draws (the paper draws once per epoch)")
@@ -147,7 +148,7 @@ class EarlyBirdSpec:
 
 @dataclass(frozen=True)
 class StabilitySpec:
-    """Instability analysis (Frankle et al. 2020; trials/stability.py): at the chosen levels,
+    """Instability analysis (Frankle et al. 2020; trials/methods/stability.py): at the chosen levels,
     train `copies` more networks from the level's start with different SGD noise and
     measure the error barrier on the straight line between their final weights."""
 

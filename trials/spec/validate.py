@@ -11,7 +11,7 @@ import re
 from dataclasses import replace
 
 from trials import methods
-from trials.errors import ConfigError, check
+from trials.core.errors import ConfigError, check
 
 
 def validate(spec) -> None:
@@ -122,7 +122,7 @@ def _changed(group) -> list:
 
 
 def _validate_retrain(spec) -> None:
-    """lr_rewind and finetune start level L from level L-1's final weights (trials/lottery.py)."""
+    """lr_rewind and finetune start level L from level L-1's final weights (trials/runner/levels.py)."""
     if spec.retrain == "weight_rewind":
         return
     m = methods.of(spec)
@@ -134,7 +134,7 @@ def _validate_retrain(spec) -> None:
 
 
 def _validate_early_bird(spec) -> None:
-    """Early-bird tickets (trials/early_bird.py): early_bird.* is read by a method whose entry
+    """Early-bird tickets (trials/methods/early_bird_watch.py): early_bird.* is read by a method whose entry
     says so (trials/methods: `early_bird`), IMP's only with early_bird.imp_levels; refused
     elsewhere, one key at a time."""
     e, m, t = spec.early_bird, methods.of(spec), spec.train
@@ -178,7 +178,7 @@ def _validate_stability(spec) -> None:
 
 
 def _validate_against_model(spec) -> None:
-    from trials import datasets, models
+    from trials.nets import datasets, models
 
     info = datasets.info(spec.dataset)
     models.MODELS.get(spec.model.name)
@@ -200,10 +200,10 @@ def _validate_against_model(spec) -> None:
               name, "the output layer's classes are never removed by structured pruning")
     m = methods.of(spec)
     if m.levels == "prune.levels":  # edge-popup's levels are its densities, not prunings
-        at_init = m.reads_path("at_init.scope")  # IMP's counts with prune.scope = at_init.scope (trials/at_init.py)
+        at_init = m.reads_path("at_init.scope")  # IMP's counts with prune.scope = at_init.scope (trials/methods/at_init.py)
         _validate_levels(replace(spec.prune, scope=spec.at_init.scope) if at_init else spec.prune, layers)
     if spec.early_bird.criterion == "bn_gamma" and spec.prune.kind == "structured":
-        from trials.pruning import candidates
+        from trials.methods.pruning import candidates
 
         bare = [n for n in candidates(spec.prune, layers) if not _has_norm(layers, n)]
         check(not bare, "early_bird.criterion", "bn_gamma",
@@ -227,7 +227,7 @@ def _structure(model_name: str, shape: tuple, num_classes: int, width: float = 1
     """(incompatibility message or None, masks.Layers or None) of a model for an input
     shape: built once on the meta device, then remembered (sweeps validate thousands of
     specs of the same few models). Callers must not modify the Layers' dicts."""
-    from trials import masks, models
+    from trials.nets import masks, models
 
     try:
         net = models.shell(model_name, shape, num_classes, width)
@@ -250,7 +250,7 @@ def useful_levels(prune, layers, up_to: int) -> int:
 
 def _counters(prune, layers) -> list[tuple[int, float]]:
     """(items at level 0, rate per level) of every independent counter, as pruning.prune counts."""
-    from trials import pruning
+    from trials.methods import pruning
 
     alone, pool, pooled = pruning.counters(prune, layers)
     return list(alone.values()) + ([(pooled, prune.rate)] if pool else [])
@@ -259,7 +259,7 @@ def _counters(prune, layers) -> list[tuple[int, float]]:
 @functools.lru_cache(maxsize=4096)
 def _levels_until_fixed(items: int, rate: float, up_to: int) -> int:
     """Levels that change `items` before keep_count leaves it unchanged, at most `up_to`."""
-    from trials.pruning import keep_count
+    from trials.methods.pruning import keep_count
 
     levels = 0
     while levels < up_to and (kept := keep_count(items, rate)) != items:
