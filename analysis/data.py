@@ -64,7 +64,7 @@ def with_density(df: pd.DataFrame, kind: str = "nominal") -> pd.DataFrame:
     return out
 
 
-COST = "cost_iterations"  # trials/record.py: iterations trained to obtain a level's network
+COST = "cost_iterations"  # trials/folder/record.py: iterations trained to obtain a level's network
 
 
 def with_cost(df: pd.DataFrame) -> pd.DataFrame:
@@ -85,9 +85,8 @@ def with_cost(df: pd.DataFrame) -> pd.DataFrame:
         return out
     k = pd.to_numeric(out["rewind_iteration"], errors="coerce").fillna(0) if "rewind_iteration" in out else 0
     level = pd.to_numeric(out["level"], errors="coerce")
-    from analysis.plots import methods as method_of
-
-    entries = [methods.METHODS.get(m) if m in methods.METHODS else None for m in method_of(out)]
+    ran = out["method"].astype("string").fillna(methods.DEFAULT) if "method" in out else [methods.DEFAULT] * len(out)
+    entries = [methods.METHODS.get(m) if m in methods.METHODS else None for m in ran]
     pruned = pd.Series([e is not None and e.mask == "pruned" for e in entries], index=out.index)
     known = pd.Series([e is not None and e.mask in ("pruned", "scored", "searched") for e in entries], index=out.index)
     derived = T.where(~pruned, T + level * (T - k)).astype(float)

@@ -454,7 +454,7 @@ def test_imps_derived_cost_is_the_sum_of_what_its_levels_trained(tmp_path):
     """The rule for IMP against a real trial: levels 0..L's recorded `iterations`, summed."""
     import pandas as pd
 
-    from trials.lottery import run_lottery
+    from trials.runner.levels import run_lottery
     from trials.spec import flatten, from_dict, to_dict
 
     spec = from_dict({"model": "lenet_300_100", "dataset": "digits", "device": "cpu", "rewind_iteration": 7,
