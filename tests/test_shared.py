@@ -1,4 +1,4 @@
-"""Shared work (trials/shared.py, orchestrator/sweeps/units.py, orchestrator/plan.py):
+"""Shared work (trials/runner/shared.py, orchestrator/sweeps/units.py, orchestrator/plan.py):
 a unit is trained once, by one holder; a dead holder is taken over; a waiting trial helps;
 and a shared trial's records equal the same trial run alone, bit for bit."""
 import json
@@ -11,10 +11,10 @@ import pandas as pd
 import yaml
 
 from tests.conftest import LTH, digits_base, quick_spec
-from trials import shared
-from trials.lottery import run_lottery
+from trials.runner import shared
+from trials.runner.levels import run_lottery
 from trials.spec import PruneSpec, TrainSpec
-from trials.store import load_tensors
+from trials.folder.store import load_tensors
 
 TRAIN = TrainSpec(optimizer="adam", lr=1e-3, batch_size=60, iterations=60, eval_interval=20)
 
@@ -83,8 +83,8 @@ def test_a_helper_produces_the_units_of_a_trial_measuring_instability_at_chosen_
     prune.levels 0, which [0, 2] does not fit), and the trial then trains only level 2."""
     import torch
 
-    from trials.lottery import Producer, produce
-    from trials.training import Alone
+    from trials.runner.levels import Producer, produce
+    from trials.loop.training import Alone
     from trials.spec import StabilitySpec
 
     spec = quick_spec(train=TRAIN, rewind_iteration=20, prune=PruneSpec(levels=2),

@@ -1,6 +1,6 @@
 """Shared work units in the sweep's storage (ARCHITECTURE.md, "Shared work").
 
-    STORAGE/_units/<unit name>/...      a unit's files (trials/shared.py names them);
+    STORAGE/_units/<unit name>/...      a unit's files (trials/runner/shared.py names them);
                                         DONE is written last: a unit counts only then
     STORAGE/_units/_log/<unit>--<id>.json   one file per unit trained: who, where, how long
                                         (written after DONE: a process killed in between
@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import ray
 
 from orchestrator.sweeps.storage import filesystem, write_text
-from trials.errors import env_number
+from trials.core.errors import env_number
 
 UNITS_DIR = "_units"
 LOG_DIR = "_log"
@@ -192,7 +192,7 @@ def _alive(pid: int) -> bool:
 
 
 class UnitStore:
-    """trials.shared.Units on the sweep's storage, with the broker's leases (module doc).
+    """trials.runner.shared.Units on the sweep's storage, with the broker's leases (module doc).
     `helper(name, spec_dict)` trains another unit while this one waits; `data` says which
     units it can train (those on the same dataset and device)."""
 
@@ -200,9 +200,9 @@ class UnitStore:
         self.root = units_root(storage, packed)
         self.fs, self.base = filesystem(self.root)
         # the arithmetic of its units: its folder's kind of numbers (units_root)
-        from trials.lottery import Producer
-        from trials.stacked import Stacked
-        from trials.training import Alone
+        from trials.runner.levels import Producer
+        from trials.loop.stacked import Stacked
+        from trials.loop.training import Alone
 
         self.producer = Producer(Stacked if packed else Alone)
         self.broker = broker
@@ -236,7 +236,7 @@ class UnitStore:
         """Stop renewing leases (the heartbeat ends within a beat)."""
         self.stopped.set()
 
-    # ------------------------------------------------------------ trials.shared.Units
+    # ------------------------------------------------------------ trials.runner.shared.Units
     def points(self, dense: str) -> set:
         return set(self._call("points_of", dense) or ())
 
