@@ -66,9 +66,21 @@ class Table:
         return sorted(groups, key=lambda g: tuple((rank[f].get(v, len(rank[f])), v) for f, v in zip(self.rows, g)))
 
     def cell(self, group: tuple, column: str) -> Optional[pd.Series]:
-        hit = self.cells[(self.cells["column"] == column)
-                         & (self.cells[self.rows].astype(str).apply(tuple, axis=1) == tuple(map(str, group)))]
-        return None if hit.empty else hit.iloc[0]
+        """The cell of `group` (values compared as text) in `column`, None when there is none."""
+        at = self._lookup().get((column, tuple(map(str, group))))
+        return None if at is None else self.cells.iloc[at]
+
+    def _lookup(self) -> dict:
+        """(column, group as text) -> the position of its first cell, built once per cells
+        (looking each cell up in the whole frame made a table of 600 rows take minutes)."""
+        cached = self.__dict__.get("_cells_index")
+        if cached is None or cached[0] is not self.cells:
+            keys = self.cells[self.rows].astype(str).apply(tuple, axis=1) if len(self.cells) else []
+            index: dict = {}
+            for i, (column, key) in enumerate(zip(self.cells["column"], keys)):
+                index.setdefault((column, key), i)
+            cached = self.__dict__["_cells_index"] = (self.cells, index)
+        return cached[1]
 
 
 def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
@@ -166,9 +178,15 @@ def _fmt(mean, std, n, percent=True) -> str:
 
 
 def _shared_density(table: Table, col: str) -> bool:
-    """All groups reach the same density in this column (so the header can say it)."""
-    d = table.cells.loc[table.cells["column"] == col, "density"]
-    return table.by_level and not d.empty and (100 * d).round(1).nunique() == 1  # one density as printed
+    """All groups reach the same density in this column (so the header can say it);
+    asked once per cell, answered once per column."""
+    cached = table.__dict__.get("_shared_densities")
+    if cached is None or cached[0] is not table.cells:
+        cached = table.__dict__["_shared_densities"] = (table.cells, {})
+    if col not in cached[1]:
+        d = table.cells.loc[table.cells["column"] == col, "density"]
+        cached[1][col] = table.by_level and not d.empty and (100 * d).round(1).nunique() == 1  # one density as printed
+    return cached[1][col]
 
 
 def _cell_text(table: Table, c) -> str:

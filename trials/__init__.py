@@ -3,9 +3,23 @@ at initialization), run level by level by one level runner (trials/runner/levels
 trial is a pack of one) through one training loop (trials/loop/training.py train_members), in
 its own trial folder (ARCHITECTURE.md, "The engine"). Imports torch/torchvision only (no
 ray, optuna, mlflow)."""
-from trials.core.errors import ConfigError
-from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec, TrialSpec
-from trials.export.ticket_folder import Ticket, load_ticket
+from importlib import import_module
 
-__all__ = ["ConfigError", "DatasetSpec", "ModelSpec", "PruneSpec", "TrainSpec", "TrialSpec", "Ticket",
-           "load_ticket"]
+# imported when first asked for (PEP 562): `import trials.X` then costs only X's imports,
+# so readers of MLflow and storage (`lth report`, `lth sweep status`) do not load torch
+_WHERE = {"ConfigError": "trials.core.errors", **dict.fromkeys(
+    ("DatasetSpec", "ModelSpec", "PruneSpec", "TrainSpec", "TrialSpec"), "trials.spec"),
+    "Ticket": "trials.export.ticket_folder", "load_ticket": "trials.export.ticket_folder"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'trials' has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])
