@@ -29,6 +29,7 @@ and `tune (rest)` can come out negative: report the load with the numbers.
 orchestrator and trials, first on PYTHONPATH): before and after on one machine, one load.
 
     .venv/bin/python bench/sweep_bookkeeping.py [--sizes 256 1024] [--pack 64] [--ref main] [--json out.json]
+        [--tables] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def archive(ref: str, into: Path) -> Path:
 def one(trials: int, args, code: Path = REPO) -> dict:
     with tempfile.TemporaryDirectory(prefix="lth-books-") as t:
         tmp = Path(t)
+        if args.keep:  # the sweep's folder stays, for the reading commands or a profiler
+            tmp = Path(args.keep) / f"books{trials}-{time.strftime('%Y%m%d-%H%M%S')}"
+            tmp.mkdir(parents=True)
         (tmp / "mlflow").mkdir()
         (tmp / "times").mkdir()
         name = f"books{trials}"
@@ -145,8 +149,9 @@ def tables(name: str, tmp: Path, code: Path) -> dict:
     env.pop("MLFLOW_TRACKING_URI", None)
     uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
     commands = {"sweep status": ["sweep", "status", name, "--storage", str(tmp / "runs")],
+                # the trials differ in prune.rate, so a level is no density: target densities
                 "report table": ["report", "table", "--experiment", name, "--rows", "prune.kind",
-                                 "--tracking-uri", uri],
+                                 "--density", "1,0.5,0.2", "--tracking-uri", uri],
                 "tickets best": ["tickets", "best", "--experiment", name, "--tracking-uri", uri]}
     out = {}
     for label, argv in commands.items():
@@ -169,6 +174,7 @@ def main() -> None:
     ap.add_argument("--ref", help="first measure this commit's code (e.g. main)")
     ap.add_argument("--tables", action="store_true", help="time the reading commands after each sweep")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--keep", metavar="DIR", help="run each sweep in a new folder under DIR and keep it")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="lth-ref-") as tmp:

@@ -59,10 +59,11 @@ class Progress:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def of(cls, sweep, units_before: Optional[int] = 0) -> "Progress":
+    def of(cls, sweep, units_before: Optional[int] = 0, planned=None) -> "Progress":
+        """`planned`: the sweep's plan.plan when the caller has it already."""
         from orchestrator import plan
 
-        t = plan.totals(sweep)
+        t = plan.totals(sweep, planned)
         return cls(trials=t.trials, levels=t.levels, iterations=t.iterations, units=t.units,
                    units_before=units_before)
 
@@ -185,7 +186,8 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
     from orchestrator.config import spec_at
     from orchestrator.objectives import STOPPED
 
-    p = Progress.of(sweep, units_before=None)
+    planned = plan.plan(sweep)  # once: it builds every trial's spec
+    p = Progress.of(sweep, units_before=None, planned=planned)
     recorded: dict = {}
     for r in rows:
         if r.get("level") is not None and r.get("iterations") is not None:
@@ -197,7 +199,6 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
         if r.get(STOPPED) is True:
             p.stopped(plan.level_iterations(spec_at(sweep.base, made[trial_id])), recorded.get(trial_id, 0))
     if p.units:
-        planned = plan.plan(sweep)
         names = set(planned.units)
         if planned.estimated:  # a search's units are those of the configurations it made, not of the draw
             names = set(plan.work_units([spec_at(sweep.base, c) for c in made.values()]))
