@@ -12,7 +12,9 @@ whole `lth sweep run` process in a fresh folder.
         trial folder    the engine writing trial folders (spec, rewind, level files, nodes)
         checkpoints     the trainable's checkpoints to Tune (and restores)
         units           shared work units: claims, publishing, listings
-        mlflow          the driver's MLflow callbacks while the sweep runs, and the end's replay
+        mlflow          the driver's MLflow callbacks in Tune's loop while the sweep runs, and
+                        the end's wait for the queued writes and replay (the writes made off
+                        the loop are printed apart as `mlflow writer`: they overlap the rest)
         tables          the end: trials.csv and the tables
         tune (rest)     wall less the above (workers' seconds divided by `max_concurrent`,
                         as they run side by side): Ray and Tune's own work, process starts
@@ -200,6 +202,9 @@ def measure(args, code: Path) -> list:
               f"the fp32 model, {fp32 / 1e3:.0f} kB), {r['storage_files_per_trial']:.1f} files/trial; "
               f"MLflow {r['mlflow_bytes_per_trial'] / 1e6:.3f} MB/trial, {r['mlflow_files_per_trial']:.1f} files/trial",
               flush=True)
+        if r["worker_s"].get("mlflow writer"):
+            print(f"  mlflow writer (driver thread, overlapped): "
+                  f"{1000 * r['worker_s']['mlflow writer'] / n:.1f} ms per trial", flush=True)
         if r["tables_s"]:
             print("  answers: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["tables_s"].items()), flush=True)
     if len(out) >= 2:
