@@ -2,8 +2,8 @@
 trainable.lottery): one Tune trial trains a pack, and everything downstream stays per
 trial: trials.csv rows, MLflow runs, statuses, Optuna's told values. Packed members
 record what the same trials record alone (masks and densities exact, accuracies within
-half a point); a member that diverges fails alone; a killed driver's packs resume at
-their last checkpointed level."""
+half a point); a member that diverges fails alone. (A killed driver's packs resume at
+their last checkpointed level: tests/test_sweeps.py, test_killed_driver_then_resume_...)"""
 import json
 import subprocess
 from collections import Counter
@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import LTH, assert_each_level_trained_once, digits_base
-from tests.test_sweeps import assert_quiet_and_counted_once, csv, kill_mid_sweep_then_resume
+from tests.conftest import LTH, digits_base
+from tests.test_sweeps import csv
 from tests.test_sweeps import sweep_file as sweeps_file
 
 EXACT = ["level", "density", "remaining_params", "start_iteration", "iterations"]
@@ -253,25 +253,6 @@ def test_optuna_is_asked_for_a_pack_of_configurations_and_told_each_seed_mean(tm
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sorted(t.value for t in study.trials) == pytest.approx(means)
-
-
-def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
-    """SIGKILL `lth sweep run` mid-sweep; `lth sweep resume` finishes every pack, no level
-    of any member trained twice."""
-    base = digits_base(levels=3, iterations=400, eval_interval=50)
-    path = sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"prune.rate": {"grid": [0.2, 0.4]}})
-    first, resumed = kill_mid_sweep_then_resume(tmp_path, path, levels=16)
-    df = csv(tmp_path)
-    assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
-    assert_quiet_and_counted_once(tmp_path, path, first, resumed)
-    from orchestrator.sweeps.units import trained_log
-
-    counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))
-    assert len(counts) == 2 + 2 * 2 * 3 and set(counts.values()) == {1}  # each unit published once
-    pack_dirs = [d for d in (tmp_path / "runs" / "s").iterdir() if list(d.glob("checkpoint_*"))]
-    assert len(pack_dirs) == 2
-    for pack_dir in pack_dirs:
-        assert_each_level_trained_once(pack_dir, levels=3, members=2)
 
 
 def test_edge_popup_trials_pack_in_a_sweep(tmp_path, ray_local):
