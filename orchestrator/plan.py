@@ -13,7 +13,7 @@ stop_when_not_matching, or a rerun after a failure, changes the real count):
 Grid sweeps are planned exactly. Random/Optuna searches pick their configurations as
 they run: the plan draws `num_samples` configurations at random from the space to estimate.
 
-Packs (`pack: K`, trials/lottery.py run_pack): a grid's trials are grouped by packing.pack_key (what
+Packs (`pack: K`, trials/runner/levels.py run_pack): a grid's trials are grouped by packing.pack_key (what
 members must share); each group is cut into packs of at most K, balanced (20 trials at
 K=16: two packs of 10, which finish together), members that share an IMP trunk, then a
 dense run, side by side and cut apart only where balance leaves no choice (a unit is then
@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import spec_at
 from orchestrator.sweeps.packs import PACK, data_key
-from trials import layout, methods, shared
-from trials.errors import env_number
+from trials.folder import layout
+from trials import methods
+from trials.runner import shared
+from trials.core.errors import env_number
 from trials.spec import flatten
 
 
@@ -100,8 +102,8 @@ def member_bytes(spec) -> int:
     per evaluation example."""
     import torch
 
-    from trials import datasets, models
-    from trials.training import EVAL_BATCH
+    from trials.nets import datasets, models
+    from trials.loop.training import EVAL_BATCH
 
     info = datasets.info(spec.dataset)
     net = models.shell(spec.model.name, info.shape, info.num_classes, spec.model.width)
@@ -141,7 +143,7 @@ def packs(sweep, configs: list | None = None) -> list[dict]:
 
 def _packed(sweep, configs: list | None = None) -> list[list]:
     """packs(), each pack as its (config, TrialSpec, packing.pack_key) triples."""
-    from trials.packing import pack_key
+    from trials.spec.packing import pack_key
 
     made = sweep.trials if configs is None else [(c, spec_at(sweep.base, c)) for c in configs]
     groups: dict = {}
@@ -184,7 +186,7 @@ def cut(members: list, k: int, *runs) -> list[list]:
     return out + [members[start:]]
 
 
-# the arithmetics' names in a Tune config (trials/lottery.py ARITHMETICS; the planner does not import the engine)
+# the arithmetics' names in a Tune config (trials/runner/levels.py ARITHMETICS; the planner does not import the engine)
 ALONE, STACKED = "alone", "stacked"
 
 
@@ -211,7 +213,7 @@ def tune_config(sweep, members: list) -> dict:
 def searched_pack(sweep, configs: list) -> dict:
     """The Tune config of a pack a search proposed (its configurations may not all train
     together): each spec built and validated here, once."""
-    from trials.packing import pack_key
+    from trials.spec.packing import pack_key
 
     specs = [spec_at(sweep.base, c) for c in configs]
     return tune_config(sweep, [(c, spec, pack_key(spec)) for c, spec in zip(configs, specs)])
@@ -322,7 +324,7 @@ def pack_line(sweep) -> str:
 
 def _why_alone(spec) -> str:
     """The spec key and value that keep a trial out of packs ("" when it can be packed)."""
-    from trials.packing import why_not_packed
+    from trials.spec.packing import why_not_packed
 
     e = why_not_packed(spec)
     return f"{e.key}={e.value}" if e else ""

@@ -3,7 +3,7 @@ cluster time.
 
 A sweep = a base trial spec, a `space` of spec paths to vary, `seeds` replicas of every
 configuration, a search algorithm, per-trial resources and where things are stored.
-The file is read by trials/typed.py, the machinery that reads trial specs: the
+The file is read by trials/core/typed.py, the machinery that reads trial specs: the
 dataclasses below declare each key's type and rules. What plain typing cannot say
 (seeds, the space, paths resolved against the working directory, the base spec, the
 grid/continuous rule) is done by the explicit functions after them. Every trial spec
@@ -23,9 +23,9 @@ from typing import Literal, Optional, Union
 
 from orchestrator.config import apply_overrides, expand, parse_override, read_yaml, spec_at, unknown_key
 from orchestrator.objectives import MINIMISED, NEEDS_STABILITY, OBJECTIVES
-from trials.errors import ConfigError, check, shown
+from trials.core.errors import ConfigError, check, shown
 from trials.spec import field_paths, from_dict
-from trials.typed import Rule, above, at_least, build, coerce, option
+from trials.core.typed import Rule, above, at_least, build, coerce, option
 
 Objective = Literal[OBJECTIVES]  # the keys of orchestrator.objectives.summarise
 Mode = Literal["max", "min"]
@@ -142,7 +142,7 @@ class Sweep:
     # train each dense run and IMP trunk once, in STORAGE/_units/, for every trial and every
     # later sweep on the same storage (orchestrator/plan.py); false: each trial trains its own
     share: bool = True
-    # K trials trained together in one process (trials/lottery.py run_pack), one Tune trial per pack;
+    # K trials trained together in one process (trials/runner/levels.py run_pack), one Tune trial per pack;
     # "auto": as many as fit PACK_MEMORY_GB (orchestrator/plan.py pack_size); 1: no packs
     pack: Union[int, Literal["auto"]] = option(1, Rule(lambda v: v == "auto" or v >= 1,
                                                        "an integer >= 1, or auto"))
@@ -324,7 +324,7 @@ def _tracking_uri(value, cwd: Path) -> str:
 
 
 def _check_measured(sweep: Sweep, spec) -> None:
-    """An instability objective needs trials that measure it (trials/stability.py)."""
+    """An instability objective needs trials that measure it (trials/methods/stability.py)."""
     for metric in set(sweep.search.metric) & set(NEEDS_STABILITY):
         level = 0 if metric == "dense_instability" else None
         s = spec.stability

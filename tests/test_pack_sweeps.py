@@ -33,8 +33,8 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     from orchestrator import plan
     from orchestrator.sweep_spec import load_sweep
     from orchestrator.sweeps.packs import PACK, data_key
-    from trials import shared
-    from trials.packing import pack_key
+    from trials.runner import shared
+    from trials.spec.packing import pack_key
     from trials.spec import from_dict
 
     space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
@@ -91,15 +91,15 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
 
 def validations(monkeypatch) -> Counter:
     """Every TrialSpec validated in this process from now on, counted by its key."""
-    import trials.spec
+    from trials.spec import trial_spec
 
-    counts, real = Counter(), trials.spec.validate
+    counts, real = Counter(), trial_spec.validate
 
     def counted(spec):
         counts[spec.key] += 1
         real(spec)
 
-    monkeypatch.setattr(trials.spec, "validate", counted)
+    monkeypatch.setattr(trial_spec, "validate", counted)
     return counts
 
 
@@ -273,7 +273,7 @@ def test_imp_and_edge_popup_trials_pack_apart_in_one_sweep(tmp_path, ray_local):
     numbers of `lth trial run` within the pack tolerance (densities exact)."""
     from orchestrator.sweep_spec import load_sweep
     from orchestrator.sweeps import runner
-    from trials.lottery import run_lottery
+    from trials.runner.levels import run_lottery
 
     base = {**digits_base(levels=1), "supermask": {"densities": [0.5, 0.3]}}
     sweep = load_sweep(sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"method": {"grid": ["imp", "edge_popup"]}}))

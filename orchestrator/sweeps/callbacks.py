@@ -17,10 +17,10 @@ from orchestrator.plan import level_iterations
 from orchestrator.sweeps import folders, packs, progress, results
 from orchestrator.tracking import store
 from orchestrator.sweeps.storage import checkpoint_dirs
-from trials import labels, layout
-from trials.record import LevelRecord
+from trials.folder import labels, layout
+from trials.folder.record import LevelRecord
 from trials.spec import validated
-from trials.version import code_version
+from trials.folder.version import code_version
 
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
 

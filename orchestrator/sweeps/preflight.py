@@ -17,7 +17,7 @@ from pathlib import Path
 
 from orchestrator.sweeps import cluster
 from orchestrator.sweeps.storage import SWEEP_FILE, check_usable, read_text, sweep_path
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 
 def ray_address(address: str | None) -> str | None:
@@ -46,7 +46,7 @@ def check_tracking(uri: str) -> None:
     """`plan`'s look at the tracking store, creating nothing: a server must answer; an
     SQLite file must exist or its folder take it; other databases are checked by `run`."""
     from orchestrator.tracking import store
-    from trials.store import check_folder
+    from trials.folder.store import check_folder
 
     if uri.startswith(("http://", "https://")):
         store.check_reachable(uri)

@@ -22,7 +22,7 @@ from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
 from orchestrator.sweeps.storage import (STUDY_FILE, SWEEP_FILE, check_usable, read_bytes, read_text, sweep_path,
                                          write_text)
 from orchestrator.tracking import store
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 
 def _local(path: str) -> Path | None:

@@ -31,8 +31,8 @@ from orchestrator.objectives import STOPPED, matches, summarise
 from orchestrator.sweeps import folders, packs
 from orchestrator.sweeps.storage import checkpoint_dirs
 from orchestrator.sweeps.workers import quiet_exit
-from trials import layout
-from trials.record import LevelRecord, read_lines
+from trials.folder import layout
+from trials.folder.record import LevelRecord, read_lines
 
 _DATA: dict = {}  # per worker process: datasets already on the device (reused across trials)
 
@@ -82,9 +82,9 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
 
 def train(pack: "_Pack", todo: list, data, arithmetic: str) -> dict:
     """Members `todo` of the pack trained together through the engine's one level runner
-    (trials/lottery.py run_pack; a single trial is a pack of one); member -> the exception
+    (trials/runner/levels.py run_pack; a single trial is a pack of one); member -> the exception
     of each that failed. Each level's reports are flushed to Tune once it is written."""
-    from trials.lottery import ARITHMETICS, run_pack
+    from trials.runner.levels import ARITHMETICS, run_pack
 
     errors: dict = {}
     run_pack([pack.specs[i] for i in todo], [pack.outs[i] for i in todo], data=data, errors=errors,
@@ -183,7 +183,7 @@ def _unit_store(share: dict, data_key: str, units: list, data):
         _STORES[key] = UnitStore(share["storage"], find_broker(share["sweep"]), packed=share["packed"])
     store = _STORES[key]
     store.data = data_key
-    from trials.lottery import produce
+    from trials.runner.levels import produce
 
     # a unit the broker hands over: its spec is a trial's, validated by the driver
     store.helper = lambda name, unit_spec: produce(name, validated(unit_spec), store, data,
@@ -194,8 +194,8 @@ def _unit_store(share: dict, data_key: str, units: list, data):
 
 
 def _data(spec, data_key: str):
-    from trials.datasets import load
-    from trials.lottery import resolve_device
+    from trials.nets.datasets import load
+    from trials.runner.levels import resolve_device
 
     device = resolve_device(spec.device)  # "auto": the GPU Ray assigned, else the CPU
     key = (data_key, str(device))
