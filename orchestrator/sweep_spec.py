@@ -53,7 +53,7 @@ class Dimension:
 # A sweep's size is bounded before anything is built: every trial's spec is made at load
 # (so a bad one is named), and 10^8 seeds or 10^12 samples would exhaust memory first.
 MAX_SEEDS = 10_000
-MAX_TRIALS = 10_000  # what `lth sweep plan` answers in about 10 s on 2 cores (README, "Sweeps")
+MAX_TRIALS = 10_000  # what `lth sweep plan` answers in seconds on 2 cores (README, "Sweeps")
 
 
 @dataclass(frozen=True)
