@@ -49,6 +49,7 @@ class Unit:
     spec: object  # a TrialSpec that uses it (control none): what a helper trains it from
     users: int = 0
     points: set = field(default_factory=set)
+    first: int = 0  # the index, in work_units' specs, of the spec it is `spec` of (as IMP)
 
 
 @dataclass
@@ -206,8 +207,16 @@ def tune_config(sweep, members: list) -> dict:
         "trials": [{"config": c, "spec": spec.to_dict(), "key": spec.key} for c, spec, _ in members],
         "groups": [{"members": ids, "arithmetic": STACKED if sweep.packed and not isinstance(key, int) else ALONE,
                     "data": data_key(members[ids[0]][1]),
-                    "units": registrations(work_units([members[i][1] for i in ids])) if searched else []}
+                    "units": pack_units([members[i][1] for i in ids], ids) if searched else []}
                    for key, ids in groups.items()]}}
+
+
+def pack_units(specs: list, ids: list) -> list[dict]:
+    """The units of a pack's members `specs` (its members `ids`) as its config carries them
+    (orchestrator/sweeps/packs.py registrations): each unit's spec named by the member it
+    is trained as (as IMP), not copied into the config (Tune keeps the config in every result)."""
+    return [{"name": u.name, "deps": u.deps, "member": ids[u.first], "points": sorted(u.points)}
+            for u in work_units(specs).values()]
 
 
 def searched_pack(sweep, configs: list) -> dict:
@@ -291,12 +300,15 @@ def work_units(specs: list) -> dict:
     """name -> Unit of every shareable trial's units, breadth-first: every dense run, then
     every trunk level 1, ... (grid order within a depth: the sort is stable)."""
     units: dict = {}
-    for spec in filter(shared.shareable, specs):
+    for i, spec in enumerate(specs):
+        if not shared.shareable(spec):
+            continue
         for u in shared.plan(spec):
             unit = units.get(u["name"])
             if unit is None:  # its first user's spec, as IMP (a control's is built, once per unit)
                 unit = units[u["name"]] = Unit(u["name"], u["iterations"], u["deps"],
-                                               spec if spec.control == "none" else spec.replace(control="none"))
+                                               spec if spec.control == "none" else spec.replace(control="none"),
+                                               first=i)
             unit.users += 1
             if u["name"].startswith("dense/"):
                 unit.points.add(spec.rewind_iteration)

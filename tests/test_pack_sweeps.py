@@ -111,7 +111,7 @@ def test_plan_builds_and_validates_each_trial_spec_once_and_a_worker_never(tmp_p
     from lth.cli import main
     from orchestrator import plan
     from orchestrator.sweep_spec import load_sweep
-    from orchestrator.sweeps.packs import PACK, member_specs
+    from orchestrator.sweeps.packs import PACK, member_specs, registrations
 
     space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
     path = sweep_file(tmp_path, pack=4, seeds=3, space=space)
@@ -140,12 +140,18 @@ def test_plan_builds_and_validates_each_trial_spec_once_and_a_worker_never(tmp_p
     assert member_specs(old) == member_specs(made[0])
     assert sum(counts.values()) == 18 + 1 + len(made[0][PACK]["trials"])  # an older lth's: validated
 
-    # a searched pack's config carries the units its members use (its driver registers no search's units ahead)
-    searched = load_sweep(sweep_file(tmp_path, pack=2, search={"algorithm": "random", "num_samples": 2},
+    # a searched pack's config carries the units its members use (its driver registers no search's units
+    # ahead): what the worker registers is what the planner would, a control's unit as IMP's
+    searched = load_sweep(sweep_file(tmp_path, pack=3, search={"algorithm": "random", "num_samples": 2},
                                      space={"prune.rate": {"uniform": [0.2, 0.8]}}))
-    config = plan.searched_pack(searched, [{"prune.rate": 0.3, "seed": 0}, {"prune.rate": 0.6, "seed": 0}])
+    made = [{"prune.rate": 0.3, "control": "reinit", "seed": 0}, {"prune.rate": 0.3, "seed": 0},
+            {"prune.rate": 0.6, "seed": 0, "rewind_iteration": 10}]
+    config = plan.searched_pack(searched, made)
     (group,) = config[PACK]["groups"]
-    assert group["units"] and group["units"] == plan.registrations(plan.work_units(member_specs(config)))
+    # one dense run keeping both rewind points, then level 1 of each rate's trunk (the control's is its
+    # ticket's), then level 2
+    assert [(u["member"], u["points"]) for u in group["units"]] == [(0, [0, 10])] + [(0, []), (2, [])] * 2
+    assert registrations(config, group) == plan.registrations(plan.work_units(member_specs(config)))
 
 
 def test_a_trial_spec_is_built_by_path_from_typed_values_never_through_text(tmp_path, monkeypatch):

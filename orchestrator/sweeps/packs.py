@@ -8,9 +8,11 @@ decides nothing and imports no planner):
                           of a spec the driver validated, "key": the spec's key}, ...],
               "groups": [{"members": [index, ...], "arithmetic": "alone" | "stacked",
                           "data": data_key of the members' data,
-                          "units": the units' registrations the worker hands the broker
-                                   (a searched pack's; [] in a grid, whose driver
-                                   registered every unit up front)}, ...]}}
+                          "units": [{"name", "deps", "member": the member whose spec, as
+                                     IMP, trains it, "points"}, ...]: what the worker
+                                     registers with the broker (registrations; a searched
+                                     pack's; [] in a grid, whose driver registered every
+                                     unit up front)}, ...]}}
 
 A Tune trial made by an lth before "data" and "units" (a sweep resumed across the change)
 has groups without them: its worker validates its specs and finds the data key itself
@@ -65,6 +67,15 @@ def member_specs(config: dict) -> list:
 def group_data(group: dict, specs: list) -> str:
     """The group's data key: its config's, or (a config from an lth before it) its first member's."""
     return group.get("data") or data_key(specs[group["members"][0]])
+
+
+def registrations(config: dict, group: dict) -> list[dict]:
+    """The group's units as the broker takes them (orchestrator/plan.py registrations):
+    each unit's spec is its member's with control none (the unit is IMP's), as the driver
+    named it."""
+    trials = config[PACK]["trials"]
+    return [{"name": u["name"], "deps": u["deps"], "spec": {**trials[u["member"]]["spec"], "control": "none"},
+             "data": group["data"], "points": u["points"]} for u in group.get("units", [])]
 
 
 def member_dir(i: int) -> str:

@@ -69,7 +69,7 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
             continue
         key = packs.group_data(group, specs)
         data = _data(specs[todo[0]], key)
-        pack.store = _unit_store(share, key, group.get("units", []), data) if share else None
+        pack.store = _unit_store(share, key, packs.registrations(config, group), data) if share else None
         pack.waited = pack.store.waited if pack.store and pack.waited is None else pack.waited
         for i, e in train(pack, todo, data, group["arithmetic"]).items():
             pack.fail(i, e)
@@ -173,8 +173,8 @@ _STORES: dict = {}  # per worker process: (storage, sweep) -> UnitStore (one hea
 
 def _unit_store(share: dict, data_key: str, units: list, data):
     """This process's store of the sweep's units, set up to help with units on `data`
-    (`data_key`: packs.data_key), the group's `units` registered with the broker (the
-    driver's list: a searched pack's units; a grid's broker has them all)."""
+    (`data_key`: packs.data_key), the group's `units` registered with the broker (as the
+    driver listed them: a searched pack's units; a grid's broker has them all)."""
     from orchestrator.sweeps.units import UnitStore, find_broker
     from trials.spec import validated
 
