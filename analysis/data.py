@@ -10,10 +10,10 @@ import pandas as pd
 
 from orchestrator.tracking import levels_table, read, store
 from trials import methods
-from trials.record import COUNTS, TRACKED
+from trials.folder.record import COUNTS, TRACKED
 from trials.spec import field_paths
-from trials.errors import ConfigError
-from trials.typed import from_logged, non_null
+from trials.core.errors import ConfigError
+from trials.core.typed import from_logged, non_null
 
 DENSE_FIELDS = ("model.", "dataset.", "train.")  # with seed, all that decides the dense (level 0) network
 HEAD = levels_table.NAMES
@@ -61,6 +61,37 @@ def with_density(df: pd.DataFrame, kind: str = "nominal") -> pd.DataFrame:
                           f"have no {column}: written by an lth before it was recorded)")
     out = df.assign(density=df[column].astype(float))
     out.attrs = dict(df.attrs)
+    return out
+
+
+COST = "cost_iterations"  # trials/folder/record.py: iterations trained to obtain a level's network
+
+
+def with_cost(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with `cost_iterations` on every row: the iterations trained to obtain that
+    level's network, its own training included. Where a record carries it (early-bird
+    draws) that value; otherwise it follows from the spec and the method (trials/methods),
+    with T = train.iterations and k = rewind_iteration: a pruned mask (IMP and its
+    controls) costs levels 0..L, T + L (T - k), since level 0 trains T and each later
+    level T - k; a mask scored at the rewind point costs the k dense iterations to get
+    there plus its own T - k, so T; a searched supermask (edge-popup) its own T. A row of
+    an unregistered method, or whose runs lack train.iterations, stays NaN."""
+    out = df.copy()
+    out.attrs = dict(df.attrs)
+    recorded = pd.to_numeric(out[COST], errors="coerce") if COST in out else pd.Series(float("nan"), index=out.index)
+    T = pd.to_numeric(out.get("train.iterations"), errors="coerce") if "train.iterations" in out else None
+    if T is None:
+        out[COST] = recorded.astype(float)
+        return out
+    k = pd.to_numeric(out["rewind_iteration"], errors="coerce").fillna(0) if "rewind_iteration" in out else 0
+    level = pd.to_numeric(out["level"], errors="coerce")
+    ran = out["method"].astype("string").fillna(methods.DEFAULT) if "method" in out else [methods.DEFAULT] * len(out)
+    entries = [methods.METHODS.get(m) if m in methods.METHODS else None for m in ran]
+    pruned = pd.Series([e is not None and e.mask == "pruned" for e in entries], index=out.index)
+    known = pd.Series([e is not None and e.mask in ("pruned", "scored", "searched") for e in entries], index=out.index)
+    derived = T.where(~pruned, T + level * (T - k)).astype(float)
+    derived = derived.where(known)
+    out[COST] = recorded.where(recorded.notna(), derived).astype(float)
     return out
 
 

@@ -5,7 +5,12 @@ by the first field (a method) so a panel holds its controls. Legends sit in the 
 outside the axes; a panel with nothing to say says so (imp_figure).
 
 Instability as in Frankle et al. 2020 (`instability_curves`): the error barrier against
-the rewind iteration k, one line per group and level, the 2% "stable" threshold dashed."""
+the rewind iteration k, one line per group and level, the 2% "stable" threshold dashed.
+
+Cost (`cost_curves`): accuracy against the iterations trained to obtain each level's
+network (analysis.data.with_cost), one line per group through its levels, each point
+labelled with its density: what a cheaper way to a ticket (early-bird) saves and what it
+costs in accuracy, side by side."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from trials import methods as registry
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 PANELS = (("test_acc_at_early_stop", "test accuracy at early stop (%)", 100),
           ("early_stop_iteration", "early-stop iteration", 1))
@@ -123,10 +128,10 @@ def imp_figure(df: pd.DataFrame, rows: list, panels=PANELS):
 
 
 def _grouped(df: pd.DataFrame, rows: list, axis=()):
-    """The runs with `method` set and every row field as labels (trials/labels.py); the
+    """The runs with `method` set and every row field as labels (trials/folder/labels.py); the
     rows after analysis.data.row_fields; each field's labels in value order."""
     from analysis.data import row_fields
-    from trials.labels import labels
+    from trials.folder.labels import labels
 
     df = df.copy()
     df["method"] = methods(df)
@@ -312,4 +317,63 @@ def instability_figure(df: pd.DataFrame, rows: list, panels=STABILITY_PANELS):
         ax.tick_params(labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
     _legend(fig, axes[0][0], ", ".join(["level", *varying]))
+    return fig
+
+
+COST_PANEL = ("test_acc_at_early_stop", "test accuracy at early stop (%)", 100)
+
+
+def cost_curves(df: pd.DataFrame, rows: list, out, panel=COST_PANEL):
+    """Write `cost_figure` to `out` (.png, .pdf or .svg); returns the path."""
+    out = _checked(out, df, rows)
+    return _save(cost_figure(df, rows, panel), out)
+
+
+def cost_figure(df: pd.DataFrame, rows: list, panel=COST_PANEL):
+    """A metric against the iterations spent to obtain each level's network (x:
+    cost_iterations, mean over seeds; y: the metric, shaded ± std): one line per group of
+    `rows` (fields join the rows as in imp_figure) through its levels in order, each point
+    labelled with its mean density. A row whose cost is unknown (analysis.data.with_cost)
+    is left out, and the figure says how many."""
+    from analysis.data import COST, with_cost
+
+    _check_rows(df, rows)
+    metric, label, scale = panel
+    if metric not in df:
+        raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
+    df = with_cost(df)
+    unknown = int(df[COST].isna().sum())
+    df, rows, order = _grouped(df[df[COST].notna()], rows)
+    if df.empty:
+        raise ConfigError("--kind", "cost", "runs whose iterations spent are known (a registered method with "
+                          "train.iterations logged)")
+    varying = [f for f in rows if df[f].nunique() > 1]
+    groups = _sorted_groups(df, varying, order)
+    colours = _palette([g[:1] for g in groups])
+    styles = _styles([g[1:] for g in groups])
+    fig, axes = _figure(1, 1, len(groups))
+    ax = axes[0][0]
+    annotate = len(groups) <= HANDFUL
+    labelled = set()  # points already labelled (lines that share a point, e.g. one dense network)
+    for g in groups:
+        part = df[(df[varying].astype(str) == list(g)).all(axis=1)] if varying else df
+        s = part.groupby("level").agg(x=(COST, "mean"), m=(metric, "mean"), sd=(metric, "std"), d=("density", "mean"))
+        m, sd = scale * s["m"].astype(float), scale * s["sd"].fillna(0).astype(float)
+        ls, marker = styles[g[1:]]
+        _band(ax, s["x"].astype(float), m, sd, color=colours[g[:1]], ls=ls, marker=marker,
+              label=", ".join(g) or ", ".join(str(part[r].iloc[0]) for r in rows) or "all")
+        for x, y, d in zip(s["x"], m, s["d"]) if annotate else ():
+            if (round(x, 6), round(y, 6)) in labelled:
+                continue
+            labelled.add((round(x, 6), round(y, 6)))
+            ax.annotate(f"{100 * d:.3g}%", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xlabel("iterations trained to obtain the network (cost_iterations)", fontsize=8)
+    ax.set_ylabel(label, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    _legend(fig, ax, "\n".join(t for t in (", ".join(varying), "(line: levels in order, mean over seeds,\n"
+                                                                 "band: ± std" + (";\npoint labels: weights remaining)"
+                                                                                  if annotate else ")")) if t))
+    if unknown:
+        fig.suptitle(f"{unknown} level(s) of unknown cost left out", fontsize=8)
     return fig

@@ -18,6 +18,10 @@ matched against, is the IMP trials' level 0 in the same runs.
 
 Runs that measured instability (spec.stability) add to each cell the mean error barrier
 of its trials (`instability`; CSV column, and "inst." in Markdown and LaTeX cells).
+
+With `cost=True` each cell also says what its networks cost to obtain: the mean of
+`cost_iterations` (analysis.data.with_cost; CSV column `cost_iterations`, "it." in
+Markdown and LaTeX cells), so a cheaper method's accuracy and its saving sit side by side.
 """
 from __future__ import annotations
 
@@ -27,11 +31,11 @@ from typing import Optional
 
 import pandas as pd
 
-from analysis.data import dense_key, row_fields
+from analysis.data import COST, dense_key, row_fields, with_cost
 from analysis.plots import has_instability, methods
 from trials import methods as registry
-from trials.errors import ConfigError
-from trials.labels import labels
+from trials.core.errors import ConfigError
+from trials.folder.labels import labels
 
 DENSITY_TOLERANCE = 1.25  # a level serves a target density d if its density is within d/1.25 .. d*1.25
 MATCH_RULE = ("matches the dense network: its mean is at least the same row's dense (level 0) mean "
@@ -68,7 +72,7 @@ class Table:
 
 
 def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
-             metric: str = "test_acc_at_early_stop") -> Table:
+             metric: str = "test_acc_at_early_stop", cost: bool = False) -> Table:
     if df.empty:
         raise ConfigError("runs", "empty", "a DataFrame with logged trial levels (analysis.runs of an "
                           "experiment that has run)")
@@ -79,13 +83,15 @@ def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
     if metric not in df:
         raise ConfigError("--metric", metric, "a logged level metric, e.g. test_acc_at_early_stop")
     read = dict(df.attrs.get("read", {}))
-    df = df.copy()
+    df = with_cost(df) if cost else df.copy()  # before the rows become labels
     df["method"] = methods(df)
     rows, split = row_fields(df, rows)
     order = {}
     for name in rows:
         df[name], order[name] = labels(df[name])
     extra = {"instability": ("stability_error_barrier", "mean")} if has_instability(df) else {}
+    if cost:
+        extra[COST] = (COST, "mean")
     stats = (df.groupby(rows + ["level"], dropna=False)
              .agg(mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), density=("density", "mean"),
                   **extra)
@@ -169,7 +175,9 @@ def _cell_text(table: Table, c) -> str:
     text = _fmt(c["mean"], c["std"], int(c["n"]))
     text = text if _shared_density(table, c["column"]) else f"{text} @{100 * c['density']:.1f}%"
     inst = c.get("instability")
-    return text if inst is None or inst != inst else f"{text} inst. {100 * inst:.2f}%"
+    text = text if inst is None or inst != inst else f"{text} inst. {100 * inst:.2f}%"
+    spent = c.get(COST)
+    return text if spent is None or spent != spent else f"{text} [{spent:.0f} it.]"
 
 
 def _markdown_cell(table: Table, c) -> str:
@@ -227,11 +235,13 @@ def to_markdown(table: Table) -> str:
         lines.append("| " + " | ".join([*group, *texts]) + " |")
     return "\n".join([_title(table), *provenance(table), "", *lines, "", f"**bold**: best in its column; @: density reached; "
                                                      f"{_INST if 'instability' in table.cells else ''}"
+                                                     f"{_COST if COST in table.cells else ''}"
                                                      f"‡ {MATCH_RULE}."])
 
 
 _INST_TEX = "inst.: mean instability (test-error barrier between two copies). "
 _INST = "inst.: mean instability (test-error barrier between two copies, Frankle et al. 2020); "
+_COST = "[n it.]: iterations trained to obtain the cell's networks, mean (cost_iterations); "
 
 
 def _tex(text: str) -> str:
@@ -252,7 +262,7 @@ def to_latex(table: Table) -> str:
         texts = [_latex_cell(table, table.cell(group, col)) for col in table.columns]
         lines.append(" & ".join([*(_tex(g) for g in group), *texts]) + r" \\")
     lines += [r"\bottomrule",
-              rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize Bold: best in its column; @: density reached. {_INST_TEX if 'instability' in table.cells else ''}$^\dagger$ {MATCH_RULE_TEX}.}} \\",
+              rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize Bold: best in its column; @: density reached. {_INST_TEX if 'instability' in table.cells else ''}{_tex(_COST) if COST in table.cells else ''}$^\dagger$ {MATCH_RULE_TEX}.}} \\",
               r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -260,4 +270,5 @@ def to_latex(table: Table) -> str:
 def to_csv(table: Table) -> str:
     cols = [*table.rows, "column", "level", "density", "mean", "std", "n", "best", "matches"]
     cols += ["instability"] if "instability" in table.cells else []
+    cols += [COST] if COST in table.cells else []
     return table.cells[cols].to_csv(index=False)

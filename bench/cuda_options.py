@@ -1,6 +1,6 @@
 """What pays on CUDA for the small models of lottery-ticket work: the time of one training
 step as the engine takes it (forward, cross-entropy, backward, masked gradients, Adam,
-masks re-applied; trials/training.py train_level), per variant:
+masks re-applied; trials/loop/training.py train_level), per variant:
 
     eager          torch.optim.Adam's default on CUDA (foreach): the engine before this bench
     fused          torch's fused Adam (the engine's Adam on CUDA since)
@@ -8,7 +8,7 @@ masks re-applied; trials/training.py train_level), per variant:
     graph          fused, capturable, the whole step captured once as a CUDA graph and replayed
     compile        fused, torch.compile(model) (default mode); its compile time is printed apart
 
-and for a pack of K LeNet-300-100 members (trials/stacked.py Stacked's step):
+and for a pack of K LeNet-300-100 members (trials/loop/stacked.py Stacked's step):
 pack eager against pack graph (the engine replays both as graphs since: training.StepGraph). Median over windows of steps, timed with CUDA events, after
 warm-up; 50%-pruned masks so the masking does real work. No numbers of any trial depend on
 this script: it decides what the engine should adopt (ARCHITECTURE.md, "Speed and packs").
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trials import models  # noqa: E402
-from trials.datasets import DatasetInfo  # noqa: E402
-from trials.optim import PackedOptimizer  # noqa: E402
-from trials.stacked import PackedNet  # noqa: E402
+from trials.nets import models  # noqa: E402
+from trials.nets.datasets import DatasetInfo  # noqa: E402
+from trials.loop.optim import PackedOptimizer  # noqa: E402
+from trials.loop.stacked import PackedNet  # noqa: E402
 from trials.spec import ModelSpec, TrainSpec  # noqa: E402
-from trials.training import cuda_numerics  # noqa: E402
+from trials.loop.training import cuda_numerics  # noqa: E402
 
 CASES = [  # model, input shape, batch size
     ("lenet_300_100", (1, 28, 28), 60),

@@ -3,7 +3,7 @@
 (early_bird.imp_levels) and IMP with rewinding, on LeNet-300-100 / real MNIST (the t10k
 files split 8,000 / 2,000 as bench/trial_speed.py does) and Conv-2 / the bundled digits;
 the dense network is IMP's level 0. Per method, seed and density: test accuracy (after the
-last iteration), the iterations the ticket cost (trials/record.py cost_iterations; IMP:
+last iteration), the iterations the ticket cost (trials/folder/record.py cost_iterations; IMP:
 levels 0..L) and the iterations the whole trial trained.
 
     python bench/early_bird.py --out runs/early_bird            # all cases, seeds 0-2
@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.trial_speed import MNIST_T10K, mnist_root  # noqa: E402
-from trials.lottery import run_lottery  # noqa: E402
+from trials.runner.levels import run_lottery  # noqa: E402
 from trials.spec import from_dict  # noqa: E402
-from trials.store import TrialDir  # noqa: E402
+from trials.folder.store import TrialDir  # noqa: E402
 
 EARLY = {"interval": 30, "window": 5, "epsilon": 0.1}  # the paper's window and epsilon; a draw every 30 iterations
 TRAIN = {"optimizer": "adam", "batch_size": 60, "iterations": 600, "eval_interval": 30}

@@ -198,7 +198,7 @@ MEMORY = """
 import json, sys, tempfile
 from pathlib import Path
 import torch
-from trials.lottery import run_pack
+from trials.runner.levels import run_pack
 from trials.spec import from_dict
 spec, k = json.loads(sys.argv[1]), int(sys.argv[2])
 specs = [from_dict({**spec, "seed": s}) for s in range(k)]

@@ -22,8 +22,8 @@ import json, re, sys
 import torch
 import torch.nn.functional as F
 from orchestrator.plan import member_bytes
-from trials import datasets, models
-from trials.stacked import PackedNet
+from trials.nets import datasets, models
+from trials.loop.stacked import PackedNet
 from trials.spec import DatasetSpec, ModelSpec, TrainSpec, TrialSpec
 
 def status(key):

@@ -1,10 +1,10 @@
 """Trials per hour: 16 LeNet-300-100 IMP trials (seeds 0..15, 3 levels each) on real MNIST,
-one trial per process against packs of K trials per process (trials/lottery.py run_pack).
+one trial per process against packs of K trials per process (trials/runner/levels.py run_pack).
 
     head    one trial per process, the engine as committed at git HEAD (`git archive HEAD
             trials`), or at --head-ref: today's trials per hour
-    single  one trial per process, this tree's engine (trials.lottery.run_lottery)
-    pack K  16/K processes, each trains a pack of K trials (trials.lottery.run_pack), K in --packs
+    single  one trial per process, this tree's engine (trials.runner.levels.run_lottery)
+    pack K  16/K processes, each trains a pack of K trials (trials.runner.levels.run_pack), K in --packs
 
 Every path is whole processes (imports and data loading included), run one after another
 with the same thread count, each trial writing its normal trial folder. --model runs
@@ -52,7 +52,10 @@ SINGLE = """import sys, json
 from pathlib import Path
 import trials
 assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), trials.__file__
-from trials.lottery import run_lottery
+try:
+    from trials.runner.levels import run_lottery
+except ImportError:  # an engine before trials/ in wings (--head-ref)
+    from trials.lottery import run_lottery
 from trials.spec import from_dict
 records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))
 print(records[-1].density, records[-1].test_acc)
@@ -63,9 +66,12 @@ from pathlib import Path
 import trials
 assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), trials.__file__
 try:
-    from trials.lottery import run_pack
-except ImportError:  # an engine before the one level runner (--pack-ref)
-    from trials.packed import run_pack
+    from trials.runner.levels import run_pack
+except ImportError:  # an engine before trials/ in wings, or before the one level runner (--pack-ref)
+    try:
+        from trials.lottery import run_pack
+    except ImportError:
+        from trials.packed import run_pack
 from trials.spec import from_dict
 specs = [from_dict(d) for d in json.loads(sys.argv[1])]
 records = run_pack(specs, [Path(p) for p in json.loads(sys.argv[2])])

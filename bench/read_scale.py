@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.config import expand  # noqa: E402
 from orchestrator.tracking import levels_table, store  # noqa: E402
 from tests.test_tracking import MlflowServer, free_port  # noqa: E402 - the tests' real server
-from trials.record import TRACKED, LevelRecord  # noqa: E402
+from trials.folder.record import TRACKED, LevelRecord  # noqa: E402
 from trials.spec import flatten, from_dict  # noqa: E402
 
 LTH = str(Path(sys.executable).parent / "lth")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import instability_curves  # noqa: E402
 from orchestrator.config import trial_spec  # noqa: E402
-from trials.lottery import run_lottery  # noqa: E402
+from trials.runner.levels import run_lottery  # noqa: E402
 
 BASE = ["model=conv2", "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9", "train.iterations=400",
         "train.eval_interval=40", "prune.levels=0", "stability.copies=2", "stability.levels=[0]", "device=cpu"]

@@ -78,7 +78,10 @@ def child(sweep_file: str, out: str, t0: float) -> None:
     from lth.cli import main
     from orchestrator.sweeps import callbacks, results, runner
     from orchestrator.tracking import store
-    from trials.record import LevelRecord
+    try:
+        from trials.folder.record import LevelRecord
+    except ImportError:  # a commit before trials/ in wings (--ref)
+        from trials.record import LevelRecord
 
     timed(runner, "init_ray", "ray start")
     timed(runner, "_share", "broker")

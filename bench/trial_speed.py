@@ -1,14 +1,14 @@
 """Engine vs hand-written loop: samples/s of the same LeNet-300-100 IMP job, run two ways.
 
-    (a) engine: trials.lottery.run_lottery(spec, tmp_out, data=data), file writes included
+    (a) engine: trials.runner.levels.run_lottery(spec, tmp_out, data=data), file writes included
     (b) hand:   a minimal masked training loop written below (plain for-loop, index-slice
                 batches from a per-epoch randperm, torch.optim.Adam, masks on grads and
                 weights after every step, validation every eval_interval iterations with a
                 weight snapshot on improvement, test at the end, magnitude pruning and
                 rewinding to the init between levels)
 
-Both use the same model init (trials.models.build), the same data tensors (one
-trials.datasets.load), the same iterations per level, batch size and optimizer. The
+Both use the same model init (trials.nets.models.build), the same data tensors (one
+trials.nets.datasets.load), the same iterations per level, batch size and optimizer. The
 paths alternate `--repeats` times after one short warm-up of each; the median is reported.
 
 Data: real MNIST when ../shared/data/mnist-t10k (from the repo root) has the official
@@ -25,10 +25,10 @@ Modes (`--mode`):
                 engine as committed at git HEAD (`git archive HEAD trials`; --head-ref
                 another commit) vs this tree,
                 both through the same few-line driver, and the trial as a pack of one
-                (trials.lottery.run_pack: fused Adam, not bit-identical): ratios
+                (trials.runner.levels.run_pack: fused Adam, not bit-identical): ratios
                 lth/hand, tree/HEAD and pack1/HEAD
     optimizers  the engine's inner loop with each Adam: torch's default (single-tensor)
-                path, foreach, trials.optim.ExactAdam (the default on CPU) and fused
+                path, foreach, trials.loop.optim.ExactAdam (the default on CPU) and fused
 
 Run with `make bench` or `.venv/bin/python bench/trial_speed.py [--mode M] [--levels N] ...`.
 """
@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trials import datasets, masks, models, pruning
-from trials.lottery import run_lottery
+from trials.nets import datasets, masks, models
+from trials.methods import pruning
+from trials.runner.levels import run_lottery
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec, TrialSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,14 +237,17 @@ def hand_process(root: Path, levels: int, iterations: int) -> None:
 
 DRIVER = """import sys, json
 from pathlib import Path
-from trials.lottery import run_lottery
+try:
+    from trials.runner.levels import run_lottery
+except ImportError:  # an engine before trials/ in wings (--head-ref)
+    from trials.lottery import run_lottery
 from trials.spec import from_dict
 import trials
 assert Path(trials.__file__).resolve().parent == Path(sys.argv[3]).resolve(), trials.__file__
 records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))
 print(" ".join(f"{r.density:.3f}:{r.test_acc:.4f}" for r in records))
 """
-PACK_OF_ONE = DRIVER.replace("from trials.lottery import run_lottery", "from trials.lottery import run_pack").replace(
+PACK_OF_ONE = DRIVER.replace("import run_lottery", "import run_pack").replace(
     "records = run_lottery(from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))",
     "records = run_pack([from_dict(json.loads(sys.argv[1]))], [Path(sys.argv[2])])[0]")
 
@@ -306,7 +310,7 @@ def process_mode(args, tmp: Path) -> None:
 
 
 def optimizer_mode(args, spec, data) -> None:
-    from trials import optim, training
+    from trials.loop import optim, training
 
     def variant(kind):
         def make(t, params, fused=None):

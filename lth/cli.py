@@ -8,7 +8,7 @@ import os
 import sys
 
 from lth import report_commands, stability_commands, sweep_commands, trial_commands
-from trials.errors import ConfigError, shown
+from trials.core.errors import ConfigError, shown
 
 EXIT_BAD_INPUT = 2
 PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}

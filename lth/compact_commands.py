@@ -1,12 +1,12 @@
-"""`lth tickets compact`: a ticket as a smaller dense network for inference (trials/compact.py),
+"""`lth tickets compact`: a ticket as a smaller dense network for inference (trials/export/compact.py),
 from an exported ticket folder or from an MLflow run (whose run then holds the result too)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from trials import layout
-from trials.errors import ConfigError, check
+from trials.folder import layout
+from trials.core.errors import ConfigError, check
 
 TICKET_FILES = (layout.SPEC, layout.RECORD, layout.MASK, layout.FINAL)
 
@@ -25,14 +25,14 @@ def add(tickets) -> None:
 
 
 def check_out(out: Path) -> None:
-    from trials.store import check_folder
+    from trials.folder.store import check_folder
 
     check_folder(out, "--out", write=True)
     check(not out.exists() or (out.is_dir() and not any(out.iterdir())), "--out", str(out), "allowed: a new or empty folder")
 
 
 def tickets_compact(args) -> int:
-    from trials import compact
+    from trials.export import compact
 
     out = Path(args.out)
     source = Path(args.source)
@@ -42,7 +42,7 @@ def tickets_compact(args) -> int:
               f"allowed: an MLflow run id, or a ticket folder from `lth tickets export` (this one lacks "
               f"{', '.join(missing)})")
         if args.level is not None:
-            from trials.record import LevelRecord
+            from trials.folder.record import LevelRecord
             import json
 
             level = LevelRecord.from_dict(json.loads((source / layout.RECORD).read_text())).level
@@ -72,5 +72,5 @@ def tickets_compact(args) -> int:
           f"examples (float32 {r['max_logit_diff']:.2e}, ONNX Runtime {r['onnx_max_diff']:.2e}); effective density "
           f"{r['effective_density']:.4f} "
           f"(weights {r['density']:.4f})")
-    print(f"-> {out}  (trials.compact.load_compact('{out}'))")
+    print(f"-> {out}  (trials.export.compact.load_compact('{out}'))")
     return 0

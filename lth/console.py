@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from trials.record import LevelRecord
+from trials.folder.record import LevelRecord
 
 
 class Progress:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from lth import compact_commands
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 
 def add_reports(commands) -> None:
@@ -19,21 +19,26 @@ def add_reports(commands) -> None:
     table.add_argument("--density", help="target densities, e.g. 1,0.5,0.2,0.1 (default: the levels)")
     _density_kind_flag(table)
     table.add_argument("--metric", default="test_acc_at_early_stop")
+    table.add_argument("--cost", action="store_true",
+                       help="add to each cell the iterations trained to obtain its networks (mean cost_iterations: "
+                       "IMP counts every level before it; early-bird tickets where their masks were drawn)")
     table.add_argument("--format", choices=("latex", "markdown", "csv"), default="markdown")
     table.add_argument("--out", help="write here instead of stdout")
     _tracking_flag(table)
     table.set_defaults(func=report_table)
     plot = report.add_parser("plot", help="accuracy and early-stop iteration vs weights remaining, "
-                             "or instability vs rewind iteration (--kind instability)")
+                             "instability vs rewind iteration (--kind instability), or accuracy vs "
+                             "iterations spent (--kind cost)")
     plot.add_argument("--experiment", required=True)
     _sweep_flag(plot)
     plot.add_argument("--out", required=True, help="FILE.png (screens), FILE.pdf or FILE.svg (papers)")
     plot.add_argument("--rows", default="prune.kind,rewind_iteration,control",
                       help="spec fields whose values form the lines (instability: and the level)")
-    plot.add_argument("--kind", choices=("imp", "instability"), default="imp",
+    plot.add_argument("--kind", choices=("imp", "instability", "cost"), default="imp",
                       help="imp = IMP curves against weights remaining; instability = error and loss "
                       "barriers against the rewind iteration, a line per group and level (trials with "
-                      "stability.copies >= 2)")
+                      "stability.copies >= 2); cost = accuracy at early stop against the iterations trained "
+                      "to obtain each level's network, a line per group through its levels")
     _density_kind_flag(plot)
     _tracking_flag(plot)
     plot.set_defaults(func=report_plot)
@@ -78,7 +83,7 @@ def _experiment_runs(args):
     if df.empty:
         raise ConfigError("--experiment", args.experiment, "an experiment with logged trial levels")
     df = analysis.with_density(df, args.density_kind)
-    from trials.environment import mixed
+    from trials.folder.environment import mixed
 
     warning = mixed(df.drop_duplicates("run_id")["environments"]) if "environments" in df else None
     if warning:
@@ -90,7 +95,7 @@ def report_table(args) -> int:
     import analysis
 
     densities = _densities(args.density)
-    table = analysis.ablation(_experiment_runs(args), _fields(args.rows), densities, args.metric)
+    table = analysis.ablation(_experiment_runs(args), _fields(args.rows), densities, args.metric, cost=args.cost)
     render = {"latex": analysis.to_latex, "markdown": analysis.to_markdown, "csv": analysis.to_csv}[args.format]
     text = render(table)
     if args.format == "csv":  # the file stays whole for machines: what it read goes to stderr
@@ -113,7 +118,8 @@ def report_plot(args) -> int:
 
     analysis.plots.checked_out(args.out)  # a bad --out is refused before anything is read
     df = _experiment_runs(args)
-    draw = analysis.instability_curves if args.kind == "instability" else analysis.imp_curves
+    draw = {"imp": analysis.imp_curves, "instability": analysis.instability_curves,
+            "cost": analysis.cost_curves}[args.kind]
     out = draw(df, _fields(args.rows), args.out)
     from orchestrator.tracking.read import describe
 

@@ -1,7 +1,7 @@
 """`lth stability find`: the earliest rewind iteration k at which a level is stable
 (Frankle et al. 2020: instability, the test-error barrier between two copies trained from
 k with different SGD noise, below a threshold), by bisection over a grid of k, with real
-trials run in this process (trials.lottery.run_lottery, as `lth trial run`).
+trials run in this process (trials.runner.levels.run_lottery, as `lth trial run`).
 
 Bisection assumes instability falls as k grows (what the paper found); it trains about
 log2(grid size) + 2 trials. Every trial is a full trial folder under OUT/k_<k>/ (spec
@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 from trials import methods
-from trials.errors import ConfigError, check
+from trials.core.errors import ConfigError, check
 
 
 def add(commands) -> None:
@@ -78,8 +78,8 @@ def spec_at(base, k: int, level: int):
 
 def stability_find(args) -> int:
     from lth.trial_commands import _spec
-    from trials.lottery import prepare, run_lottery
-    from trials.store import TrialDir
+    from trials.runner.levels import prepare, run_lottery
+    from trials.folder.store import TrialDir
 
     base = _spec(args)
     args.level = _number(args.level, int, "--level", lambda v: v >= 0, "an integer >= 0 (0 = the dense network)")

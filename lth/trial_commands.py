@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lth.console import Progress, records_table
 from trials import methods
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 
 def add(commands) -> None:
@@ -98,7 +98,7 @@ def levels_text(spec) -> str:
 
 
 def trial_run(args) -> int:
-    from trials.lottery import prepare, run_lottery
+    from trials.runner.levels import prepare, run_lottery
 
     spec = _spec(args)
     out = Path(args.out or Path("runs") / "trials" / spec.key)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from trials.errors import ConfigError, check
+from trials.core.errors import ConfigError, check
 from trials.spec import TrialSpec, field_paths, from_dict
 
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -5,7 +5,7 @@ trial (finished or stopped early) carries its final values.
 """
 from __future__ import annotations
 
-from trials.record import LevelRecord
+from trials.folder.record import LevelRecord
 
 STOPPED = "stopped_not_matching"  # result key set on the level that ended a trial early
 

@@ -29,7 +29,7 @@ def spec_factory():
 
 @pytest.fixture(scope="session")
 def digits_cpu():
-    from trials import datasets
+    from trials.nets import datasets
 
     return datasets.load(DatasetSpec(name="digits"), torch.device("cpu"))
 

@@ -401,3 +401,67 @@ def test_runs_logged_with_every_field_read_as_runs_logged_with_their_methods_fie
     ep = df[df["method"] == "edge_popup"]
     assert ep["prune.rate"].isna().all() and ep["supermask.densities"].map(len).eq(2).all()
     assert not df[df["method"] == "imp"].filter(regex=r"^(supermask|at_init)\.").notna().any().any()
+
+
+# ---------------------------------------------------------------- iterations spent (early-bird's saving)
+
+
+def test_cost_is_what_each_method_trained_to_get_the_level(tmp_path, capsys):
+    """cost_iterations by hand: IMP (T=300, k=10) pays for levels 0..L, T + L (T - k); a
+    mask scored at the rewind point pays T; an early-bird record's own value is kept; the
+    table (--cost) and the plot (--kind cost) read it from a real store."""
+    uri = f"sqlite:///{tmp_path / 'c.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("cost")
+    for seed in (0, 1):
+        common = {**BASE, "rewind_iteration": 10, "control": "none", "seed": seed}
+        log_trial(c, exp, "s", f"imp-{seed}", {**common, "method": "imp"}, [0.95, 0.94, 0.93])
+        log_trial(c, exp, "s", f"snip-{seed}", {**common, "method": "snip"}, [0.95, 0.92, 0.90])
+        log_trial(c, exp, "s", f"eb-{seed}", {**common, "method": "early_bird"}, [0.95, 0.93, 0.91],
+                  metrics={"cost_iterations": [120 + seed, 410, 420]})
+    df = analysis.with_cost(analysis.runs("cost", uri))
+    by = {(m, lv): set(rows["cost_iterations"]) for (m, lv), rows in df.groupby(["method", "level"])}
+    assert by[("imp", 0)] == {300} and by[("imp", 1)] == {590} and by[("imp", 2)] == {880}
+    assert by[("snip", 0)] == by[("snip", 1)] == by[("snip", 2)] == {300}
+    assert by[("early_bird", 0)] == {120, 121} and by[("early_bird", 2)] == {420}
+    table = analysis.ablation(df, ["method"], cost=True)
+    assert table.cell(("early_bird",), "L0")["cost_iterations"] == 120.5
+    md = analysis.to_markdown(table)
+    assert "[880 it.]" in md and "[120 it.]" in md and "iterations trained to obtain" in md  # 120.5 rounds to even
+    assert "cost_iterations" in analysis.to_csv(table).splitlines()[0]
+    assert "cost" in analysis.to_latex(table)
+    assert main(["report", "table", "--experiment", "cost", "--rows", "method", "--cost", "--tracking-uri", uri]) == 0
+    assert "[590 it.]" in capsys.readouterr().out
+    out = tmp_path / "cost.png"
+    assert main(["report", "plot", "--kind", "cost", "--experiment", "cost", "--rows", "method", "--out", str(out),
+                 "--tracking-uri", uri]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    fig = analysis.plots.cost_figure(df, ["method"])
+    ax = fig.axes[0]
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert set(lines) == {"imp", "snip", "early_bird"} and not layout_problems(fig)
+    assert list(lines["imp"].get_xdata()) == [300, 590, 880]
+    assert list(lines["imp"].get_ydata()) == pytest.approx([95, 94, 93])
+    # a run without train.iterations has no known cost: left out, and the figure says so
+    unknown = analysis.runs("cost", uri).drop(columns=["train.iterations"])
+    assert analysis.with_cost(unknown)["cost_iterations"].isna().sum() == 12  # imp's and snip's levels
+    fig = analysis.plots.cost_figure(unknown, ["method"])
+    assert {l.get_label() for l in fig.axes[0].get_lines()} == {"early_bird"}
+    assert fig._suptitle.get_text() == "12 level(s) of unknown cost left out"
+
+
+def test_imps_derived_cost_is_the_sum_of_what_its_levels_trained(tmp_path):
+    """The rule for IMP against a real trial: levels 0..L's recorded `iterations`, summed."""
+    import pandas as pd
+
+    from trials.runner.levels import run_lottery
+    from trials.spec import flatten, from_dict, to_dict
+
+    spec = from_dict({"model": "lenet_300_100", "dataset": "digits", "device": "cpu", "rewind_iteration": 7,
+                      "train": {"batch_size": 60, "iterations": 30, "eval_interval": 10},
+                      "prune": {"rate": 0.5, "levels": 2}})
+    records = run_lottery(spec, tmp_path / "t")
+    params = flatten(to_dict(spec))
+    df = pd.DataFrame([{**params, "level": r.level, "test_acc_at_early_stop": r.test_acc} for r in records])
+    derived = analysis.with_cost(df)["cost_iterations"]
+    assert list(derived) == list(pd.Series([r.iterations for r in records]).cumsum())

@@ -122,3 +122,17 @@ def test_comments_cite_the_repository_not_documents_outside_it():
     assert cited, "no code cites ARCHITECTURE.md"
     missing = {c for c in cited if not any(h.startswith(c) for h in headings)}
     assert not missing, f"cited sections not in ARCHITECTURE.md: {sorted(missing)}"
+
+
+def test_the_trial_worker_imports_no_planner():
+    """A Tune trial's worker decides nothing (orchestrator/sweeps/trainable.py): what it
+    runs comes in its config, so nothing it imports, at any depth or inside a function,
+    reaches the planner."""
+    edges, seen, todo = graph(), set(), ["orchestrator.sweeps.trainable"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges[name])
+    assert "orchestrator.plan" not in seen, "the trainable reaches orchestrator.plan"
+    assert "orchestrator.sweeps.packs" in seen  # the check follows imports (the config's layout)

@@ -1,4 +1,4 @@
-"""Pruning at initialization (trials/at_init.py): each scorer against a hand computation on a
+"""Pruning at initialization (trials/methods/at_init.py): each scorer against a hand computation on a
 tiny network, the invariants (IMP's counts per level, controls keep per-layer counts,
 pruned weights stay zero, same seed same numbers), bad input, and real trials on the
 bundled digits, alone, packed and in a sweep."""
@@ -16,10 +16,13 @@ from lth.cli import main
 from orchestrator import plan
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import quick_spec
-from trials import at_init, masks, methods, paths, pruning, shared
-from trials.lottery import run_lottery, run_pack
+from trials.methods import at_init, pruning
+from trials.nets import masks, paths
+from trials import methods
+from trials.runner import shared
+from trials.runner.levels import run_lottery, run_pack
 from trials.spec import AtInitSpec, PruneSpec, TrainSpec, TrialSpec, from_dict, non_default
-from trials.store import load_tensors
+from trials.folder.store import load_tensors
 
 torch.set_default_dtype(torch.float32)
 METHODS = methods.names(mask="scored")
@@ -133,7 +136,7 @@ def test_magnitude_and_random_scores():
 
 
 def lenet_layers():
-    from trials import datasets, models
+    from trials.nets import datasets, models
 
     spec = quick_spec()
     return masks.Layers.of(models.build(spec.model, datasets.info(spec.dataset), seed=0))
@@ -158,7 +161,7 @@ def test_counts_are_imps_per_level(scope):
 
 @pytest.fixture(scope="module")
 def snip_level(digits_cpu):
-    from trials import models
+    from trials.nets import models
 
     spec = quick_spec(method="snip", prune=PruneSpec(rate=0.5, output_rate=0.1, levels=2))
     weights = models.build(spec.model, digits_cpu.info, seed=0).state_dict()
@@ -336,7 +339,7 @@ def test_sweep_of_methods_and_controls_gives_one_table_and_plot(tmp_path, ray_lo
     assert out.exists()
     # a ticket of each at-init trial exports and gives its recorded accuracy; reinit's starts fresh
     from orchestrator.tracking import tickets
-    from trials.tickets import load_ticket
+    from trials.export.ticket_folder import load_ticket
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = tickets.best("pai", uri, top=100)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from orchestrator.config import apply_overrides
 from orchestrator.sweep_spec import load_sweep
-from trials.errors import LONGEST, ConfigError
+from trials.core.errors import LONGEST, ConfigError
 from trials.spec import field_paths, from_dict
 
 BASE = {"model": {"name": "lenet_300_100"}, "dataset": {"name": "digits"},

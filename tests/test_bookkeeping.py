@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trials import layout, masks
-from trials.store import MASK_BITS, MASK_FORMAT, load_tensors, save_mask
+from trials.folder import layout
+from trials.nets import masks
+from trials.folder.store import MASK_BITS, MASK_FORMAT, load_tensors, save_mask
 
 
 def test_masks_are_stored_as_bits_and_read_back_exactly(tmp_path):
@@ -42,7 +43,7 @@ def test_a_mask_of_the_previous_layout_one_byte_per_weight_still_reads(tmp_path)
 def _folder_with_levels(tmp_path, levels: int):
     """A real trial folder of `levels` + 1 levels (the engine, no Ray)."""
     from tests.conftest import digits_base
-    from trials.lottery import run_lottery
+    from trials.runner.levels import run_lottery
     from trials.spec import from_dict
 
     base = digits_base(levels=levels)
@@ -58,7 +59,7 @@ def test_a_trial_folder_goes_to_storage_once_and_comes_back_whole(tmp_path):
     import shutil
 
     from orchestrator.sweeps.folders import Mirror, wanted
-    from trials.store import TrialDir
+    from trials.folder.store import TrialDir
 
     spec, out = _folder_with_levels(tmp_path, levels=2)
     remote = tmp_path / "storage" / "trials" / "t0"

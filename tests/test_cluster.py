@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from tests.conftest import assert_each_level_trained_once, digits_base
-from trials.lottery import run_lottery
+from trials.runner.levels import run_lottery
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""Compaction (trials/compact.py): per model family, tickets made by the project's own
+"""Compaction (trials/export/compact.py): per model family, tickets made by the project's own
 structured and unstructured pruning compact to smaller dense networks whose logits equal
 the masked network's on real inputs; residual channels go only when removed everywhere;
 the exported files rebuild without unpickling and agree in TorchScript and ONNX Runtime;
@@ -13,8 +13,11 @@ from mlflow.tracking import MlflowClient
 
 from lth.cli import main
 from tests.conftest import quick_spec
-from trials import compact, datasets, load_ticket, masks, models, pruning
-from trials.lottery import run_lottery
+from trials.export import compact
+from trials.nets import datasets, masks, models
+from trials import load_ticket
+from trials.methods import pruning
+from trials.runner.levels import run_lottery
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec
 
 INFO = type("Info", (), {})
@@ -37,7 +40,7 @@ def inputs():
 
 def ticket_net(name, shape, prune: PruneSpec, width=1.0, seed=0):
     """A masked network as a ticket holds it: random weights, biases and BatchNorm state (as
-    after some training: nonzero biases, running statistics), pruned by trials.pruning."""
+    after some training: nonzero biases, running statistics), pruned by trials.methods.pruning."""
     net = models.build(ModelSpec(name=name, width=width), info(shape), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -213,7 +216,7 @@ def trial(tmp_path_factory):
 
 
 def exported(out, level, dest):
-    """The flat folder `lth tickets export` writes (trials/layout.py)."""
+    """The flat folder `lth tickets export` writes (trials/folder/layout.py)."""
     dest.mkdir()
     for name in ("spec.json", "rewind.safetensors"):
         shutil.copyfile(out / name, dest / name)

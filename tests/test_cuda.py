@@ -12,11 +12,11 @@ import torch
 from tests.conftest import quick_spec
 from tests.test_packed import (assert_bn_model_steps_as_alone, assert_bn_pack_matches_alone, assert_close_to_alone,
                                assert_masks_exact, bn_spec, lenet, run_alone_and_packed, smooth)  # noqa: F401
-from trials import datasets
-from trials.lottery import run_lottery
-from trials.lottery import run_pack
+from trials.nets import datasets
+from trials.runner.levels import run_lottery
+from trials.runner.levels import run_pack
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec
-from trials.store import load_tensors
+from trials.folder.store import load_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -95,7 +95,7 @@ def test_a_bf16_pack_trains(tmp_path):
         assert_masks_exact(out, records)
 
 
-# ---------------------------------------------------------------- CUDA graphs (trials/training.py StepGraph)
+# ---------------------------------------------------------------- CUDA graphs (trials/loop/training.py StepGraph)
 
 GRAPHED = {  # name -> spec: each optimizer path, rate changes (warmup ramp, milestones), bf16, BatchNorm
     "adam": lambda: lenet(device="cuda", rewind_iteration=30),
@@ -116,7 +116,7 @@ GRAPHED = {  # name -> spec: each optimizer path, rate changes (warmup ramp, mil
 def test_cuda_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
     """A trial whose steps replay as CUDA graphs gives the records, weights and rewind point
     of the same trial stepped eagerly, bit for bit; and graphs did replay."""
-    from trials import training
+    from trials.loop import training
 
     spec = GRAPHED[case]()
     data = datasets.load(spec.dataset, CUDA)
@@ -165,7 +165,7 @@ PACKS_GRAPHED = {  # members starting at different iterations (rewind points), a
 def test_a_packs_graph_steps_give_the_eager_bits(tmp_path, monkeypatch, case):
     """A pack whose steps replay as CUDA graphs writes each member's records, weights and
     rewind point as the same pack stepped eagerly, bit for bit; graphs did replay."""
-    from trials import training
+    from trials.loop import training
 
     make, dataset = PACKS_GRAPHED[case]
     specs = make()

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from trials import datasets
-from trials.datasets import crop_flip
-from trials.errors import ConfigError
+from trials.nets import datasets
+from trials.nets.datasets import crop_flip
+from trials.core.errors import ConfigError
 from trials.spec import DatasetSpec
 
 CPU = torch.device("cpu")
@@ -372,7 +372,7 @@ def test_crop_flip_draws_per_example():
 
 
 def _load_in_subprocess(cache: Path) -> subprocess.Popen:
-    code = ("import torch; from trials import datasets; from trials.spec import DatasetSpec; "
+    code = ("import torch; from trials.nets import datasets; from trials.spec import DatasetSpec; "
             "d = datasets.load(DatasetSpec(name='mnist', validation=8), torch.device('cpu')); "
             "print(len(d.train_x), len(d.test_x))")
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LTH_DATA_DIR": str(cache)},
@@ -461,7 +461,7 @@ def test_cifar10_pickle_reader_gives_torchvisions_tensors(tmp_path, label_type):
 def test_raw_readers_do_not_import_torchvision(tmp_path):
     write_mnist_root(tmp_path / "m", "MNIST", n_train=20, n_test=5)
     write_cifar(tmp_path / "c")
-    code = ("import sys, torch; from trials import datasets; from trials.spec import DatasetSpec; "
+    code = ("import sys, torch; from trials.nets import datasets; from trials.spec import DatasetSpec; "
             f"datasets.load(DatasetSpec(name='mnist', data_dir={str(tmp_path / 'm')!r}, validation=5), torch.device('cpu')); "
             f"datasets.load(DatasetSpec(name='cifar10', data_dir={str(tmp_path / 'c')!r}, validation=5), torch.device('cpu')); "
             "print('torchvision' in sys.modules)")

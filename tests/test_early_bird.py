@@ -1,4 +1,4 @@
-"""Early-bird tickets (trials/early_bird.py): the distance and window by hand, the draws'
+"""Early-bird tickets (trials/methods/early_bird_watch.py): the distance and window by hand, the draws'
 counts (IMP's exactly), nested masks of early-bird IMP levels, pruned weights staying zero,
 a stop at t equal to the prefix of the full run with the same data order (alone and in a
 pack, where the co-members are not disturbed), same seed same numbers, a mask that never
@@ -14,12 +14,14 @@ import yaml
 from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import quick_spec
-from trials import datasets, early_bird, masks, models, pruning, shared
-from trials.lottery import run_lottery, run_pack
+from trials.nets import datasets, masks, models
+from trials.methods import early_bird_watch as early_bird, pruning
+from trials.runner import shared
+from trials.runner.levels import run_lottery, run_pack
 from trials.spec import DatasetSpec, EarlyBirdSpec, TrialSpec, from_dict, non_default
-from trials.stacked import Stacked
-from trials.store import load_tensors
-from trials.training import Alone, Job, train_members
+from trials.loop.stacked import Stacked
+from trials.folder.store import load_tensors
+from trials.loop.training import Alone, Job, train_members
 
 
 def tiny(method="early_bird", **changes):
@@ -293,7 +295,7 @@ def test_sweep_of_early_bird_tickets_and_controls(tmp_path, ray_local):
     assert set(runs.control) == {"none", "reinit", "shuffle"} and "early_bird_iteration" in runs.columns
     # a ticket exports, gives its recorded accuracy, and compacts
     from orchestrator.tracking import tickets
-    from trials.tickets import load_ticket
+    from trials.export.ticket_folder import load_ticket
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = runs[(runs.control == "none") & (runs.level == 2)].run_id.iloc[0]

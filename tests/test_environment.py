@@ -1,13 +1,13 @@
-"""Every level record names the environment that produced it (trials/environment.py), and
+"""Every level record names the environment that produced it (trials/folder/environment.py), and
 the sweep tools warn when one sweep's numbers came from more than one kind of machine."""
 import json
 
 import torch
 
 from tests.conftest import quick_spec
-from trials.environment import MACHINE, environment, listed, machine, mixed
-from trials.lottery import run_lottery
-from trials.record import LevelRecord
+from trials.folder.environment import MACHINE, environment, listed, machine, mixed
+from trials.runner.levels import run_lottery
+from trials.folder.record import LevelRecord
 from trials.spec import PruneSpec, TrainSpec
 
 

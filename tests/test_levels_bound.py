@@ -1,15 +1,16 @@
 """prune.levels is bounded by the last level that still removes something: the bound
-validation computes matches what trials.pruning.prune actually does, level by level."""
+validation computes matches what trials.methods.pruning.prune actually does, level by level."""
 import pytest
 import yaml
 
 from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import digits_base, quick_spec
-from trials import datasets, masks, models, pruning
-from trials.errors import ConfigError
+from trials.nets import datasets, masks, models
+from trials.methods import pruning
+from trials.core.errors import ConfigError
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec
-from trials.validate import useful_levels
+from trials.spec.validate import useful_levels
 
 UNBOUNDED = 10**6  # levels; far beyond any fixed point on LeNet-300-100
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tests.conftest import quick_spec
-from trials import datasets, masks, models, paths
-from trials.errors import ConfigError
-from trials.lottery import run_lottery
+from trials.nets import datasets, masks, models, paths
+from trials.core.errors import ConfigError
+from trials.runner.levels import run_lottery
 from trials.spec import PruneSpec, TrainSpec
-from trials.record import EARLY_BIRD, FIELDS, STABILITY, read_lines
-from trials.store import load_tensors
+from trials.folder.record import EARLY_BIRD, FIELDS, STABILITY, read_lines
+from trials.folder.store import load_tensors
 
 
 def numbers(out):
@@ -77,10 +77,10 @@ def test_masks_are_nested_and_survivors_restart_from_the_rewind_point(trial):
     for outer, inner in zip(levels, levels[1:]):
         assert masks.is_nested(inner, outer)
     # restart level 3 from its files and capture the weights it starts from
-    from trials.datasets import load
+    from trials.nets.datasets import load
 
-    from trials.lottery import Member, Training
-    from trials.training import Alone
+    from trials.runner.levels import Member, Training
+    from trials.loop.training import Alone
 
     data = load(spec.dataset, torch.device("cpu"))
     member = Member(spec, out, data, torch.device("cpu"))
@@ -146,7 +146,7 @@ def test_controls_keep_imp_density(tmp_path, control):
         assert masks.is_nested(own[2], own[1])
     assert records[2].test_acc != imp[2].test_acc or records[2].val_loss != imp[2].val_loss
     ops = masks.Layers.of(models.build(spec.model, datasets.info(spec.dataset), 0)).ops
-    for r, mask in zip(records, own):  # the control's own masks' paths (trials/paths.py)
+    for r, mask in zip(records, own):  # the control's own masks' paths (trials/nets/paths.py)
         assert r.effective_density == paths.effective_density(ops, mask) <= r.density
 
 

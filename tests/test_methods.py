@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import quick_spec
-from trials import methods, packing, shared
-from trials.errors import ConfigError
-from trials.lottery import run_lottery
+from trials import methods
+from trials.spec import packing
+from trials.runner import shared
+from trials.core.errors import ConfigError
+from trials.runner.levels import run_lottery
 from trials.methods import Method
 from trials.spec import TrainSpec, TrialSpec, field_paths, flatten, from_dict
 
@@ -96,5 +98,5 @@ def test_a_new_at_init_method_is_one_scorer_and_one_entry(tmp_path):
 
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError):
-        methods.register(Method("imp", "again", trains="weights", reads=(), member="trials.lottery:Member",
+        methods.register(Method("imp", "again", trains="weights", reads=(), member="trials.runner.levels:Member",
                                 mask="pruned", levels="prune.levels", shares="trunk", controls=("none",)))

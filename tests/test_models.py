@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trials import masks, models
-from trials.datasets import DatasetInfo
+from trials.nets import masks, models
+from trials.nets.datasets import DatasetInfo
 from trials.spec import ModelSpec
 
 CIFAR, MNIST, DIGITS, MNIST1D = (3, 32, 32), (1, 28, 28), (1, 8, 8), (40,)
@@ -226,13 +226,14 @@ def test_every_model_declares_its_family_and_each_net_is_of_it():
 
 
 def test_a_family_without_ops_or_packs_trains_and_is_refused_with_its_reason(tmp_path):
-    """A family declares what effective density, compaction and packs need (trials/models.py
+    """A family declares what effective density, compaction and packs need (trials/nets/models.py
     Family); one that has none of it still trains, and each refusal names its reason."""
     import math
 
     from tests.conftest import quick_spec
-    from trials import datasets, packing, paths
-    from trials.lottery import run_lottery
+    from trials.nets import datasets, paths
+    from trials.spec import packing
+    from trials.runner.levels import run_lottery
     from trials.spec import PruneSpec
 
     family = models.Family("Plain", f"{__name__}:Plain", None, no_ops="a test family with no ops",

@@ -1,5 +1,5 @@
-"""Packs (trials/lottery.py run_pack): K IMP trials trained together match the same trials run alone
-with trials.lottery.run_lottery (weights within 1e-5 after level 0, accuracies within half
+"""Packs (trials/runner/levels.py run_pack): K IMP trials trained together match the same trials run alone
+with trials.runner.levels.run_lottery (weights within 1e-5 after level 0, accuracies within half
 a point at every level, masks and densities exact), each in its own normal trial folder; a
 diverging member fails alone; what cannot be packed is refused with the reason. BatchNorm
 models (ResNet-20, VGG) pack with per-member batch statistics and running averages: the
@@ -21,16 +21,16 @@ from tests.conftest import quick_spec
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trials import datasets, masks, models
-from trials.errors import ConfigError
-from trials.lottery import run_lottery
-from trials.lottery import PackFailed, run_pack, train_pack
-from trials.stacked import PackedBatchNorm, PackedNet, Stacked, why_not_packable
-from trials.training import Job
-from trials.record import STABILITY, read_lines
+from trials.nets import datasets, masks, models
+from trials.core.errors import ConfigError
+from trials.runner.levels import run_lottery
+from trials.runner.levels import PackFailed, run_pack, train_pack
+from trials.loop.stacked import PackedBatchNorm, PackedNet, Stacked, why_not_packable
+from trials.loop.training import Job
+from trials.folder.record import STABILITY, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec
-from trials.store import TrialDir, load_tensors, state_of
-from trials.training import TrainingDiverged
+from trials.folder.store import TrialDir, load_tensors, state_of
+from trials.loop.training import TrainingDiverged
 
 ACCURACIES = ("test_acc", "test_acc_at_early_stop", "val_acc")
 EXACT = ("level", "density", "layer_density", "remaining_params", "start_iteration", "iterations")
@@ -278,7 +278,7 @@ def test_members_must_share_the_loop(tmp_path):
 
 
 def test_pack_key_groups_what_can_train_together():
-    from trials.packing import pack_key
+    from trials.spec.packing import pack_key
 
     a = lenet()
     assert pack_key(a) == pack_key(a.replace(seed=3, rewind_iteration=20, prune=PruneSpec(kind="structured")))
@@ -321,7 +321,7 @@ def shared_pack(tmp_path_factory, digits_cpu):
 
 def test_a_pack_on_units_trains_each_unit_once_in_the_pack(shared_pack, digits_cpu):
     from orchestrator.sweeps.units import trained_log
-    from trials import shared
+    from trials.runner import shared
 
     root, outs, records, levels = shared_pack
     log = trained_log(str(root / "storage"))
@@ -381,10 +381,10 @@ def test_instability_in_a_pack_on_units_is_each_members_own(tmp_path, digits_cpu
 
 
 def test_a_unit_trained_alone_in_a_packed_sweep_is_the_packs_unit_bit_for_bit(shared_pack, tmp_path, digits_cpu):
-    """Whoever trains a packed sweep's unit (a pack, a control's trunk, a helper: trials.lottery
+    """Whoever trains a packed sweep's unit (a pack, a control's trunk, a helper: trials.runner.levels
     Producer(Stacked)), it holds the same numbers, so no race decides a sweep's results."""
     from tests.test_shared import store
-    from trials.lottery import Producer
+    from trials.runner.levels import Producer
 
     root, first_outs, first, _ = shared_pack
     spec = SHARED[1]  # its dense run was trained in the pack by member 0, with this k kept too
@@ -412,7 +412,7 @@ def test_a_pack_trains_its_other_members_before_taking_a_held_unit(tmp_path, dig
 
     from orchestrator.sweeps.units import Broker, trained_log
     from tests.test_shared import logged, store
-    from trials import shared
+    from trials.runner import shared
 
     specs = [lenet(seed=s, prune=PruneSpec(rate=0.2, levels=2)) for s in range(3)]
     outs = [tmp_path / f"m{i}" for i in range(3)]

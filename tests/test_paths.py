@@ -1,9 +1,10 @@
-"""Effective density (trials/paths.py): exact counts on hand-built networks, worked out by
+"""Effective density (trials/nets/paths.py): exact counts on hand-built networks, worked out by
 hand in each test, and the count in every level record and compaction's report."""
 import pytest
 import torch
 
-from trials import compact, masks, models, paths
+from trials.export import compact
+from trials.nets import masks, models, paths
 
 
 def ones(net):

@@ -129,7 +129,7 @@ def test_worker_lines_copied_to_a_log_carry_no_colour_codes(tmp_path):
 
 
 def test_the_live_line_shows_a_search_draw_at_four_digits():
-    from trials.labels import short
+    from trials.folder.labels import short
 
     assert short(0.31455680991172585) == "0.3146"
     assert short(0.2) == "0.2" and short(500) == "500" and short(2.0) == "2.0" and short("structured") == "structured"

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from trials import masks, models, pruning
-from trials.datasets import DatasetInfo
+from trials.nets import masks, models
+from trials.methods import pruning
+from trials.nets.datasets import DatasetInfo
 from trials.spec import ModelSpec, PruneSpec
 
 NETS = {  # small inputs keep these fast; the layer structure is the real one
@@ -154,7 +155,7 @@ def test_an_unknown_scorer_is_a_programming_error_naming_the_known_ones():
 def test_selection_is_the_stable_sorts_first_k(seed):
     """pruning._top (selection) keeps exactly the first k of a stable descending sort: the
     largest scores, ties (many here: rounded values, dead -inf entries) to the lower index."""
-    from trials.pruning import _top
+    from trials.methods.pruning import _top
 
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 50, (3000,), generator=g).to(torch.float64)

@@ -14,8 +14,8 @@ from orchestrator.sweeps import runner
 from orchestrator.tracking import levels_table, read, tickets
 from tests.test_analysis import layout_problems
 from tests.test_tracking import sweep_file
-from trials.environment import cpu_model, mixed
-from trials.record import TRACKED, LevelRecord, read_lines
+from trials.folder.environment import cpu_model, mixed
+from trials.folder.record import TRACKED, LevelRecord, read_lines
 
 N_TRIALS, LEVELS = 4, 2
 

@@ -1,10 +1,10 @@
-"""The level record schema (trials/record.py) and the trial folder names (trials/layout.py)."""
+"""The level record schema (trials/folder/record.py) and the trial folder names (trials/folder/layout.py)."""
 import json
 
 import pytest
 
-from trials import layout
-from trials.record import ACCURACIES, COUNTS, FIELDS, HEADLINE, OPTIONAL, TRACKED, UNITS, LevelRecord, read_lines
+from trials.folder import layout
+from trials.folder.record import ACCURACIES, COUNTS, FIELDS, HEADLINE, OPTIONAL, TRACKED, UNITS, LevelRecord, read_lines
 
 EXAMPLE = dict(level=2, density=0.64, layer_density={"fc": 0.9, "hidden.0": 0.64}, remaining_params=123,
                test_acc=0.95, early_stop_iteration=180, test_acc_at_early_stop=0.96, val_loss=0.2, val_acc=0.94,

@@ -1,4 +1,4 @@
-"""Instability analysis (trials/stability.py), the retraining modes (spec.retrain), their
+"""Instability analysis (trials/methods/stability.py), the retraining modes (spec.retrain), their
 validation, the instability objectives, plots and tables, and `lth stability find`.
 Tiny trials: LeNet-300-100 on bundled digits, tens of iterations."""
 import json
@@ -13,14 +13,15 @@ from lth.cli import main
 from orchestrator.objectives import OBJECTIVES, summarise
 from orchestrator.sweep_spec import parse_sweep
 from tests.conftest import digits_base, quick_spec
-from trials import lottery as lottery_module
-from trials import masks, models, stability
-from trials.errors import ConfigError
-from trials.lottery import run_lottery
-from trials.record import EARLY_BIRD, FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
+from trials.runner import levels as lottery_module
+from trials.nets import masks, models
+from trials.methods import stability
+from trials.core.errors import ConfigError
+from trials.runner.levels import run_lottery
+from trials.folder.record import EARLY_BIRD, FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec, from_dict
-from trials.store import load_tensors
-from trials.training import Alone, learning_rate
+from trials.folder.store import load_tensors
+from trials.loop.training import Alone, learning_rate
 
 CPU = torch.device("cpu")
 TINY = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=60, iterations=60, eval_interval=20,
@@ -33,7 +34,7 @@ def tiny(**changes):
 
 def start_and_mask(spec, density=None):
     """Init weights of the spec's net and a mask (all ones, or random at `density`)."""
-    net = models.build(spec.model, __import__("trials.datasets", fromlist=["info"]).info(spec.dataset), seed=0)
+    net = models.build(spec.model, __import__("trials.nets.datasets", fromlist=["info"]).info(spec.dataset), seed=0)
     layers = masks.Layers.of(net)
     mask = masks.ones(layers)
     if density is not None:
@@ -88,7 +89,7 @@ def test_pruned_weights_stay_exactly_zero_at_every_point_of_the_line(digits_cpu,
 
 
 def test_batchnorm_statistics_are_recomputed_and_momentum_restored():
-    from trials import datasets
+    from trials.nets import datasets
 
     spec = quick_spec(model=ModelSpec(name="resnet20"), dataset=DatasetSpec(name="synthetic"),
                       stability=StabilitySpec(copies=2, points=2, bn_batches=2))
@@ -135,7 +136,7 @@ def test_the_trial_records_instability_at_the_asked_levels(measured):
 def test_measure_stability_on_a_written_level_repeats_the_record(measured):
     """Another runner that copied a level (not trained it) measures it from the folder alone."""
     spec, out, records = measured
-    from trials.datasets import load
+    from trials.nets.datasets import load
 
     data = load(spec.dataset, CPU)
     member = lottery_module.Member(spec, out, data, CPU)
@@ -151,7 +152,7 @@ def test_weight_rewind_and_stability_off_leave_the_content_key():
 
 
 def _capture_levels(monkeypatch):
-    """Wrap the training loop as the level runner calls it (trials/lottery.py): each job's
+    """Wrap the training loop as the level runner calls it (trials/runner/levels.py): each job's
     start weights (after the mask), start iteration and learning rates."""
     calls = []
     real = lottery_module.train_members

@@ -1,4 +1,4 @@
-"""Edge-popup supermasks (trials/supermask.py) on bundled digits: the weights never change,
+"""Edge-popup supermasks (trials/methods/supermask.py) on bundled digits: the weights never change,
 densities are exact, the scores learn, the same seed gives the same mask, the random-mask
 control, the trial-folder contract and load_ticket, the spec's rules and the old keys."""
 import json
@@ -15,14 +15,15 @@ import analysis
 from lth.cli import main
 from tests.conftest import quick_spec
 from tests.test_spec_and_cli import QUICK, with_, write
-from trials import datasets, load_ticket, masks, models, paths
-from trials.errors import ConfigError
-from trials.lottery import run_lottery
-from trials.record import EARLY_BIRD, FIELDS, STABILITY
+from trials.nets import datasets, masks, models, paths
+from trials import load_ticket
+from trials.core.errors import ConfigError
+from trials.runner.levels import run_lottery
+from trials.folder.record import EARLY_BIRD, FIELDS, STABILITY
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, SupermaskSpec, TrainSpec, TrialSpec, from_dict
-from trials.store import load_tensors
-from trials.supermask import Supermask, fixed_network, initial_scores
-from trials.training import evaluate, rng
+from trials.folder.store import load_tensors
+from trials.methods.supermask import Supermask, fixed_network, initial_scores
+from trials.loop.training import evaluate, rng
 
 LOOP = TrainSpec(batch_size=60, iterations=150, eval_interval=30)  # train's loop; the scores use supermask.*
 SIZES = {"hidden.0": 64 * 300, "hidden.1": 300 * 100, "fc": 100 * 10}  # LeNet-300-100 on 8x8 digits
@@ -55,7 +56,7 @@ def test_learned_supermask_is_far_above_chance(trial):
     assert [r.level for r in records] == [0, 1]
     assert all(r.test_acc_at_early_stop > 0.8 and r.iterations == 150 for r in records)
     ops = masks.Layers.of(models.build(ModelSpec(name="lenet_300_100"), datasets.info(trial[0].dataset), 0)).ops
-    for r in records:  # each supermask's weights on an input-to-output path (trials/paths.py)
+    for r in records:  # each supermask's weights on an input-to-output path (trials/nets/paths.py)
         assert r.effective_density == paths.effective_density(ops, level_files(out, r.level)[0]) <= r.density
 
 
@@ -148,7 +149,7 @@ def test_random_mask_control_is_chance_at_the_same_densities(tmp_path, trial):
 
 
 def export(out, level, dest):
-    """The flat folder `lth tickets export` writes (trials/layout.py)."""
+    """The flat folder `lth tickets export` writes (trials/folder/layout.py)."""
     dest.mkdir()
     shutil.copyfile(out / "spec.json", dest / "spec.json")
     shutil.copyfile(out / "rewind.safetensors", dest / "rewind.safetensors")
@@ -198,13 +199,13 @@ def test_a_missing_level_is_redone_alone(tmp_path):
 
 
 def test_a_pack_of_searches_matches_each_search_alone(tmp_path, digits_cpu):
-    """Edge-popup trials pack (trials/supermask.py StackedSearch): members differ in seed,
+    """Edge-popup trials pack (trials/methods/supermask.py StackedSearch): members differ in seed,
     densities (and so in their number of levels), scope, scaled weights, score init,
     rates and schedule, and one is the random_prune control. Each matches the same trial
     alone within the pack tolerance (accuracies within half a point, densities exact,
     masks differing in at most 0.1% of the weights: a top-k is discontinuous in the
     scores), in a normal trial folder of its own; each is reported at its own levels."""
-    from trials.lottery import run_pack
+    from trials.runner.levels import run_pack
 
     specs = [ep_spec(),
              ep_spec(seed=1, supermask=SupermaskSpec(densities=(0.5, 0.1, 0.05), scope="global", scaled=True)),
@@ -232,7 +233,7 @@ def test_a_pack_of_searches_matches_each_search_alone(tmp_path, digits_cpu):
 
 def test_a_pack_of_resnet_searches_keeps_each_members_norm_statistics(tmp_path, digits_cpu):
     """BatchNorm models pack too: each member's running statistics are its own (as alone)."""
-    from trials.lottery import run_pack
+    from trials.runner.levels import run_pack
 
     t = TrainSpec(batch_size=60, iterations=10, eval_interval=5)
     specs = [ep_spec(model=ModelSpec(name="resnet20", width=0.5), train=t, seed=s, supermask=SupermaskSpec(densities=(0.5,)))

@@ -87,7 +87,7 @@ def test_optuna_sweep_replicates_seeds_and_keeps_its_study(tmp_path, ray_local, 
     front = [line for line in out.splitlines() if line.startswith("  prune.rate=")]
     assert front and all(re.fullmatch(r"  prune\.rate=0\.\d{1,4} train\.lr=[\d.e-]{1,10}  final_test_acc "
                                       r"\d\.\d{4}±\d\.\d{4}  final_density \d\.\d{4}±\d\.\d{4}  \(n=2\)", line)
-                         for line in front), front  # a search's draws at 4 digits (trials/labels.py short)
+                         for line in front), front  # a search's draws at 4 digits (trials/folder/labels.py short)
     assert "progress: levels 12/12 | units 12/12 | 100% of 720 iterations" in out  # 6 x (60 + 60)
     assert len(csv(tmp_path)) == len(df)
 

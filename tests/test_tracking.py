@@ -20,8 +20,9 @@ from orchestrator.sweeps import runner
 from orchestrator.tracking import tickets
 from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
-from trials import datasets, load_ticket
-from trials.training import evaluate
+from trials.nets import datasets
+from trials import load_ticket
+from trials.loop.training import evaluate
 from tests.conftest import LTH, digits_base
 
 BASE = digits_base(levels=2)
@@ -321,7 +322,7 @@ def test_a_write_stored_before_the_server_died_is_not_logged_again(tmp_path, mlf
     c, runs = runs_of(mlflow_server.uri)
     trial_runs = [r for r in runs if r.data.tags.get("lth.kind") == "trial"]
     assert len(trial_runs) == 1
-    from trials.record import OPTIONAL, TRACKED
+    from trials.folder.record import OPTIONAL, TRACKED
 
     for metric in (m for m in TRACKED if m not in OPTIONAL):  # an optional one is not measured here
         steps = [m.step for m in c.get_metric_history(trial_runs[0].info.run_id, metric)]

@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from trials import masks, models, optim
+from trials.nets import masks, models
+from trials.loop import optim
 from trials.spec import ModelSpec, TrainSpec
-from trials.training import BatchOrder, TrainingDiverged, learning_rate, rng, train_level
+from trials.loop.training import BatchOrder, TrainingDiverged, learning_rate, rng, train_level
 
 
 def models_spec():
@@ -99,7 +100,7 @@ def test_bf16_autocast_runs_and_keeps_masks(digits_cpu):
 
 def test_fused_is_a_spec_choice_close_to_the_default_and_keeps_masks(digits_cpu):
     from tests.conftest import quick_spec
-    from trials.training import make_optimizer
+    from trials.loop.training import make_optimizer
 
     t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=32, iterations=60, eval_interval=20)
     fused_t = dataclasses.replace(t, fused=True)
@@ -122,7 +123,7 @@ def test_fused_is_a_spec_choice_close_to_the_default_and_keeps_masks(digits_cpu)
 def test_steady_counts_the_steps_a_step_graph_may_replay():
     """training.steady: steps from `it` on at its rate, at most StepGraph.RUN, none from `end`
     (a graph of the step is captured only where it holds for RUN steps)."""
-    from trials.training import StepGraph, steady
+    from trials.loop.training import StepGraph, steady
 
     assert StepGraph.RUN == 20
     lr = lambda j: 1.0 if j < 50 else 0.1  # noqa: E731 - a milestone at 50
@@ -144,7 +145,7 @@ def test_steady_counts_the_steps_a_step_graph_may_replay():
                 torch.optim.Adam(ps, lr=1e-3, weight_decay=1e-4, fused=True)),
 ], ids=["sgd", "sgd-plain", "sgd-fused", "adam-fused"])
 def test_light_optimizers_step_as_torchs_classes(make):
-    """trials.optim's SGD and FusedAdam (no torch.optim.Optimizer: it imports torch._dynamo)
+    """trials.loop.optim's SGD and FusedAdam (no torch.optim.Optimizer: it imports torch._dynamo)
     against torch's classes: the same parameters, bit for bit, over masked steps with a
     change of learning rate."""
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def test_a_cpu_trial_does_not_import_torch_dynamo(tmp_path):
     import sys
 
     code = ("import sys; from pathlib import Path; from tests.conftest import quick_spec; "
-            "from trials.spec import TrainSpec; from trials.lottery import run_lottery; "
+            "from trials.spec import TrainSpec; from trials.runner.levels import run_lottery; "
             "t = dict(batch_size=60, iterations=20, eval_interval=10); "
             "[run_lottery(quick_spec(train=TrainSpec(**o, **t)), Path(sys.argv[1]) / str(i)) for i, o in enumerate(["
             "dict(optimizer='adam'), dict(optimizer='adam', fused=True), dict(optimizer='sgd', momentum=0.9)])]; "

@@ -1,14 +1,14 @@
-"""trials/typed.py on its own: plain data -> frozen dataclasses by real types, and every
+"""trials/core/typed.py on its own: plain data -> frozen dataclasses by real types, and every
 refusal naming the full key path, the value and what is allowed."""
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import pytest
 
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 from trials.spec import TrialSpec, field_paths
-from trials.errors import check
-from trials.typed import Rule, above, at_least, build, coerce, describe, non_null, option
+from trials.core.errors import check
+from trials.core.typed import Rule, above, at_least, build, coerce, describe, non_null, option
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def test_logged_params_come_back_as_the_spec_types_them():
     from typing import Optional
 
     from trials.spec import field_paths
-    from trials.typed import from_logged
+    from trials.core.typed import from_logged
 
     types = field_paths()
     assert from_logged("3", types["seed"]) == 3 and isinstance(from_logged("3", types["seed"]), int)

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Optional
 
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 VERDICT_S = 60.0  # at most this long for the autoscaler's answer (one update is ~5 s)
 

@@ -2,12 +2,12 @@
 folder is kept at STORAGE/NAME/trials/<trial id>/ and is what resume, trials.csv, MLflow
 replay and ticket export read. Imports neither ray nor mlflow.
 
-A trial trains in a local folder (the engine's, trials/layout.py); after each level the
+A trial trains in a local folder (the engine's, trials/folder/layout.py); after each level the
 trainable sends what changed (`Mirror.push`), so every file goes to storage once:
 
     spec.json, rewind.safetensors, scored.safetensors, nodes.json
     units.json                     the shared work units it used, with "root": where they are
-    level_XX/mask.safetensors      every level not held by a unit (bits: trials/store.py save_mask)
+    level_XX/mask.safetensors      every level not held by a unit (bits: trials/folder/store.py save_mask)
     level_XX/final.safetensors     keep_finals "last": the newest level's only (the next
                                    level starts from it; an older one is removed once a
                                    newer one is stored); "all": every level's
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.sweeps.storage import filesystem, sweep_path
-from trials import layout
-from trials.record import read_lines
+from trials.folder import layout
+from trials.folder.record import read_lines
 
 TRIALS = "trials"  # STORAGE/NAME/trials/<trial id>/
 KEEP_FINALS = ("last", "all")
@@ -218,7 +218,7 @@ def _read(where: str) -> Optional[bytes]:
 def restore_markers(folder: Path) -> None:
     """Each level levels.jsonl lists gets its record.json and DONE (in `folder` and its
     imp/); a level folder it does not list was cut short and goes (the engine redoes it)."""
-    from trials.store import write_json
+    from trials.folder.store import write_json
 
     for levels in [folder / layout.LEVELS, *folder.glob(f"*/{layout.LEVELS}")]:
         root = levels.parent

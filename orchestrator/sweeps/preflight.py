@@ -17,7 +17,7 @@ from pathlib import Path
 
 from orchestrator.sweeps import cluster
 from orchestrator.sweeps.storage import SWEEP_FILE, check_usable, read_text, sweep_path
-from trials.errors import ConfigError
+from trials.core.errors import ConfigError
 
 
 def ray_address(address: str | None) -> str | None:
@@ -34,7 +34,7 @@ def check(sweep, address: str | None) -> bool:
 
     check_usable(sweep.storage, write=True)
     text = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
-    if text is not None and parse_sweep(yaml.safe_load(text)["sweep"], Path("/")).to_dict() != sweep.to_dict():
+    if text is not None and parse_sweep(yaml.safe_load(text)["sweep"], Path("/"), trials=False).to_dict() != sweep.to_dict():
         raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
                           f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
     if not ray_address(address):
@@ -46,7 +46,7 @@ def check_tracking(uri: str) -> None:
     """`plan`'s look at the tracking store, creating nothing: a server must answer; an
     SQLite file must exist or its folder take it; other databases are checked by `run`."""
     from orchestrator.tracking import store
-    from trials.store import check_folder
+    from trials.folder.store import check_folder
 
     if uri.startswith(("http://", "https://")):
         store.check_reachable(uri)

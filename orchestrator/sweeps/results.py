@@ -15,9 +15,9 @@ import pandas as pd
 from orchestrator.objectives import OBJECTIVES, STOPPED, summarise
 from orchestrator.sweeps import folders, packs
 from orchestrator.sweeps.storage import TRIALS_CSV, checkpoint_dirs, sweep_path, write_text
-from trials import labels, layout
-from trials.environment import mixed
-from trials.record import FIELDS, LevelRecord, read_lines
+from trials.folder import labels, layout
+from trials.folder.environment import mixed
+from trials.folder.record import FIELDS, LevelRecord, read_lines
 
 NODE_ID = "node_id"  # the Ray node that trained the level (result key and CSV column)
 SUMMARY_FIELDS = (*OBJECTIVES, STOPPED, NODE_ID)
@@ -170,11 +170,11 @@ def status_report(sweep, rows: list[dict], top: int = 5) -> str:
 
 def summary_table(sweep, rows: list[dict], width: int | None = None) -> str:
     """Mean over seeds of each configuration's per-level test accuracy (early stop), by
-    level: rows in value order (trials/labels.py), a level's density in its header when
+    level: rows in value order (trials/folder/labels.py), a level's density in its header when
     every row reached the same, columns wrapped at `width` (default: the terminal's)."""
     import shutil
 
-    from trials.labels import labels
+    from trials.folder.labels import labels
 
     df = pd.DataFrame([r for r in rows if r.get("level") is not None])
     if df.empty:

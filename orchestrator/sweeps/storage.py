@@ -25,8 +25,8 @@ def check_usable(storage: str, write: bool) -> None:
     long without a network, and its GCS client never gives up)."""
     import threading
 
-    from trials.errors import check
-    from trials.store import check_folder
+    from trials.core.errors import check
+    from trials.folder.store import check_folder
 
     if "://" not in storage:
         return check_folder(storage, "storage", write)

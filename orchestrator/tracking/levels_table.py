@@ -7,7 +7,7 @@ metric, and even `search_runs` of thousands of full runs takes longer than a use
 wait; with the table a reader pays one download per sweep (ARCHITECTURE.md, "Tracking").
 
 Columns: HEAD (run id, trial key, sweep, run status, varied fields, the run's params as
-one JSON object) and the fields of trials.record.LevelRecord (`flat()`: layer_density as
+one JSON object) and the fields of trials.folder.record.LevelRecord (`flat()`: layer_density as
 a JSON string). Only the sweep driver writes it (store.SweepTracker). Each trial run
 carries the tag `lth.table`: `stale` while MLflow holds something of the run the
 uploaded table lacks, `current` once the table holds all of it; readers take only
@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from trials.environment import listed
-from trials.record import FIELDS, TRACKED, LevelRecord
+from trials.folder.environment import listed
+from trials.folder.record import FIELDS, TRACKED, LevelRecord
 
 TABLE = "levels.parquet"  # artifact of the sweep's parent run
 NAMES = ("run_id", "trial_key", "sweep", "status")  # what names a trial run in every reader's rows

@@ -14,8 +14,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.tracking import levels_table, store
-from trials.errors import ConfigError
-from trials.record import TRACKED
+from trials.core.errors import ConfigError
+from trials.folder.record import TRACKED
 
 TRIAL, SWEEP = {store.TAG_KIND: "trial"}, {store.TAG_KIND: "sweep"}
 STATE, PARENT = levels_table.STATE_TAG, "mlflow.parentRunId"

@@ -15,7 +15,7 @@ params = the flattened spec fields its method reads (trials/methods); metrics pe
 level with step = level; tag lth.folder = the trial's folder in storage. Tensors only
 when asked (a sweep's track_tensors, `lth tickets best --export`): spec.json,
 levels.jsonl, ticket/rewind.safetensors, ticket/level_XX/{mask,final}.safetensors
-(names from trials/layout.py; metrics are the tracked fields of trials/record.py).
+(names from trials/folder/layout.py; metrics are the tracked fields of trials/folder/record.py).
 Every write first checks what is there, so a
 resumed or re-run sweep reuses its runs and never logs a step twice. Exactly once
 through an outage too: a write that fails may still have reached the store (the server
@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.tracking import levels_table
-from trials import labels, layout, methods
-from trials.errors import ConfigError
-from trials.record import TRACKED, read_lines
-from trials.environment import listed
+from trials.folder import labels, layout
+from trials import methods
+from trials.core.errors import ConfigError
+from trials.folder.record import TRACKED, read_lines
+from trials.folder.environment import listed
 from trials.spec import flatten
 
 UNIT_DENSE, UNIT_TRUNK, UNIT_REUSED = "lth.unit.dense", "lth.unit.trunk", "lth.unit.reused"
@@ -295,7 +296,7 @@ class SweepTracker:
                 self.c.log_artifact(run_id, str(local), remote.rsplit("/", 1)[0] or None)
 
     def _unit_tags(self, run: dict, used: Optional[dict]) -> dict:
-        """A shared sweep's trial run names the work units it used (trials/shared.py):
+        """A shared sweep's trial run names the work units it used (trials/runner/shared.py):
         lth.unit.dense, lth.unit.trunk (IMP's; a trial that prunes at init has none), and
         lth.unit.reused = the levels another trial trained. The tags that changed."""
         if not used:
@@ -318,7 +319,7 @@ class SweepTracker:
             run["read"] = self.doubts
         tags = dict(tags or {})
         envs = listed(r.environment for r in records)
-        if envs and run.get("environments") != envs:  # where its levels were trained (trials/environment.py)
+        if envs and run.get("environments") != envs:  # where its levels were trained (trials/folder/environment.py)
             tags[TAG_ENVIRONMENT] = envs
         stamps = run.setdefault("stamps", {})  # level -> its metrics' timestamp, kept for a resend
         metrics = []

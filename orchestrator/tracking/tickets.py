@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.tracking import levels_table, read, store
-from trials import layout
-from trials.errors import ConfigError
-from trials.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
+from trials.folder import layout
+from trials.core.errors import ConfigError
+from trials.folder.record import ACCURACIES, COUNTS, HEADLINE, LevelRecord, read_lines
 from trials.spec import field_paths
-from trials.typed import from_logged
+from trials.core.typed import from_logged
 
 
 HEAD_COLUMNS = (*levels_table.NAMES, "seed", "level")  # level_rows' columns before varied params and metrics
@@ -66,7 +66,7 @@ def ranked(experiment: str, uri: Optional[str] = None, metric: str = "test_acc_a
 
 
 def export(run_id: str, level: int, out, uri: Optional[str] = None) -> Path:
-    """Write one level's ticket folder (trials/layout.py names; trials.load_ticket reads it):
+    """Write one level's ticket folder (trials/folder/layout.py names; trials.load_ticket reads it):
     from the run's ticket/ artifacts where it has them (a sweep with track_tensors, a ticket
     logged by `lth tickets best --export`, a sweep of an earlier lth), else from the trial's
     folder in the sweep's storage (the run's lth.folder tag). The final weights are
@@ -183,10 +183,10 @@ COMPACT = "compact"  # a trial run's artifact folder of compact networks: compac
 
 
 def compact(run_id: str, level: int, out, uri: Optional[str] = None):
-    """Export one level's ticket, compact it into `out` (trials.compact.compact_folder: the
+    """Export one level's ticket, compact it into `out` (trials.export.compact.compact_folder: the
     compact network's files and report) and log that folder to the run as
-    compact/level_XX/. Returns trials.compact's Compacted."""
-    from trials.compact import compact_folder
+    compact/level_XX/. Returns trials.export.compact's Compacted."""
+    from trials.export.compact import compact_folder
 
     uri, c = store.connect(uri)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trials import models  # noqa: E402
-from trials.environment import MACHINE, environment  # noqa: E402
-from trials.lottery import run_lottery  # noqa: E402
-from trials.record import OPTIONAL  # noqa: E402
+from trials.nets import models  # noqa: E402
+from trials.folder.environment import MACHINE, environment  # noqa: E402
+from trials.runner.levels import run_lottery  # noqa: E402
+from trials.folder.record import OPTIONAL  # noqa: E402
 from trials.spec import from_dict  # noqa: E402
 
 FILE = Path(__file__).parent / "records.json"
@@ -71,7 +71,7 @@ def spec_data(name: str) -> dict:
 
 
 def fingerprint() -> dict:
-    """What decides the bits here (trials.environment.MACHINE), at the records' thread count."""
+    """What decides the bits here (trials.folder.environment.MACHINE), at the records' thread count."""
     env = environment("cpu", THREADS)
     return {k: env[k] for k in MACHINE}
 

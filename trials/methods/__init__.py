@@ -7,10 +7,10 @@ reads (`reads`: what its MLflow run logs as params), the member class the level 
 runs it as (`member`, "module:Class"), how a level's mask is drawn (`mask`; for a method
 that scores its rewind point, the `scorer` function), where its level count comes from
 (`levels`), which of IMP's work it shares in a sweep (`shares`), and the controls,
-retraining modes and instability analysis it admits. Spec validation (trials/validate.py),
-the spec's `method` type and help (trials/spec.py), the level runner, the planner,
+retraining modes and instability analysis it admits. Spec validation (trials/spec/validate.py),
+the spec's `method` type and help (trials/spec/trial_spec.py), the level runner, the planner,
 packing, sharing, ticket export and the analysis layer ask this module; outside it and
-the methods' own files (trials/at_init.py, trials/supermask.py) no code compares a
+the methods' own files (trials/methods/at_init.py, trials/methods/supermask.py) no code compares a
 method's name to a string.
 
 This module imports nothing heavy: classes and functions are named as "module:attr"
@@ -18,16 +18,16 @@ strings and imported when used (`load`), so building or validating a spec never 
 the training loop through it.
 
 Adding a method:
-  - A pruning-at-initialization scorer: one function in trials/at_init.py,
+  - A pruning-at-initialization scorer: one function in trials/methods/at_init.py,
         def my_scores(at: at_init.Scoring) -> tuple[scores, keep]   (at.net(), at.top(scores))
-    and one line below: `_at_init("my_method", "trials.at_init:my_scores", "help", reads=(...))`,
+    and one line below: `_at_init("my_method", "trials.methods.at_init:my_scores", "help", reads=(...))`,
     `reads` naming the `at_init.*` fields it reads besides `scope`.
   - A new kind of method: one file (trials/my_method.py, or trials/methods/my_method.py) with
-    its member class (the interface of trials/lottery.py Member: job(level) -> a Job of
-    trials/training.py, finish(level, job, result, fields) -> LevelRecord, and `trial`), and
+    its member class (the interface of trials/runner/levels.py Member: job(level) -> a Job of
+    trials/loop/training.py, finish(level, job, result, fields) -> LevelRecord, and `trial`), and
     one `register(Method(...))` below naming it. Fields only it reads go into a spec group
-    of their own (trials/spec.py), listed in its `reads` and in `OWN_GROUPS`.
-The spec's `method` choices are the entries registered here when trials/spec.py is first
+    of their own (trials/spec/trial_spec.py), listed in its `reads` and in `OWN_GROUPS`.
+The spec's `method` choices are the entries registered here when trials/spec/trial_spec.py is first
 imported, so every entry is registered in this module.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from trials.registry import Registry
+from trials.core.registry import Registry
 
 CONTROLS = ("none", "reinit", "random_prune", "shuffle", "invert")
 RETRAIN = ("weight_rewind", "lr_rewind", "finetune")
@@ -50,24 +50,24 @@ class Method:
 
     name: str
     help: str  # one line, for the spec's help text of `method`
-    trains: Literal["weights", "scores"]  # what a level trains; a pack holds one kind (trials/packing.py)
+    trains: Literal["weights", "scores"]  # what a level trains; a pack holds one kind (trials/spec/packing.py)
     reads: tuple[str, ...]  # spec paths it reads besides COMMON; a group name ("prune") = all its fields
-    member: str  # "module:Class" the level runner (trials/lottery.py run_pack) runs it as
+    member: str  # "module:Class" the level runner (trials/runner/levels.py run_pack) runs it as
     mask: Literal["pruned", "scored", "searched", "drawn"]  # level L's mask: pruned from L-1's final weights,
     #   scored at the rewind point (`scorer`), searched (learned scores over fixed weights), or
-    #   drawn from the dense run where its mask stabilised (early-bird tickets, trials/early_bird.py)
+    #   drawn from the dense run where its mask stabilised (early-bird tickets, trials/methods/early_bird_watch.py)
     levels: Literal["prune.levels", "supermask.densities"]  # how many levels after level 0
     shares: Literal["trunk", "dense", "none"]  # IMP's work it shares in a sweep: the dense run and
-    #   the pruned trunk, the dense run only, or nothing (trials/shared.py)
+    #   the pruned trunk, the dense run only, or nothing (trials/runner/shared.py)
     controls: tuple[str, ...]  # the `control` values it admits
     retrain: tuple[str, ...] = ("weight_rewind",)  # the `retrain` values it admits
     stability: bool = False  # admits instability analysis (stability.copies)
-    scorer: Optional[str] = None  # mask="scored": "module:function" (trials/at_init.py Scoring)
-    control_trunk: bool = False  # its controls run its own trajectory in OUT/imp/ (trials/controls.py)
+    scorer: Optional[str] = None  # mask="scored": "module:function" (trials/methods/at_init.py Scoring)
+    control_trunk: bool = False  # its controls run its own trajectory in OUT/imp/ (trials/methods/controls.py)
     refuses: tuple[str, ...] = ("at_init",)  # spec groups or paths whose fields it does not read are
     #   refused when set (a group it reads none of, or a path it does not read; others are ignored)
     why_not: tuple[tuple[str, str], ...] = ()  # "control=reinit" or "retrain" -> why it is refused
-    early_bird: Literal["none", "levels", "dense"] = "none"  # how it reads early_bird.* (trials/early_bird.py):
+    early_bird: Literal["none", "levels", "dense"] = "none"  # how it reads early_bird.* (trials/methods/early_bird_watch.py):
     #   not at all; "levels": with early_bird.imp_levels each level but the last stops once the next
     #   level's mask has stabilised; "dense": its dense run stops once every level's mask has stabilised
 
@@ -94,7 +94,7 @@ class Method:
         return any(path == r or path.startswith(r + ".") for r in (*COMMON, *self.reads))
 
     def params(self, flat: dict) -> dict:
-        """The entries of a flattened spec (trials/spec.py flatten) that this method reads."""
+        """The entries of a flattened spec (trials/spec/trial_spec.py flatten) that this method reads."""
         return {p: v for p, v in flat.items() if self.reads_path(p)}
 
     def load(self, what: str = "member") -> Any:
@@ -145,7 +145,7 @@ DEFAULT = "imp"
 register(Method(
     "imp", "train weights and prune them (prune.*)", trains="weights",
     reads=("model.init", "train", "prune", "rewind_iteration", "retrain", "stability", "early_bird"),
-    member="trials.lottery:Member", mask="pruned", levels="prune.levels", shares="trunk",
+    member="trials.runner.levels:Member", mask="pruned", levels="prune.levels", shares="trunk",
     controls=CONTROLS, retrain=RETRAIN, stability=True, control_trunk=True, early_bird="levels"))
 
 register(Method(
@@ -166,12 +166,12 @@ register(Method(
     "model.init", trains="scores",
     reads=("train.batch_size", "train.iterations", "train.eval_interval", "train.precision", "train.fused",
            "supermask"),
-    member="trials.supermask:Searcher", mask="searched", levels="supermask.densities", shares="none",
+    member="trials.methods.supermask:Searcher", mask="searched", levels="supermask.densities", shares="none",
     controls=("none", "random_prune"),
     why_not=(("control=reinit", "a supermask belongs to its fixed weights; for other weights run another seed"),
              ("retrain", "a supermask level never retrains weights"))))
 
-# Pruning at initialization (trials/at_init.py): IMP's level-L counts (prune.rate,
+# Pruning at initialization (trials/methods/at_init.py): IMP's level-L counts (prune.rate,
 # layer_rates, output_rate, levels) with at_init.scope, scored at the rewind point, trained
 # like a weight-rewind ticket; the dense run is IMP's.
 AT_INIT_READS = ("model.init", "train", "prune.rate", "prune.layer_rates", "prune.output_rate", "prune.levels",
@@ -181,19 +181,19 @@ AT_INIT_READS = ("model.init", "train", "prune.rate", "prune.layer_rates", "prun
 def _at_init(name: str, scorer: str, help: str, reads: tuple[str, ...] = ()) -> Method:
     return register(Method(
         name, help, trains="weights", reads=(*AT_INIT_READS, *(f"at_init.{r}" for r in reads)),
-        member="trials.lottery:Member", mask="scored", scorer=scorer, levels="prune.levels", shares="dense",
+        member="trials.runner.levels:Member", mask="scored", scorer=scorer, levels="prune.levels", shares="dense",
         controls=("none", "reinit", "shuffle", "invert"), refuses=("at_init", "supermask", "prune.kind", "prune.scope"),
         why_not=(("control=random_prune", "shuffle is a random mask at the method's per-layer counts"),
                  ("retrain", "a mask found at init trains from the rewind point"),
                  ("prune.kind", "the scores are per weight"), ("prune.scope", f"method={name} reads at_init.scope"))))
 
 
-_at_init("snip", "trials.at_init:snip_level", "|g ⊙ θ| (Lee et al. 2019)", reads=("batches",))
-_at_init("grasp", "trials.at_init:grasp_level", "θ ⊙ Hg (Wang et al. 2020)", reads=("batches", "temperature"))
-_at_init("synflow", "trials.at_init:synflow_level", "iterative data-free |θ ⊙ ∂R/∂θ| (Tanaka et al. 2020)",
+_at_init("snip", "trials.methods.at_init:snip_level", "|g ⊙ θ| (Lee et al. 2019)", reads=("batches",))
+_at_init("grasp", "trials.methods.at_init:grasp_level", "θ ⊙ Hg (Wang et al. 2020)", reads=("batches", "temperature"))
+_at_init("synflow", "trials.methods.at_init:synflow_level", "iterative data-free |θ ⊙ ∂R/∂θ| (Tanaka et al. 2020)",
          reads=("rounds",))
-_at_init("magnitude_init", "trials.at_init:magnitude_level", "|θ| at init")
-_at_init("random_init", "trials.at_init:random_level", "uniform random scores")
+_at_init("magnitude_init", "trials.methods.at_init:magnitude_level", "|θ| at init")
+_at_init("random_init", "trials.methods.at_init:random_level", "uniform random scores")
 
 
 def help_text() -> str:

@@ -1,6 +1,6 @@
 """method=early_bird: early-bird tickets (You et al. 2020; ARCHITECTURE.md, "Early-bird
 tickets"). The member the level runner runs it as; the draws, window and watch are
-trials/early_bird.py's.
+trials/methods/early_bird_watch.py's.
 
     level 0  the dense run, watched at every level's density at once (IMP's level-L counts);
              it stops once all have stabilised, not before the rewind point k. Each density's
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trials import controls, early_bird
-from trials.lottery import Member
-from trials.training import Job
+from trials.methods import controls, early_bird_watch as early_bird
+from trials.runner.levels import Member
+from trials.loop.training import Job
 
 
 class EarlyBird(Member):

@@ -1,0 +1,1 @@
+"""The core wing: errors, registries and typed coercion, which every other wing uses."""

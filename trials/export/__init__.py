@@ -1,0 +1,1 @@
+"""The export wing: what leaves a trial: a ticket's folder and compact models."""

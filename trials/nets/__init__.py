@@ -1,0 +1,1 @@
+"""The nets wing: model families, datasets, masks and the networks as ops (paths)."""

@@ -1,0 +1,2 @@
+"""The runner wing: running a pack's levels (levels.py) and sharing units across trials
+(shared.py)."""
