@@ -209,3 +209,17 @@ plan.describe(sweep, plan.plan(sweep)), plan.packs(sweep, plan.trial_configs(swe
 
 def test_the_engine_probe_sees_the_loop():
     assert "trials.loop.training" in loaded_after("import trials.runner.levels")
+
+
+def test_the_trial_worker_imports_no_planner():
+    """A Tune trial's worker decides nothing (orchestrator/sweeps/trainable.py): what it
+    runs comes in its config, so nothing it imports, at any depth or inside a function,
+    reaches the planner."""
+    edges, seen, todo = graph(), set(), ["orchestrator.sweeps.trainable"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges[name])
+    assert "orchestrator.plan" not in seen, "the trainable reaches orchestrator.plan"
+    assert "orchestrator.sweeps.packs" in seen  # the check follows imports (the config's layout)

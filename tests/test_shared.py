@@ -223,6 +223,45 @@ def test_a_dead_holders_unit_is_taken_over_and_a_waiting_trial_helps_meanwhile(t
     assert ray.get(broker.claim.remote("dense/held", "ghost")) == "published"
 
 
+def test_the_cache_keeps_the_newest_units_and_no_empty_folders(tmp_path, monkeypatch):
+    """A process keeps CACHE_UNITS units fetched; older ones go with the folders they leave
+    empty (a sweep of 10,000 trials left thousands of empty trunk folders that every
+    publish walked), and an evicted unit is fetched again from storage."""
+    from orchestrator.sweeps import units as units_module
+
+    monkeypatch.setattr(units_module, "CACHE_UNITS", 2)
+    s = store(tmp_path / "storage")
+    names = ["trunk/a/level_01", "trunk/a/level_02", "trunk/b/level_01", "dense/c"]
+    for name in names:
+        s.publish(name, lambda dest, name=name: (dest / "f").write_text(name))
+    kept = sorted(str(d.relative_to(s.cache)) for d in s.cache.rglob("*") if d.is_dir())
+    assert kept == ["dense", "dense/c", "trunk", "trunk/b", "trunk/b/level_01"]  # trunk/a went whole
+    verdict, folder = s.claim("trunk/a/level_01")
+    assert verdict == "published" and (folder / "f").read_text() == "trunk/a/level_01"
+    assert not (s.cache / "trunk" / "b").exists() and len(list(s.cache.rglob(units_module.DONE))) == 2
+
+
+def test_the_heartbeat_ends_with_its_store(tmp_path, ray_local):
+    """A store's heartbeat stops when the store is closed or collected (and once Ray is shut
+    down): a thread left renewing leases after `ray.shutdown` made Ray start again at a
+    process's exit."""
+    import gc
+
+    from orchestrator.sweeps.units import Broker
+
+    broker = Broker.remote(0.2)  # a beat every 0.05 s
+    closed, dropped = store(tmp_path / "storage", broker), store(tmp_path / "storage", broker)
+    beats = [closed.heartbeat, dropped.heartbeat]
+    assert all(b.is_alive() for b in beats)
+    closed.close()
+    del dropped
+    gc.collect()
+    for b in beats:
+        b.join(timeout=5)
+    assert not any(b.is_alive() for b in beats)
+    assert ray_local.is_initialized()
+
+
 # ---------------------------------------------------------------- the planner
 
 

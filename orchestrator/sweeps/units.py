@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -214,14 +215,26 @@ class UnitStore:
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.cache = self.scratch / "cache"
+        # the units in the cache, oldest first (a scratch folder given may hold some already)
+        found = sorted(self.cache.rglob(DONE), key=lambda f: f.stat().st_mtime) if self.cache.is_dir() else []
+        self.cached: dict = dict.fromkeys(marker.parent for marker in found)
         self.helper: Optional[Callable] = None
         self.data = ""
         self.helping = False
         self.waited = 0.0  # seconds spent with nothing to do
         self.unseen: Counter = Counter()  # unit -> claims the broker called published that storage did not show
+        self.stopped = threading.Event()  # set: the heartbeat ends (close, or this store collected)
+        self.heartbeat: Optional[threading.Thread] = None
         if broker is not None:
             self.lease = self._call("lease_seconds") or lease_seconds()
-            threading.Thread(target=self._heartbeat, daemon=True).start()
+            weakref.finalize(self, self.stopped.set)
+            self.heartbeat = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self.stopped, self.lease / 4),
+                                              name="lth-units-heartbeat", daemon=True)
+            self.heartbeat.start()
+
+    def close(self) -> None:
+        """Stop renewing leases (the heartbeat ends within a beat)."""
+        self.stopped.set()
 
     # ------------------------------------------------------------ trials.runner.shared.Units
     def points(self, dense: str) -> set:
@@ -317,11 +330,22 @@ class UnitStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _evict(self, keep: Path) -> None:
-        """Bound the cache: drop the least recently added units beyond CACHE_UNITS."""
-        found = sorted(self.cache.rglob(DONE), key=lambda f: f.stat().st_mtime)
-        for marker in found[: max(0, len(found) - CACHE_UNITS)]:
-            if marker.parent != keep:
-                shutil.rmtree(marker.parent, ignore_errors=True)
+        """Bound the cache: `keep` (just added) is the newest unit; the least recently added
+        beyond CACHE_UNITS go, and so do the folders they leave empty. The store keeps the
+        list (a walk of the cache per unit grew with every unit the process had seen)."""
+        self.cached.pop(keep, None)
+        self.cached[keep] = None
+        while len(self.cached) > CACHE_UNITS:
+            old = next(iter(self.cached))
+            del self.cached[old]
+            shutil.rmtree(old, ignore_errors=True)
+            for parent in old.parents:
+                if parent == self.cache or self.cache not in parent.parents:
+                    break
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
 
     def _log(self, name: str, unit: Path, seconds: float, pack: int) -> None:
         """`pack`: how many trials trained together (1: alone); `seconds`: this unit's share."""
@@ -371,11 +395,19 @@ class UnitStore:
             except Exception:  # noqa: BLE001 - best effort; a lease then simply expires
                 pass
 
-    def _heartbeat(self) -> None:
-        """Renew this process's leases for as long as it lives (a daemon thread)."""
-        while True:
-            time.sleep(self.lease / 4)
-            self._tell("renew", self.owner)
+
+
+def _heartbeat(ref: weakref.ref, stopped: threading.Event, every: float) -> None:
+    """Renew a store's leases while the store lives, is not closed and Ray is up. It holds
+    the store weakly, so it ends with it; and it never calls the broker once Ray is shut
+    down: an actor call then starts a new Ray instance (at a process's exit, logging to
+    closed streams)."""
+    while not stopped.wait(every):
+        store = ref()
+        if store is None or not ray.is_initialized():
+            return
+        store._tell("renew", store.owner)
+        del store
 
 
 def _node() -> Optional[str]:

@@ -71,9 +71,10 @@ def plan(spec) -> list[dict]:
     (orchestrator/plan.py) and the store's helpers need to know ahead of time."""
     t = spec.train
     units = [{"name": dense_name(spec), "deps": [], "iterations": t.iterations}]
-    previous = units[0]["name"]
+    previous, trunk = units[0]["name"], None
     for level in range(1, spec.prune.levels + 1 if shares_levels(spec) else 1):
-        name = level_name(spec, level)
+        trunk = trunk or trunk_name(spec)
+        name = f"{trunk}/{layout.level_dir(level)}"  # level_name, its trunk named once
         units.append({"name": name, "deps": [previous], "iterations": t.iterations - spec.rewind_iteration})
         previous = name
     return units
