@@ -36,9 +36,8 @@ from orchestrator.config import spec_at
 from orchestrator.sweeps.packs import PACK, data_key
 from trials.folder import layout
 from trials import methods
-from trials.runner import shared
 from trials.core.errors import env_number
-from trials.spec import flatten
+from trials.spec import flatten, sharing
 
 
 @dataclass
@@ -104,7 +103,7 @@ def member_bytes(spec) -> int:
     import torch
 
     from trials.nets import datasets, models
-    from trials.loop.training import EVAL_BATCH
+    from trials.nets.datasets import EVAL_BATCH
 
     info = datasets.info(spec.dataset)
     net = models.shell(spec.model.name, info.shape, info.num_classes, spec.model.width)
@@ -158,7 +157,7 @@ def _packed(sweep, configs: list | None = None) -> list[list]:
     out = []
     for key, members in groups.items():
         # stable: grid order within a dense run, and within it a trunk (a control beside its ticket)
-        names = {id(m): (shared.dense_name(m[1]), shared.trunk_name(m[1])) for m in members}  # named once
+        names = {id(m): (sharing.dense_name(m[1]), sharing.trunk_name(m[1])) for m in members}  # named once
         members.sort(key=lambda m: names[id(m)])
         out += cut(members, pack_size(sweep, members[0][1]), lambda m: names[id(m)][1], lambda m: names[id(m)][0])
     return out + alone
@@ -244,10 +243,10 @@ def _draw(d, draw: random.Random):
 def trial_cost(spec) -> tuple[int, int]:
     """(iterations of its shareable IMP trunk incl. the dense run, of its own levels)."""
     t = spec.train.iterations
-    if not shared.shareable(spec):
+    if not sharing.shareable(spec):
         return 0, t * (spec.last_level + 1)
     levels = spec.prune.levels * (t - spec.rewind_iteration)
-    if not shared.shares_levels(spec):  # pruning at init: the dense run is shared, its levels are its own
+    if not sharing.shares_levels(spec):  # pruning at init: the dense run is shared, its levels are its own
         return t, levels
     trunk = t + levels
     own = 0 if spec.control == "none" else levels
@@ -292,7 +291,7 @@ def _plan(sweep) -> Plan:
     for spec in specs:
         trunk, mine = trial_cost(spec)
         unshared += trunk + mine
-        own += trunk + mine if not sweep.share or not shared.shareable(spec) else mine
+        own += trunk + mine if not sweep.share or not sharing.shareable(spec) else mine
     return Plan(specs, work_units(specs) if sweep.share else {}, own, unshared, estimated)
 
 
@@ -301,9 +300,9 @@ def work_units(specs: list) -> dict:
     every trunk level 1, ... (grid order within a depth: the sort is stable)."""
     units: dict = {}
     for i, spec in enumerate(specs):
-        if not shared.shareable(spec):
+        if not sharing.shareable(spec):
             continue
-        for u in shared.plan(spec):
+        for u in sharing.plan(spec):
             unit = units.get(u["name"])
             if unit is None:  # its first user's spec, as IMP (a control's is built, once per unit)
                 unit = units[u["name"]] = Unit(u["name"], u["iterations"], u["deps"],

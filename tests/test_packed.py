@@ -25,7 +25,8 @@ from trials.nets import datasets, masks, models
 from trials.core.errors import ConfigError
 from trials.runner.levels import run_lottery
 from trials.runner.levels import PackFailed, run_pack, train_pack
-from trials.loop.stacked import PackedBatchNorm, PackedNet, Stacked, why_not_packable
+from trials.loop.stacked import PackedBatchNorm, PackedNet, Stacked
+from trials.nets.models import why_not_packable
 from trials.loop.training import Job
 from trials.folder.record import STABILITY, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec
