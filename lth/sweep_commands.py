@@ -69,7 +69,7 @@ def sweep_resume(args) -> int:
     from orchestrator.sweep_spec import resolve_storage
 
     sweep, _ = runner.load_saved(resolve_storage(args.storage, Path.cwd()), args.name)
-    return _sweep_done(sweep, runner.resume(sweep.name, sweep.storage, args.address, args.dashboard))
+    return _sweep_done(sweep, runner.resume(sweep.name, sweep.storage, args.address, args.dashboard, sweep))
 
 
 def sweep_status(args) -> int:

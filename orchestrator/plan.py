@@ -20,26 +20,24 @@ dense run, side by side and cut apart only where balance leaves no choice (a uni
 trained once inside the pack, and no pack waits for another's). Trials that cannot be
 packed (a model without stacked layers) run as packs of one, and so does every trial of a
 sweep without packs.
-Each pack becomes a Tune trial's config once, here (tune_config): its members' typed
-specs and how they train.
+Each pack becomes a Tune trial's config once, here (tune_config): its members' specs,
+how they train and the units they use, so that a worker decides nothing. A grid's specs
+are those its sweep built and validated at load (Sweep.trials): planning builds none again.
 `pack: auto` sizes K from an estimate of a member's memory (member_bytes) and
 LTH_PACK_MEMORY_GB (default 4) of the trial's device, at most PACK_LIMIT (32 on CPU, 128 on CUDA).
 """
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import random
 from dataclasses import dataclass, field
 
 from orchestrator.config import spec_at
-from orchestrator.sweeps.packs import PACK
+from orchestrator.sweeps.packs import PACK, data_key
 from trials.folder import layout
 from trials import methods
-from trials.runner import shared
 from trials.core.errors import env_number
-from trials.spec import flatten
+from trials.spec import flatten, sharing
 
 
 @dataclass
@@ -50,6 +48,7 @@ class Unit:
     spec: object  # a TrialSpec that uses it (control none): what a helper trains it from
     users: int = 0
     points: set = field(default_factory=set)
+    first: int = 0  # the index, in work_units' specs, of the spec it is `spec` of (as IMP)
 
 
 @dataclass
@@ -65,21 +64,30 @@ class Plan:
         return self.own + sum(u.iterations for u in self.units.values())
 
 
-def trial_configs(sweep) -> tuple[list, bool]:
-    """Every trial's config (varied paths and seed) the sweep runs (grid), or a random draw
-    of them (random/optuna)."""
+def trials_of(sweep) -> tuple[list, bool]:
+    """(config: varied paths and seed, TrialSpec) of every trial the sweep runs (grid: the
+    specs its load built, Sweep.trials), or of a random draw of them (random/optuna: drawn
+    and built once per Sweep); whether drawn."""
     if sweep.search.algorithm == "grid":
-        combos = itertools.product(*[d.values for d in sweep.space])
-        configs = [dict(zip([d.path for d in sweep.space], c)) for c in combos]
-        return [{**c, "seed": s} for c in configs for s in sweep.seeds], False
-    draw = random.Random(sweep.search.seed)
-    configs = [{d.path: _draw(d, draw) for d in sweep.space} for _ in range(sweep.search.num_samples)]
-    return [{**c, "seed": s} for c in configs for s in sweep.seeds], True
+        return sweep.trials, False
+
+    def drawn():
+        draw = random.Random(sweep.search.seed)
+        configs = [{d.path: _draw(d, draw) for d in sweep.space} for _ in range(sweep.search.num_samples)]
+        return [(c, spec_at(sweep.base, c)) for c in ({**c, "seed": s} for c in configs for s in sweep.seeds)]
+
+    return sweep.cached("drawn", drawn), True
+
+
+def trial_configs(sweep) -> tuple[list, bool]:
+    """Every trial's config (varied paths and seed): trials_of() without the specs."""
+    made, estimated = trials_of(sweep)
+    return [c for c, _ in made], estimated
 
 
 def trial_specs(sweep) -> tuple[list, bool]:
-    configs, estimated = trial_configs(sweep)
-    return [spec_at(sweep.base, c) for c in configs], estimated
+    made, estimated = trials_of(sweep)
+    return [spec for _, spec in made], estimated
 
 
 # members of a `pack: auto` pack at most: where bench/packed.py found packs still paying
@@ -95,7 +103,7 @@ def member_bytes(spec) -> int:
     import torch
 
     from trials.nets import datasets, models
-    from trials.loop.training import EVAL_BATCH
+    from trials.nets.datasets import EVAL_BATCH
 
     info = datasets.info(spec.dataset)
     net = models.shell(spec.model.name, info.shape, info.num_classes, spec.model.width)
@@ -126,15 +134,21 @@ def pack_of(sweep) -> int:
     return pack_size(sweep, from_dict(sweep.base)) if sweep.packed else 1
 
 
-def packs(sweep, configs: list) -> list[dict]:
-    """The grid's trials (their configs) as Tune trials' configs (module doc, tune_config):
-    packable groups first, cut into balanced packs, then packs of one."""
+def packs(sweep, configs: list | None = None) -> list[dict]:
+    """The grid's trials as Tune trials' configs (module doc, tune_config): packable groups
+    first, cut into balanced packs, then packs of one. `configs`: those trials only (their
+    specs built here), else every trial of the grid (the specs its load built)."""
+    return [tune_config(sweep, p) for p in _packed(sweep, configs)]
+
+
+def _packed(sweep, configs: list | None = None) -> list[list]:
+    """packs(), each pack as its (config, TrialSpec, packing.pack_key) triples."""
     from trials.spec.packing import pack_key
 
+    made = sweep.trials if configs is None else [(c, spec_at(sweep.base, c)) for c in configs]
     groups: dict = {}
     alone = []
-    for c in configs:
-        spec = spec_at(sweep.base, c)
+    for c, spec in made:
         key = pack_key(spec)
         if key is None:
             alone.append([(c, spec, key)])
@@ -143,10 +157,10 @@ def packs(sweep, configs: list) -> list[dict]:
     out = []
     for key, members in groups.items():
         # stable: grid order within a dense run, and within it a trunk (a control beside its ticket)
-        members.sort(key=lambda m: (shared.dense_name(m[1]), shared.trunk_name(m[1])))
-        out += cut(members, pack_size(sweep, members[0][1]), lambda m: shared.trunk_name(m[1]),
-                   lambda m: shared.dense_name(m[1]))
-    return [tune_config(sweep, p) for p in out + alone]
+        names = {id(m): (sharing.dense_name(m[1]), sharing.trunk_name(m[1])) for m in members}  # named once
+        members.sort(key=lambda m: names[id(m)])
+        out += cut(members, pack_size(sweep, members[0][1]), lambda m: names[id(m)][1], lambda m: names[id(m)][0])
+    return out + alone
 
 
 def cut(members: list, k: int, *runs) -> list[list]:
@@ -177,23 +191,36 @@ ALONE, STACKED = "alone", "stacked"
 
 
 def tune_config(sweep, members: list) -> dict:
-    """A Tune trial's config (ARCHITECTURE.md, "Packs in sweeps"): {PACK: {"trials": each
-    member's config (varied values and seed), spec (TrialSpec.to_dict) and key, "groups":
-    the members that train together and their arithmetic}}, from (config, TrialSpec,
-    packing.pack_key) triples: built once here, never again on a worker. Members sharing a
-    pack key train together, "stacked" in sweeps with packs; the others (and every trial of
-    a sweep without packs) alone, with a single trial's arithmetic."""
+    """A Tune trial's config (ARCHITECTURE.md, "Packs in sweeps"; its layout:
+    orchestrator/sweeps/packs.py), from (config, TrialSpec, packing.pack_key) triples: built
+    once here, never again on a worker. Members sharing a pack key train together,
+    "stacked" in sweeps with packs; the others (and every trial of a sweep without packs)
+    alone, with a single trial's arithmetic. Each group names its data (data_key) and, in a
+    searched sweep that shares units, the units its members use (registrations): a grid's
+    units are all registered with the broker by the driver up front (runner._share)."""
     groups: dict = {}
     for i, (_, _, key) in enumerate(members):
         groups.setdefault(i if key is None else key, []).append(i)
+    searched = sweep.share and sweep.search.algorithm != "grid"
     return {PACK: {
         "trials": [{"config": c, "spec": spec.to_dict(), "key": spec.key} for c, spec, _ in members],
-        "groups": [{"members": ids, "arithmetic": STACKED if sweep.packed and not isinstance(key, int)
-                    else ALONE} for key, ids in groups.items()]}}
+        "groups": [{"members": ids, "arithmetic": STACKED if sweep.packed and not isinstance(key, int) else ALONE,
+                    "data": data_key(members[ids[0]][1]),
+                    "units": pack_units([members[i][1] for i in ids], ids) if searched else []}
+                   for key, ids in groups.items()]}}
+
+
+def pack_units(specs: list, ids: list) -> list[dict]:
+    """The units of a pack's members `specs` (its members `ids`) as its config carries them
+    (orchestrator/sweeps/packs.py registrations): each unit's spec named by the member it
+    is trained as (as IMP), not copied into the config (Tune keeps the config in every result)."""
+    return [{"name": u.name, "deps": u.deps, "member": ids[u.first], "points": sorted(u.points)}
+            for u in work_units(specs).values()]
 
 
 def searched_pack(sweep, configs: list) -> dict:
-    """The Tune config of a pack a search proposed (its configurations may not all train together)."""
+    """The Tune config of a pack a search proposed (its configurations may not all train
+    together): each spec built and validated here, once."""
     from trials.spec.packing import pack_key
 
     specs = [spec_at(sweep.base, c) for c in configs]
@@ -216,10 +243,10 @@ def _draw(d, draw: random.Random):
 def trial_cost(spec) -> tuple[int, int]:
     """(iterations of its shareable IMP trunk incl. the dense run, of its own levels)."""
     t = spec.train.iterations
-    if not shared.shareable(spec):
+    if not sharing.shareable(spec):
         return 0, t * (spec.last_level + 1)
     levels = spec.prune.levels * (t - spec.rewind_iteration)
-    if not shared.shares_levels(spec):  # pruning at init: the dense run is shared, its levels are its own
+    if not sharing.shares_levels(spec):  # pruning at init: the dense run is shared, its levels are its own
         return t, levels
     trunk = t + levels
     own = 0 if spec.control == "none" else levels
@@ -253,12 +280,18 @@ def totals(sweep, p: "Plan | None" = None) -> Totals:
 
 
 def plan(sweep) -> Plan:
+    """The sweep's plan, made once per Sweep (Sweep.cached): `lth sweep plan`, the driver's
+    broker and its progress line all read the same."""
+    return sweep.cached("plan", lambda: _plan(sweep))
+
+
+def _plan(sweep) -> Plan:
     specs, estimated = trial_specs(sweep)
     own = unshared = 0
     for spec in specs:
         trunk, mine = trial_cost(spec)
         unshared += trunk + mine
-        own += trunk + mine if not sweep.share or not shared.shareable(spec) else mine
+        own += trunk + mine if not sweep.share or not sharing.shareable(spec) else mine
     return Plan(specs, work_units(specs) if sweep.share else {}, own, unshared, estimated)
 
 
@@ -266,10 +299,15 @@ def work_units(specs: list) -> dict:
     """name -> Unit of every shareable trial's units, breadth-first: every dense run, then
     every trunk level 1, ... (grid order within a depth: the sort is stable)."""
     units: dict = {}
-    for spec in filter(shared.shareable, specs):
-        for u in shared.plan(spec):
-            unit = units.setdefault(u["name"], Unit(u["name"], u["iterations"], u["deps"],
-                                                    spec.replace(control="none")))
+    for i, spec in enumerate(specs):
+        if not sharing.shareable(spec):
+            continue
+        for u in sharing.plan(spec):
+            unit = units.get(u["name"])
+            if unit is None:  # its first user's spec, as IMP (a control's is built, once per unit)
+                unit = units[u["name"]] = Unit(u["name"], u["iterations"], u["deps"],
+                                               spec if spec.control == "none" else spec.replace(control="none"),
+                                               first=i)
             unit.users += 1
             if u["name"].startswith("dense/"):
                 unit.points.add(spec.rewind_iteration)
@@ -284,14 +322,13 @@ def pack_line(sweep) -> str:
     """What `pack` makes of the sweep (grid: exact; searches: K per Tune trial)."""
     if sweep.search.algorithm != "grid":
         return f"  packs: {pack_of(sweep)} trials per Tune trial, as the search proposes them"
-    configs = trial_configs(sweep)[0]
-    made = [c[PACK]["trials"] for c in packs(sweep, configs)]
+    made = _packed(sweep)
     reasons: dict = {}
-    for trial in (p[0] for p in made if len(p) == 1):
-        why = _why_alone(spec_at(sweep.base, trial["config"]))
+    for _, spec, _ in (p[0] for p in made if len(p) == 1):
+        why = _why_alone(spec)
         if why:
             reasons[why] = reasons.get(why, 0) + 1
-    line = (f"  packs: {len(configs)} trials in {len(made)} Tune trials, "
+    line = (f"  packs: {sum(map(len, made))} trials in {len(made)} Tune trials, "
             f"{max(len(p) for p in made)} per pack at most")
     return line + "".join(f"; {n} alone: {why}" for why, n in reasons.items())
 
@@ -302,11 +339,6 @@ def _why_alone(spec) -> str:
 
     e = why_not_packed(spec)
     return f"{e.key}={e.value}" if e else ""
-
-
-def data_key(spec) -> str:
-    """Which trial processes can train a unit: those holding the same data on the same device."""
-    return json.dumps([spec.dataset.__dict__, spec.train.batch_size, spec.device], sort_keys=True, default=str)
 
 
 def registrations(units: dict) -> list[dict]:

@@ -7,8 +7,9 @@ The file is read by trials/core/typed.py, the machinery that reads trial specs: 
 dataclasses below declare each key's type and rules. What plain typing cannot say
 (seeds, the space, paths resolved against the working directory, the base spec, the
 grid/continuous rule) is done by the explicit functions after them. Every trial spec
-the grid can produce is constructed once here, so a bad combination fails now with the
-key that caused it, not hours later on a worker.
+a grid runs is constructed and validated here, once, so a bad combination fails now with
+the key that caused it, not hours later on a worker; the planner, the driver and the
+workers use these specs (Sweep.trials) and never build them again.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Dimension:
 # A sweep's size is bounded before anything is built: every trial's spec is made at load
 # (so a bad one is named), and 10^8 seeds or 10^12 samples would exhaust memory first.
 MAX_SEEDS = 10_000
-MAX_TRIALS = 10_000  # what `lth sweep plan` answers in about 10 s on 2 cores (README, "Sweeps")
+MAX_TRIALS = 10_000  # what `lth sweep plan` answers in seconds on 2 cores (README, "Sweeps")
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,27 @@ class Sweep:
         """The TrialSpec of one configuration: base + varied values + seed, set by path."""
         return spec_at(self.base, {**values, "seed": seed})
 
+    @property
+    def trials(self) -> list:
+        """(config: varied values and seed, TrialSpec) of every trial a grid sweep runs, in
+        grid order (combinations, then seeds): built and validated once per Sweep, at load
+        (parse_sweep), however often the planner, the driver and `lth sweep plan` ask."""
+        check(self.search.algorithm == "grid", "search.algorithm", self.search.algorithm,
+              "grid (a search's trials are the configurations it proposes)")
+        return self.cached("trials", lambda: _grid_trials(self, here=False))
+
+    def cached(self, name: str, make):
+        """What `make()` derives from this sweep, made once per Sweep object (its trials'
+        specs, the plan); never pickled: Tune pickles the callbacks that hold a sweep, and a
+        pickled TrialSpec would tie Tune's saved state to this lth's classes."""
+        memo = self.__dict__.setdefault("_memo", {})  # a frozen dataclass: not one of its fields
+        if name not in memo:
+            memo[name] = make()
+        return memo[name]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_memo"}
+
 
 def _yaml_scalar(value) -> str:
     import yaml
@@ -221,8 +243,9 @@ def _set(data: dict, key: str, value) -> None:
     node[last] = value
 
 
-def parse_sweep(data: dict, cwd: Path, here: bool = True) -> Sweep:
-    """A validated Sweep from the file's mapping; relative paths are resolved against `cwd`."""
+def parse_sweep(data: dict, cwd: Path, here: bool = True, trials: bool = True) -> Sweep:
+    """A validated Sweep from the file's mapping; relative paths are resolved against `cwd`.
+    `trials` off: its trials are not built here (a saved sweep only compared with another)."""
     check(isinstance(data, dict), "sweep", data, "a YAML mapping")
     sweep = build(Sweep, data)
     tracking_uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -233,7 +256,8 @@ def parse_sweep(data: dict, cwd: Path, here: bool = True) -> Sweep:
         continuous = [d.path for d in sweep.space if not d.discrete]
         check(not continuous, f"space.{continuous[0]}" if continuous else "", None,
               "grid search needs grid/choice values here; use search.algorithm random or optuna")
-    _check_combinations(sweep, here)
+    if trials:
+        _check_combinations(sweep, here)
     return sweep
 
 
@@ -331,26 +355,48 @@ def _plain(value) -> str:
 
 
 def _check_combinations(sweep: Sweep, here: bool = True) -> None:
-    """Construct the spec of every grid combination (continuous dimensions at both ends)."""
-    discrete = [d for d in sweep.space if d.discrete]
+    """A grid: every trial's spec, built and validated once and kept (Sweep.trials). A
+    search: the spec of every combination of its discrete values, each continuous
+    dimension at both ends (its trials are built as the search proposes them)."""
     grid = sweep.search.algorithm == "grid"
     check(sweep.trial_count <= MAX_TRIALS, "space" if grid else "search.num_samples",
           f"{sweep.trial_count:,} trials ({'grid combinations' if grid else 'num_samples'} x seeds)",
           f"at most {MAX_TRIALS:,} trials in one sweep")
+    if grid:
+        sweep.cached("trials", lambda: _grid_trials(sweep, here))
+        return
+    discrete = [d for d in sweep.space if d.discrete]
     continuous = [d for d in sweep.space if not d.discrete]
     ends = [{d.path: d.values[0] for d in continuous}]
     ends += [{**ends[0], d.path: d.values[1]} for d in continuous]
     combos = itertools.islice(itertools.product(*[d.values for d in discrete]), GRID_CHECK_LIMIT)
     for combo in combos:
         for end in ends:
-            values = {**dict(zip([d.path for d in discrete], combo)), **end}
-            try:
-                spec = sweep.trial_spec(values, sweep.seeds[0])
-                _check_measured(sweep, spec)
-                _check_where(sweep, spec, here)
-            except ConfigError as e:
-                varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
-                where = f"space.{e.key}" if varied else f"base.{e.key}"
-                combo_text = ", ".join(f"{k}={_plain(v)}" for k, v in values.items())
-                raise ConfigError(where, e.value, f"{e.allowed} (in combination {combo_text})" if values
-                                  else e.allowed) from None
+            _checked(sweep, {**dict(zip([d.path for d in discrete], combo)), **end}, sweep.seeds[0], here)
+
+
+def _grid_trials(sweep: Sweep, here: bool) -> list:
+    """(config, TrialSpec) of every combination x seed of a grid (Sweep.trials)."""
+    discrete = [d for d in sweep.space if d.discrete]
+    out = []
+    for combo in itertools.product(*[d.values for d in discrete]):
+        values = dict(zip([d.path for d in discrete], combo))
+        for seed in sweep.seeds:
+            out.append(({**values, "seed": seed}, _checked(sweep, values, seed, here)))
+    return out
+
+
+def _checked(sweep: Sweep, values: dict, seed: int, here: bool):
+    """The validated TrialSpec of one configuration, its sweep-level rules checked; a
+    refusal names the key as the sweep file spells it, and the combination."""
+    try:
+        spec = sweep.trial_spec(values, seed)
+        _check_measured(sweep, spec)
+        _check_where(sweep, spec, here)
+        return spec
+    except ConfigError as e:
+        varied = e.key in values or (e.key.endswith(".name") and e.key[:-5] in values)
+        where = f"space.{e.key}" if varied else f"base.{e.key}"
+        combo_text = ", ".join(f"{k}={_plain(v)}" for k, v in values.items())
+        raise ConfigError(where, e.value, f"{e.allowed} (in combination {combo_text})" if values
+                          else e.allowed) from None

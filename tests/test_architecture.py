@@ -1,5 +1,6 @@
 """The layers of ARCHITECTURE.md, checked on the source: no import cycle between modules,
-packages import only downward (trials <- orchestrator <- analysis <- lth), and each
+packages import only downward (trials <- orchestrator <- analysis <- lth), the wings of
+trials/ too (core <- folder <- nets <- loop <- methods <- spec <- runner <- export), and each
 third-party library has one home."""
 import ast
 import re
@@ -9,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trials", "orchestrator", "analysis", "lth")  # bottom to top
+WINGS = ("core", "folder", "nets", "loop", "methods", "spec", "runner", "export")  # trials/'s, bottom to top
 HOMES = {  # library -> the only modules (prefixes) that may import it
     "ray": ("orchestrator.sweeps.",),
     "optuna": ("orchestrator.sweeps.search",),
@@ -91,6 +93,31 @@ def test_packages_import_only_downward():
             assert PACKAGES.index(target.split(".")[0]) <= level, f"{name} imports {target} (upward)"
 
 
+def wing(module: str) -> int:
+    """A trials module's floor: its wing's place in WINGS; `trials` itself (the front door) is above them all."""
+    parts = module.split(".")
+    return WINGS.index(parts[1]) if len(parts) > 1 else len(WINGS)
+
+
+def test_every_trials_module_is_in_a_wing():
+    strays = [m for m in modules() if m.startswith("trials.") and m.split(".")[1] not in WINGS]
+    assert not strays, f"trials modules outside the wings {WINGS}: {strays}"
+
+
+def test_wings_import_only_their_own_or_lower_ones():
+    for name, targets in graph().items():
+        if not name.startswith("trials."):
+            continue
+        for target in targets:
+            if target.split(".")[0] == "trials":
+                assert wing(target) <= wing(name), f"{name} imports {target} (a higher wing)"
+
+
+def test_the_wing_check_sees_a_wing_importing_upward():
+    assert wing("trials.loop.training") < wing("trials.runner.levels") < wing("trials")
+    assert wing("trials.core.errors") == wing("trials.core") == 0
+
+
 @pytest.mark.parametrize("library", sorted(HOMES))
 def test_each_library_has_one_home(library):
     known = modules()
@@ -122,3 +149,77 @@ def test_comments_cite_the_repository_not_documents_outside_it():
     assert cited, "no code cites ARCHITECTURE.md"
     missing = {c for c in cited if not any(h.startswith(c) for h in headings)}
     assert not missing, f"cited sections not in ARCHITECTURE.md: {sorted(missing)}"
+
+
+# What a spec and a plan may load (trials/__init__.py): not the loop, the runner, export, the
+# Tune side of the orchestrator, or a method's implementation (the registry and pruning's
+# candidates and counts are what validation asks).
+ENGINE = ("trials.loop", "trials.runner", "trials.export", "orchestrator.sweeps.trainable", "orchestrator.sweeps.runner",
+          "ray", "mlflow")
+LIGHT_METHODS = ("trials.methods", "trials.methods.pruning")
+
+
+def loaded_after(code: str) -> list:
+    """The engine modules (ENGINE, and methods/ modules but LIGHT_METHODS) that `code` imports,
+    run in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    probe = code + (
+        "\nimport sys, json\n"
+        f"ENGINE, LIGHT = {ENGINE!r}, {LIGHT_METHODS!r}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if any(m == e or m.startswith(e + '.') for e in ENGINE)"
+        " or (m.startswith('trials.methods.') and m not in LIGHT))))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_building_and_validating_specs_imports_no_engine():
+    """Every registered method's spec, built and validated, and its packing and sharing asked."""
+    code = """
+from trials import methods
+from trials.spec import from_dict, packing, sharing
+for name in methods.names():
+    spec = from_dict({"method": name, "dataset": {"name": "digits"},
+                      "train": {"iterations": 400, "eval_interval": 200, "batch_size": 60},
+                      "prune": {"levels": 2}, "rewind_iteration": 10,
+                      **({"supermask": {"densities": [0.5, 0.3]}} if methods.get(name).trains == "scores" else {})})
+    packing.pack_key(spec), packing.why_not_packed(spec), sharing.plan(spec) if sharing.shareable(spec) else None
+"""
+    assert loaded_after(code) == []
+
+
+def test_planning_a_sweep_of_packs_imports_no_engine(tmp_path):
+    """`lth sweep plan`'s work: the sweep read, its trials planned into packs and units."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nexperiment: s\nbase: {preset: lenet_digits_quick, train: {iterations: 60, "
+                     "eval_interval: 30}, prune: {levels: 2}}\nspace: {prune.rate: {grid: [0.2, 0.4]}, "
+                     "method: {grid: [imp, snip]}}\nseeds: 2\npack: 4\n")
+    code = f"""
+from orchestrator import plan
+from orchestrator.sweep_spec import load_sweep
+sweep = load_sweep({str(sweep)!r}, here=False)
+plan.describe(sweep, plan.plan(sweep)), plan.packs(sweep, plan.trial_configs(sweep)[0])
+"""
+    assert loaded_after(code) == []
+
+
+def test_the_engine_probe_sees_the_loop():
+    assert "trials.loop.training" in loaded_after("import trials.runner.levels")
+
+
+def test_the_trial_worker_imports_no_planner():
+    """A Tune trial's worker decides nothing (orchestrator/sweeps/trainable.py): what it
+    runs comes in its config, so nothing it imports, at any depth or inside a function,
+    reaches the planner."""
+    edges, seen, todo = graph(), set(), ["orchestrator.sweeps.trainable"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges[name])
+    assert "orchestrator.plan" not in seen, "the trainable reaches orchestrator.plan"
+    assert "orchestrator.sweeps.packs" in seen  # the check follows imports (the config's layout)

@@ -98,5 +98,5 @@ def test_a_new_at_init_method_is_one_scorer_and_one_entry(tmp_path):
 
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError):
-        methods.register(Method("imp", "again", trains="weights", reads=(), member="trials.runner.levels:Member",
+        methods.register(Method("imp", "again", trains="weights", reads=(), member="trials.methods.imp:Member",
                                 mask="pruned", levels="prune.levels", shares="trunk", controls=("none",)))

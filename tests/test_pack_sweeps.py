@@ -2,8 +2,8 @@
 trainable.lottery): one Tune trial trains a pack, and everything downstream stays per
 trial: trials.csv rows, MLflow runs, statuses, Optuna's told values. Packed members
 record what the same trials record alone (masks and densities exact, accuracies within
-half a point); a member that diverges fails alone; a killed driver's packs resume at
-their last checkpointed level."""
+half a point); a member that diverges fails alone. (A killed driver's packs resume at
+their last checkpointed level: tests/test_sweeps.py, test_killed_driver_then_resume_...)"""
 import json
 import subprocess
 from collections import Counter
@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import LTH, assert_each_level_trained_once, digits_base
-from tests.test_sweeps import assert_quiet_and_counted_once, csv, kill_mid_sweep_then_resume
+from tests.conftest import LTH, digits_base
+from tests.test_sweeps import csv
 from tests.test_sweeps import sweep_file as sweeps_file
 
 EXACT = ["level", "density", "remaining_params", "start_iteration", "iterations"]
@@ -32,7 +32,7 @@ def sweep_file(tmp_path, name="s", **fields):
 def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, monkeypatch):
     from orchestrator import plan
     from orchestrator.sweep_spec import load_sweep
-    from orchestrator.sweeps.packs import PACK
+    from orchestrator.sweeps.packs import PACK, data_key
     from trials.runner import shared
     from trials.spec.packing import pack_key
     from trials.spec import from_dict
@@ -44,13 +44,15 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     members = [t["config"] for p in made for t in p["trials"]]
     assert sorted(map(json.dumps, members)) == sorted(map(json.dumps, configs))  # each trial once
     assert sorted(len(p["trials"]) for p in made) == [3, 3, 4, 4, 4]  # 18 trials at K=4: balanced, not 4+4+4+4+2
-    for p in made:  # the driver's typed specs, their keys, and one group that trains stacked
+    for p in made:  # the driver's typed specs, their keys, and one group that trains stacked, on its data
         specs = [from_dict(t["spec"]) for t in p["trials"]]
         assert specs == [sweep.trial_spec({k: v for k, v in t["config"].items() if k != "seed"},
                                           t["config"]["seed"]) for t in p["trials"]]
         assert [t["key"] for t in p["trials"]] == [s.key for s in specs]
         assert len({pack_key(s) for s in specs}) == 1
-        assert p["groups"] == [{"members": list(range(len(specs))), "arithmetic": "stacked"}]
+        # a grid's units: all registered by the driver up front (runner._share), none in the config
+        assert p["groups"] == [{"members": list(range(len(specs))), "arithmetic": "stacked",
+                                "data": data_key(specs[0]), "units": []}]
     # a seed's trials sit together (its dense run is trained once per pack), and a control beside its
     # ticket (their IMP trunk is trained once, in their pack): 18 in 3-4s splits one trunk at least
     seeds = [{t["config"]["seed"] for t in p["trials"]} for p in made]
@@ -62,7 +64,8 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     # without packs: a Tune trial per trial, alone (a single trial's arithmetic: the golden records' bits)
     alone = load_sweep(sweep_file(tmp_path, seeds=3, space=space))
     made = [c[PACK] for c in plan.packs(alone, configs)]
-    assert len(made) == 18 and all(p["groups"] == [{"members": [0], "arithmetic": "alone"}] for p in made)
+    assert len(made) == 18 and all([{k: g[k] for k in ("members", "arithmetic")} for g in p["groups"]]
+                                   == [{"members": [0], "arithmetic": "alone"}] for p in made)
     assert sorted(json.dumps(p["trials"][0]["config"]) for p in made) == sorted(map(json.dumps, configs))
 
     monkeypatch.setenv("LTH_PACK_MEMORY_GB", str(2.5 * plan.member_bytes(
@@ -84,6 +87,71 @@ def test_packs_group_trials_that_can_train_together_and_balance_them(tmp_path, m
     bad = subprocess.run([LTH, "sweep", "plan", str(sweep_file(tmp_path, pack=0))], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "lth: error: pack: 0 is not allowed; an integer >= 1, or auto"
+
+
+def validations(monkeypatch) -> Counter:
+    """Every TrialSpec validated in this process from now on, counted by its key."""
+    from trials.spec import trial_spec
+
+    counts, real = Counter(), trial_spec.validate
+
+    def counted(spec):
+        counts[spec.key] += 1
+        real(spec)
+
+    monkeypatch.setattr(trial_spec, "validate", counted)
+    return counts
+
+
+def test_plan_builds_and_validates_each_trial_spec_once_and_a_worker_never(tmp_path, monkeypatch, capsys):
+    """`lth sweep plan` builds and validates each trial's spec once, at load (Sweep.trials):
+    the plan, its units, the packs and their Tune configs use those specs. A worker types
+    the specs its config ships again without validating them (packs.member_specs); a
+    config made by an lth before it (its groups without "data") is validated there."""
+    from lth.cli import main
+    from orchestrator import plan
+    from orchestrator.sweep_spec import load_sweep
+    from orchestrator.sweeps.packs import PACK, member_specs, registrations
+
+    space = {"prune.rate": {"grid": [0.2, 0.5, 0.8]}, "control": {"grid": ["none", "reinit"]}}
+    path = sweep_file(tmp_path, pack=4, seeds=3, space=space)
+    counts = validations(monkeypatch)
+    assert main(["sweep", "plan", str(path)]) == 0
+    assert "plan: 18 trials" in capsys.readouterr().out
+    planned = Counter(counts)
+    sweep = load_sweep(path)
+    trial_keys = Counter(spec.key for _, spec in sweep.trials)
+    base_key = sweep.trial_spec({}, 0).key  # the base spec, validated once at load to name its own errors
+    assert len(trial_keys) == 18 and set(trial_keys.values()) == {1}
+    assert planned == trial_keys + Counter({base_key: 1})  # each trial's spec once, and nothing else
+
+    counts.clear()
+    sweep = load_sweep(path)
+    assert sum(counts.values()) == 18 + 1
+    made = plan.packs(sweep)
+    plan.plan(sweep), plan.pack_line(sweep)
+    assert sum(counts.values()) == 18 + 1  # all from the specs the load built
+    built = {spec.key: spec for _, spec in sweep.trials}
+    for config in made:  # a worker's specs: the driver's, typed again, not validated again
+        assert member_specs(config) == [built[t["key"]] for t in config[PACK]["trials"]]
+    assert sum(counts.values()) == 18 + 1
+    old = {PACK: {"trials": made[0][PACK]["trials"],
+                  "groups": [{k: g[k] for k in ("members", "arithmetic")} for g in made[0][PACK]["groups"]]}}
+    assert member_specs(old) == member_specs(made[0])
+    assert sum(counts.values()) == 18 + 1 + len(made[0][PACK]["trials"])  # an older lth's: validated
+
+    # a searched pack's config carries the units its members use (its driver registers no search's units
+    # ahead): what the worker registers is what the planner would, a control's unit as IMP's
+    searched = load_sweep(sweep_file(tmp_path, pack=3, search={"algorithm": "random", "num_samples": 2},
+                                     space={"prune.rate": {"uniform": [0.2, 0.8]}}))
+    made = [{"prune.rate": 0.3, "control": "reinit", "seed": 0}, {"prune.rate": 0.3, "seed": 0},
+            {"prune.rate": 0.6, "seed": 0, "rewind_iteration": 10}]
+    config = plan.searched_pack(searched, made)
+    (group,) = config[PACK]["groups"]
+    # one dense run keeping both rewind points, then level 1 of each rate's trunk (the control's is its
+    # ticket's), then level 2
+    assert [(u["member"], u["points"]) for u in group["units"]] == [(0, [0, 10])] + [(0, []), (2, [])] * 2
+    assert registrations(config, group) == plan.registrations(plan.work_units(member_specs(config)))
 
 
 def test_a_trial_spec_is_built_by_path_from_typed_values_never_through_text(tmp_path, monkeypatch):
@@ -118,7 +186,7 @@ def test_a_trial_spec_is_built_by_path_from_typed_values_never_through_text(tmp_
 # ---------------------------------------------------------------- real packed sweeps
 
 
-def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_path, ray_local):
+def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_path, ray_local, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.sweep_spec import load_sweep
@@ -126,7 +194,12 @@ def test_a_packed_sweep_records_what_trials_alone_do_per_trial_everywhere(tmp_pa
     from orchestrator.sweeps.units import trained_log
 
     space = {"prune.rate": {"grid": [0.2, 0.5]}, "control": {"grid": ["none", "reinit"]}}
+    counts = validations(monkeypatch)
     runner.run(load_sweep(sweep_file(tmp_path, "packed", pack=4, seeds=2, space=space)))
+    # the driver built and validated each of the 8 trials' specs once, and the base spec (the
+    # workers, other processes, validate none: test_plan_builds_and_validates_each_trial_spec_once...)
+    assert sum(counts.values()) == 8 + 1 and len(counts) == 9
+    monkeypatch.undo()
     runner.run(load_sweep(sweep_file(tmp_path, "alone", seeds=2, space=space)))  # same storage
     packed, alone = csv(tmp_path, "packed"), csv(tmp_path, "alone")
 
@@ -253,25 +326,6 @@ def test_optuna_is_asked_for_a_pack_of_configurations_and_told_each_seed_mean(tm
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'runs/s/optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sorted(t.value for t in study.trials) == pytest.approx(means)
-
-
-def test_a_killed_drivers_packs_resume_at_their_last_level(tmp_path):
-    """SIGKILL `lth sweep run` mid-sweep; `lth sweep resume` finishes every pack, no level
-    of any member trained twice."""
-    base = digits_base(levels=3, iterations=400, eval_interval=50)
-    path = sweep_file(tmp_path, base=base, pack=2, seeds=2, space={"prune.rate": {"grid": [0.2, 0.4]}})
-    first, resumed = kill_mid_sweep_then_resume(tmp_path, path, levels=16)
-    df = csv(tmp_path)
-    assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
-    assert_quiet_and_counted_once(tmp_path, path, first, resumed)
-    from orchestrator.sweeps.units import trained_log
-
-    counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))
-    assert len(counts) == 2 + 2 * 2 * 3 and set(counts.values()) == {1}  # each unit published once
-    pack_dirs = [d for d in (tmp_path / "runs" / "s").iterdir() if list(d.glob("checkpoint_*"))]
-    assert len(pack_dirs) == 2
-    for pack_dir in pack_dirs:
-        assert_each_level_trained_once(pack_dir, levels=3, members=2)
 
 
 def test_edge_popup_trials_pack_in_a_sweep(tmp_path, ray_local):

@@ -25,7 +25,8 @@ from trials.nets import datasets, masks, models
 from trials.core.errors import ConfigError
 from trials.runner.levels import run_lottery
 from trials.runner.levels import PackFailed, run_pack, train_pack
-from trials.loop.stacked import PackedBatchNorm, PackedNet, Stacked, why_not_packable
+from trials.loop.stacked import PackedBatchNorm, PackedNet, Stacked
+from trials.nets.models import why_not_packable
 from trials.loop.training import Job
 from trials.folder.record import STABILITY, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec
@@ -180,7 +181,7 @@ def test_a_control_in_a_pack_on_units_takes_its_tickets_trunk(tmp_path, digits_c
 
 def test_conv2_pack_matches_each_trial_alone(tmp_path):
     data = datasets.load(DatasetSpec(name="synthetic"), torch.device("cpu"))
-    base = dict(model=ModelSpec(name="conv2"), dataset=DatasetSpec(name="synthetic"),
+    base = dict(model=ModelSpec(name="conv2", width=0.25), dataset=DatasetSpec(name="synthetic"),
                 train=TrainSpec(optimizer="sgd", lr=0.02, momentum=0.9, batch_size=32, iterations=40, eval_interval=20))
     specs = [quick_spec(**base, seed=0, prune=PruneSpec(rate=0.3, levels=1)),
              quick_spec(**base, seed=1, prune=PruneSpec(rate=0.5, levels=1), rewind_iteration=20)]
@@ -529,7 +530,8 @@ def test_a_members_numbers_do_not_depend_on_its_co_members(tmp_path, digits_cpu,
 
     def spec(seed=0, lr=1e-3 if optimizer == "adam" else 0.05, **changes):
         return lenet(seed=seed, prune=changes.pop("prune", PruneSpec(rate=0.2, levels=2)), **changes,
-                     model=ModelSpec(name=model), dataset=dataset,
+                     model=ModelSpec(name=model, width=1.0 if model == "lenet_300_100" else 0.25),
+                     dataset=dataset,
                      train=TrainSpec(optimizer=optimizer, lr=lr, momentum=0.9 if optimizer == "sgd" else 0.0,
                                      batch_size=60 if model == "lenet_300_100" else 20,
                                      iterations=60 if model == "lenet_300_100" else 40, eval_interval=20))

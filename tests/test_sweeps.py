@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -194,16 +195,25 @@ def assert_quiet_and_counted_once(tmp_path, path, first: str, resumed) -> None:
 
 
 def test_killed_driver_then_resume_finishes_without_retraining(tmp_path):
-    """SIGKILL the `lth sweep run` process mid-sweep; `lth sweep resume` finishes it."""
+    """SIGKILL the `lth sweep run` process mid-sweep; `lth sweep resume` finishes it: a pack
+    of two and a Tune trial of one (as every trial of a sweep without packs is), each unit
+    published once, no level of any member trained twice."""
+    from orchestrator.sweeps.units import trained_log
+
     base = {**BASE, "train": {**BASE["train"], "iterations": 400, "eval_interval": 50},
             "prune": {**BASE["prune"], "levels": 3}}
-    path = sweep_file(tmp_path, base=base, space={"prune.rate": {"grid": [0.2, 0.4]}}, seeds=2)
-    first, resumed = kill_mid_sweep_then_resume(tmp_path, path, levels=16)
+    path = sweep_file(tmp_path, base=base, space={"prune.rate": {"grid": [0.2, 0.3, 0.4]}}, pack=2)
+    first, resumed = kill_mid_sweep_then_resume(tmp_path, path, levels=12)
     df = csv(tmp_path)
-    assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
-    for trial_dir in (tmp_path / "runs" / "s").glob("*_0000*"):
-        assert_each_level_trained_once(trial_dir, levels=3)
+    assert len(df) == 3 * 4 and set(df.status) == {"TERMINATED"}
     assert_quiet_and_counted_once(tmp_path, path, first, resumed)
+    counts = Counter(e["unit"] for e in trained_log(str(tmp_path / "runs"), packed=True))
+    assert len(counts) == 1 + 3 * 3 and set(counts.values()) == {1}  # one dense run, three trunks
+    tune_trials = {d: len(json.loads((d / "result.json").read_text().splitlines()[0])["pack_members"])
+                   for d in (tmp_path / "runs" / "s").iterdir() if list(d.glob("checkpoint_*"))}
+    assert sorted(tune_trials.values()) == [1, 2]
+    for trial_dir, members in tune_trials.items():
+        assert_each_level_trained_once(trial_dir, levels=3, members=members)
 
 
 def test_pareto_front_on_known_points():

@@ -1,25 +1,40 @@
-"""The science: a trial of one registered method (trials/methods: IMP, edge-popup, pruning
-at initialization), run level by level by one level runner (trials/runner/levels.py run_pack; a
-trial is a pack of one) through one training loop (trials/loop/training.py train_members), in
-its own trial folder (ARCHITECTURE.md, "The engine"). Imports torch/torchvision only (no
-ray, optuna, mlflow)."""
-from importlib import import_module
+"""The engine: a trial of one registered method (IMP, early-bird tickets, an edge-popup
+supermask search, pruning at initialization), run level by level in its own trial folder
+(ARCHITECTURE.md, "The engine"). A trial is a pack of one: one level runner trains K >= 1
+trials together through one training loop.
 
-# imported when first asked for (PEP 562): `import trials.X` then costs only X's imports,
-# so readers of MLflow and storage (`lth report`, `lth sweep status`) do not load torch
-_WHERE = {"ConfigError": "trials.core.errors", **dict.fromkeys(
-    ("DatasetSpec", "ModelSpec", "PruneSpec", "TrainSpec", "TrialSpec"), "trials.spec"),
-    "Ticket": "trials.export.ticket_folder", "load_ticket": "trials.export.ticket_folder"}
-__all__ = list(_WHERE)
+Its wings, bottom to top; a module imports only its own wing or lower ones
+(tests/test_architecture.py):
+
+    core/     errors, registries, typed coercion of plain data, the seeded random draws
+    folder/   the trial folder: its layout, records, the store that reads and writes them,
+              the environment and code version each record carries
+    nets/     model families, datasets, masks, the networks as ops (paths)
+    loop/     the one training loop (training.py), its arithmetics (arithmetic.py: one
+              network alone; stacked.py: a pack) and optimizers
+    methods/  the method registry (methods/__init__.py: names, what each trains and reads)
+              and each method's member: IMP (imp.py), pruning at init, early-bird,
+              edge-popup supermasks, controls, instability
+    spec/     TrialSpec and its validation; packing and sharing rules (what may train in
+              one pack, which work units a trial shares) for planners
+    runner/   running a pack's levels (levels.py run_pack) and sharing work units
+    export/   what leaves a trial: a ticket's folder, compact models
+
+Building or validating a spec, and planning packs and units, imports no training loop,
+runner or method implementation (tests/test_architecture.py). Imports torch/torchvision
+only (no ray, optuna, mlflow). The names below are imported on first use."""
+import importlib
+
+_FRONT = {  # name -> the module that defines it
+    "ConfigError": "trials.core.errors",
+    "DatasetSpec": "trials.spec", "ModelSpec": "trials.spec", "PruneSpec": "trials.spec",
+    "TrainSpec": "trials.spec", "TrialSpec": "trials.spec",
+    "Ticket": "trials.export.ticket_folder", "load_ticket": "trials.export.ticket_folder",
+}
+__all__ = list(_FRONT)
 
 
 def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'trials' has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_WHERE])
+    if name in _FRONT:
+        return getattr(importlib.import_module(_FRONT[name]), name)
+    raise AttributeError(f"module 'trials' has no attribute {name!r}")

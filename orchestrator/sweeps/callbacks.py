@@ -19,7 +19,7 @@ from orchestrator.tracking import store
 from orchestrator.sweeps.storage import checkpoint_dirs
 from trials.folder import labels, layout
 from trials.folder.record import LevelRecord
-from trials.spec import from_dict
+from trials.spec import validated
 from trials.folder.version import code_version
 
 RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status -> MLflow run status
@@ -123,7 +123,7 @@ class LevelProgress(tune.Callback):
                 states.append(progress.state_of(packs.member_status(state, status)))
                 if state.get("status") == packs.STOPPED and trial_id not in self.ended:
                     self.ended.add(trial_id)
-                    planned = level_iterations(from_dict(member["spec"]))
+                    planned = level_iterations(validated(member["spec"]))  # the driver validated it
                     self.progress.stopped(planned, sum(seen == trial_id for seen, _ in self.seen))
         self.progress.count(states)
         if self.progress.units and time.monotonic() - self.asked >= self.UNITS_S:

@@ -1,11 +1,23 @@
 """A Tune trial's member trials (ARCHITECTURE.md, "Packs in sweeps").
 
 Every Tune trial runs a pack of one or more trials, and its config says everything the
-worker needs (orchestrator/plan.py tune_config builds it on the driver, once):
+worker needs (orchestrator/plan.py tune_config builds it on the driver, once; the worker
+decides nothing and imports no planner):
 
-    {"pack": {"trials": [{"config": varied values and seed, "spec": TrialSpec.to_dict(),
-                          "key": the spec's key}, ...],
-              "groups": [{"members": [index, ...], "arithmetic": "alone" | "stacked"}, ...]}}
+    {"pack": {"trials": [{"config": varied values and seed, "spec": TrialSpec.to_dict()
+                          of a spec the driver validated, "key": the spec's key}, ...],
+              "groups": [{"members": [index, ...], "arithmetic": "alone" | "stacked",
+                          "data": data_key of the members' data,
+                          "units": [{"name", "deps", "member": the member whose spec, as
+                                     IMP, trains it, "points"}, ...]: what the worker
+                                     registers with the broker (registrations; a searched
+                                     pack's; [] in a grid, whose driver registered every
+                                     unit up front)}, ...]}}
+
+A Tune trial made by an lth before "data" and "units" (a sweep resumed across the change)
+has groups without them: its worker validates its specs and finds the data key itself
+(member_specs, group_data), and registers no units (a grid's driver registered them all;
+a search's other trials then help with them less, and nothing is trained twice).
 
 The trainable (trainable.py) runs each group's members together, in folders m00, m01, ...
 of one working folder, and checkpoints them together; everything downstream stays per
@@ -29,6 +41,41 @@ PACK = "pack"  # the Tune config key of a pack
 PACK_FILE = "pack.json"
 RUNNING, DONE, STOPPED, FAILED = "running", "done", "stopped", "failed"
 TUNE_STATUS = {DONE: "TERMINATED", STOPPED: "TERMINATED", FAILED: "ERROR"}  # member -> trials.csv status
+
+
+def data_key(spec) -> str:
+    """Which trial processes can train a unit: those holding the same data on the same device."""
+    return json.dumps([spec.dataset.__dict__, spec.train.batch_size, spec.device], sort_keys=True, default=str)
+
+
+def planned_here(config: dict) -> bool:
+    """Whether the pack's config was made by this lth's planner (its groups name their
+    data), not by one before it (module doc)."""
+    return all("data" in group for group in config[PACK]["groups"])
+
+
+def member_specs(config: dict) -> list:
+    """The members' TrialSpecs from the pack's config: the driver validated them
+    (trials.spec.validated: typed again, not validated again); a config from an lth
+    before this one is validated (module doc)."""
+    from trials.spec import from_dict, validated
+
+    build = validated if planned_here(config) else from_dict
+    return [build(t["spec"]) for t in config[PACK]["trials"]]
+
+
+def group_data(group: dict, specs: list) -> str:
+    """The group's data key: its config's, or (a config from an lth before it) its first member's."""
+    return group.get("data") or data_key(specs[group["members"][0]])
+
+
+def registrations(config: dict, group: dict) -> list[dict]:
+    """The group's units as the broker takes them (orchestrator/plan.py registrations):
+    each unit's spec is its member's with control none (the unit is IMP's), as the driver
+    named it."""
+    trials = config[PACK]["trials"]
+    return [{"name": u["name"], "deps": u["deps"], "spec": {**trials[u["member"]]["spec"], "control": "none"},
+             "data": group["data"], "points": u["points"]} for u in group.get("units", [])]
 
 
 def member_dir(i: int) -> str:

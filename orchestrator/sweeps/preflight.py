@@ -34,7 +34,7 @@ def check(sweep, address: str | None) -> bool:
 
     check_usable(sweep.storage, write=True)
     text = read_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE)
-    if text is not None and parse_sweep(yaml.safe_load(text)["sweep"], Path("/")).to_dict() != sweep.to_dict():
+    if text is not None and parse_sweep(yaml.safe_load(text)["sweep"], Path("/"), trials=False).to_dict() != sweep.to_dict():
         raise ConfigError("name", sweep.name, f"a different sweep of that name exists in {sweep.storage}; "
                           f"continue it with `lth sweep resume {sweep.name}` or choose another --name")
     if not ray_address(address):

@@ -53,7 +53,9 @@ def save_sweep(sweep: Sweep, study_name: str) -> None:
     write_text(sweep_path(sweep.storage, sweep.name) + "/" + SWEEP_FILE, text)
 
 
-def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
+def load_saved(storage: str, name: str, sweep: Sweep | None = None) -> tuple[Sweep, str]:
+    """The sweep saved under `name` and its study's name; `sweep`: the same sweep, loaded
+    already (its trials built: not built again)."""
     from orchestrator.sweep_spec import NAME
 
     if not NAME.ok(name):
@@ -64,7 +66,7 @@ def load_saved(storage: str, name: str) -> tuple[Sweep, str]:
     if text is None:
         raise ConfigError("NAME", name, f"no sweep of that name under {storage} (looked for {path})")
     saved = yaml.safe_load(text)
-    return parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
+    return sweep or parse_sweep(saved["sweep"], Path("/")), saved["study_name"]
 
 
 def connect(sweep: Sweep, address: str | None, dashboard: bool = False) -> None:
@@ -165,7 +167,7 @@ def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> li
     """Start a sweep, or continue it when the same sweep already exists under its name.
     `dashboard`: a local Ray starts its dashboard too (a cluster's is the cluster's)."""
     if preflight.check(sweep, address):  # storage, name, a local Ray's size: before MLflow or Ray start
-        return resume(sweep.name, sweep.storage, address, dashboard)
+        return resume(sweep.name, sweep.storage, address, dashboard, sweep)
     quiet()
     address = ray_address(address)
     store.check_reachable(sweep.tracking_uri)  # before anything is written or started
@@ -182,9 +184,11 @@ def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> li
     return _finish(sweep)
 
 
-def resume(name: str, storage: str, address: str | None = None, dashboard: bool = False) -> list[dict]:
-    """Finish a sweep whose driver stopped: finished trials and levels are not rerun."""
-    sweep, study_name = load_saved(storage, name)
+def resume(name: str, storage: str, address: str | None = None, dashboard: bool = False,
+           sweep: Sweep | None = None) -> list[dict]:
+    """Finish a sweep whose driver stopped: finished trials and levels are not rerun.
+    `sweep`: the saved sweep, loaded already (by `run` or the CLI)."""
+    sweep, study_name = load_saved(storage, name, sweep)
     quiet()
     address = ray_address(address)
     if not address:

@@ -29,10 +29,11 @@ from orchestrator.sweeps.packs import FAILED, PACK, statuses
 
 
 def grid_space(sweep) -> dict:
-    """One Tune trial per pack (orchestrator/plan.py packs; packs of one without `pack`)."""
-    from orchestrator.plan import packs, trial_configs
+    """One Tune trial per pack (orchestrator/plan.py packs; packs of one without `pack`), of
+    the specs the sweep's load built (Sweep.trials)."""
+    from orchestrator.plan import packs
 
-    return {PACK: tune.grid_search([c[PACK] for c in packs(sweep, trial_configs(sweep)[0])])}
+    return {PACK: tune.grid_search([c[PACK] for c in packs(sweep)])}
 
 
 def optuna_distributions(sweep) -> dict:

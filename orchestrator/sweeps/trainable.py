@@ -1,9 +1,10 @@
 """The sweep's one Tune trainable: a Tune trial runs a pack of one or more trials
 (orchestrator/sweeps/packs.py), reporting their new levels as they go.
 
-The driver built each member's TrialSpec and decided how the members train (which
-together, with which arithmetic) once, in the trial's config (orchestrator/plan.py
-tune_config); this worker runs each group through the engine and decides nothing again.
+The driver built and validated each member's TrialSpec and decided how the members train
+(which together, with which arithmetic, on which data, with which units) once, in the
+trial's config (orchestrator/plan.py tune_config; its layout: packs.py); this worker runs
+each group through the engine and decides nothing again: it imports no planner.
 Each member trains in a local folder and, after every level, sends what changed to its
 trial folder in storage (folders.py: each file once, masks as bits, the finals the sweep
 keeps). The Tune checkpoint is the pack's state only (PACK_FILE: reports, statuses, the
@@ -41,12 +42,10 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
     """Run the Tune trial's pack. `share`: {"storage", "sweep", "packed"} when the sweep
     shares work units (units.py), else None. `stored`: {"storage", "sweep", "keep_finals"},
     where the members' trial folders live (folders.py)."""
-    from trials.spec import from_dict
-
     quiet_exit()  # no "SystemExit: 1" traceback when Ray stops this worker (workers.py)
     # one "checkpoint created" line per checkpoint drowns the driver's progress lines
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    specs = [from_dict(t["spec"]) for t in config[packs.PACK]["trials"]]
+    specs = packs.member_specs(config)  # validated by the driver: not again here
     work = Path(os.getcwd()) / "lottery"
     registered = tune.get_checkpoint()
     restore([registered] + persisted_after(_level(registered)) if registered else persisted_after(-1), work)
@@ -68,8 +67,9 @@ def lottery(config: dict, tolerance: float, stop_when_not_matching: bool, share:
         todo = [i for i in group["members"] if pack.status[i]["status"] == packs.RUNNING]
         if not todo:
             continue
-        data = _data(specs[todo[0]], work)
-        pack.store = _unit_store(share, [specs[i] for i in todo], data) if share else None
+        key = packs.group_data(group, specs)
+        data = _data(specs[todo[0]], key)
+        pack.store = _unit_store(share, key, packs.registrations(config, group), data) if share else None
         pack.waited = pack.store.waited if pack.store and pack.waited is None else pack.waited
         for i, e in train(pack, todo, data, group["arithmetic"]).items():
             pack.fail(i, e)
@@ -171,32 +171,34 @@ class _Pack:
 _STORES: dict = {}  # per worker process: (storage, sweep) -> UnitStore (one heartbeat, one cache)
 
 
-def _unit_store(share: dict, specs: list, data):
-    """This process's store of the sweep's units, set up to help with units on `data`."""
-    from orchestrator.plan import data_key, registrations, work_units
+def _unit_store(share: dict, data_key: str, units: list, data):
+    """This process's store of the sweep's units, set up to help with units on `data`
+    (`data_key`: packs.data_key), the group's `units` registered with the broker (as the
+    driver listed them: a searched pack's units; a grid's broker has them all)."""
     from orchestrator.sweeps.units import UnitStore, find_broker
-    from trials.spec import from_dict
+    from trials.spec import validated
 
     key = (share["storage"], share["sweep"])
     if key not in _STORES:
         _STORES[key] = UnitStore(share["storage"], find_broker(share["sweep"]), packed=share["packed"])
     store = _STORES[key]
-    store.data = data_key(specs[0])
+    store.data = data_key
     from trials.runner.levels import produce
 
-    store.helper = lambda name, unit_spec: produce(name, from_dict(unit_spec), store, data,
+    # a unit the broker hands over: its spec is a trial's, validated by the driver
+    store.helper = lambda name, unit_spec: produce(name, validated(unit_spec), store, data,
                                                    data.train_x.device, store.scratch, store.producer)
-    store.register(registrations(work_units(specs)))  # a searched configuration's units
+    if units:
+        store.register(units)
     return store
 
 
-def _data(spec, work):
-    from orchestrator.plan import data_key
+def _data(spec, data_key: str):
     from trials.nets.datasets import load
     from trials.runner.levels import resolve_device
 
     device = resolve_device(spec.device)  # "auto": the GPU Ray assigned, else the CPU
-    key = (data_key(spec), str(device))
+    key = (data_key, str(device))
     if key not in _DATA:
         _DATA.clear()  # one dataset per worker at a time: bounded memory
         _DATA[key] = load(spec.dataset, device, spec.train.batch_size)

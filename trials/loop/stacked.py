@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.loop.optim import PackedOptimizer
-from trials.loop.training import EVAL_BATCH
+from trials.nets.datasets import EVAL_BATCH
+from trials.nets.models import PACKABLE, why_not_packable
 
 
 def apart(x: torch.Tensor) -> bool:
@@ -142,24 +143,7 @@ class PackedBatchNorm(nn.Module):
     unlayout = layout
 
 
-PACKED = {nn.Linear: PackedLinear, nn.Conv2d: PackedConv2d,
-          nn.BatchNorm1d: PackedBatchNorm, nn.BatchNorm2d: PackedBatchNorm}
-
-
-def why_not_packable(net: nn.Module) -> Optional[str]:
-    """None if every parameter and buffer of `net` sits in a module that has a packed layer
-    (nn.Linear, nn.Conv2d with numeric zero padding, nn.BatchNorm1d/2d with a momentum)."""
-    for name, module in net.named_modules():
-        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if type(module) not in PACKED and own:
-            what = "parameters" if any(True for _ in module.parameters(recurse=False)) else "buffers (running state)"
-            return f"its {what} in {name} ({type(module).__name__}) have no packed layer"
-        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            return f"{name} pads with {module.padding_mode!r} {module.padding!r}: packed convolutions need numbers"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
-            return (f"{name} averages its running statistics cumulatively (momentum=None): by a count each "
-                    "member keeps for itself, which the packed BatchNorm does not do")
-    return None
+PACKED = dict(zip(PACKABLE, (PackedLinear, PackedConv2d, PackedBatchNorm, PackedBatchNorm)))  # trials/nets/models.py
 
 
 class PackedNet:

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from trials.loop import optim
 from trials.folder.environment import environment
+from trials.nets.datasets import EVAL_BATCH
 from trials.nets.masks import Masker
 
-EVAL_BATCH = 1000  # examples per evaluation forward pass
 CUDA_GRAPHS = True  # on CUDA, replay the step as a graph (StepGraph); False: every step eager
 
 

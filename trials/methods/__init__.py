@@ -23,7 +23,7 @@ Adding a method:
     and one line below: `_at_init("my_method", "trials.methods.at_init:my_scores", "help", reads=(...))`,
     `reads` naming the `at_init.*` fields it reads besides `scope`.
   - A new kind of method: one file (trials/my_method.py, or trials/methods/my_method.py) with
-    its member class (the interface of trials/runner/levels.py Member: job(level) -> a Job of
+    its member class (the interface of trials/methods/imp.py Member: job(level) -> a Job of
     trials/loop/training.py, finish(level, job, result, fields) -> LevelRecord, and `trial`), and
     one `register(Method(...))` below naming it. Fields only it reads go into a spec group
     of their own (trials/spec/trial_spec.py), listed in its `reads` and in `OWN_GROUPS`.
@@ -145,7 +145,7 @@ DEFAULT = "imp"
 register(Method(
     "imp", "train weights and prune them (prune.*)", trains="weights",
     reads=("model.init", "train", "prune", "rewind_iteration", "retrain", "stability", "early_bird"),
-    member="trials.runner.levels:Member", mask="pruned", levels="prune.levels", shares="trunk",
+    member="trials.methods.imp:Member", mask="pruned", levels="prune.levels", shares="trunk",
     controls=CONTROLS, retrain=RETRAIN, stability=True, control_trunk=True, early_bird="levels"))
 
 register(Method(
@@ -181,7 +181,7 @@ AT_INIT_READS = ("model.init", "train", "prune.rate", "prune.layer_rates", "prun
 def _at_init(name: str, scorer: str, help: str, reads: tuple[str, ...] = ()) -> Method:
     return register(Method(
         name, help, trains="weights", reads=(*AT_INIT_READS, *(f"at_init.{r}" for r in reads)),
-        member="trials.runner.levels:Member", mask="scored", scorer=scorer, levels="prune.levels", shares="dense",
+        member="trials.methods.imp:Member", mask="scored", scorer=scorer, levels="prune.levels", shares="dense",
         controls=("none", "reinit", "shuffle", "invert"), refuses=("at_init", "supermask", "prune.kind", "prune.scope"),
         why_not=(("control=random_prune", "shuffle is a random mask at the method's per-layer counts"),
                  ("retrain", "a mask found at init trains from the rewind point"),

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trials.methods import controls, early_bird_watch as early_bird
-from trials.runner.levels import Member
 from trials.loop.training import Job
+from trials.methods import controls, early_bird_watch
+from trials.methods.imp import Member
 
 
 class EarlyBird(Member):
-    def watch(self, level: int, mask: dict) -> Optional[early_bird.Watch]:
+    def watch(self, level: int, mask: dict) -> Optional[early_bird_watch.Watch]:
         """Level 0 is watched at every level's density; the tickets train their schedule."""
         if level:
             return None
         spec, folder = self.spec, self.trial.level_dir(0)
-        watch = early_bird.Watch(spec, self.layers, mask, list(range(1, spec.prune.levels + 1)),
+        watch = early_bird_watch.Watch(spec, self.layers, mask, list(range(1, spec.prune.levels + 1)),
                                  spec.rewind_iteration,
-                                 lambda lv, info, state, m: early_bird.save_draw(folder, lv, info, state, m))
+                                 lambda lv, info, state, m: early_bird_watch.save_draw(folder, lv, info, state, m))
         self.watches[0] = watch
         return watch
 
@@ -39,11 +39,11 @@ class EarlyBird(Member):
         if level == 0:
             return super().job(0, keep)
         dense = self.trial.level_dir(0)
-        mask = (early_bird.draw_mask(dense, level) if imp is None
+        mask = (early_bird_watch.draw_mask(dense, level) if imp is None
                 else controls.mask(self.spec, level, imp.trial, self.trial, self.layers))
         if self.spec.retrain == "finetune":
-            t = early_bird.read_draw(dense, level)["iteration"]
-            return Job(self.spec.train, self.spec.seed, mask, early_bird.draw_weights(dense, level, self.device), t)
+            t = early_bird_watch.read_draw(dense, level)["iteration"]
+            return Job(self.spec.train, self.spec.seed, mask, early_bird_watch.draw_weights(dense, level, self.device), t)
         return Job(self.spec.train, self.spec.seed, mask, self.trial.rewind(self.device), self.spec.rewind_iteration)
 
     def early_bird_fields(self, level: int, job: Job, result: dict, final: dict) -> dict:
@@ -53,10 +53,10 @@ class EarlyBird(Member):
         watch = self.watches.pop(level, None)
         if watch is not None:
             for lv, info, mask in watch.unstable(job.start + result["iterations"], final):
-                early_bird.save_draw(dense, lv, info, final, mask)
+                early_bird_watch.save_draw(dense, lv, info, final, mask)
         out = {"schedule_iterations": self.spec.train.iterations - job.start}
         if level == 0:
-            infos = [early_bird.read_draw(dense, lv) for lv in range(1, self.spec.prune.levels + 1)]
+            infos = [early_bird_watch.read_draw(dense, lv) for lv in range(1, self.spec.prune.levels + 1)]
             return {**out, "early_bird_stable": all(i["stable"] for i in infos), "cost_iterations": result["iterations"]}
-        info = early_bird.read_draw(dense, level)
-        return {**out, **early_bird.fields(info), "cost_iterations": info["iteration"] + result["iterations"]}
+        info = early_bird_watch.read_draw(dense, level)
+        return {**out, **early_bird_watch.fields(info), "cost_iterations": info["iteration"] + result["iterations"]}

@@ -41,7 +41,6 @@ from trials.nets import masks, models
 from trials.methods import pruning
 from trials.folder.environment import environment
 from trials.folder.record import LevelRecord
-from trials.spec import PruneSpec
 from trials.loop.stacked import Stacked, apart
 from trials.loop.optim import PackedOptimizer
 from trials.folder.store import TrialDir, state_of
@@ -105,7 +104,8 @@ class Searcher:
         k = self.spec.supermask.densities[level]
         net = fixed_network(self.spec, self.data.info, self.device)
         net.load_state_dict(self.weights(level))
-        mask = pruning.prune(PruneSpec(), self.fixed, masks.ones(self.layers), self.layers,
+        default = type(self.spec.prune)()  # edge-popup reads no prune.* field
+        mask = pruning.prune(default, self.fixed, masks.ones(self.layers), self.layers,
                              strategy="random", targets=layer_counts(self.layers, k),
                              generator=rng(self.spec.seed, "random_prune", level))
         masks.Masker(net, mask).apply()

@@ -20,6 +20,7 @@ from trials.core.registry import Registry
 
 DATASETS: Registry = Registry("dataset", "dataset.name")
 SPLIT_SEED = 0  # fixed: the validation/test split never depends on the trial's seed
+EVAL_BATCH = 1000  # examples per evaluation forward pass (the loop's, and the planner's memory estimate)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ class Family:
     `net`: "module:Class" of the networks its builders return. `ops`: "module:function"
     that gives such a network as ops (trials/nets/paths.py: effective density in the level
     records, and compaction), or None: then `no_ops` says why, and compaction is refused
-    with it. `no_packs`: why its networks cannot train in a pack, or None: trials/loop/stacked.py
-    then checks each built network module by module (why_not_packable)."""
+    with it. `no_packs`: why its networks cannot train in a pack, or None: each built network is
+    then checked module by module (why_not_packable)."""
 
     name: str
     net: str
@@ -56,6 +56,27 @@ class Family:
 
 
 FAMILIES: Registry = Registry("model", "model.name")  # model name -> its Family
+
+# The layer types a pack stacks (trials/loop/stacked.py PACKED): a network whose every parameter
+# and buffer sits in one of them can train in a pack. Here, not in the loop, so that the
+# planner decides packs without importing the training loop (trials/spec/packing.py).
+PACKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def why_not_packable(net: nn.Module) -> Optional[str]:
+    """None if every parameter and buffer of `net` sits in a module of a PACKABLE type
+    (nn.Linear, nn.Conv2d with numeric zero padding, nn.BatchNorm1d/2d with a momentum)."""
+    for name, module in net.named_modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if type(module) not in PACKABLE and own:
+            what = "parameters" if any(True for _ in module.parameters(recurse=False)) else "buffers (running state)"
+            return f"its {what} in {name} ({type(module).__name__}) have no packed layer"
+        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            return f"{name} pads with {module.padding_mode!r} {module.padding!r}: packed convolutions need numbers"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+            return (f"{name} averages its running statistics cumulatively (momentum=None): by a count each "
+                    "member keeps for itself, which the packed BatchNorm does not do")
+    return None
 
 
 def model(name: str, family: Family):

@@ -31,23 +31,20 @@ it whole. This module never touches storage itself.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from trials.folder import layout
-from trials.nets import masks
-from trials import methods
 from trials.folder.record import STABILITY, LevelRecord
-from trials.spec import non_default
 from trials.folder.store import TrialDir, copy_draws, load_tensors, save_tensors, write_json
 from trials.loop.training import Job, TrainingDiverged
+from trials.nets import masks
+from trials.spec.sharing import (  # noqa: F401 - the units' names, with the units
+    dense_name, level_name, plan, point_name, shareable, shares_levels, trunk_name,
+)
 
-# what cannot change level 0's training: left out of the dense key
-DENSE_FREE = ("prune", "rewind_iteration", "control", "retrain", "stability", "method", "at_init")
-TRUNK_FREE = ("control", "prune.levels")  # what a trunk level does not depend on
 POINTS = "points"  # a dense unit's folder of rewind points: points/<k>.safetensors
 
 
@@ -71,41 +68,6 @@ class Units(Protocol):
 
     def points(self, dense: str) -> set[int]:
         """The rewind points a dense run should keep: every one the sweep asks for."""
-
-
-def _key(spec, free: tuple[str, ...]) -> str:
-    data = non_default(spec)
-    for path in free:
-        *parents, last = path.split(".")
-        node = data
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-# early-bird IMP levels (trials/methods/early_bird_watch.py) stop where the next level's mask stabilises, so
-# their dense run depends on the pruning rule and k too, and a trunk level on whether it is the last
-EARLY_DENSE_FREE = ("prune.levels", "control", "retrain", "stability", "method", "at_init")
-EARLY_TRUNK_FREE = ("control",)
-
-
-def dense_name(spec) -> str:
-    return f"dense/{_key(spec, EARLY_DENSE_FREE if spec.early_bird.imp_levels else DENSE_FREE)}"
-
-
-def point_name(spec, k: int) -> str:
-    """A rewind point is the plain dense run's first k iterations, early-bird or not."""
-    return f"point/{_key(spec, DENSE_FREE + ('early_bird',))}-{k}"
-
-
-def trunk_name(spec) -> str:
-    return f"trunk/{_key(spec, EARLY_TRUNK_FREE if spec.early_bird.imp_levels else TRUNK_FREE)}"
-
-
-def level_name(spec, level: int) -> str:
-    return f"{trunk_name(spec)}/{layout.level_dir(level)}"
 
 
 def unit_record(folder: Path) -> LevelRecord:
@@ -143,32 +105,6 @@ def note(ledger: Path, spec, level: int, mine: bool) -> None:
     entries[other] = [lv for lv in entries[other] if lv != level]
     entries[kind] = sorted({*entries[kind], level})
     write_json(ledger, entries)
-
-
-def shareable(spec) -> bool:
-    """IMP trials share; so does an at-init trial's dense level (IMP's); edge-popup levels are
-    independent searches (each is its own work); method=early_bird's dense run stops where
-    its own densities' masks stabilise and keeps its draws: its trial's own work (it trains
-    that prefix, never the full dense run, whose unit keeps no draws)."""
-    return methods.of(spec).shares != "none"
-
-
-def shares_levels(spec) -> bool:
-    """Whether levels >= 1 are trunk units: IMP's; an at-init level is its trial's own."""
-    return methods.of(spec).shares == "trunk"
-
-
-def plan(spec) -> list[dict]:
-    """The units a trial needs, each {name, deps, iterations}: what a sweep's planner
-    (orchestrator/plan.py) and the store's helpers need to know ahead of time."""
-    t = spec.train
-    units = [{"name": dense_name(spec), "deps": [], "iterations": t.iterations}]
-    previous = units[0]["name"]
-    for level in range(1, spec.prune.levels + 1 if shares_levels(spec) else 1):
-        name = level_name(spec, level)
-        units.append({"name": name, "deps": [previous], "iterations": t.iterations - spec.rewind_iteration})
-        previous = name
-    return units
 
 
 # ---------------------------------------------------------------- producing units

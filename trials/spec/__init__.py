@@ -6,5 +6,5 @@ a spec, or planning packs, stays light (ARCHITECTURE.md, "Layers").
 name `trials.spec.TrialSpec` and its groups resolve here too."""
 from trials.spec.trial_spec import (  # noqa: F401
     AtInitSpec, DatasetSpec, EarlyBirdSpec, ModelSpec, PruneSpec, StabilitySpec, SupermaskSpec, TrainSpec,
-    TrialSpec, field_paths, flatten, from_dict, non_default, to_dict,
+    TrialSpec, field_paths, flatten, from_dict, non_default, to_dict, validated,
 )

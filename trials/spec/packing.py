@@ -9,7 +9,7 @@ prune at initialization, trials/methods/at_init.py). Edge-popup trials pack with
 weights; their `train.optimizer` is unused, and every `supermask.*` field may differ).
 A model family may say its networks do not pack, and why (trials/nets/models.py Family); else
 models with parameters or running state in a module without a stacked layer do not pack
-(trials/loop/stacked.py why_not_packable).
+(trials/nets/models.py why_not_packable).
 """
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import functools
 from pathlib import Path
 from typing import Optional
 
-from trials.nets import datasets, models
 from trials import methods
 from trials.core.errors import ConfigError
-from trials.loop.stacked import why_not_packable
+from trials.nets import datasets, models
 
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
 
@@ -68,7 +67,7 @@ def model_reason(name: str, builder, dataset, width: float) -> Optional[str]:
     """why_not_packable of the model as built for `dataset`, once per (model, builder,
     dataset, width): a planner asks for every trial, and each answer builds a model shell."""
     info = datasets.info(dataset)
-    return why_not_packable(models.shell(name, info.shape, info.num_classes, width))
+    return models.why_not_packable(models.shell(name, info.shape, info.num_classes, width))
 
 
 def why_not_packed(spec) -> Optional[ConfigError]:

@@ -10,6 +10,7 @@ Plain data becomes a spec through trials/core/typed.py, by the fields' real type
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -195,7 +196,8 @@ class TrialSpec:
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N", key=False)
 
     def __post_init__(self):
-        validate(self)
+        if not _VALIDATED.get():
+            validate(self)
 
     @property
     def last_level(self) -> int:
@@ -219,17 +221,18 @@ class TrialSpec:
 
 
 def to_dict(spec) -> dict:
-    out = {}
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif f.name == "layer_rates":
-            value = dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
+    return {f.name: _plain(f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+
+
+def _plain(name: str, value):
+    """A field's value as plain data (to_dict)."""
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    if name == "layer_rates":
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def non_default(spec) -> dict:
@@ -243,7 +246,7 @@ def non_default(spec) -> dict:
             if sub:
                 out[f.name] = sub
         elif value != default:
-            out[f.name] = to_dict(spec)[f.name]
+            out[f.name] = _plain(f.name, value)
     return out
 
 
@@ -263,6 +266,21 @@ def from_dict(data: dict, cls=TrialSpec, path: str = ""):
     """Build a spec from plain data, rejecting unknown keys and wrong types by path
     (`path`: where `data` sits, e.g. "prune."). Only TrialSpec validates across fields."""
     return typed.build(cls, data, path.rstrip("."))
+
+
+_VALIDATED = contextvars.ContextVar("spec_validated", default=False)  # set by validated() only
+
+
+def validated(data: dict) -> TrialSpec:
+    """A spec from the to_dict of one that was validated where it was made: its keys and
+    types are checked as from_dict checks them, its rules across fields (trials/validate.py)
+    are not run again. A sweep's driver ships its trials' specs so (ARCHITECTURE.md,
+    "Packs in sweeps")."""
+    token = _VALIDATED.set(True)
+    try:
+        return from_dict(data)
+    finally:
+        _VALIDATED.reset(token)
 
 
 def field_paths(cls=TrialSpec, prefix: str = "") -> dict[str, Any]:
