@@ -16,7 +16,7 @@ norm and loss runs on tensors of its own with the shapes and strides it has alon
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
