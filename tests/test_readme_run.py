@@ -1,9 +1,10 @@
 """The README followed as written, shrunk: every ```bash block runs in bash and every
 ```python block in Python, in README order, in a fresh folder with HOME, the MLflow store
 and the data of its own; `lth` is the real command line with the shrinking of
-tests/readme_lth.py (one seed, one level, short training; nothing else changed). A block
-is skipped only for a reason listed in SKIPPED (a cloud account, a server that runs until
-stopped, a bench); a new block that neither runs nor has a reason fails the test.
+tests/readme_lth.py (one seed, one level, short training; nothing else changed) and the
+text replacements of REPLACED (a loop over seeds runs for one). A block is skipped only
+for a reason listed in SKIPPED (a cloud account, a server that runs until stopped, a
+bench); a new block that neither runs nor has a reason fails the test.
 
 The data the README assumes: `~/data` (a torchvision MNIST root) and the t10k files of
 `$LTH_MNIST_T10K` hold scikit-learn's digits (real handwriting, 8x8) scaled to 16x16 and
@@ -33,6 +34,12 @@ SKIPPED = {  # a block's first line (prefix) -> why the test does not run it
     "pip install -e . 'boto3": "needs an AWS account (`ray up`)",
     "HEAD=$(ray get-head-ip": "needs the cluster of `ray up`",
 }
+
+# A block's text -> what runs instead, before it runs (each must still be in the README):
+# the README's scratch folder kept inside the test's; its loop over three seeds shrunk to
+# the last one, as tests/readme_lth.py shrinks a sweep's seeds (the loop's body, the
+# README's commands, runs as written).
+REPLACED = {"/tmp/mnist8k": "{tmp}/mnist8k", "for seed in 0 1 2; do": "for seed in 2; do"}
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -96,7 +103,8 @@ def sandbox(tmp: Path) -> dict:
 
 
 def run_block(lang: str, text: str, tmp: Path, env: dict) -> None:
-    text = text.replace("/tmp/mnist8k", str(tmp / "mnist8k"))  # the README's scratch folder, kept inside
+    for written, shrunk in REPLACED.items():
+        text = text.replace(written, shrunk.format(tmp=tmp))
     command = ["bash", "-euo", "pipefail", "-c", text] if lang == "bash" else [sys.executable, "-c", text]
     proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"README block failed ({proc.returncode}):\n{text}\n--- stderr:\n{proc.stderr[-4000:]}"
@@ -108,6 +116,8 @@ def test_every_block_runs_or_says_why_not():
         if lang == "bash" and not skipped(text):
             assert "lth " in text or "python" in text, f"a block the test would run but that runs nothing: {text}"
     assert all(any(skipped(t) == why for _, t in blocks()) for why in SKIPPED.values()), "a reason for no block"
+    for written in REPLACED:
+        assert any(written in t for _, t in blocks() if not skipped(t)), f"no block runs {written!r} any more"
 
 
 @pytest.mark.slow
@@ -127,7 +137,7 @@ def test_the_readme_runs_as_written(tmp_path):
     # what the blocks say they make
     assert (tmp_path / "ticket7" / "spec.json").is_file()
     assert (tmp_path / "tickets.csv").read_text().startswith("run_id,")  # a header even with no ticket that good
-    for made in ("table.tex", "imp.pdf", "inst.png", "runs/lenet/levels.jsonl", "runs/mine/levels.jsonl",
+    for made in ("table.tex", "imp.pdf", "inst.png", "cost.png", "runs/lenet/levels.jsonl", "runs/mine/levels.jsonl",
                  "runs/edge_popup/2/levels.jsonl", "runs/random_mask/2/levels.jsonl", "runs/imp_dense/2/levels.jsonl"):
         assert (tmp_path / made).is_file(), made
     assert ran >= 10
