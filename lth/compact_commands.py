@@ -1,4 +1,4 @@
-"""`lth tickets compact`: a ticket as a smaller dense network for inference (trials/export/compact.py),
+"""`lth tickets compact`: a ticket as a smaller dense network for inference (trials/export/compact/),
 from an exported ticket folder or from an MLflow run (whose run then holds the result too)."""
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ from trials.runner.levels import run_lottery, run_pack
 from trials.spec import DatasetSpec, EarlyBirdSpec, TrialSpec, from_dict, non_default
 from trials.loop.stacked import Stacked
 from trials.folder.store import load_tensors
-from trials.loop.training import Alone, Job, train_members
+from trials.loop.arithmetic import Alone
+from trials.loop.training import Job, train_members
 
 
 def tiny(method="early_bird", **changes):

@@ -22,7 +22,7 @@ from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from trials.nets import datasets
 from trials import load_ticket
-from trials.loop.training import evaluate
+from trials.loop.arithmetic import evaluate
 from tests.conftest import LTH, digits_base
 
 BASE = digits_base(levels=2)

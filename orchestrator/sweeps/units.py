@@ -202,7 +202,7 @@ class UnitStore:
         # the arithmetic of its units: its folder's kind of numbers (units_root)
         from trials.runner.levels import Producer
         from trials.loop.stacked import Stacked
-        from trials.loop.training import Alone
+        from trials.loop.arithmetic import Alone
 
         self.producer = Producer(Stacked if packed else Alone)
         self.broker = broker

@@ -42,7 +42,7 @@ class Ticket:
     def evaluate(self, data=None) -> tuple[float, float]:
         """(test loss, test accuracy) of the model as loaded, in eval mode: with the final
         weights, on the machine kind that trained them, exactly the recorded test_acc."""
-        from trials.loop.training import autocast_for, evaluate
+        from trials.loop.arithmetic import autocast_for, evaluate
 
         device = next(self.model.parameters()).device
         data = data or datasets.load(self.spec.dataset, device)

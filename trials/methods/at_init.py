@@ -36,7 +36,7 @@ from trials import methods
 from trials.nets import models
 from trials.methods import pruning
 from trials.nets.masks import Layers, Mask
-from trials.loop.training import rng
+from trials.core.seeds import rng
 
 # ---------------------------------------------------------------- counts
 

@@ -24,7 +24,7 @@ from trials.methods import at_init, pruning
 from trials import methods
 from trials.nets import models
 from trials.folder.store import TrialDir, state_of
-from trials.loop.training import rng
+from trials.core.seeds import rng
 
 pruning.STRATEGIES.register("smallest")(lambda weight, units, g: -pruning.magnitude(weight, units, g))
 
