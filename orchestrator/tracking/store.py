@@ -221,15 +221,16 @@ class SweepTracker:
                 **tags, **extra, "mlflow.parentRunId": self.parent, TAG_TRIAL: tune_trial_id,
                 TAG_VARIED: ",".join(self.sweep.varied), "git_sha": str(meta.get("git_sha")),
                 "lth.version": str(meta.get("version")), levels_table.STATE_TAG: levels_table.STALE})
-            steps = set()
+            steps, stale = set(), self.doubts  # created marked stale
         else:
-            steps = self._steps(run.info.run_id)
+            steps, stale = self._steps(run.info.run_id), None
         params, pending = run.data.params, {}
         if not params:  # new, or created by a driver that died before the params: sent with its first batch
             params = pending = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v)
                                 for k, v in methods.get(flat["method"]).params(flat).items()}
         self.known[key] = {"run_id": run.info.run_id, "steps": steps, "head": head(run, params),
-                           "read": self.doubts, "folder": run.data.tags.get(TAG_FOLDER), "pending": pending}
+                           "read": self.doubts, "folder": run.data.tags.get(TAG_FOLDER), "pending": pending,
+                           "stale": stale}
         self.table.set_head(self.known[key]["head"])
         if run.data.tags.get(levels_table.STATE_TAG) != levels_table.CURRENT:
             self.table.mark(run.info.run_id, steps)  # current again once the table holds it
@@ -328,9 +329,11 @@ class SweepTracker:
                 now = stamps.setdefault(r.level, int(time.time() * 1000))
                 metrics += [Metric(k, float(getattr(r, k)), now, r.level) for k in TRACKED
                             if getattr(r, k) is not None]  # an optional field not measured: no metric
-        if metrics:
+        if metrics and not self._still_stale(run):
             tags[levels_table.STATE_TAG] = levels_table.STALE
         self._send(run, metrics, [RunTag(k, v) for k, v in tags.items()])
+        if levels_table.STATE_TAG in tags:
+            run["stale"] = self.doubts
         if envs:
             run["environments"] = envs
         new = {r.level for r in records} - run["steps"]
@@ -340,6 +343,12 @@ class SweepTracker:
         for r in records:
             if r.level in run["steps"]:
                 self.table.add(run["run_id"], r)
+
+    def _still_stale(self, run: dict) -> bool:
+        """The store holds the run marked stale and the table has not marked it current
+        since (it waits for the next upload), with no failed write in between: marking it
+        stale again would be a write (a commit) that changes nothing."""
+        return run.get("stale") == self.doubts and run["run_id"] in self.table.pending
 
     def upload_table(self, now: bool = False) -> None:
         """Publish the sweep's table (levels_table.LevelsTable.publish): throttled while
@@ -379,10 +388,13 @@ class SweepTracker:
         changed = run["head"]["status"] != status
         if not changed and not run.get("pending") and run.get("ended") == self.doubts:
             return
-        if changed or run.get("pending"):  # stale first: readers never pair the new status with the table's old one
+        mark = changed and not self._still_stale(run)
+        if mark or run.get("pending"):  # stale first: readers never pair the new status with the table's old one
             from mlflow.entities import RunTag
 
-            self._send(run, [], [RunTag(levels_table.STATE_TAG, levels_table.STALE)] if changed else [])
+            self._send(run, [], [RunTag(levels_table.STATE_TAG, levels_table.STALE)] if mark else [])
+            if mark:
+                run["stale"] = self.doubts
         self.c.set_terminated(run["run_id"], status=status)
         run["ended"] = self.doubts  # the store holds this status (unless a write failed since)
         if changed:
