@@ -28,9 +28,15 @@ def runs(experiment: str, tracking_uri: Optional[str] = None, tables: bool = Tru
     uri, c = store.connect(tracking_uri)
     heads, levels = [], []
     trials, what = read.select(read.trials(c, experiment, uri, TRACKED, tables), experiment, sweeps)
+    kept: dict = {}  # (method, param names) -> the names its method reads (methods.logged), asked once
     for trial in trials:
+        params = trial["params"]
+        key = (params.get("method"), tuple(params))
+        if key not in kept:
+            kept[key] = tuple(methods.logged(params))
+        names = kept[key]
         heads.append({**{k: trial[k] for k in HEAD}, "environments": trial.get("environments"),
-                      **methods.logged(trial["params"])})
+                      **{name: params[name] for name in names}})
         levels += [{"run_id": trial["run_id"], "level": level, **{m: values.get(m) for m in TRACKED}}
                    for level, values in sorted(trial["levels"].items())]
     if not levels:
@@ -124,9 +130,15 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _column(values: pd.Series, tp) -> pd.Series:
-    """A column of logged params (strings) as the spec's type `tp`; null stays null."""
-    parsed = [from_logged(v, tp) for v in values]
+    """A column of logged params (strings) as the spec's type `tp`; null stays null. Each
+    distinct value is parsed once (a column of 10,000 runs holds a few), except where the
+    parsed value could be changed in place (a mapping)."""
     core = non_null(tp)
+    if get_origin(core) is tuple:
+        parsed = [from_logged(v, tp) for v in values]
+    else:
+        seen: dict = {}  # keyed with the type too: 1, 1.0 and True are one dict key
+        parsed = [seen[k] if (k := (type(v), v)) in seen else seen.setdefault(k, from_logged(v, tp)) for v in values]
     dtype = {int: "Int64", float: "Float64", bool: "boolean"}.get(core)
     if dtype:
         return pd.array(parsed, dtype=dtype)

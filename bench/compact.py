@@ -1,4 +1,4 @@
-"""Does a compact ticket (trials/export/compact.py) run faster than its masked network? Structured
+"""Does a compact ticket (trials/export/compact/) run faster than its masked network? Structured
 tickets of LeNet-300-100 (MNIST's 1x28x28), Conv-2 and ResNet-20 (CIFAR-10's 3x32x32) at
 about 50% and 20% of each layer's units (one structured pruning of random weights: latency
 does not depend on training), timed at batch sizes 1, 128 and 1024 through torch and

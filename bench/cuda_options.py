@@ -34,7 +34,7 @@ from trials.nets.datasets import DatasetInfo  # noqa: E402
 from trials.loop.optim import PackedOptimizer  # noqa: E402
 from trials.loop.stacked import PackedNet  # noqa: E402
 from trials.spec import ModelSpec, TrainSpec  # noqa: E402
-from trials.loop.training import cuda_numerics  # noqa: E402
+from trials.loop.arithmetic import cuda_numerics  # noqa: E402
 
 CASES = [  # model, input shape, batch size
     ("lenet_300_100", (1, 28, 28), 60),

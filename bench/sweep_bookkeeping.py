@@ -12,7 +12,9 @@ whole `lth sweep run` process in a fresh folder.
         trial folder    the engine writing trial folders (spec, rewind, level files, nodes)
         checkpoints     the trainable's checkpoints to Tune (and restores)
         units           shared work units: claims, publishing, listings
-        mlflow          the driver's MLflow callbacks while the sweep runs, and the end's replay
+        mlflow          the driver's MLflow callbacks in Tune's loop while the sweep runs, and
+                        the end's wait for the queued writes and replay (the writes made off
+                        the loop are printed apart as `mlflow writer`: they overlap the rest)
         tables          the end: trials.csv and the tables
         tune (rest)     wall less the above (workers' seconds divided by `max_concurrent`,
                         as they run side by side): Ray and Tune's own work, process starts
@@ -29,6 +31,7 @@ and `tune (rest)` can come out negative: report the load with the numbers.
 orchestrator and trials, first on PYTHONPATH): before and after on one machine, one load.
 
     .venv/bin/python bench/sweep_bookkeeping.py [--sizes 256 1024] [--pack 64] [--ref main] [--json out.json]
+        [--tables] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -93,6 +96,9 @@ def archive(ref: str, into: Path) -> Path:
 def one(trials: int, args, code: Path = REPO) -> dict:
     with tempfile.TemporaryDirectory(prefix="lth-books-") as t:
         tmp = Path(t)
+        if args.keep:  # the sweep's folder stays, for the reading commands or a profiler
+            tmp = Path(args.keep) / f"books{trials}-{time.strftime('%Y%m%d-%H%M%S')}"
+            tmp.mkdir(parents=True)
         (tmp / "mlflow").mkdir()
         (tmp / "times").mkdir()
         name = f"books{trials}"
@@ -145,8 +151,9 @@ def tables(name: str, tmp: Path, code: Path) -> dict:
     env.pop("MLFLOW_TRACKING_URI", None)
     uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
     commands = {"sweep status": ["sweep", "status", name, "--storage", str(tmp / "runs")],
+                # the trials differ in prune.rate, so a level is no density: target densities
                 "report table": ["report", "table", "--experiment", name, "--rows", "prune.kind",
-                                 "--tracking-uri", uri],
+                                 "--density", "1,0.5,0.2", "--tracking-uri", uri],
                 "tickets best": ["tickets", "best", "--experiment", name, "--tracking-uri", uri]}
     out = {}
     for label, argv in commands.items():
@@ -169,6 +176,7 @@ def main() -> None:
     ap.add_argument("--ref", help="first measure this commit's code (e.g. main)")
     ap.add_argument("--tables", action="store_true", help="time the reading commands after each sweep")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--keep", metavar="DIR", help="run each sweep in a new folder under DIR and keep it")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="lth-ref-") as tmp:
@@ -194,6 +202,9 @@ def measure(args, code: Path) -> list:
               f"the fp32 model, {fp32 / 1e3:.0f} kB), {r['storage_files_per_trial']:.1f} files/trial; "
               f"MLflow {r['mlflow_bytes_per_trial'] / 1e6:.3f} MB/trial, {r['mlflow_files_per_trial']:.1f} files/trial",
               flush=True)
+        if r["worker_s"].get("mlflow writer"):
+            print(f"  mlflow writer (driver thread, overlapped): "
+                  f"{1000 * r['worker_s']['mlflow writer'] / n:.1f} ms per trial", flush=True)
         if r["tables_s"]:
             print("  answers: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["tables_s"].items()), flush=True)
     if len(out) >= 2:

@@ -310,7 +310,7 @@ def process_mode(args, tmp: Path) -> None:
 
 
 def optimizer_mode(args, spec, data) -> None:
-    from trials.loop import optim, training
+    from trials.loop import arithmetic, optim
 
     def variant(kind):
         def make(t, params, fused=None):
@@ -324,17 +324,17 @@ def optimizer_mode(args, spec, data) -> None:
     samples = args.levels * args.iterations * spec.train.batch_size
     kinds = ("single", "foreach", "exact", "fused")
     times: dict = {k: [] for k in kinds}
-    original = training.make_optimizer
+    original = arithmetic.make_optimizer
     try:
         for r in range(args.repeats):
             for kind in kinds:
-                training.make_optimizer = variant(kind)
+                arithmetic.make_optimizer = variant(kind)
                 seconds, records = timed(run_engine, spec, data)
                 times[kind].append(seconds)
                 accs = " ".join(f"{x['density']:.3f}:{x['test_acc']:.4f}" for x in records)
                 print(f"  repeat {r + 1}/{args.repeats} {kind:7s} {seconds:7.2f} s  {samples / seconds:9.0f} samples/s  {accs}")
     finally:
-        training.make_optimizer = original
+        arithmetic.make_optimizer = original
     med = {k: statistics.median(v) for k, v in times.items()}
     for k in kinds:
         print(f"{k:7s} median {med[k]:7.2f} s  {samples / med[k]:9.0f} samples/s  speed vs torch default "

@@ -48,23 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def entry() -> None:
-    """The `lth` program. A process that ran Ray (a sweep's driver) ends as soon as its
-    exit handlers have run (Ray's shutdown, logging's flush): after a Tune run, the
-    interpreter's own finalization then spends seconds in native code, with nothing left
-    to write (ARCHITECTURE.md, "The sweep runner")."""
+    """The `lth` program. It ends as soon as what it did is out: other threads joined, the
+    exit handlers run (Ray's shutdown, logging's flush, temporary folders), the streams
+    flushed. The interpreter's own finalization, which frees every object of every module
+    loaded, comes after all of that and changes nothing on disk: it took half a CPU second
+    of a reader's answer (mlflow, pandas) and seconds after a Tune run (ARCHITECTURE.md,
+    "The sweep runner"). An exception that escapes main() ends the process as usual."""
     code = main()
-    ray = sys.modules.get("ray")
-    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        import atexit
+    import atexit
+    import threading
 
-        atexit._run_exitfuncs()  # what a normal exit runs first
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe: nothing more to say
-                pass
-        os._exit(code)
-    sys.exit(code)
+    for thread in threading.enumerate():  # what a normal exit waits for first
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        # Ray's own exit handler first sleeps half a second for workers' last log lines;
+        # a sweep's end (its tables, the MLflow replay) has given them that time already
+        atexit.unregister(ray.shutdown)
+        ray.shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def sweep_status(args) -> int:
     path = results.write_csv(sweep, rows)
     print(results.status_report(sweep, rows))
     width = progress.columns(sys.stdout) if sys.stdout.isatty() else None
-    print(progress.of_rows(sweep, rows).line(elapsed=False, trials=False, width=width, prefix="progress: "))
+    print(progress.of_rows(sweep, rows, save=True).line(elapsed=False, trials=False, width=width, prefix="progress: "))
     print(f"trials.csv: {path}")
     return 0
 

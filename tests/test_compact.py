@@ -1,4 +1,4 @@
-"""Compaction (trials/export/compact.py): per model family, tickets made by the project's own
+"""Compaction (trials/export/compact/): per model family, tickets made by the project's own
 structured and unstructured pruning compact to smaller dense networks whose logits equal
 the masked network's on real inputs; residual channels go only when removed everywhere;
 the exported files rebuild without unpickling and agree in TorchScript and ONNX Runtime;
@@ -149,7 +149,7 @@ def test_the_check_fails_a_real_mistake(inputs, monkeypatch):
         net.bn.bias[5] = 0
     x = inputs[(1, 8, 8)]
     assert exact(net, compact.compact_model(net, (1, 8, 8)), x, margin=1000)
-    decide = compact._decide
+    decide = compact.units.decide
 
     def drop_channel_5(graph):
         decide(graph)
@@ -157,7 +157,7 @@ def test_the_check_fails_a_real_mistake(inputs, monkeypatch):
                                                                               for p in s.producers))
         stream.keep[5] = False
 
-    monkeypatch.setattr(compact, "_decide", drop_channel_5)
+    monkeypatch.setattr(compact.units, "decide", drop_channel_5)
     wrong = compact.compact_model(net, (1, 8, 8))
     assert wrong.arch["ops"][0]["out"] == 15
     r = compact.check(net, wrong, x)
@@ -169,7 +169,7 @@ def test_the_check_fails_a_real_mistake(inputs, monkeypatch):
     x = inputs[(1, 8, 8)]
     right = compact.compact_model(net, (1, 8, 8))
     assert right.report["folded"] > 0 and exact(net, right, x, margin=1000)
-    monkeypatch.setattr(compact._Layer, "fold", property(lambda self: None, lambda self, value: None))
+    monkeypatch.setattr(compact.units.Layer, "fold", property(lambda self: None, lambda self, value: None))
     r = compact.check(net, compact.compact_model(net, (1, 8, 8)), x)
     assert r["max_logit_diff_fp64"] > 1e4 * compact.TOLERANCE * max(1.0, r["max_abs_logit"])
 

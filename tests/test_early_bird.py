@@ -21,7 +21,8 @@ from trials.runner.levels import run_lottery, run_pack
 from trials.spec import DatasetSpec, EarlyBirdSpec, TrialSpec, from_dict, non_default
 from trials.loop.stacked import Stacked
 from trials.folder.store import load_tensors
-from trials.loop.training import Alone, Job, train_members
+from trials.loop.arithmetic import Alone
+from trials.loop.training import Job, train_members
 
 
 def tiny(method="early_bird", **changes):
@@ -294,12 +295,12 @@ def test_sweep_of_early_bird_tickets_and_controls(tmp_path, ray_local):
     runs = analysis.runs("eb", f"sqlite:///{tmp_path}/mlflow.db")
     assert set(runs.control) == {"none", "reinit", "shuffle"} and "early_bird_iteration" in runs.columns
     # a ticket exports, gives its recorded accuracy, and compacts
-    from orchestrator.tracking import tickets
+    from orchestrator.tracking import experiment_tickets
     from trials.export.ticket_folder import load_ticket
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = runs[(runs.control == "none") & (runs.level == 2)].run_id.iloc[0]
-    folder = tickets.export(run_id, 2, tmp_path / "ticket", uri)
+    folder = experiment_tickets.export(run_id, 2, tmp_path / "ticket", uri)
     ticket = load_ticket(folder)
     assert ticket.spec.method == "early_bird" and ticket.evaluate()[1] == ticket.record.test_acc
     assert ticket.record.early_bird_iteration == alone[2].early_bird_iteration

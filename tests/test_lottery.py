@@ -79,8 +79,8 @@ def test_masks_are_nested_and_survivors_restart_from_the_rewind_point(trial):
     # restart level 3 from its files and capture the weights it starts from
     from trials.nets.datasets import load
 
-    from trials.runner.levels import Member, Training
-    from trials.loop.training import Alone
+    from trials.runner.levels import Member, PackTrainer
+    from trials.loop.arithmetic import Alone
 
     data = load(spec.dataset, torch.device("cpu"))
     member = Member(spec, out, data, torch.device("cpu"))
@@ -88,7 +88,7 @@ def test_masks_are_nested_and_survivors_restart_from_the_rewind_point(trial):
     job = member.job(3)  # level 3 again, from the folder's level 2
     assert all(job.mask[n].equal(levels[3][n]) for n in levels[3])
     job.hooks = {spec.rewind_iteration: captured.update}
-    Training(models.build(spec.model, data.info, seed=0), data, Alone).run([job])
+    PackTrainer(models.build(spec.model, data.info, seed=0), data, Alone).run([job])
     for k, v in rewind.items():
         m = levels[3].get(k)
         assert torch.equal(captured[k], v * m if m is not None else v)

@@ -158,7 +158,7 @@ def test_s3_only_cluster_loses_a_worker_and_the_driver_then_resume_finishes(tmp_
 
     from trials.nets import datasets
     from trials import load_ticket
-    from trials.loop.training import evaluate
+    from trials.loop.arithmetic import evaluate
 
     ticket = load_ticket(out)
     assert ticket.record.level == top["level"] and ticket.source["run_id"] == top["run_id"]

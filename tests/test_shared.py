@@ -84,7 +84,7 @@ def test_a_helper_produces_the_units_of_a_trial_measuring_instability_at_chosen_
     import torch
 
     from trials.runner.levels import Producer, produce
-    from trials.loop.training import Alone
+    from trials.loop.arithmetic import Alone
     from trials.spec import StabilitySpec
 
     spec = quick_spec(train=TRAIN, rewind_iteration=20, prune=PruneSpec(levels=2),

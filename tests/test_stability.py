@@ -21,7 +21,8 @@ from trials.runner.levels import run_lottery
 from trials.folder.record import EARLY_BIRD, FIELDS, OPTIONAL, STABILITY, LevelRecord, read_lines
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, StabilitySpec, TrainSpec, from_dict
 from trials.folder.store import load_tensors
-from trials.loop.training import Alone, learning_rate
+from trials.loop.arithmetic import Alone
+from trials.loop.training import learning_rate
 
 CPU = torch.device("cpu")
 TINY = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=60, iterations=60, eval_interval=20,
@@ -140,7 +141,7 @@ def test_measure_stability_on_a_written_level_repeats_the_record(measured):
 
     data = load(spec.dataset, CPU)
     member = lottery_module.Member(spec, out, data, CPU)
-    training = lottery_module.Training(models.build(spec.model, data.info, seed=0), data, Alone)
+    training = lottery_module.PackTrainer(models.build(spec.model, data.info, seed=0), data, Alone)
     fields = lottery_module.instability([member], training, [(0, 1, member.trial.mask(1))])
     assert records[1].replace(**{f: None for f in STABILITY}).replace(**fields[0]) == records[1]
     assert lottery_module.instability([member], training, [(0, 2, member.trial.mask(2))]) == {}  # not asked

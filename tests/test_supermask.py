@@ -23,7 +23,8 @@ from trials.folder.record import EARLY_BIRD, FIELDS, STABILITY
 from trials.spec import DatasetSpec, ModelSpec, PruneSpec, SupermaskSpec, TrainSpec, TrialSpec, from_dict
 from trials.folder.store import load_tensors
 from trials.methods.supermask import Supermask, fixed_network, initial_scores
-from trials.loop.training import evaluate, rng
+from trials.core.seeds import rng
+from trials.loop.arithmetic import evaluate
 
 LOOP = TrainSpec(batch_size=60, iterations=150, eval_interval=30)  # train's loop; the scores use supermask.*
 SIZES = {"hidden.0": 64 * 300, "hidden.1": 300 * 100, "fc": 100 * 10}  # LeNet-300-100 on 8x8 digits

@@ -17,12 +17,12 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from orchestrator.sweeps import runner
-from orchestrator.tracking import tickets
+from orchestrator.tracking import experiment_tickets
 from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from trials.nets import datasets
 from trials import load_ticket
-from trials.loop.training import evaluate
+from trials.loop.arithmetic import evaluate
 from tests.conftest import LTH, digits_base
 
 BASE = digits_base(levels=2)
@@ -101,7 +101,7 @@ def test_rerun_and_resume_add_no_run_and_no_step(tracked_sweep):
 
 def test_exported_ticket_evaluates_to_its_recorded_accuracy(tracked_sweep, tmp_path, capsys):
     _, _, uri = tracked_sweep
-    best = tickets.best("exp", uri, top=1)[0]
+    best = experiment_tickets.best("exp", uri, top=1)[0]
     out = tmp_path / "ticket"
     assert main(["tickets", "export", best["run_id"], "--level", str(best["level"]), "--out", str(out),
                  "--tracking-uri", uri]) == 0
@@ -137,12 +137,12 @@ def test_best_tickets_ranking_and_filters_on_known_data(tmp_path, capsys):
                 Metric("density", density, 0, level), Metric("test_acc", acc - 0.01, 0, level),
                 Metric("test_acc_at_early_stop", acc, 0, level), Metric("early_stop_iteration", 100 + level, 0, level)])
         ids[name] = run.info.run_id
-    ranked = [(r["trial_key"], r["level"]) for r in tickets.best("known", uri, top=10)]
+    ranked = [(r["trial_key"], r["level"]) for r in experiment_tickets.best("known", uri, top=10)]
     assert ranked == [("b", 2), ("a", 1), ("b", 1), ("b", 0), ("a", 0), ("a", 2)]  # ties: sparser first
-    assert [(r["trial_key"], r["level"]) for r in tickets.best("known", uri, max_density=0.5, min_acc=0.965)] == \
+    assert [(r["trial_key"], r["level"]) for r in experiment_tickets.best("known", uri, max_density=0.5, min_acc=0.965)] == \
         [("b", 2), ("a", 1)]
-    assert tickets.best("known", uri, top=1)[0]["prune.rate"] == 0.4
-    assert [r["level"] for r in tickets.best("known", uri, metric="test_acc", top=2)] == [2, 1]
+    assert experiment_tickets.best("known", uri, top=1)[0]["prune.rate"] == 0.4
+    assert [r["level"] for r in experiment_tickets.best("known", uri, metric="test_acc", top=2)] == [2, 1]
     assert main(["tickets", "best", "--experiment", "known", "--tracking-uri", uri, "--format", "json",
                  "--top", "2"]) == 0
     rows = json.loads(capsys.readouterr().out)

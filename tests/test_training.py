@@ -8,7 +8,8 @@ import torch
 from trials.nets import masks, models
 from trials.loop import optim
 from trials.spec import ModelSpec, TrainSpec
-from trials.loop.training import BatchOrder, TrainingDiverged, learning_rate, rng, train_level
+from trials.core.seeds import rng
+from trials.loop.training import BatchOrder, TrainingDiverged, learning_rate, train_level
 
 
 def models_spec():
@@ -100,7 +101,7 @@ def test_bf16_autocast_runs_and_keeps_masks(digits_cpu):
 
 def test_fused_is_a_spec_choice_close_to_the_default_and_keeps_masks(digits_cpu):
     from tests.conftest import quick_spec
-    from trials.loop.training import make_optimizer
+    from trials.loop.arithmetic import make_optimizer
 
     t = TrainSpec(optimizer="adam", lr=1e-3, batch_size=32, iterations=60, eval_interval=20)
     fused_t = dataclasses.replace(t, fused=True)

@@ -145,17 +145,67 @@ def _published(sweep_name: str, last: int) -> int:
 
 
 TRACKERS: dict = {}  # sweep name -> SweepTracker of this driver process (set by the runner)
+WRITERS: dict = {}  # sweep name -> its Writer in this driver process (made by MlflowLogger)
+
+
+class Writer:
+    """The driver's MLflow writes, in order, on a thread of their own. Tune's loop hands a
+    trial its next step only after the result's callbacks return, so a write done there
+    (an SQLite commit waits on the disk; a server answers over the network) held the trial
+    back; queued, the trials go on while the writes are made (ARCHITECTURE.md, "Tracking").
+    One thread, one tracker: the writes keep their order and the tracker is never shared."""
+
+    def __init__(self, logger: "MlflowLogger"):
+        import queue
+        import threading
+
+        self.logger, self.queue = logger, queue.Queue()
+        self.busy = 0.0  # seconds spent writing
+        self.thread = threading.Thread(target=self._run, name="lth-mlflow-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, what: str, fn) -> None:
+        self.queue.put((what, fn))
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                started = time.perf_counter()
+                self.logger._try(*item)
+                self.busy += time.perf_counter() - started
+            finally:
+                self.queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until every queued write is made."""
+        self.queue.join()
+
+    def close(self) -> None:
+        self.drain()
+        self.queue.put(None)
+        self.thread.join()
+
+
+def drain(sweep_name: str) -> None:
+    """Every queued MLflow write of the sweep made, its writer ended (before the end's replay)."""
+    writer = WRITERS.pop(sweep_name, None)
+    if writer is not None:
+        writer.close()
 
 
 class MlflowLogger(tune.Callback):
     """Logs each trial's new levels into MLflow as the results arrive (metrics, the units
     it used, where its folder is in storage; tensors only where the sweep asks for them,
-    at the end). A failure (server away) is noted and left to the end-of-sweep `replay`,
-    which copies everything from storage.
+    at the end), through the sweep's Writer: off Tune's loop, in order. A failure (server
+    away) is noted and left to the end-of-sweep `replay`, which copies everything from
+    storage.
 
     Tune pickles its callbacks into the experiment (tuner.pkl) and a restored sweep gets
     them back: this one therefore holds only the sweep and looks its tracker (an open
-    MLflow client) up in this process's TRACKERS."""
+    MLflow client) up in this process's TRACKERS, its writer in WRITERS."""
 
     def __init__(self, sweep):
         self.sweep, self.failed = sweep, False
@@ -163,6 +213,13 @@ class MlflowLogger(tune.Callback):
     @property
     def tracker(self):
         return TRACKERS[self.sweep.name]
+
+    def _write(self, what: str, fn) -> None:
+        """`fn` (which must hold its own arguments: it runs later) queued for the writer."""
+        writer = WRITERS.get(self.sweep.name)
+        if writer is None:
+            writer = WRITERS[self.sweep.name] = Writer(self)
+        writer.put(what, fn)
 
     def _try(self, what, fn):
         try:
@@ -177,7 +234,8 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         for trial_id, member, _ in packs.members(trial.trial_id, trial.config):
-            self._try("trial start", lambda: self.tracker.child(trial_meta(member), trial_id))
+            self._write("trial start", lambda meta=trial_meta(member), trial_id=trial_id:
+                        self.tracker.child(meta, trial_id))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         new = result.get("pack_new") or ()
@@ -185,17 +243,20 @@ class MlflowLogger(tune.Callback):
             return
         ids = packs.members(trial.trial_id, trial.config)
         states = packs.statuses(result, len(ids))
+        logs = []
         by_member: dict = {}
         for entry in new:
             by_member.setdefault(entry["member"], []).append(LevelRecord.from_flat(entry))
+        for i, records in sorted(by_member.items()):
+            trial_id, member, _ = ids[i]
+            where = folders.trial_folder(self.sweep.storage, self.sweep.name, trial_id)
+            logs.append((trial_meta(member), trial_id, records, states[i].get("units"), where))
 
         def log():
-            for i, records in sorted(by_member.items()):
-                trial_id, member, _ = ids[i]
-                where = folders.trial_folder(self.sweep.storage, self.sweep.name, trial_id)
-                self.tracker.log_trial(trial_meta(member), trial_id, records, states[i].get("units"), where)
+            for args in logs:
+                self.tracker.log_trial(*args)
 
-        self._try("levels", log)
+        self._write("levels", log)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._status(trial, "FINISHED")
@@ -203,11 +264,15 @@ class MlflowLogger(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._status(trial, "FAILED")
 
+    def on_experiment_end(self, trials, **info):
+        drain(self.sweep.name)
+
     def _status(self, trial, status):
         ids = packs.members(trial.trial_id, trial.config)
         for (_, member, _), state in zip(ids, packs.statuses(trial.last_result, len(ids))):
             mine = RUN_STATUS.get(packs.member_status(state, ""))  # a member's own end, if any
-            self._try("status", lambda: self.tracker.set_status(member["key"], mine or status))
+            self._write("status", lambda key=member["key"], run_status=mine or status:
+                        self.tracker.set_status(key, run_status))
 
 
 def replay(sweep, tracker_factory, experiment_path: str) -> bool:
@@ -216,12 +281,10 @@ def replay(sweep, tracker_factory, experiment_path: str) -> bool:
     in place on local/NFS storage, downloaded to a temporary folder from s3:// or gs://
     (only levels.jsonl and units.json, unless the sweep sends tensors to MLflow)."""
     import pyarrow.fs
-    from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(experiment_path)
     with tempfile.TemporaryDirectory() as tmp:
         plan = []
-        for trial in analysis.trials:
+        for trial in results.tune_trials(experiment_path):
             fs = trial.storage.storage_filesystem
             ids = packs.members(trial.trial_id, trial.config)
             old = None  # the previous layout's checkpoint folders, read when a member has no stored folder

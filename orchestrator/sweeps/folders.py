@@ -245,14 +245,15 @@ def read_file(remote: str, name: str) -> Optional[bytes]:
         return None
 
 
-def stored_records(remote: str) -> Optional[tuple[list, dict, Optional[dict]]]:
+def stored_records(remote: str, units: bool = True) -> Optional[tuple[list, dict, Optional[dict]]]:
     """(level records, level -> node id, units ledger or None) of a stored trial folder;
-    None when storage holds no folder for it (a sweep of the previous layout)."""
+    None when storage holds no folder for it (a sweep of the previous layout). `units`:
+    False leaves the ledger unread (None)."""
     levels = read_file(remote, layout.LEVELS)
     if levels is None:
         return None
     nodes = read_file(remote, layout.NODES)
-    units = read_file(remote, layout.UNITS)
+    units = read_file(remote, layout.UNITS) if units else None
     return (read_lines(levels.decode()), json.loads(nodes) if nodes else {},
             json.loads(units) if units else None)
 

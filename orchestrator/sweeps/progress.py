@@ -59,11 +59,10 @@ class Progress:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def of(cls, sweep, units_before: Optional[int] = 0) -> "Progress":
-        from orchestrator import plan
-
-        t = plan.totals(sweep)
-        return cls(trials=t.trials, levels=t.levels, iterations=t.iterations, units=t.units,
+    def of(cls, sweep, units_before: Optional[int] = 0, summary: "Optional[Planned]" = None) -> "Progress":
+        """`summary`: the sweep's `planned` when the caller has it already."""
+        t = summary or planned(sweep)
+        return cls(trials=t.trials, levels=t.levels, iterations=t.iterations, units=len(t.units),
                    units_before=units_before)
 
     def add_level(self, iterations: int) -> None:
@@ -175,17 +174,78 @@ def row_states(rows: list[dict]) -> list[str]:
     return [state_of(s) if state_of(s) != "pending" or t not in started else "running" for t, s in last.items()]
 
 
-def of_rows(sweep, rows: list[dict]) -> Progress:
+PLAN_FILE = "plan.json"  # in the sweep's folder: the planned totals and unit names (Planned)
+_PLANS: dict = {}  # this process: plan_key -> plan.Plan
+
+
+@dataclass
+class Planned:
+    """What progress counts against: plan.totals and the planned units' names."""
+    trials: int
+    levels: int
+    iterations: int
+    units: list  # names, breadth-first (plan.work_units)
+    estimated: bool  # a search's draw (plan.Plan.estimated)
+
+
+def plan_key(sweep) -> str:
+    """The sweep (every key) and the code that plans it: a saved plan is used only where both match."""
+    import hashlib
+    import json
+
+    from trials.folder.version import code_version
+
+    text = json.dumps([sweep.to_dict(), code_version()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def full_plan(sweep):
+    """plan.plan(sweep), made once per process: it builds every trial's spec and names its
+    units (seconds at 10,000 trials), and a driver asks at its start for the units' broker
+    and for the progress line."""
+    from orchestrator import plan
+
+    key = plan_key(sweep)
+    if key not in _PLANS:
+        _PLANS[key] = plan.plan(sweep)
+    return _PLANS[key]
+
+
+def planned(sweep, save: bool = False) -> Planned:
+    """The sweep's Planned: from its folder's PLAN_FILE where the driver saved it for this
+    sweep and code (`lth sweep status` then plans nothing), else planned here; `save`
+    writes it there (the driver, at its start)."""
+    import json
+
+    from orchestrator import plan
+    from orchestrator.sweeps.storage import read_text, sweep_path, write_text
+
+    key, path = plan_key(sweep), f"{sweep_path(sweep.storage, sweep.name)}/{PLAN_FILE}"
+    if key not in _PLANS:
+        try:
+            saved = json.loads(read_text(path) or "{}")
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            return Planned(**saved["plan"])
+    p = full_plan(sweep)
+    t = plan.totals(sweep, p)
+    summary = Planned(t.trials, t.levels, t.iterations, list(p.units), p.estimated)
+    if save:
+        write_text(path, json.dumps({"key": key, "plan": summary.__dict__}))
+    return summary
+
+
+def of_rows(sweep, rows: list[dict], save: bool = False) -> Progress:
     """Progress read from storage (`lth sweep status`, from any shell while the sweep runs;
     the live line's start after a resume): trials.csv's rows as results.collect builds
-    them, and the units published."""
-    from orchestrator import plan
-    from orchestrator.sweeps.units import UnitStore
-
+    them, and the units published. `save`: a plan made here is saved (`planned`)."""
     from orchestrator.config import spec_at
     from orchestrator.objectives import STOPPED
+    from orchestrator.sweeps.units import published_names
 
-    p = Progress.of(sweep, units_before=None)
+    summary = planned(sweep, save)
+    p = Progress.of(sweep, units_before=None, summary=summary)
     recorded: dict = {}
     for r in rows:
         if r.get("level") is not None and r.get("iterations") is not None:
@@ -195,11 +255,14 @@ def of_rows(sweep, rows: list[dict]) -> Progress:
     made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
     for trial_id, r in {r["trial_id"]: r for r in rows}.items():  # each trial's last row
         if r.get(STOPPED) is True:
+            from orchestrator import plan  # here: it loads the engine (torch), which a reader rarely needs
+
             p.stopped(plan.level_iterations(spec_at(sweep.base, made[trial_id])), recorded.get(trial_id, 0))
     if p.units:
-        planned = plan.plan(sweep)
-        names = set(planned.units)
-        if planned.estimated:  # a search's units are those of the configurations it made, not of the draw
+        names = set(summary.units)
+        if summary.estimated:  # a search's units are those of the configurations it made, not of the draw
+            from orchestrator import plan
+
             names = set(plan.work_units([spec_at(sweep.base, c) for c in made.values()]))
-        p.units_now = len(names & UnitStore(sweep.storage, packed=sweep.packed).published_names())
+        p.units_now = len(names & published_names(sweep.storage, sweep.packed))
     return p

@@ -35,7 +35,7 @@ def stored_records(sweep, trial, trial_id: str, sub: str) -> tuple[list[LevelRec
     (folders.py), the authoritative record (Tune's own result log of a trial that failed
     over may miss rows); in a sweep of the previous layout, from the member's folder `sub`
     of the Tune trial's newest checkpoint."""
-    found = folders.stored_records(folders.trial_folder(sweep.storage, sweep.name, trial_id))
+    found = folders.stored_records(folders.trial_folder(sweep.storage, sweep.name, trial_id), units=False)
     if found is not None:
         return found[0], found[1]
     fs, base = trial.storage.storage_filesystem, trial.storage.trial_fs_path
@@ -51,18 +51,31 @@ def stored_records(sweep, trial, trial_id: str, sub: str) -> tuple[list[LevelRec
     return [], {}
 
 
-def collect(sweep) -> list[dict]:
+def tune_trials(experiment_path: str) -> list:
+    """The Tune trials of an experiment folder (id, config, status, last result, storage),
+    from Tune's experiment state alone. ExperimentAnalysis also reads every trial's result
+    log into a DataFrame, which lth never uses: a pack's results carry every member, so at
+    10,000 trials that was seconds of `lth sweep status` and of a sweep's end. Raises
+    ValueError where Tune saved no state yet."""
     from ray.tune import ExperimentAnalysis
+
+    class StateOnly(ExperimentAnalysis):
+        def _fetch_trial_dataframes(self):
+            return {}
 
     # its "Failed to fetch metrics" for trials that reported nothing yet (a stopped
     # driver's): the rows come from the checkpoints, not from Tune's result logs
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    return StateOnly(experiment_path).trials
+
+
+def collect(sweep) -> list[dict]:
     try:
-        analysis = ExperimentAnalysis(sweep_path(sweep.storage, sweep.name))
+        trials = tune_trials(sweep_path(sweep.storage, sweep.name))
     except ValueError:  # no experiment state yet
         return []
     rows = []
-    for trial in analysis.trials:
+    for trial in trials:
         ids = packs.members(trial.trial_id, trial.config)
         trial_error = error_line(trial) if trial.status == "ERROR" else ""
         for (trial_id, member, sub), state in zip(ids, packs.statuses(trial.last_result, len(ids))):

@@ -15,8 +15,7 @@ import yaml
 from ray import tune
 
 from orchestrator.sweep_spec import Sweep, parse_sweep
-from orchestrator.sweeps import cluster, preflight, results
-from orchestrator.sweeps.callbacks import TRACKERS, LevelProgress, MlflowLogger, replay
+from orchestrator.sweeps import cluster, preflight, progress, results
 from orchestrator.sweeps.preflight import ray_address
 from orchestrator.sweeps.search import grid_space, make_searcher, num_trials
 from orchestrator.sweeps.storage import (STUDY_FILE, SWEEP_FILE, check_usable, read_bytes, read_text, sweep_path,
@@ -175,6 +174,9 @@ def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> li
     connect(sweep, address, dashboard)
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
+    progress.planned(sweep, save=True)  # `lth sweep status` reads it instead of planning again
+    from orchestrator.sweeps.callbacks import TRACKERS  # here: readers (`lth sweep status`) load no engine
+
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)
     with idle_workers_serve():
@@ -193,6 +195,9 @@ def resume(name: str, storage: str, address: str | None = None, dashboard: bool 
         cluster.check_local(sweep)
     store.check_reachable(sweep.tracking_uri)
     connect(sweep, address, dashboard)
+    progress.planned(sweep, save=True)  # saved again where the code changed since
+    from orchestrator.sweeps.callbacks import TRACKERS
+
     TRACKERS[sweep.name] = store.SweepTracker(sweep)
     _share(sweep)
     path = sweep_path(sweep.storage, sweep.name)
@@ -217,10 +222,10 @@ def _share(sweep: Sweep) -> int:
     if not sweep.share:
         return 0
     from orchestrator import plan
-    from orchestrator.sweeps.units import UnitStore, start_broker
+    from orchestrator.sweeps.units import published_names, start_broker
 
-    p = plan.plan(sweep)
-    on_storage = UnitStore(sweep.storage, packed=sweep.packed).published_names()
+    p = progress.full_plan(sweep)  # planned once per driver (the progress line asks too)
+    on_storage = published_names(sweep.storage, sweep.packed)
     published = [name for name in p.units if name in on_storage]
     BROKERS[sweep.name] = start_broker(sweep.name, plan.registrations(p.units), published)  # alive while held
     print(f"lth: {len(p.units)} shared work units, {len(published)} already in {sweep.storage}",
@@ -264,6 +269,8 @@ def quiet() -> None:
 
 
 def _tuner(sweep: Sweep, study_name: str):
+    from orchestrator.sweeps.callbacks import LevelProgress, MlflowLogger
+
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
     searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
     return tune.Tuner(
@@ -287,6 +294,9 @@ def _tuner(sweep: Sweep, study_name: str):
 def _finish(sweep: Sweep) -> list[dict]:
     """trials.csv, then MLflow reconciled with everything stored (cheap when nothing is
     missing: the tracker knows what it logged; a dead driver's gaps are filled here)."""
+    from orchestrator.sweeps.callbacks import TRACKERS, drain, replay
+
+    drain(sweep.name)  # the live writes made (Tune's end did, unless fit() raised)
     rows = results.collect(sweep)
     results.write_csv(sweep, rows)
     if not replay(sweep, lambda: TRACKERS[sweep.name], sweep_path(sweep.storage, sweep.name)):

@@ -202,7 +202,7 @@ class UnitStore:
         # the arithmetic of its units: its folder's kind of numbers (units_root)
         from trials.runner.levels import Producer
         from trials.loop.stacked import Stacked
-        from trials.loop.training import Alone
+        from trials.loop.arithmetic import Alone
 
         self.producer = Producer(Stacked if packed else Alone)
         self.broker = broker
@@ -274,12 +274,7 @@ class UnitStore:
     # ------------------------------------------------------------ storage
     def published_names(self) -> set:
         """Every unit published in this storage (one recursive listing)."""
-        import pyarrow.fs
-
-        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.base, recursive=True, allow_not_found=True))
-        prefix = self.base.rstrip("/") + "/"
-        return {i.path[len(prefix):].rsplit("/", 1)[0] for i in infos
-                if i.type == pyarrow.fs.FileType.File and i.base_name == DONE}
+        return _published(self.fs, self.base)
 
     def published(self, name: str) -> bool:
         import pyarrow.fs
@@ -412,6 +407,21 @@ def _heartbeat(ref: weakref.ref, stopped: threading.Event, every: float) -> None
 
 def _node() -> Optional[str]:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def published_names(storage: str, packed: bool = False) -> set:
+    """Every unit published in `storage` (UnitStore.published_names without a store: a
+    reader such as `lth sweep status` loads no engine)."""
+    return _published(*filesystem(units_root(storage, packed)))
+
+
+def _published(fs, base: str) -> set:
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True))
+    prefix = base.rstrip("/") + "/"
+    return {i.path[len(prefix):].rsplit("/", 1)[0] for i in infos
+            if i.type == pyarrow.fs.FileType.File and i.base_name == DONE}
 
 
 def trained_log(storage: str, packed: bool = False) -> list[dict]:

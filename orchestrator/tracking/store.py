@@ -371,15 +371,20 @@ class SweepTracker:
         run["pending"] = {}
 
     def set_status(self, key: str, status: str) -> None:
+        """The run's status, unless the tracker knows the store holds it already (the end's
+        replay would otherwise write every run's status again: a commit per trial)."""
         if key not in self.known:
             return
         run = self.known[key]
         changed = run["head"]["status"] != status
+        if not changed and not run.get("pending") and run.get("ended") == self.doubts:
+            return
         if changed or run.get("pending"):  # stale first: readers never pair the new status with the table's old one
             from mlflow.entities import RunTag
 
             self._send(run, [], [RunTag(levels_table.STATE_TAG, levels_table.STALE)] if changed else [])
         self.c.set_terminated(run["run_id"], status=status)
+        run["ended"] = self.doubts  # the store holds this status (unless a write failed since)
         if changed:
             run["head"] = {**run["head"], "status": status}
             self.table.set_head(run["head"])

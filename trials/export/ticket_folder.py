@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from trials.nets import datasets, models
-from trials.folder import layout
 from trials import methods
-from trials.nets.masks import Masker
+from trials.folder import layout
 from trials.folder.record import LevelRecord
-from trials.spec import from_dict
 from trials.folder.store import load_tensors
+from trials.nets import datasets, models
+from trials.nets.masks import Masker
+from trials.spec import from_dict
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Ticket:
     def evaluate(self, data=None) -> tuple[float, float]:
         """(test loss, test accuracy) of the model as loaded, in eval mode: with the final
         weights, on the machine kind that trained them, exactly the recorded test_acc."""
-        from trials.loop.training import autocast_for, evaluate
+        from trials.loop.arithmetic import autocast_for, evaluate
 
         device = next(self.model.parameters()).device
         data = data or datasets.load(self.spec.dataset, device)

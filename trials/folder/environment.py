@@ -14,8 +14,6 @@ import platform
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from trials.folder.version import code_version
 
 # the keys of environment() that decide a trial's bits (the rest names the code)
@@ -35,6 +33,8 @@ def cpu_model() -> str:
 
 
 def device_name(device) -> str:
+    import torch  # here, not at the top: readers of records (`lth report`) never load torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -44,6 +44,8 @@ def device_name(device) -> str:
 def environment(device="cpu", threads: Optional[int] = None) -> dict:
     """lth version and commit, torch and CUDA versions, CPU model and the kernels torch
     picked for it, the device and the thread count a trial ran with."""
+    import torch
+
     code = code_version()
     return {"lth": code["version"], "commit": code["git_sha"], "torch": torch.__version__,
             "cuda": torch.version.cuda, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -16,7 +16,7 @@ norm and loss runs on tensors of its own with the shapes and strides it has alon
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,8 +31,8 @@ def apart(x: torch.Tensor) -> bool:
     """Whether a packed layer runs each member's kernel on its own tensors, with the shapes
     and strides it has alone (CPU), rather than one batched kernel over the pack (CUDA).
     On CPU a batched GEMM, a grouped convolution or a norm over K*C channels may take
-    another code path for each K (MKL's batched GEMM did on an AVX-512 EPYC: ~1e-7 at
-    some batch sizes), so a member's bits would depend on its co-members and a shared
+    another code path for each K (MKL's batched GEMM did on an AVX-512 EPYC at some batch
+    sizes), so a member's bits would depend on its co-members and a shared
     unit's numbers on which pack claimed it (ARCHITECTURE.md, "Numerics")."""
     return x.device.type != "cuda"
 

@@ -16,7 +16,7 @@ fraction k of them to keep (a supermask).
     engine         a trial is a member (Searcher) of trials/runner/levels.py's level runner, and
                    a level a Job (Search) of the one training loop, so loop, early
                    stopping, record and packs are IMP's: alone, a Supermask module trains
-                   under training.Alone; in a pack, StackedSearch trains the members'
+                   under arithmetic.Alone; in a pack, StackedSearch trains the members'
                    scores together over their stacked fixed weights.
     files          the IMP trial folder: mask = the supermask at the last iteration,
                    final = the fixed weights under it (zeros elsewhere) with the norm
@@ -36,15 +36,17 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from trials.core.seeds import rng
 from trials.folder import layout
-from trials.nets import masks, models
-from trials.methods import pruning
 from trials.folder.environment import environment
 from trials.folder.record import LevelRecord
-from trials.loop.stacked import Stacked, apart
-from trials.loop.optim import PackedOptimizer
 from trials.folder.store import TrialDir, state_of
-from trials.loop.training import BatchOrder, Job, autocast_for, evaluate, rng
+from trials.loop.arithmetic import autocast_for, evaluate
+from trials.loop.optim import PackedOptimizer
+from trials.loop.stacked import Stacked, apart
+from trials.loop.training import BatchOrder, Job
+from trials.methods import pruning
+from trials.nets import masks, models
 
 GAIN = math.sqrt(2.0)  # Kaiming's gain for ReLU: std = GAIN / sqrt(fan_in)
 CALIBRATION_BATCHES = 50  # training batches that set an untrained network's norm statistics

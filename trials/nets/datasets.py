@@ -209,7 +209,7 @@ def _mnist_like(cls_name: str, mean: float, std: float):
 
 
 # The fast paths below read the files torchvision would read, into the same tensors, without
-# importing torchvision (~2 s, most of loading a small dataset). Whatever they do not cover
+# importing torchvision (most of loading a small dataset: README, "Speed"). Whatever they do not cover
 # (nothing there yet: download; torchvision's legacy processed/*.pt files) goes through
 # torchvision as before, with its errors.
 

@@ -33,7 +33,7 @@ class Layers:
     output: str  # the classifier's module name
     shapes: dict  # "<layer>.weight" -> weight shape
     companions: dict  # layer -> parameter names indexed by its output units
-    # the network as trials/export/compact.py describes it (trials/nets/paths.py counts paths on it);
+    # the network as trials/export/compact/ describes it (trials/nets/paths.py counts paths on it);
     # None for a network it has no description for (effective density not measured)
     ops: Optional[list] = field(default=None, compare=False, repr=False)
 

@@ -1,7 +1,7 @@
 """The known networks as lists of ops (`describe`), and effective density: the kept
 weights that lie on some input-to-output path of a masked network, over all prunable
 weights (ARCHITECTURE.md, "Effective density"). The level records (`effective_density`,
-through masks.describe) and compaction (trials/export/compact.py: its description, and its
+through masks.describe) and compaction (trials/export/compact/: its description, and its
 report's effective density) both take them from here.
 
 `describe` reads only the modules' shapes and settings, so a shell network on the meta

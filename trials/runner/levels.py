@@ -21,7 +21,7 @@ A method that prunes at initialization (trials/methods/at_init.py: snip, grasp, 
 level 0 as IMP does, and at level L scores its rewind point to IMP's level-L counts.
 
 One runner, `run_pack`: a trial is a pack of one (`run_lottery`). Each `Member` builds
-its level's Job; `Training` runs the level's jobs with the arithmetic the caller gives
+its level's Job; `PackTrainer` runs the level's jobs with the arithmetic the caller gives
 (trials/loop/training.py Arithmetic): Alone, one after another with a single trial's default
 arithmetic (its bits: the golden records), or Stacked, all together (trials/loop/stacked.py;
 close to Alone, not bit for bit). Members share one loop from the smallest rewind point (a member is carried along
@@ -48,8 +48,9 @@ from trials.core.errors import ConfigError
 from trials.folder import layout
 from trials.folder.record import LevelRecord
 from trials.folder.store import TrialDir, save_tensors
+from trials.loop.arithmetic import Alone
 from trials.loop.stacked import Stacked
-from trials.loop.training import Alone, Job, train_members
+from trials.loop.training import Job, train_members
 from trials.methods import controls, stability
 from trials.methods.imp import Member
 from trials.methods.supermask import Search, Searcher, StackedSearch, Supermask
@@ -84,11 +85,11 @@ class PackFailed(RuntimeError):
         super().__init__("; ".join(f"member {i}: {e}" for i, e in sorted(errors.items())))
 
 
-class Training:
-    """How a pack's jobs train (ARCHITECTURE.md, "The engine"): `arithmetic` Stacked, all
-    together (trials/loop/stacked.py; StackedSearch for edge-popup's Search jobs), or Alone,
-    one after another with the default arithmetic of a single trial (trials/loop/training.py:
-    the golden records' bits)."""
+class PackTrainer:
+    """Trains a pack's jobs of one level with the pack's arithmetic (ARCHITECTURE.md, "The
+    engine"): Stacked, all together in one loop (trials/loop/stacked.py; StackedSearch for
+    edge-popup's Search jobs), or Alone, one loop after another with the default arithmetic
+    of a single trial (trials/loop/arithmetic.py: the golden records' bits)."""
 
     def __init__(self, template: nn.Module, data, arithmetic: type = Stacked):
         if arithmetic not in ARITHMETICS.values():
@@ -119,10 +120,10 @@ class Training:
         return Supermask(net.requires_grad_(False), self.layers, job.density, job.scope, scores)
 
 
-def instability(members: list, training: Training, todo: list) -> dict:
+def instability(members: list, training: PackTrainer, todo: list) -> dict:
     """The stability fields of the levels `todo` [(member, level, mask)] that ask for them:
     every member's copies (trials/methods/stability.py copy_jobs) train together, as one pack
-    (or one after another: Training). member -> fields, or the exception of a copy that
+    (or one after another: PackTrainer). member -> fields, or the exception of a copy that
     failed (the member fails with it, as a lone trial does)."""
     todo = [(i, level, mask) for i, level, mask in todo if stability.asked(members[i].spec, level)]
     jobs = {i: stability.copy_jobs(members[i].spec, level, members[i].start_weights_of(level), mask)
@@ -139,7 +140,7 @@ def instability(members: list, training: Training, todo: list) -> dict:
     return out
 
 
-def finish_all(members: list, training: Training, level: int, work: dict, results: list,
+def finish_all(members: list, training: PackTrainer, level: int, work: dict, results: list,
                measure: bool = True) -> dict:
     """Measure (instability, unless `measure` is off) and write the trained levels: member ->
     record, or the exception that ended it."""
@@ -178,7 +179,7 @@ class Producer:
             try:
                 member = Member(spec, Path(tmp) / "trial", data, device)
                 job = member.job(0, {k: stop})
-                Training(models.build(spec.model, data.info, seed=0, device="cpu"), data, self.of(spec)).run([job])
+                PackTrainer(models.build(spec.model, data.info, seed=0, device="cpu"), data, self.of(spec)).run([job])
             except shared.Stop:
                 return
         raise RuntimeError(f"the dense run never reached iteration {k}")  # validate() bounds k
@@ -203,7 +204,7 @@ def produce(name: str, spec, units, data, device, scratch: Path, producer: Produ
 
 def train_pack(template: nn.Module, jobs: list, data, progress: Optional[Callable] = None) -> list:
     """The jobs' members trained together: the training loop with the stacked arithmetic."""
-    return Training(template, data).run(jobs, progress)
+    return PackTrainer(template, data).run(jobs, progress)
 
 
 def run_pack(specs: list, outs: list, report: Callable = lambda record, out: None,
@@ -219,7 +220,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
     `units` (a trials.runner.shared.Units store): every member's levels are shared work units, as
     trials/runner/shared.py Shared says. `after_level(level)`: once per
     level that some member still ran (trained, took from a unit, or read back done),
-    after that level's `report` calls. `arithmetic`: Training's; Alone trains each
+    after that level's `report` calls. `arithmetic`: PackTrainer's; Alone trains each
     member by itself with a single trial's default arithmetic (its bits).
     `dense_instability` off: level 0's instability is not measured (a helper's scratch run)."""
     check_pack(specs, outs, stacked=arithmetic is Stacked)
@@ -237,7 +238,7 @@ def run_pack(specs: list, outs: list, report: Callable = lambda record, out: Non
             members.append(methods.of(spec).load("member")(trunk_spec, Path(outs[i]) / layout.IMP, data, device,
                                                            ledger=Path(outs[i]) / layout.UNITS))
     shown = {t: i for i, t in trunk.items()}  # whose progress a trunk's is
-    training = Training(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)
+    training = PackTrainer(models.build(specs[0].model, data.info, seed=0, device="cpu"), data, arithmetic)
 
     def train(work: dict, level: int) -> dict:
         """Train jobs {member: Job} together and write their levels: member -> record or exception."""
