@@ -159,10 +159,13 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder (or S3)."""
+    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder (or S3).
+    One worker process unless asked for more (each worker imports MLflow before the
+    server answers: mlflow's default of 4 about doubles a start on 2 cores)."""
 
-    def __init__(self, folder: Path, port: int, artifacts: str | None = None, env: dict | None = None):
-        self.folder, self.port, self.proc = folder, port, None
+    def __init__(self, folder: Path, port: int, artifacts: str | None = None, env: dict | None = None,
+                 workers: int = 1):
+        self.folder, self.port, self.proc, self.workers = folder, port, None, workers
         self.artifacts = artifacts or str(folder / "artifacts")  # a folder, or s3://bucket/prefix
         self.env = {**os.environ, **(env or {})}
         self.uri = f"http://127.0.0.1:{port}"
@@ -171,7 +174,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", self.artifacts],
+             "--artifacts-destination", self.artifacts, "--workers", str(self.workers)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=self.env)
         wait_until_up(f"{self.uri}/health", timeout, "mlflow server")
         return self
