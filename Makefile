@@ -21,8 +21,11 @@ demo: $(STAMP)
 	$(BIN)/lth report plot --experiment demo-digits --rows $(DEMO_ROWS) --out reports/demo_imp.png
 	cat reports/demo_table.md
 
+# two pytest-xdist workers, each test file on one, longest first (tests/conftest.py FIRST)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # record this machine's golden records (tests/golden/make_records.py says when)
 golden: $(STAMP)

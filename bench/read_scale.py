@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--keep", help="build the store in this folder once and reuse it (the build takes minutes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = MlflowServer(Path(args.keep or tmp), free_port())
+        server = MlflowServer(Path(args.keep or tmp), free_port(), workers=4)  # mlflow's default, as measured before
         ready = server.folder / "READY"  # written once the tables are uploaded: a kept store is whole
         todo = []
         if not ready.exists():

@@ -52,10 +52,10 @@ def tickets_compact(args) -> int:
     else:
         if args.level is None:
             raise ConfigError("--level", None, "allowed: a level number (a run id needs one)")
-        from orchestrator.tracking import tickets
+        from orchestrator.tracking import experiment_tickets
 
         check_out(out)
-        run = lambda: tickets.compact(args.source, args.level, out, args.tracking_uri)  # noqa: E731
+        run = lambda: experiment_tickets.compact(args.source, args.level, out, args.tracking_uri)  # noqa: E731
     try:
         result = run()
     except compact.NotExact as e:

@@ -168,18 +168,19 @@ TICKET_COLUMNS = ("run_id", "sweep", "seed", "level", "density")  # the table's 
 def tickets_best(args) -> int:
     import pandas as pd
 
-    from orchestrator.tracking import read, tickets
+    from orchestrator.tracking import read, experiment_tickets
 
     if args.top < 1:
         raise ConfigError("--top", args.top, "an integer >= 1")
-    rows, what = tickets.ranked(args.experiment, args.tracking_uri, args.metric, args.max_density, args.min_acc,
-                                args.top, sweeps=_sweeps(args))
+    rows, what = experiment_tickets.ranked(args.experiment, args.tracking_uri, args.metric, args.max_density,
+                                           args.min_acc, args.top, sweeps=_sweeps(args))
     for r in rows if getattr(args, "export", False) else ():
-        tickets.log_ticket(r["run_id"], r["level"], args.tracking_uri)
+        experiment_tickets.log_ticket(r["run_id"], r["level"], args.tracking_uri)
     if args.format == "json":
         print(json.dumps(rows, indent=1))
     elif args.format == "csv":
-        columns = None if rows else [*tickets.HEAD_COLUMNS, *dict.fromkeys(tickets.HEADLINE + (args.metric,))]
+        columns = None if rows else [*experiment_tickets.HEAD_COLUMNS,
+                                     *dict.fromkeys(experiment_tickets.HEADLINE + (args.metric,))]
         print(pd.DataFrame(rows, columns=columns).to_csv(index=False), end="")
     else:
         frame = pd.DataFrame(rows)
@@ -202,9 +203,9 @@ def _ticket_columns(args, frame) -> list:
     if frame.empty:
         return list(frame.columns)
     if args.columns is None:
-        from orchestrator.tracking import tickets
+        from orchestrator.tracking import experiment_tickets
 
-        fixed = {*tickets.HEAD_COLUMNS, *tickets.HEADLINE, args.metric}
+        fixed = {*experiment_tickets.HEAD_COLUMNS, *experiment_tickets.HEADLINE, args.metric}
         varied = [c for c in frame.columns if c not in fixed]  # level_rows: the sweeps' varied fields
         order = ["run_id", "sweep", *varied, "seed", "level", "density", args.metric]
         return [c for c in dict.fromkeys(order) if c in frame]
@@ -230,9 +231,9 @@ def _wrapped(frame) -> str:
 
 
 def tickets_export(args) -> int:
-    from orchestrator.tracking import tickets
+    from orchestrator.tracking import experiment_tickets
 
-    out = tickets.export(args.run_id, args.level, args.out, args.tracking_uri)
+    out = experiment_tickets.export(args.run_id, args.level, args.out, args.tracking_uri)
     print(f"ticket of run {args.run_id} level {args.level} -> {out}  (trials.load_ticket('{out}'))")
     return 0
 

@@ -8,6 +8,20 @@ from trials.spec import DatasetSpec, ModelSpec, PruneSpec, TrainSpec, TrialSpec
 # Determinism tests compare runs in one process; fix the thread count for them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# `make test` runs the files on two pytest-xdist workers (-n 2 --dist loadfile
+# --no-loadscope-reorder: each file on one worker, in this order). The files that take
+# longest (--durations) go first, so that no worker is left with a long one at the end
+# while the other idles.
+FIRST = ("test_readme_run.py", "test_tracking.py", "test_s3_cluster.py", "test_autoscaler.py", "test_sweeps.py",
+         "test_bookkeeping.py", "test_cluster.py", "test_packed.py", "test_progress.py", "test_pack_sweeps.py",
+         "test_shared.py", "test_golden.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: a file's own order kept
+
 
 def quick_spec(**changes) -> TrialSpec:
     """LeNet-300-100 on bundled digits: a real IMP trial in about a second per level."""

@@ -50,9 +50,9 @@ def shrink(argv: list[str]) -> list[str]:
         levels = [] if "prune.levels=0" in argv else ["prune.levels=1"]
         argv += [x for s in TRIAL + levels for x in ("--set", s)]
     if command in (("tickets", "export"), ("tickets", "compact")) and argv[2] == "RUN_ID":  # the README's placeholder
-        from orchestrator.tracking import tickets
+        from orchestrator.tracking import experiment_tickets
 
-        argv[2] = tickets.best("lenet-mnist")[0]["run_id"]
+        argv[2] = experiment_tickets.best("lenet-mnist")[0]["run_id"]
     return argv
 
 

@@ -113,6 +113,13 @@ def test_wings_import_only_their_own_or_lower_ones():
                 assert wing(target) <= wing(name), f"{name} imports {target} (a higher wing)"
 
 
+def test_no_trials_module_is_over_400_lines():
+    """A module a reader takes in at once: one concern per file (ARCHITECTURE.md, "Layers")."""
+    long = {m: n for m, path in modules().items() if m.startswith("trials")
+            and (n := len(path.read_text().splitlines())) > 400}
+    assert not long, f"over 400 lines: {long}"
+
+
 def test_the_wing_check_sees_a_wing_importing_upward():
     assert wing("trials.loop.training") < wing("trials.runner.levels") < wing("trials")
     assert wing("trials.core.errors") == wing("trials.core") == 0

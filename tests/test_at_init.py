@@ -338,11 +338,11 @@ def test_sweep_of_methods_and_controls_gives_one_table_and_plot(tmp_path, ray_lo
     out = analysis.imp_curves(runs, ["method", "control"], tmp_path / "p.png")
     assert out.exists()
     # a ticket of each at-init trial exports and gives its recorded accuracy; reinit's starts fresh
-    from orchestrator.tracking import tickets
+    from orchestrator.tracking import experiment_tickets
     from trials.export.ticket_folder import load_ticket
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rows = tickets.best("pai", uri, top=100)
+    rows = experiment_tickets.best("pai", uri, top=100)
     chosen = {}
     for r in rows:
         run = runs[(runs.run_id == r["run_id"]) & (runs.level == r["level"])].iloc[0]
@@ -350,7 +350,7 @@ def test_sweep_of_methods_and_controls_gives_one_table_and_plot(tmp_path, ray_lo
             chosen.setdefault((run["method"], run["control"]), r)
     assert len(chosen) == 6
     for (method, control), r in chosen.items():
-        folder = tickets.export(r["run_id"], 2, tmp_path / f"t_{method}_{control}", uri)
+        folder = experiment_tickets.export(r["run_id"], 2, tmp_path / f"t_{method}_{control}", uri)
         ticket = load_ticket(folder)
         assert ticket.spec.method == method and ticket.evaluate()[1] == ticket.record.test_acc
         rewind = load_ticket(folder, weights="rewind")

@@ -220,6 +220,33 @@ def test_keep_finals_all_keeps_every_level(tmp_path, ray_local):
     assert all((trial / f"level_{lv:02d}" / "final.safetensors").exists() for lv in range(3))
 
 
+def pickled_modules(sweep, package: str) -> set:
+    """The modules of `package` that a sweep's Tune pickles (the tuner, each trial's params)
+    name: a resume unpickles them with the code of the day."""
+    import pickletools
+
+    modules, paths = set(), [*sweep.glob("*.pkl"), *sweep.glob("*/*.pkl")]
+    assert paths, f"no pickles in {sweep}"
+    for path in paths:
+        pushed: list = []  # what each op pushed, as far as names go (strings, memo reads)
+        memo: dict = {}
+        for op, arg, _ in pickletools.genops(path.read_bytes()):
+            if op.name == "GLOBAL":  # protocols < 4: "module name"
+                modules.add(arg.split(" ")[0])
+            elif op.name == "STACK_GLOBAL":  # the module and name: the two values pushed before it
+                modules.add(pushed[-2])
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed.append(memo.get(int(arg)))
+            elif isinstance(arg, str):
+                pushed.append(arg)
+            elif op.name not in ("FRAME", "PROTO", "BINPUT", "LONG_BINPUT", "PUT"):
+                pushed.append(None)
+    assert any(str(m).startswith("orchestrator.") for m in modules), modules  # the check reads the names
+    return {m for m in modules if isinstance(m, str) and (m == package or m.startswith(package + "."))}
+
+
 PREVIOUS_LAYOUT = "a714575"  # the last commit whose checkpoints held the members' folders
 
 
@@ -269,6 +296,7 @@ def test_a_sweep_of_the_previous_layout_resumes_and_reads(tmp_path):
     resumed = subprocess.run([LTH, "sweep", "resume", "s", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not pickled_modules(sweep, "trials"), "Tune's pickles name engine modules: moving trials/ breaks a resume"
     df = pd.read_csv(sweep / "trials.csv")
     assert len(df) == 4 * 4 and set(df.status) == {"TERMINATED"}
     for pack_dir in sweep.glob("*_0000*"):

@@ -295,12 +295,12 @@ def test_sweep_of_early_bird_tickets_and_controls(tmp_path, ray_local):
     runs = analysis.runs("eb", f"sqlite:///{tmp_path}/mlflow.db")
     assert set(runs.control) == {"none", "reinit", "shuffle"} and "early_bird_iteration" in runs.columns
     # a ticket exports, gives its recorded accuracy, and compacts
-    from orchestrator.tracking import tickets
+    from orchestrator.tracking import experiment_tickets
     from trials.export.ticket_folder import load_ticket
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = runs[(runs.control == "none") & (runs.level == 2)].run_id.iloc[0]
-    folder = tickets.export(run_id, 2, tmp_path / "ticket", uri)
+    folder = experiment_tickets.export(run_id, 2, tmp_path / "ticket", uri)
     ticket = load_ticket(folder)
     assert ticket.spec.method == "early_bird" and ticket.evaluate()[1] == ticket.record.test_acc
     assert ticket.record.early_bird_iteration == alone[2].early_bird_iteration

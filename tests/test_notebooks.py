@@ -10,7 +10,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 
 from orchestrator.sweeps import runner
-from orchestrator.tracking import tickets
+from orchestrator.tracking import experiment_tickets
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import digits_base
 
@@ -134,7 +134,7 @@ def test_best_tickets_notebook_exports_and_checks_the_best_sparse_ticket(experim
     tmp, uri = experiment
     nb = execute("best_tickets.ipynb", tmp, uri, monkeypatch, LTH_MAX_DENSITY="0.5")
     text = text_of(nb)
-    expected = tickets.best(EXPERIMENT, uri, max_density=0.5, top=1)
+    expected = experiment_tickets.best(EXPERIMENT, uri, max_density=0.5, top=1)
     assert expected, "the sweep has no level at density <= 0.5"
     record = [line for line in text.splitlines() if line.startswith("record: ")]
     assert len(record) == 1

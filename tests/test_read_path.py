@@ -1,4 +1,4 @@
-"""The read path at scale: analysis.runs and tickets.best take trial runs and levels
+"""The read path at scale: analysis.runs and experiment_tickets.best take trial runs and levels
 from the sweeps' levels tables (one download per sweep) and give exactly what reading
 MLflow run by run gives. A real sweep on a local Ray, a real SQLite MLflow store."""
 import json
@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 import analysis
 from orchestrator.sweep_spec import load_sweep
 from orchestrator.sweeps import runner
-from orchestrator.tracking import levels_table, read, tickets
+from orchestrator.tracking import levels_table, read, experiment_tickets
 from tests.test_analysis import layout_problems
 from tests.test_tracking import sweep_file
 from trials.folder.environment import cpu_model, mixed
@@ -49,11 +49,11 @@ def assert_paths_agree(uri) -> pd.DataFrame:
     named = [e for envs in df["environments"].dropna() for e in json.loads(envs)]  # the runs' environments
     assert named and all(e["cpu"] == cpu_model() and e["lth"] for e in named) and mixed(df["environments"]) is None
     for metric in ("test_acc_at_early_stop", "test_acc"):
-        ranked = tickets.best("exp", uri, metric=metric, top=10 ** 6)
-        assert ranked == tickets.best("exp", uri, metric=metric, top=10 ** 6, tables=False)
+        ranked = experiment_tickets.best("exp", uri, metric=metric, top=10 ** 6)
+        assert ranked == experiment_tickets.best("exp", uri, metric=metric, top=10 ** 6, tables=False)
         assert len(ranked) == len(df)
-    assert tickets.best("exp", uri, max_density=0.6, min_acc=0.1) == \
-        tickets.best("exp", uri, max_density=0.6, min_acc=0.1, tables=False)
+    assert experiment_tickets.best("exp", uri, max_density=0.6, min_acc=0.1) == \
+        experiment_tickets.best("exp", uri, max_density=0.6, min_acc=0.1, tables=False)
     return df
 
 

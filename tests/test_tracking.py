@@ -17,7 +17,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from orchestrator.sweeps import runner
-from orchestrator.tracking import tickets
+from orchestrator.tracking import experiment_tickets
 from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from trials.nets import datasets
@@ -101,7 +101,7 @@ def test_rerun_and_resume_add_no_run_and_no_step(tracked_sweep):
 
 def test_exported_ticket_evaluates_to_its_recorded_accuracy(tracked_sweep, tmp_path, capsys):
     _, _, uri = tracked_sweep
-    best = tickets.best("exp", uri, top=1)[0]
+    best = experiment_tickets.best("exp", uri, top=1)[0]
     out = tmp_path / "ticket"
     assert main(["tickets", "export", best["run_id"], "--level", str(best["level"]), "--out", str(out),
                  "--tracking-uri", uri]) == 0
@@ -137,12 +137,12 @@ def test_best_tickets_ranking_and_filters_on_known_data(tmp_path, capsys):
                 Metric("density", density, 0, level), Metric("test_acc", acc - 0.01, 0, level),
                 Metric("test_acc_at_early_stop", acc, 0, level), Metric("early_stop_iteration", 100 + level, 0, level)])
         ids[name] = run.info.run_id
-    ranked = [(r["trial_key"], r["level"]) for r in tickets.best("known", uri, top=10)]
+    ranked = [(r["trial_key"], r["level"]) for r in experiment_tickets.best("known", uri, top=10)]
     assert ranked == [("b", 2), ("a", 1), ("b", 1), ("b", 0), ("a", 0), ("a", 2)]  # ties: sparser first
-    assert [(r["trial_key"], r["level"]) for r in tickets.best("known", uri, max_density=0.5, min_acc=0.965)] == \
+    assert [(r["trial_key"], r["level"]) for r in experiment_tickets.best("known", uri, max_density=0.5, min_acc=0.965)] == \
         [("b", 2), ("a", 1)]
-    assert tickets.best("known", uri, top=1)[0]["prune.rate"] == 0.4
-    assert [r["level"] for r in tickets.best("known", uri, metric="test_acc", top=2)] == [2, 1]
+    assert experiment_tickets.best("known", uri, top=1)[0]["prune.rate"] == 0.4
+    assert [r["level"] for r in experiment_tickets.best("known", uri, metric="test_acc", top=2)] == [2, 1]
     assert main(["tickets", "best", "--experiment", "known", "--tracking-uri", uri, "--format", "json",
                  "--top", "2"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -159,10 +159,13 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder (or S3)."""
+    """A real `mlflow server` subprocess: SQLite backend, artifacts in a temporary folder (or S3).
+    One worker process unless asked for more (each worker imports MLflow before the
+    server answers: mlflow's default of 4 about doubles a start on 2 cores)."""
 
-    def __init__(self, folder: Path, port: int, artifacts: str | None = None, env: dict | None = None):
-        self.folder, self.port, self.proc = folder, port, None
+    def __init__(self, folder: Path, port: int, artifacts: str | None = None, env: dict | None = None,
+                 workers: int = 1):
+        self.folder, self.port, self.proc, self.workers = folder, port, None, workers
         self.artifacts = artifacts or str(folder / "artifacts")  # a folder, or s3://bucket/prefix
         self.env = {**os.environ, **(env or {})}
         self.uri = f"http://127.0.0.1:{port}"
@@ -171,7 +174,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", self.artifacts],
+             "--artifacts-destination", self.artifacts, "--workers", str(self.workers)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=self.env)
         wait_until_up(f"{self.uri}/health", timeout, "mlflow server")
         return self

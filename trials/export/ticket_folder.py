@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from trials.nets import datasets, models
-from trials.folder import layout
 from trials import methods
-from trials.nets.masks import Masker
+from trials.folder import layout
 from trials.folder.record import LevelRecord
-from trials.spec import from_dict
 from trials.folder.store import load_tensors
+from trials.nets import datasets, models
+from trials.nets.masks import Masker
+from trials.spec import from_dict
 
 
 @dataclass

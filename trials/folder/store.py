@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trials.folder import layout
 from trials.core.errors import check
+from trials.folder import layout
 from trials.folder.record import LevelRecord
 from trials.folder.version import code_version
 

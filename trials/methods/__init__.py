@@ -22,7 +22,7 @@ Adding a method:
         def my_scores(at: at_init.Scoring) -> tuple[scores, keep]   (at.net(), at.top(scores))
     and one line below: `_at_init("my_method", "trials.methods.at_init:my_scores", "help", reads=(...))`,
     `reads` naming the `at_init.*` fields it reads besides `scope`.
-  - A new kind of method: one file (trials/my_method.py, or trials/methods/my_method.py) with
+  - A new kind of method: one file, trials/methods/my_method.py, with
     its member class (the interface of trials/methods/imp.py Member: job(level) -> a Job of
     trials/loop/training.py, finish(level, job, result, fields) -> LevelRecord, and `trial`), and
     one `register(Method(...))` below naming it. Fields only it reads go into a spec group

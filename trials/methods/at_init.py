@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from trials import methods
-from trials.nets import models
-from trials.methods import pruning
-from trials.nets.masks import Layers, Mask
 from trials.core.seeds import rng
+from trials.methods import pruning
+from trials.nets import models
+from trials.nets.masks import Layers, Mask
 
 # ---------------------------------------------------------------- counts
 

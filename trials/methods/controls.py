@@ -20,11 +20,11 @@ method's, changed (trials/methods/at_init.py level_mask); reinit trains it from 
 """
 from __future__ import annotations
 
-from trials.methods import at_init, pruning
 from trials import methods
-from trials.nets import models
-from trials.folder.store import TrialDir, state_of
 from trials.core.seeds import rng
+from trials.folder.store import TrialDir, state_of
+from trials.methods import at_init, pruning
+from trials.nets import models
 
 pruning.STRATEGIES.register("smallest")(lambda weight, units, g: -pruning.magnitude(weight, units, g))
 

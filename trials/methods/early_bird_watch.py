@@ -42,9 +42,9 @@ from typing import Callable, Optional
 import torch
 
 from trials.folder import layout
+from trials.folder.store import load_tensors, save_mask, save_tensors, write_json
 from trials.methods import pruning
 from trials.nets.masks import Layers, Mask
-from trials.folder.store import load_tensors, save_mask, save_tensors, write_json
 
 
 def ranked(spec, weights: dict, layers: Layers) -> dict:

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
-from trials.nets.masks import Layers, Mask
 from trials.core.registry import Registry
+from trials.nets.masks import Layers, Mask
 
 Scorer = Callable[[torch.Tensor, bool, Optional[torch.Generator]], torch.Tensor]
 # no spec key names a scorer: IMP uses magnitude, the random_prune control uses random

@@ -34,12 +34,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from trials.nets import models
-from trials.nets.masks import Mask
-from trials.folder.record import STABILITY
 from trials.core.seeds import rng
+from trials.folder.record import STABILITY
 from trials.loop.arithmetic import autocast_for, evaluate
 from trials.loop.training import Job, learning_rate, train_level
+from trials.nets import models
+from trials.nets.masks import Mask
 
 
 def asked(spec, level: int) -> bool:

@@ -36,17 +36,17 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from trials.core.seeds import rng
 from trials.folder import layout
-from trials.nets import masks, models
-from trials.methods import pruning
 from trials.folder.environment import environment
 from trials.folder.record import LevelRecord
-from trials.loop.stacked import Stacked, apart
-from trials.loop.optim import PackedOptimizer
 from trials.folder.store import TrialDir, state_of
-from trials.core.seeds import rng
 from trials.loop.arithmetic import autocast_for, evaluate
+from trials.loop.optim import PackedOptimizer
+from trials.loop.stacked import Stacked, apart
 from trials.loop.training import BatchOrder, Job
+from trials.methods import pruning
+from trials.nets import masks, models
 
 GAIN = math.sqrt(2.0)  # Kaiming's gain for ReLU: std = GAIN / sqrt(fan_in)
 CALIBRATION_BATCHES = 50  # training batches that set an untrained network's norm statistics

@@ -48,8 +48,8 @@ from trials.core.errors import ConfigError
 from trials.folder import layout
 from trials.folder.record import LevelRecord
 from trials.folder.store import TrialDir, save_tensors
-from trials.loop.stacked import Stacked
 from trials.loop.arithmetic import Alone
+from trials.loop.stacked import Stacked
 from trials.loop.training import Job, train_members
 from trials.methods import controls, stability
 from trials.methods.imp import Member
