@@ -35,6 +35,36 @@ def test_the_plan_counts_trials_levels_and_iterations():
     assert progress.clock(3725) == "1h02m05s" and progress.clock(65) == "1m05s" and progress.clock(4) == "4s"
 
 
+def test_a_saved_plan_is_read_back_for_its_sweep_only(tmp_path):
+    """The driver saves the plan's totals and unit names (progress.PLAN_FILE) so `lth sweep
+    status` plans nothing; the file serves only the sweep (and code) it was made for."""
+    import json
+
+    sweep = load_sweep(DEMO, ["seeds=1", "base.prune.levels=2", f"storage={tmp_path}"])
+    made = progress.planned(sweep, save=True)
+    t = plan.totals(sweep)
+    assert (made.trials, made.levels, made.iterations, len(made.units)) == (t.trials, t.levels, t.iterations, t.units)
+    path = tmp_path / sweep.name / progress.PLAN_FILE
+    saved = json.loads(path.read_text())
+    saved["plan"]["trials"] = 99  # what a reader takes must come from the file
+    path.write_text(json.dumps(saved))
+    progress._PLANS.clear()  # another process
+    assert progress.planned(sweep).trials == 99
+    other = load_sweep(DEMO, ["seeds=2", "base.prune.levels=2", f"storage={tmp_path}"])
+    assert progress.planned(other).trials == plan.totals(other).trials == 2 * t.trials
+
+
+def test_readers_load_no_torch():
+    """`lth report`, `lth tickets best` and `lth sweep status` import neither torch nor the
+    engine (their answer at 10,000 trials is mostly imports)."""
+    code = ("import sys; import lth.cli, analysis, orchestrator.tracking.read, "
+            "orchestrator.tracking.experiment_tickets, orchestrator.sweeps.progress, "
+            "orchestrator.sweeps.results, orchestrator.sweeps.runner; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_the_status_line_fits_any_width_shortening_then_dropping_fields_from_the_right(monkeypatch):
     sweep = load_sweep(os.path.join(ROOT, "sweeps", "prune_at_init.yaml"), [])
     p = progress.Progress.of(sweep, units_before=3)
