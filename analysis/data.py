@@ -70,6 +70,13 @@ def with_density(df: pd.DataFrame, kind: str = "nominal") -> pd.DataFrame:
     return out
 
 
+def method_names(df: pd.DataFrame) -> pd.Series:
+    """Each row's trial method; runs logged before there was a choice are IMP."""
+    if "method" not in df:
+        return pd.Series(methods.DEFAULT, index=df.index, dtype="string")
+    return df["method"].astype("string").fillna(methods.DEFAULT)
+
+
 COST = "cost_iterations"  # trials/folder/record.py: iterations trained to obtain a level's network
 
 
@@ -91,8 +98,7 @@ def with_cost(df: pd.DataFrame) -> pd.DataFrame:
         return out
     k = pd.to_numeric(out["rewind_iteration"], errors="coerce").fillna(0) if "rewind_iteration" in out else 0
     level = pd.to_numeric(out["level"], errors="coerce")
-    ran = out["method"].astype("string").fillna(methods.DEFAULT) if "method" in out else [methods.DEFAULT] * len(out)
-    entries = [methods.METHODS.get(m) if m in methods.METHODS else None for m in ran]
+    entries = [methods.METHODS.get(m) if m in methods.METHODS else None for m in method_names(out)]
     pruned = pd.Series([e is not None and e.mask == "pruned" for e in entries], index=out.index)
     known = pd.Series([e is not None and e.mask in ("pruned", "scored", "searched") for e in entries], index=out.index)
     derived = T.where(~pruned, T + level * (T - k)).astype(float)

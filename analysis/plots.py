@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from trials import methods as registry
+from analysis.data import method_names as methods
 from trials.core.errors import ConfigError
 
 PANELS = (("test_acc_at_early_stop", "test accuracy at early stop (%)", 100),
@@ -252,13 +252,6 @@ def _ticks(percents: pd.Series) -> list:
         if not kept or p < 0.95 * kept[-1]:
             kept.append(p)
     return kept
-
-
-def methods(df: pd.DataFrame) -> pd.Series:
-    """Each row's trial method; runs logged before there was a choice are IMP."""
-    if "method" not in df:
-        return pd.Series(registry.DEFAULT, index=df.index, dtype="string")
-    return df["method"].astype("string").fillna(registry.DEFAULT)
 
 
 STABLE = 0.02  # Frankle et al. 2020: a network is stable when its error barrier is below 2%
