@@ -58,7 +58,12 @@ def entry() -> None:
     import atexit
     import threading
 
-    for thread in threading.enumerate():  # what a normal exit waits for first
+    # what a normal exit does first: the hooks registered with threading (concurrent.futures
+    # tells its pools' idle workers to stop there: an MLflow artifact download leaves one),
+    # then every other non-daemon thread joined
+    for hook in reversed(getattr(threading, "_threading_atexits", ())):
+        hook()
+    for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     ray = sys.modules.get("ray")

@@ -170,6 +170,18 @@ def test_console_script_exit_code(tmp_path):
     assert proc.stderr.strip() == "lth: error: prune.rate: 1.5 is not allowed; allowed: 0 < rate < 1"
 
 
+def test_the_program_ends_with_a_thread_pool_still_up():
+    """`lth` ends the way Python's own exit does (lth/cli.py entry): a thread pool's idle worker,
+    which an MLflow artifact download leaves behind, is told to stop before threads are
+    joined, not waited for (the program hung there at the end of a sweep)."""
+    code = ("import sys; from concurrent.futures import ThreadPoolExecutor; import lth.cli; pools = []\n"
+            "def main(argv=None):\n"
+            "    pools.append(ThreadPoolExecutor(1)); pools[0].submit(print, 'done'); return 3\n"
+            "lth.cli.main = main; lth.cli.entry()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "done\n"), proc.stderr[-2000:]
+
+
 def test_prune_spec_direct_construction_is_validated_by_trial_spec():
     with pytest.raises(Exception, match="prune.rate"):
         TrialSpec(prune=PruneSpec(rate=2.0))
