@@ -25,7 +25,7 @@ def add(tickets) -> None:
 
 
 def check_out(out: Path) -> None:
-    from trials.folder.store import check_folder
+    from trials.core.folders import check_folder
 
     check_folder(out, "--out", write=True)
     check(not out.exists() or (out.is_dir() and not any(out.iterdir())), "--out", str(out), "allowed: a new or empty folder")

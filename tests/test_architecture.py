@@ -159,11 +159,11 @@ def test_comments_cite_the_repository_not_documents_outside_it():
 
 
 # What a spec and a plan may load (trials/__init__.py): not the loop, the runner, export, the
-# Tune side of the orchestrator, or a method's implementation (the registry and pruning's
-# candidates and counts are what validation asks).
+# Tune side of the orchestrator, or a method's implementation (the registry, and the
+# candidates and counts of trials/methods/counting.py, are what validation asks).
 ENGINE = ("trials.loop", "trials.runner", "trials.export", "orchestrator.sweeps.trainable", "orchestrator.sweeps.runner",
           "ray", "mlflow")
-LIGHT_METHODS = ("trials.methods", "trials.methods.pruning")
+LIGHT_METHODS = ("trials.methods", "trials.methods.counting")
 
 
 def loaded_after(code: str) -> list:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trials.nets import masks, models
+from trials.nets import masks, models, structure
 from trials.nets.datasets import DatasetInfo
 from trials.spec import ModelSpec
 
@@ -252,3 +252,70 @@ def test_a_family_without_ops_or_packs_trains_and_is_refused_with_its_reason(tmp
         assert [r.level for r in records] == [0, 1] and records[1].effective_density is None
     finally:
         del models.MODELS["plain_test"], models.FAMILIES["plain_test"]
+
+
+# ---------------------------------------------------------------- the torch-free description
+
+
+SHAPES = sorted({*(s for shapes in COMPATIBLE.values() for s in shapes), (1, 28, 28), (3, 16, 16), (1, 4, 4),
+                 (3, 15, 15), (1, 1, 1), (2, 33, 20), (7,)})
+
+
+@pytest.mark.parametrize("name", sorted(structure.DESCRIBED))
+def test_the_torch_free_description_is_the_built_network(name):
+    """trials/nets/structure.py describes each built-in model as masks.Layers reads it off the
+    network built on the meta device (what validation did before), on every shape and width:
+    the same layers, weight shapes, classifier and companions, or the same refusal."""
+    assert set(structure.DESCRIBED) == set(models.MODELS)  # a new built-in model gets a description
+    widths = (1.0,) if name in structure.WIDTHLESS else (1.0, 0.5, 2.0, 0.01, 0.37)
+    assert models.has_width(name) == (name not in structure.WIDTHLESS)
+    seen = 0
+    for shape in SHAPES:
+        for width in widths:
+            for num_classes in (10, 3):
+                described = structure.describe(name, shape, num_classes, width)
+                try:
+                    layers = masks.Layers.of(models.shell(name, shape, num_classes, width))
+                except models.IncompatibleInput as e:
+                    assert described == (str(e), None)
+                    continue
+                error, got = described
+                assert error is None and (got.names, got.output, got.shapes, got.companions) == (
+                    layers.names, layers.output, layers.shapes, layers.companions), (shape, width)
+                seen += 1
+    assert seen >= 2 * len(widths)  # it was compared on networks, not only on refusals
+
+
+def test_every_described_model_packs_on_every_dataset_it_takes():
+    """The planner packs the built-in models without building them (trials/spec/packing.py
+    no_packs): that holds only while each of them packs, as its family and its network say."""
+    for name in structure.DESCRIBED:
+        for info in structure.INFOS.values():
+            try:
+                net = models.shell(name, info.shape, info.num_classes)
+            except models.IncompatibleInput:
+                continue
+            assert models.FAMILIES[name].no_packs is None and models.why_not_packable(net) is None, name
+
+
+def test_infos_are_the_datasets_and_a_huge_width_is_left_to_torch():
+    from trials.nets import datasets
+
+    assert {n: s.info for n, s in datasets.DATASETS.items()} == structure.INFOS
+    assert structure.describe("lenet_300_100", MNIST, 10, 1e9) is None  # past MOST_WEIGHTS
+    assert structure.describe("lenet_300_100", MNIST, 10, float("inf")) is None
+    assert structure.describe("not_built_in", MNIST, 10, 1.0) is None
+
+
+def test_validating_a_built_in_spec_imports_no_torch():
+    """A sweep's driver validates every trial and trains none: torch stays out of it."""
+    import subprocess
+    import sys
+
+    from orchestrator.config import preset_names
+
+    code = ("import sys; from orchestrator.config import expand, preset_names; from trials.spec.trial_spec import "
+            "from_dict; specs = [from_dict(expand({'preset': p, 'prune': {'layer_rates': {'fc': 0.1}}})) "
+            "for p in preset_names()]; print(len(specs), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(len(preset_names())), "False"]

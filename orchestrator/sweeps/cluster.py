@@ -56,11 +56,15 @@ def refusal(sweep, offers: str) -> ConfigError:
 
 
 def check_local(sweep) -> None:
-    """A local Ray is this machine: refuse what it cannot hold, before Ray starts."""
-    import torch
+    """A local Ray is this machine: refuse what it cannot hold, before Ray starts. Its GPUs
+    are counted (by torch: a second's import) only where they matter: a request for GPUs,
+    or a refusal, which names them."""
+    bundle, machine = request(sweep), {"CPU": float(os.cpu_count() or 1)}
+    if "GPU" in bundle or not fits(bundle, machine):
+        import torch
 
-    machine = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-    if not fits(request(sweep), machine):
+        machine["GPU"] = float(torch.cuda.device_count())
+    if not fits(bundle, machine):
         raise refusal(sweep, f"one node, this machine: {_shape(machine)}, for a local Ray; "
                              "no autoscaler; ask for at most that, or run on a cluster with --address")
 

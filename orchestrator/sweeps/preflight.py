@@ -8,7 +8,9 @@ Ray: planning starts nothing.
     resources         a local Ray (no --address, no RAY_ADDRESS) must hold one Tune trial's
                       request (cluster.check_local); a cluster is judged once connected
     tracking_uri      a store that answers (`plan`: a server that answers, or an SQLite
-                      file that exists or can be made; it opens no database)
+                      file that exists or can be made; it opens no database). `run` opens
+                      it while Ray starts (runner.checked_connect), still before anything
+                      is written
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def check_tracking(uri: str) -> None:
     """`plan`'s look at the tracking store, creating nothing: a server must answer; an
     SQLite file must exist or its folder take it; other databases are checked by `run`."""
     from orchestrator.tracking import store
-    from trials.folder.store import check_folder
+    from trials.core.folders import check_folder
 
     if uri.startswith(("http://", "https://")):
         store.check_reachable(uri)

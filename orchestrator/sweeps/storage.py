@@ -26,7 +26,7 @@ def check_usable(storage: str, write: bool) -> None:
     import threading
 
     from trials.core.errors import check
-    from trials.folder.store import check_folder
+    from trials.core.folders import check_folder
 
     if "://" not in storage:
         return check_folder(storage, "storage", write)

@@ -14,12 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trials.core.errors import check
+from trials.core.folders import NAME_MAX, check_folder
 from trials.folder import layout
 from trials.folder.record import LevelRecord
 from trials.folder.version import code_version
-
-
-NAME_MAX = 255  # bytes in one folder name: ext4, XFS, APFS, NTFS alike
 
 
 def _atomic(path: Path, write) -> None:
@@ -96,20 +94,6 @@ def load_tensors(path: Path, device="cpu") -> dict:
 
 def write_json(path: Path, obj) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"))
-
-
-def check_folder(path: Path, key: str, write: bool) -> None:
-    """`path` is a folder, or can be made one (its nearest existing parent is a folder),
-    that we can write to when `write`; else one ConfigError on `key`. (As root, access
-    checks pass: a read-only mount shows only when writing.)"""
-    path = Path(path)
-    for part in path.parts:  # a longer one is no folder name (and stat() fails on it)
-        check(len(os.fsencode(part)) <= NAME_MAX, key, str(path),
-              f"folder names of at most {NAME_MAX} bytes (one has {len(os.fsencode(part))})")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    check(existing.is_dir(), key, str(path), f"a folder ({existing} is a file)")
-    check(not write or os.access(existing, os.W_OK | os.X_OK), key, str(path),
-          f"a folder you can write to ({existing} is read-only)")
 
 
 class TrialDir:

@@ -12,12 +12,12 @@ of a unit's incoming weights per unit (Li et al. 2016); `random` draws uniform s
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 
 from trials.core.registry import Registry
+from trials.methods.counting import candidates, counters, global_pool, keep_count, layer_rate, resolved_rate  # noqa: F401
 from trials.nets.masks import Layers, Mask
 
 Scorer = Callable[[torch.Tensor, bool, Optional[torch.Generator]], torch.Tensor]
@@ -41,50 +41,6 @@ def alive(mask: Mask, layers: Layers, layer: str, units: bool) -> torch.Tensor:
     """Flat bool vector of the layer's surviving items (weights or output units)."""
     m = mask[layers.weight(layer)]
     return m.flatten(1).any(1) if units else m.flatten()
-
-
-def layer_rate(spec, layers: Layers, layer: str) -> Optional[float]:
-    """An explicit rate (layer_rates, or output_rate for the output layer), else None."""
-    rates = dict(spec.layer_rates)
-    if layer in rates:
-        return rates[layer]
-    if layer == layers.output and spec.output_rate is not None:
-        return spec.output_rate
-    return None
-
-
-def resolved_rate(spec, layers: Layers, layer: str) -> float:
-    """The rate a level applies to the layer: its explicit rate, else prune.rate."""
-    explicit = layer_rate(spec, layers, layer)
-    return spec.rate if explicit is None else explicit
-
-
-def candidates(spec, layers: Layers) -> list[str]:
-    """Layers a level prunes: all but the output layer under structured pruning (classes stay)."""
-    units = spec.kind == "structured"
-    return [n for n in layers.names if not (units and n == layers.output)]
-
-
-def global_pool(spec, layers: Layers, names: list) -> list[str]:
-    """Layers ranked together at prune.rate (scope=global): those without an explicit rate."""
-    return [n for n in names if spec.scope == "global" and layer_rate(spec, layers, n) is None]
-
-
-def counters(prune, layers: Layers) -> tuple[dict, list, int]:
-    """What a level's counts start from (weights, or output units when structured): layer ->
-    (items at level 0, its rate) of each layer counted alone, the layers pooled under
-    scope=global, and the pool's items at level 0 (the pool loses prune.rate per level)."""
-    units = prune.kind == "structured"
-    shape = {n: layers.shapes[layers.weight(n)] for n in layers.names}
-    size = {n: shape[n][0] if units else math.prod(shape[n]) for n in layers.names}
-    names = candidates(prune, layers)
-    pool = global_pool(prune, layers, names)
-    alone = {n: (size[n], resolved_rate(prune, layers, n)) for n in names if n not in pool}
-    return alone, pool, sum(size[n] for n in pool)
-
-
-def keep_count(n_alive: int, rate: float) -> int:
-    return max(1, n_alive - round(rate * n_alive)) if n_alive else 0
 
 
 def prune(spec, weights: dict, mask: Mask, layers: Layers, strategy: str = "magnitude",

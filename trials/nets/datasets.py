@@ -17,16 +17,11 @@ import torch
 
 from trials.core.errors import ConfigError
 from trials.core.registry import Registry
+from trials.nets.structure import INFOS, DatasetInfo  # noqa: F401 - DatasetInfo: part of this module's API
 
 DATASETS: Registry = Registry("dataset", "dataset.name")
 SPLIT_SEED = 0  # fixed: the validation/test split never depends on the trial's seed
 EVAL_BATCH = 1000  # examples per evaluation forward pass (the loop's, and the planner's memory estimate)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
-    num_classes: int
 
 
 @dataclass
@@ -93,7 +88,7 @@ def _read_digits(spec):
     return train_x, y[train], test_x, y[test]
 
 
-DATASETS.register("digits")(Source(DatasetInfo((1, 8, 8), 10), _read_digits, validation=237))
+DATASETS.register("digits")(Source(INFOS["digits"], _read_digits, validation=237))
 
 
 def _read_mnist1d(spec):
@@ -116,7 +111,7 @@ def _read_mnist1d(spec):
     return x, y, x_test, y_test
 
 
-DATASETS.register("mnist1d")(Source(DatasetInfo((40,), 10), _read_mnist1d, validation=500))
+DATASETS.register("mnist1d")(Source(INFOS["mnist1d"], _read_mnist1d, validation=500))
 
 
 def _read_synthetic(spec):
@@ -128,7 +123,7 @@ def _read_synthetic(spec):
     return x[:2500], y[:2500], x[2500:], y[2500:]
 
 
-DATASETS.register("synthetic")(Source(DatasetInfo((1, 28, 28), 10), _read_synthetic, validation=500))
+DATASETS.register("synthetic")(Source(INFOS["synthetic"], _read_synthetic, validation=500))
 
 
 # ---------------------------------------------------------------- torchvision
@@ -255,10 +250,10 @@ def _read_mnist_files(base: Path):
 
 
 DATASETS.register("mnist")(
-    Source(DatasetInfo((1, 28, 28), 10), _mnist_like("MNIST", 0.1307, 0.3081), validation=5000)
+    Source(INFOS["mnist"], _mnist_like("MNIST", 0.1307, 0.3081), validation=5000)
 )
 DATASETS.register("fashion_mnist")(
-    Source(DatasetInfo((1, 28, 28), 10), _mnist_like("FashionMNIST", 0.2860, 0.3530), validation=5000)
+    Source(INFOS["fashion_mnist"], _mnist_like("FashionMNIST", 0.2860, 0.3530), validation=5000)
 )
 
 _CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
@@ -332,5 +327,5 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
 
 
 DATASETS.register("cifar10")(
-    Source(DatasetInfo((3, 32, 32), 10), _read_cifar10, validation=5000, augment=crop_flip)
+    Source(INFOS["cifar10"], _read_cifar10, validation=5000, augment=crop_flip)
 )

@@ -7,11 +7,10 @@ the affine parameters of a norm layer that directly normalises that unit's outpu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 import torch.nn as nn
+
+from trials.nets.structure import Structure
 
 Mask = dict  # str -> torch.BoolTensor
 
@@ -25,17 +24,8 @@ def output_layer(net: nn.Module) -> str:
     return [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
-@dataclass(frozen=True)
-class Layers:
-    """What pruning needs to know about a network, computed once per model."""
-
-    names: tuple[str, ...]  # prunable modules, in module order
-    output: str  # the classifier's module name
-    shapes: dict  # "<layer>.weight" -> weight shape
-    companions: dict  # layer -> parameter names indexed by its output units
-    # the network as trials/export/compact/ describes it (trials/nets/paths.py counts paths on it);
-    # None for a network it has no description for (effective density not measured)
-    ops: Optional[list] = field(default=None, compare=False, repr=False)
+class Layers(Structure):
+    """What pruning needs to know about a network (trials/nets/structure.py), read off it once."""
 
     @classmethod
     def of(cls, net: nn.Module) -> "Layers":
@@ -51,10 +41,6 @@ class Layers:
         if ops is not None and {op["module"] for op in paths.layer_ops(ops)} != set(names):
             ops = None  # a description that does not cover exactly the prunable layers
         return cls(names, output_layer(net), shapes, {k: tuple(v) for k, v in companions.items()}, ops)
-
-    def weight(self, layer: str) -> str:
-        return f"{layer}.weight"
-
 
 def _norms_after(net: nn.Module) -> dict:
     """conv/linear module -> the affine norm layer applied directly to its output (via torch.fx).

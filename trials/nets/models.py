@@ -24,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.core.registry import Registry
+from trials.nets.structure import CONV_HIDDEN, CONV_PLANS, LENET_HIDDEN, RESNET20_WIDTH, VGG_PLANS, IncompatibleInput
+from trials.nets.structure import image as _image
+from trials.nets.structure import scale as _scale
 
 MODELS: Registry = Registry("model", "model.name")
 
@@ -97,10 +100,6 @@ def compactable() -> tuple[str, ...]:
     return tuple(n for n, f in FAMILIES.items() if f.ops)
 
 
-class IncompatibleInput(ValueError):
-    """The model cannot take the dataset's input shape."""
-
-
 def build(spec, info, seed: int, device="cpu") -> nn.Module:
     """Build on CPU under `seed` (same init on every device), then move to `device`."""
     with torch.random.fork_rng(devices=[]):
@@ -125,10 +124,6 @@ def _construct(name: str, shape: tuple, num_classes: int, width: float) -> nn.Mo
     return builder(shape, num_classes) if width == 1.0 else builder(shape, num_classes, width=width)
 
 
-def _scale(n: int, width: float) -> int:
-    return max(1, round(n * width))
-
-
 def _initialise(net: nn.Module, init: str) -> None:
     weight_init = {
         "kaiming_normal": nn.init.kaiming_normal_,
@@ -143,14 +138,6 @@ def _initialise(net: nn.Module, init: str) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def _image(shape, name: str, min_side: int = 1) -> tuple[int, int, int]:
-    if len(shape) != 3:
-        raise IncompatibleInput(f"{name} needs image inputs (channels, height, width)")
-    if min(shape[1:]) < min_side:
-        raise IncompatibleInput(f"{name} needs images of at least {min_side}x{min_side}")
-    return shape
 
 
 # ---------------------------------------------------------------- fully connected
@@ -175,7 +162,7 @@ LENET = Family("LeNet", "trials.nets.models:LeNet", "trials.nets.paths:lenet_ops
 
 @model("lenet_300_100", LENET)
 def lenet_300_100(shape, num_classes, width: float = 1.0):
-    return LeNet(math.prod(shape), (_scale(300, width), _scale(100, width)), num_classes)
+    return LeNet(math.prod(shape), tuple(_scale(h, width) for h in LENET_HIDDEN), num_classes)
 
 
 # ---------------------------------------------------------------- Conv-2/4/6
@@ -214,12 +201,11 @@ def _register_conv(name: str, plan: tuple):
     @model(name, CONV)
     def conv(shape, num_classes, width: float = 1.0):
         widths = tuple(w if w == "M" else _scale(w, width) for w in plan)
-        return ConvNet(_image(shape, name, 2**pools), widths, num_classes, _scale(256, width))
+        return ConvNet(_image(shape, name, 2**pools), widths, num_classes, _scale(CONV_HIDDEN, width))
 
 
-_register_conv("conv2", (64, 64, "M"))
-_register_conv("conv4", (64, 64, "M", 128, 128, "M"))
-_register_conv("conv6", (64, 64, "M", 128, 128, "M", 256, 256, "M"))
+for _name, _plan in CONV_PLANS.items():
+    _register_conv(_name, _plan)
 
 
 # ---------------------------------------------------------------- CIFAR ResNet-20
@@ -271,18 +257,10 @@ CIFAR_RESNET = Family("CIFAR ResNet", "trials.nets.models:CifarResNet", "trials.
 
 @model("resnet20", CIFAR_RESNET)
 def resnet20(shape, num_classes, width: float = 1.0):
-    return CifarResNet(_image(shape, "resnet20", 4), 20, num_classes, _scale(16, width))
+    return CifarResNet(_image(shape, "resnet20", 4), 20, num_classes, _scale(RESNET20_WIDTH, width))
 
 
 # ---------------------------------------------------------------- CIFAR VGG
-
-_VGG_PLANS = {
-    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
-    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
-    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512),
-}
-
 
 class CifarVGG(nn.Module):
     """open_lth's cifar_vgg: conv-BN-ReLU stacks, 4 max-pools, global average pool, one FC."""
@@ -309,11 +287,11 @@ VGG = Family("VGG", "trials.nets.models:CifarVGG", "trials.nets.paths:vgg_ops")
 def _register_vgg(name: str):
     @model(name, VGG)
     def vgg(shape, num_classes, width: float = 1.0):
-        plan = tuple(w if w == "M" else _scale(w, width) for w in _VGG_PLANS[name])
+        plan = tuple(w if w == "M" else _scale(w, width) for w in VGG_PLANS[name])
         return CifarVGG(_image(shape, name, 16), plan, num_classes)
 
 
-for _name in _VGG_PLANS:
+for _name in VGG_PLANS:
     _register_vgg(_name)
 
 

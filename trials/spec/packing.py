@@ -19,7 +19,7 @@ from typing import Optional
 
 from trials import methods
 from trials.core.errors import ConfigError
-from trials.nets import datasets, models
+from trials.nets import structure
 
 SHARED_TRAIN = ("optimizer", "batch_size", "iterations", "eval_interval", "precision")
 
@@ -55,17 +55,31 @@ def check_pack(specs: list, outs: list, stacked: bool = True) -> None:
                                   "model architecture, dataset, device and train." + "/".join(shared_train(s)))
     if not stacked:
         return
-    family = models.FAMILIES.get(first.model.name)
-    reason = family.no_packs or model_reason(first.model.name, models.MODELS.get(first.model.name), first.dataset,
-                                             first.model.width)
+    reason = no_packs(first)
     if reason:
         raise ConfigError("model.name", first.model.name, f"not packable: {reason}")
+
+
+def no_packs(spec) -> Optional[str]:
+    """Why the spec's networks cannot train in a pack, or None. Every built-in model packs on
+    every built-in dataset (tests/test_models.py builds each to check), so a planner decides
+    those without torch (trials/nets/structure.py); any other model is asked its family, then
+    its network built on the meta device."""
+    if structure.describes(spec.model.name, spec.dataset.name):
+        return None
+    from trials.nets import models
+
+    family = models.FAMILIES.get(spec.model.name)
+    return family.no_packs or model_reason(spec.model.name, models.MODELS.get(spec.model.name), spec.dataset,
+                                           spec.model.width)
 
 
 @functools.lru_cache(maxsize=256)
 def model_reason(name: str, builder, dataset, width: float) -> Optional[str]:
     """why_not_packable of the model as built for `dataset`, once per (model, builder,
     dataset, width): a planner asks for every trial, and each answer builds a model shell."""
+    from trials.nets import datasets, models
+
     info = datasets.info(dataset)
     return models.why_not_packable(models.shell(name, info.shape, info.num_classes, width))
 

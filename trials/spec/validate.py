@@ -1,7 +1,8 @@
 """Validation of a whole TrialSpec: every rule names the key, the value and what is allowed.
 
-Rules that need the network (layer names and sizes, input shape) build it on the meta device,
-which allocates nothing, from the dataset's static shape.
+Rules that need the network (layer names and sizes, input shape) read them off the
+built-in models' plans without torch (trials/nets/structure.py), or build any other model
+on the meta device, which allocates nothing, from the dataset's static shape.
 """
 from __future__ import annotations
 
@@ -178,20 +179,28 @@ def _validate_stability(spec) -> None:
 
 
 def _validate_against_model(spec) -> None:
-    from trials.nets import datasets, models
+    from trials.nets import structure
 
-    info = datasets.info(spec.dataset)
-    models.MODELS.get(spec.model.name)
-    check(spec.model.width > 0, "model.width", spec.model.width, "allowed: a number > 0 (1.0 = the paper's)")
-    check(spec.model.width == 1.0 or models.has_width(spec.model.name), "model.width", spec.model.width,
-          f"allowed for {spec.model.name}: 1.0 (its builder takes no width multiplier)")
+    model, width = spec.model.name, spec.model.width
+    if structure.describes(model, spec.dataset.name):  # built in: described without torch
+        info, has_width = structure.INFOS[spec.dataset.name], model not in structure.WIDTHLESS
+    else:
+        from trials.nets import datasets, models
+
+        info = datasets.info(spec.dataset)
+        models.MODELS.get(model)
+        has_width = models.has_width(model)
+    check(width > 0, "model.width", width, "allowed: a number > 0 (1.0 = the paper's)")
+    check(width == 1.0 or has_width, "model.width", width,
+          f"allowed for {model}: 1.0 (its builder takes no width multiplier)")
+    described = structure.describe(model, tuple(info.shape), info.num_classes, width)
     try:
-        error, layers = _structure(spec.model.name, tuple(info.shape), info.num_classes, spec.model.width)
+        error, layers = described or _structure(model, tuple(info.shape), info.num_classes, width)
     except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # torch: sizes past what it can count
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ConfigError("model.width", spec.model.width, f"a width whose network torch can build ({reason})") from None
+        raise ConfigError("model.width", width, f"a width whose network torch can build ({reason})") from None
     if error:
-        raise ConfigError("model.name", spec.model.name, f"{error}; dataset {spec.dataset.name} gives "
+        raise ConfigError("model.name", model, f"{error}; dataset {spec.dataset.name} gives "
                           f"inputs of shape {tuple(info.shape)}")
     for name, _ in spec.prune.layer_rates:
         check(name in layers.names, f"prune.layer_rates.{name}", name,
@@ -203,7 +212,7 @@ def _validate_against_model(spec) -> None:
         at_init = m.reads_path("at_init.scope")  # IMP's counts with prune.scope = at_init.scope (trials/methods/at_init.py)
         _validate_levels(replace(spec.prune, scope=spec.at_init.scope) if at_init else spec.prune, layers)
     if spec.early_bird.criterion == "bn_gamma" and spec.prune.kind == "structured":
-        from trials.methods.pruning import candidates
+        from trials.methods.counting import candidates
 
         bare = [n for n in candidates(spec.prune, layers) if not _has_norm(layers, n)]
         check(not bare, "early_bird.criterion", "bn_gamma",
@@ -237,7 +246,7 @@ def _structure(model_name: str, shape: tuple, num_classes: int, width: float = 1
 
 
 def useful_levels(prune, layers, up_to: int) -> int:
-    """The last level that still removes something, for a PruneSpec on a masks.Layers,
+    """The last level that still removes something, for a PruneSpec on a Structure,
     counted no further than `up_to` (a tiny rate on a big layer would take millions).
 
     Each layer is a counter of items (weights, or output units when structured) that a
@@ -250,16 +259,16 @@ def useful_levels(prune, layers, up_to: int) -> int:
 
 def _counters(prune, layers) -> list[tuple[int, float]]:
     """(items at level 0, rate per level) of every independent counter, as pruning.prune counts."""
-    from trials.methods import pruning
+    from trials.methods import counting
 
-    alone, pool, pooled = pruning.counters(prune, layers)
+    alone, pool, pooled = counting.counters(prune, layers)
     return list(alone.values()) + ([(pooled, prune.rate)] if pool else [])
 
 
 @functools.lru_cache(maxsize=4096)
 def _levels_until_fixed(items: int, rate: float, up_to: int) -> int:
     """Levels that change `items` before keep_count leaves it unchanged, at most `up_to`."""
-    from trials.methods.pruning import keep_count
+    from trials.methods.counting import keep_count
 
     levels = 0
     while levels < up_to and (kept := keep_count(items, rate)) != items:
