@@ -16,7 +16,8 @@ the functions of each phase (wrapped before `lth.cli.main` runs; nothing in lth 
                      trial's worker, its imports and data
     training         the levels' `seconds` (what `lth trial run` also spends)
     tune rest        the rest of fit(): results and checkpoints handed over, the trial's end
-    tracking         MLflow: the store checked, the tracker opened, the live callbacks
+    tracking         MLflow: the store checked (the part of it not under Ray's start, where
+                     it runs on a thread of its own), the tracker opened, the live callbacks
     sync             the end-of-sweep replay into MLflow (runner.replay)
     tables           trials.csv and the end-of-sweep tables (results.collect, write_csv,
                      summary_table, status_report)
@@ -70,6 +71,7 @@ def child(sweep_file: str, out: str, t0: float) -> None:
             finally:
                 spent[phase] = spent.get(phase, 0.0) + time.time() - start
                 marks.setdefault(f"{phase}:start", start)
+                marks.setdefault(f"{phase}:end", time.time())
 
         setattr(owner, name, wrapper)
 
@@ -86,7 +88,7 @@ def child(sweep_file: str, out: str, t0: float) -> None:
     timed(runner, "init_ray", "ray start")
     timed(runner, "_share", "broker")
     timed(runner, "replay", "sync")
-    timed(store, "check_reachable", "tracking")
+    timed(store, "check_reachable", "store check")
     timed(store.SweepTracker, "__init__", "tracking")
     for name in ("on_trial_start", "on_checkpoint", "on_trial_complete", "on_trial_error"):
         timed(callbacks.MlflowLogger, name, "tracking live")
@@ -113,15 +115,19 @@ def child(sweep_file: str, out: str, t0: float) -> None:
     def write(code: int, end: float) -> None:
         fit_start = marks.get("fit:start", end)
         first = marks.get("first level start", fit_start) - fit_start
-        phases = {"process start": marks["main"] - t0,
+        # the store's check: before Ray's start (older code), or on a thread of its own while
+        # Ray starts: what of it lies before Ray's start counts as tracking, not checks; what
+        # overlaps Ray's start, as Ray's start; what outlasts it, as tracking
+        ray_start, ray_end = marks.get("ray start:start", end), marks.get("ray start:end", end)
+        check_start, check_end = marks.get("store check:start", end), marks.get("store check:end", end)
+        check_before = max(0.0, min(check_end, ray_start) - check_start)
+        check_after = max(0.0, check_end - max(ray_end, check_start))
+        phases = {"process start": marks["main"] - t0, "checks": ray_start - marks["main"] - check_before,
                   "ray start": spent.get("ray start", 0.0), "broker": spent.get("broker", 0.0),
                   "first trial": first, "training": sum(seconds),
                   "tune rest": spent.get("fit", 0.0) - first - sum(seconds) - spent.get("tracking live", 0.0),
-                  "tracking": spent.get("tracking", 0.0) + spent.get("tracking live", 0.0),
+                  "tracking": check_before + check_after + spent.get("tracking", 0.0) + spent.get("tracking live", 0.0),
                   "sync": spent.get("sync", 0.0), "tables": spent.get("tables", 0.0)}
-        before_ray = marks.get("ray start:start", end) - marks["main"]
-        phases["checks"] = before_ray - spent.get("tracking", 0.0) * (marks.get("tracking:start", end) < marks.get(
-            "ray start:start", end))  # check_reachable runs before Ray; the tracker after
         Path(out).write_text(json.dumps({"code": code, "phases": phases, "main_end": end, "levels": len(seconds)}))
 
     import lth.cli

@@ -78,6 +78,37 @@ def connect(sweep: Sweep, address: str | None, dashboard: bool = False) -> None:
         cluster.check_cluster(sweep)
 
 
+def checked_connect(sweep: Sweep, address: str | None, dashboard: bool = False) -> None:
+    """`connect`, while the tracking store is checked (store.check_reachable) on a thread of
+    its own: MLflow's import and its store's opening (about 1.4 s on 2 cores) run while
+    Ray's processes start, which leaves the driver mostly waiting (ARCHITECTURE.md, "The
+    sweep runner"). A store that does not answer is still one line and exit 2, with nothing
+    written; a Ray this call started is shut down first (a Ray it found running is left)."""
+    import threading
+
+    import ray
+
+    failed: list = []
+
+    def check():
+        try:
+            store.check_reachable(sweep.tracking_uri)
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
+            failed.append(e)
+
+    checking = threading.Thread(target=check, name="lth-tracking-check", daemon=True)
+    checking.start()
+    fresh = not ray.is_initialized()
+    try:
+        connect(sweep, address, dashboard)
+    finally:
+        checking.join()
+    if failed:
+        if fresh:
+            ray.shutdown()
+        raise failed[0]
+
+
 def init_ray(address: str | None, dashboard: bool = False) -> None:
     """An explicit address (--address, or RAY_ADDRESS under `ray job submit`), or a fresh
     local instance (never someone else's running cluster by accident), started lean unless
@@ -118,13 +149,18 @@ def lean_start():
     """A local Ray without the head processes a one-machine sweep never uses
     (ARCHITECTURE.md, "The sweep runner"): the dashboard's head process, which Ray 2.60
     starts even with include_dashboard=False (with its usage-stats module only) and waits
-    for on the way, and the autoscaler's monitor (a local Ray cannot grow). Ray's public
-    `ray.init` offers no switch for either, so its head-node start is adjusted while
+    for on the way, and the autoscaler's monitor (a local Ray cannot grow). The node's
+    dashboard agent starts as in Ray's minimal install (`--minimal`: no metrics or
+    dashboard modules, which serve only a dashboard), so the driver does not import the
+    dashboard's dependencies to decide that (half a second on 2 cores). Ray's public
+    `ray.init` offers no switch for any of these, so its head-node start is adjusted while
     ray.init runs; the node's own processes (raylet, its agents, the log monitor) are as
     Ray starts them."""
+    from ray._private import utils
     from ray._private.node import Node
 
     start_api_server, start_head_processes = Node.start_api_server, Node.start_head_processes
+    dependency_error = utils.get_dashboard_dependency_error
 
     def no_api_server(self, **_):
         self._webui_url = ""  # what Ray records when it starts no dashboard
@@ -134,10 +170,12 @@ def lean_start():
         return start_head_processes(self)
 
     Node.start_api_server, Node.start_head_processes = no_api_server, head_processes
+    utils.get_dashboard_dependency_error = lambda: ImportError("a lean start serves no dashboard")
     try:
         yield
     finally:
         Node.start_api_server, Node.start_head_processes = start_api_server, start_head_processes
+        utils.get_dashboard_dependency_error = dependency_error
 
 
 @contextmanager
@@ -170,8 +208,7 @@ def run(sweep: Sweep, address: str | None = None, dashboard: bool = False) -> li
         return resume(sweep.name, sweep.storage, address, dashboard, sweep)
     quiet()
     address = ray_address(address)
-    store.check_reachable(sweep.tracking_uri)  # before anything is written or started
-    connect(sweep, address, dashboard)
+    checked_connect(sweep, address, dashboard)  # before anything is written
     study_name = f"{sweep.name}-{uuid.uuid4().hex[:8]}"
     save_sweep(sweep, study_name)
     progress.planned(sweep, save=True)  # `lth sweep status` reads it instead of planning again
@@ -193,8 +230,7 @@ def resume(name: str, storage: str, address: str | None = None, dashboard: bool 
     address = ray_address(address)
     if not address:
         cluster.check_local(sweep)
-    store.check_reachable(sweep.tracking_uri)
-    connect(sweep, address, dashboard)
+    checked_connect(sweep, address, dashboard)
     progress.planned(sweep, save=True)  # saved again where the code changed since
     from orchestrator.sweeps.callbacks import TRACKERS
 
@@ -258,6 +294,10 @@ def quiet() -> None:
     # unless RAY_COLOR_PREFIX=0 (read by Ray at every line): colour codes only at a terminal
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # Tune's default loggers include TensorBoard's, whose tensorboardX imports torch into the
+    # driver (a second on 2 cores) to write event files no lth command reads: `_tuner` asks
+    # for the CSV and JSON loggers (result.json, progress.csv) by name instead
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     for name, level in (
             ("ray.tune.tune", logging.WARNING),  # "Wrote the latest version of all result files"
             ("ray.tune.execution.tune_controller", logging.WARNING),  # "Restoring the run from ..."
@@ -269,6 +309,8 @@ def quiet() -> None:
 
 
 def _tuner(sweep: Sweep, study_name: str):
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     from orchestrator.sweeps.callbacks import LevelProgress, MlflowLogger
 
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
@@ -286,7 +328,7 @@ def _tuner(sweep: Sweep, study_name: str):
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # the pack's states (tiny; older layouts: tensors)
-            callbacks=[LevelProgress(sweep), MlflowLogger(sweep)],
+            callbacks=[LevelProgress(sweep), MlflowLogger(sweep), CSVLoggerCallback(), JsonLoggerCallback()],
         ),
     )
 
