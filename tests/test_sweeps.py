@@ -253,6 +253,24 @@ BAD_SWEEPS = [
 ]
 
 
+def test_a_sweeps_driver_never_imports_torch(tmp_path):
+    """The driver validates, plans and tracks, and trains nothing: torch (a second of every
+    sweep's start on 2 cores) stays out of it (ARCHITECTURE.md, "Models"). Tune's result
+    files are written; TensorBoard's event files, which no lth command reads, are not."""
+    path = sweep_file(tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = ("import sys, lth.cli\nmain = lth.cli.main\n"
+            "def run(argv=None):\n    code = main(argv)\n    print('TORCH', 'torch' in sys.modules)\n    return code\n"
+            "lth.cli.main = run; sys.argv = ['lth', 'sweep', 'run', sys.argv[1]]; lth.cli.entry()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TORCH False" in proc.stdout.splitlines()
+    assert len(csv(tmp_path)) == 2  # the trial's two levels
+    assert list((tmp_path / "runs" / "s").glob("*/result.json"))
+    assert not list((tmp_path / "runs").rglob("events.out.tfevents*"))
+
+
 def test_bad_sweep_files_exit_2_with_one_line_before_ray(tmp_path):
     """All cases in one fresh interpreter: after each, Ray must not even be imported."""
     cases = []

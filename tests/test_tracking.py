@@ -245,6 +245,32 @@ def test_unreachable_server_one_line_exit_2_before_anything(tmp_path, capsys):
     assert "none answers there" in err and not (tmp_path / "runs").exists()
 
 
+def test_a_driver_of_its_own_refuses_an_unreachable_store_in_one_line_and_stops_its_ray(tmp_path):
+    """As a user runs it (a process of its own, no Ray up): the store is checked while Ray
+    starts (runner.checked_connect), and one that does not answer is still one line and
+    exit 2 with nothing written; Ray's start line is held back, and no process of the Ray
+    it started is left."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    ray_tmp = tempfile.mkdtemp(prefix="lthr", dir="/tmp")  # Ray's sockets need a short path
+    try:
+        path = sweep_file(tmp_path, tracking_uri=f"http://127.0.0.1:{free_port()}")
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+        proc = subprocess.run([LTH, "sweep", "run", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("lth: error: tracking_uri: 'http://127.0.0.1:")
+        assert not (tmp_path / "runs").exists()
+        assert list(Path(ray_tmp).glob("ray/session_*")), "no Ray started: the check ran before Ray, not beside it"
+        left = [p.info["name"] for p in psutil.process_iter(["name", "cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or ())]
+        assert not left, f"left running: {left}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 class DyingProxy:
     """A real HTTP hop between lth and the `mlflow server`: it forwards every request, and
     at the first log-batch that carries metrics it lets the server store it, then kills

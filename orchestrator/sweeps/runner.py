@@ -83,12 +83,20 @@ def checked_connect(sweep: Sweep, address: str | None, dashboard: bool = False) 
     its own: MLflow's import and its store's opening (about 1.4 s on 2 cores) run while
     Ray's processes start, which leaves the driver mostly waiting (ARCHITECTURE.md, "The
     sweep runner"). A store that does not answer is still one line and exit 2, with nothing
-    written; a Ray this call started is shut down first (a Ray it found running is left)."""
+    written: a Ray this call started is shut down first (a Ray it found running is left),
+    and Ray's start line ("Started a local Ray instance") is held back until the store
+    answered."""
     import threading
 
     import ray
 
     failed: list = []
+    held: list = []
+    worker_log = logging.getLogger("ray._private.worker")  # where ray.init logs its start
+
+    def hold(record) -> bool:
+        held.append(record)
+        return False
 
     def check():
         try:
@@ -99,10 +107,14 @@ def checked_connect(sweep: Sweep, address: str | None, dashboard: bool = False) 
     checking = threading.Thread(target=check, name="lth-tracking-check", daemon=True)
     checking.start()
     fresh = not ray.is_initialized()
+    worker_log.addFilter(hold)
     try:
         connect(sweep, address, dashboard)
     finally:
+        worker_log.removeFilter(hold)
         checking.join()
+        for record in held if not failed else ():  # as Ray wrote them, now that the store answered
+            worker_log.handle(record)
     if failed:
         if fresh:
             ray.shutdown()
