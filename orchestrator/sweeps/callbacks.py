@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ray import tune
+from ray.tune.logger.tensorboardx import TBXLoggerCallback
 
 from orchestrator.objectives import STOPPED
 from orchestrator.plan import level_iterations
@@ -28,6 +29,26 @@ RUN_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune trial status 
 def trial_meta(member: dict) -> dict:
     """What a trial's spec.json holds, from the member's part of its Tune config (packs.py)."""
     return {"key": member["key"], "spec": member["spec"], **code_version()}
+
+
+class NoTensorBoard(TBXLoggerCallback):
+    """Stands in for Tune's TensorBoard logger, which Tune adds to every run that has none:
+    it imports and writes nothing. The real one imports tensorboardX, and through it torch,
+    into the driver (a second on 2 cores; ARCHITECTURE.md, "The sweep runner") for event
+    files no lth command reads. Tune's CSV and JSON loggers stay (result.json,
+    progress.csv); a sweep started before this class resumes with Tune's own loggers."""
+
+    def __init__(self):  # noqa: D107 - TBXLoggerCallback's would import tensorboardX
+        pass
+
+    def log_trial_start(self, trial) -> None:
+        pass
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        pass
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        pass
 
 
 class LevelProgress(tune.Callback):

@@ -306,10 +306,6 @@ def quiet() -> None:
     # unless RAY_COLOR_PREFIX=0 (read by Ray at every line): colour codes only at a terminal
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    # Tune's default loggers include TensorBoard's, whose tensorboardX imports torch into the
-    # driver (a second on 2 cores) to write event files no lth command reads: `_tuner` asks
-    # for the CSV and JSON loggers (result.json, progress.csv) by name instead
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     for name, level in (
             ("ray.tune.tune", logging.WARNING),  # "Wrote the latest version of all result files"
             ("ray.tune.execution.tune_controller", logging.WARNING),  # "Restoring the run from ..."
@@ -321,9 +317,7 @@ def quiet() -> None:
 
 
 def _tuner(sweep: Sweep, study_name: str):
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from orchestrator.sweeps.callbacks import LevelProgress, MlflowLogger
+    from orchestrator.sweeps.callbacks import LevelProgress, MlflowLogger, NoTensorBoard
 
     study, mirror = (None, None) if sweep.search.algorithm == "grid" else _study_file(sweep, study_name)
     searcher = make_searcher(sweep, study_name, study, mirror)  # grid writes nothing locally
@@ -340,7 +334,7 @@ def _tuner(sweep: Sweep, study_name: str):
             name=sweep.name, storage_path=sweep.storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # the pack's states (tiny; older layouts: tensors)
-            callbacks=[LevelProgress(sweep), MlflowLogger(sweep), CSVLoggerCallback(), JsonLoggerCallback()],
+            callbacks=[LevelProgress(sweep), MlflowLogger(sweep), NoTensorBoard()],
         ),
     )
 
