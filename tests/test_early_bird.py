@@ -15,7 +15,7 @@ from lth.cli import main
 from orchestrator.sweep_spec import load_sweep
 from tests.conftest import quick_spec
 from trials.nets import datasets, masks, models
-from trials.methods import early_bird_watch as early_bird, pruning
+from trials.methods import counting, early_bird_watch as early_bird, pruning
 from trials.runner import shared
 from trials.runner.levels import run_lottery, run_pack
 from trials.spec import DatasetSpec, EarlyBirdSpec, TrialSpec, from_dict, non_default
@@ -77,13 +77,13 @@ def test_draws_have_imps_counts_and_bn_gamma_ranks_by_gamma():
     net = models.build(vgg.model, datasets.info(vgg.dataset), seed=0, device="cpu")
     layers = masks.Layers.of(net)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    first = pruning.candidates(vgg.prune, layers)[0]
+    first = counting.candidates(vgg.prune, layers)[0]
     gamma = next(c for c in layers.companions[first] if c.endswith(".weight"))
     state[gamma] = torch.arange(state[gamma].numel(), dtype=torch.float32)  # unit i: |gamma| = i
     mask, = early_bird.draw(vgg, state, masks.ones(layers), layers, 1)
     kept = pruning.alive(mask, layers, first, True)
     n = kept.numel()
-    assert kept[n - pruning.keep_count(n, 0.5):].all() and not kept[: n - pruning.keep_count(n, 0.5)].any()
+    assert kept[n - counting.keep_count(n, 0.5):].all() and not kept[: n - counting.keep_count(n, 0.5)].any()
 
 
 # ---------------------------------------------------------------- the stop is a prefix

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trials.nets import masks, models
-from trials.methods import pruning
+from trials.methods import counting, pruning
 from trials.nets.datasets import DatasetInfo
 from trials.spec import ModelSpec, PruneSpec
 
@@ -65,9 +65,9 @@ def test_exact_counts_and_nesting(name, kind, scope, strategy):
         before = {n: int(alive(old, layers, n, units).sum()) for n in candidates}
         after = {n: int(alive(new, layers, n, units).sum()) for n in candidates}
         if scope == "layerwise":
-            assert after == {n: pruning.keep_count(c, 0.3) for n, c in before.items()}
+            assert after == {n: counting.keep_count(c, 0.3) for n, c in before.items()}
         else:
-            assert sum(after.values()) == pruning.keep_count(sum(before.values()), 0.3)
+            assert sum(after.values()) == counting.keep_count(sum(before.values()), 0.3)
             assert all(after[n] >= 1 for n in candidates)
 
 
@@ -116,9 +116,9 @@ def test_output_rate_and_layer_rates():
     layers, history = run_levels("lenet_300_100", spec, "magnitude")
     for old, _, new in history:
         out = layers.output
-        assert int(new[f"{out}.weight"].sum()) == pruning.keep_count(int(old[f"{out}.weight"].sum()), 0.1)
+        assert int(new[f"{out}.weight"].sum()) == counting.keep_count(int(old[f"{out}.weight"].sum()), 0.1)
         assert new["hidden.1.weight"].all(), "rate 0 means the layer is never pruned"
-        assert int(new["hidden.0.weight"].sum()) == pruning.keep_count(int(old["hidden.0.weight"].sum()), 0.5)
+        assert int(new["hidden.0.weight"].sum()) == counting.keep_count(int(old["hidden.0.weight"].sum()), 0.5)
 
 
 @pytest.mark.parametrize("kind", ["unstructured", "structured"])

@@ -16,7 +16,7 @@ Level 0 is the dense run, the same as IMP's (one shared unit in a sweep).
 
 Counts: at_init.scope=global ranks the layers without an explicit rate (prune.layer_rates,
 prune.output_rate) together and keeps IMP's level-L count of that pool; the others, and
-every layer under layerwise, keep IMP's level-L count each (pruning.keep_count applied L
+every layer under layerwise, keep IMP's level-L count each (counting.keep_count applied L
 times). Each level scores the rewind point afresh: single-shot masks are nested across
 levels; SynFlow's need not be.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from trials import methods
 from trials.core.seeds import rng
-from trials.methods import pruning
+from trials.methods import counting, pruning
 from trials.nets import models
 from trials.nets.masks import Layers, Mask
 
@@ -43,7 +43,7 @@ from trials.nets.masks import Layers, Mask
 
 def _iterate(items: int, rate: float, level: int) -> int:
     for _ in range(level):
-        items = pruning.keep_count(items, rate)
+        items = counting.keep_count(items, rate)
     return items
 
 
@@ -51,7 +51,7 @@ def counts(spec, layers: Layers, level: int) -> tuple[dict, list, int]:
     """(layer -> count of each layer ranked alone, the pooled layers, the pool's count) at
     level `level`: IMP's counts with prune.scope = at_init.scope."""
     prune = dataclasses.replace(spec.prune, scope=spec.at_init.scope)
-    alone, pool, pooled = pruning.counters(prune, layers)
+    alone, pool, pooled = counting.counters(prune, layers)
     return {n: _iterate(items, rate, level) for n, (items, rate) in alone.items()}, pool, \
         _iterate(pooled, prune.rate, level)
 

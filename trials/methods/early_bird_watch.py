@@ -43,7 +43,7 @@ import torch
 
 from trials.folder import layout
 from trials.folder.store import load_tensors, save_mask, save_tensors, write_json
-from trials.methods import pruning
+from trials.methods import counting, pruning
 from trials.nets.masks import Layers, Mask
 
 
@@ -53,7 +53,7 @@ def ranked(spec, weights: dict, layers: Layers) -> dict:
     if spec.early_bird.criterion != "bn_gamma":
         return weights
     out = dict(weights)
-    for n in pruning.candidates(spec.prune, layers):
+    for n in counting.candidates(spec.prune, layers):
         gamma = next(c for c in layers.companions[n] if c.endswith(".weight"))
         out[layers.weight(n)] = weights[gamma].detach().reshape(-1, 1)
     return out
@@ -73,7 +73,7 @@ def draw(spec, weights: dict, mask: Mask, layers: Layers, levels: int) -> list:
 def items(spec, mask: Mask, layers: Layers) -> torch.Tensor:
     """The mask's pruned items as one bool vector: weights, or units when structured."""
     units = spec.prune.kind == "structured"
-    return torch.cat([pruning.alive(mask, layers, n, units) for n in pruning.candidates(spec.prune, layers)])
+    return torch.cat([pruning.alive(mask, layers, n, units) for n in counting.candidates(spec.prune, layers)])
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:

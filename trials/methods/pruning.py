@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from trials.core.registry import Registry
-from trials.methods.counting import candidates, counters, global_pool, keep_count, layer_rate, resolved_rate  # noqa: F401
+from trials.methods.counting import candidates, global_pool, keep_count, resolved_rate
 from trials.nets.masks import Layers, Mask
 
 Scorer = Callable[[torch.Tensor, bool, Optional[torch.Generator]], torch.Tensor]

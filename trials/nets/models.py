@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.core.registry import Registry
-from trials.nets.structure import CONV_HIDDEN, CONV_PLANS, LENET_HIDDEN, RESNET20_WIDTH, VGG_PLANS, IncompatibleInput
+from trials.nets.structure import CONV_HIDDEN, CONV_PLANS, LENET_HIDDEN, RESNET20_WIDTH, VGG_PLANS
+from trials.nets.structure import IncompatibleInput  # noqa: F401 - raised by the builders (via image), caught as models.IncompatibleInput
 from trials.nets.structure import image as _image
 from trials.nets.structure import scale as _scale
 

@@ -250,7 +250,7 @@ def useful_levels(prune, layers, up_to: int) -> int:
     counted no further than `up_to` (a tiny rate on a big layer would take millions).
 
     Each layer is a counter of items (weights, or output units when structured) that a
-    level maps to pruning.keep_count(items, rate); under scope=global the layers without
+    level maps to counting.keep_count(items, rate); under scope=global the layers without
     an explicit rate share one counter at prune.rate. The next count depends on the
     current count alone, so once a counter stops changing it never changes again."""
     counters = _counters(prune, layers)
