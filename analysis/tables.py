@@ -25,6 +25,7 @@ Markdown and LaTeX cells), so a cheaper method's accuracy and its saving sit sid
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -68,20 +69,27 @@ class Table:
 
     def cell(self, group: tuple, column: str) -> Optional[pd.Series]:
         """The cell of `group` (values compared as text) in `column`, None when there is none."""
-        at = self._lookup().get((column, tuple(map(str, group))))
+        at = self._cell_positions.get((column, tuple(map(str, group))))
         return None if at is None else self.cells.iloc[at]
 
-    def _lookup(self) -> dict:
-        """(column, group as text) -> the position of its first cell, built once per cells
-        (looking each cell up in the whole frame made a table of 600 rows take minutes)."""
-        cached = self.__dict__.get("_cells_index")
-        if cached is None or cached[0] is not self.cells:
-            keys = self.cells[self.rows].astype(str).apply(tuple, axis=1) if len(self.cells) else []
-            index: dict = {}
-            for i, (column, key) in enumerate(zip(self.cells["column"], keys)):
-                index.setdefault((column, key), i)
-            cached = self.__dict__["_cells_index"] = (self.cells, index)
-        return cached[1]
+    @functools.cached_property
+    def _cell_positions(self) -> dict:
+        """(column, group as text) -> the position of its first cell (looking each cell up in
+        the whole frame made a table of 600 rows take minutes)."""
+        keys = self.cells[self.rows].astype(str).apply(tuple, axis=1) if len(self.cells) else []
+        positions: dict = {}
+        for i, (column, key) in enumerate(zip(self.cells["column"], keys)):
+            positions.setdefault((column, key), i)
+        return positions
+
+    @functools.cached_property
+    def shared_densities(self) -> dict:
+        """column -> whether all groups reach one density in it, as printed (so the header can
+        say it); by level only."""
+        if not self.by_level or self.cells.empty:
+            return {}
+        printed = (100 * self.cells["density"]).round(1)
+        return (printed.groupby(self.cells["column"]).nunique() == 1).to_dict()
 
 
 def ablation(df: pd.DataFrame, rows: list, densities: Optional[list] = None,
@@ -192,21 +200,9 @@ def _fmt(mean, std, n, percent=True) -> str:
     return f"{mean * scale:.2f} ± {std * scale:.2f} (n={n})"
 
 
-def _shared_density(table: Table, col: str) -> bool:
-    """All groups reach the same density in this column (so the header can say it);
-    asked once per cell, answered once per column."""
-    cached = table.__dict__.get("_shared_densities")
-    if cached is None or cached[0] is not table.cells:
-        cached = table.__dict__["_shared_densities"] = (table.cells, {})
-    if col not in cached[1]:
-        d = table.cells.loc[table.cells["column"] == col, "density"]
-        cached[1][col] = table.by_level and not d.empty and (100 * d).round(1).nunique() == 1  # one density as printed
-    return cached[1][col]
-
-
 def _cell_text(table: Table, c) -> str:
     text = _fmt(c["mean"], c["std"], int(c["n"]))
-    text = text if _shared_density(table, c["column"]) else f"{text} @{100 * c['density']:.1f}%"
+    text = text if table.shared_densities.get(c["column"], False) else f"{text} @{100 * c['density']:.1f}%"
     inst = c.get("instability")
     text = text if inst is None or inst != inst else f"{text} inst. {100 * inst:.2f}%"
     spent = c.get(COST)
@@ -228,7 +224,7 @@ def _latex_cell(table: Table, c) -> str:
 
 
 def _header(table: Table, col: str) -> str:
-    if _shared_density(table, col):
+    if table.shared_densities.get(col, False):
         return f"{col} ({100 * table.cells.loc[table.cells['column'] == col, 'density'].mean():.1f}%)"
     return col if table.by_level else f"≈{100 * float(col):.3g}%"
 
