@@ -255,7 +255,7 @@ def of_rows(sweep, rows: list[dict], save: bool = False) -> Progress:
     made = {r["trial_id"]: {**{k: r.get(k) for k in sweep.varied}, "seed": r.get("seed")} for r in rows}
     for trial_id, r in {r["trial_id"]: r for r in rows}.items():  # each trial's last row
         if r.get(STOPPED) is True:
-            from orchestrator import plan  # here: it loads the engine (torch), which a reader rarely needs
+            from orchestrator import plan  # here: a reader rarely needs the planner
 
             p.stopped(plan.level_iterations(spec_at(sweep.base, made[trial_id])), recorded.get(trial_id, 0))
     if p.units:
